@@ -1,0 +1,3 @@
+from nnhealth.cli import main
+
+main()

@@ -1,0 +1,48 @@
+"""Fix texts shared by several checks: which initialization suits which nonlinearity."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from nnhealth.capture.stats import Capture
+
+RELU_FAMILY = {"relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "gelu", "silu",
+               "mish", "hardswish", "softplus"}
+SATURATING = {"tanh", "sigmoid", "hardtanh", "hardsigmoid"}
+
+
+def dominant_nonlinearity(capture: Capture) -> str | None:
+    kinds = Counter(s.kind for s in capture.activation_sites())
+    return kinds.most_common(1)[0][0] if kinds else None
+
+
+def init_fix(nonlinearity: str | None) -> tuple[str, str]:
+    """(fix sentence, PyTorch snippet) re-initializing every Linear/Conv for ``nonlinearity``."""
+    if nonlinearity in RELU_FAMILY:
+        name = "leaky_relu" if nonlinearity in {"leaky_relu", "prelu", "rrelu"} else "relu"
+        text = (
+            f"re-initialize Linear/Conv weights with He (Kaiming) init for {nonlinearity}: "
+            "Var(w) = 2/fan_in keeps the signal's variance constant through depth"
+        )
+        call = f'nn.init.kaiming_normal_(m.weight, nonlinearity="{name}")'
+    elif nonlinearity in {"tanh", "sigmoid", "hardtanh", "hardsigmoid"}:
+        gain = "tanh" if nonlinearity in {"tanh", "hardtanh"} else "sigmoid"
+        text = (
+            f"re-initialize Linear/Conv weights with Xavier (Glorot) init for {nonlinearity}: "
+            "Var(w) = 2/(fan_in + fan_out) keeps forward and backward variance near constant"
+        )
+        call = f'nn.init.xavier_normal_(m.weight, gain=nn.init.calculate_gain("{gain}"))'
+    else:
+        text = (
+            "re-initialize Linear/Conv weights with LeCun init (Var(w) = 1/fan_in), the "
+            "variance-preserving choice for linear or SELU layers"
+        )
+        call = 'nn.init.kaiming_normal_(m.weight, nonlinearity="linear")'
+    snippet = (
+        "for m in model.modules():\n"
+        "    if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):\n"
+        f"        {call}\n"
+        "        if m.bias is not None:\n"
+        "            nn.init.zeros_(m.bias)"
+    )
+    return text + "; or put BatchNorm/LayerNorm between layers so the scale is reset", snippet

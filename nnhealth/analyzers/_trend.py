@@ -1,0 +1,103 @@
+"""Geometric trend of a positive quantity through depth, reset at normalization layers.
+
+Var(s_k) = [n Var(w)]^k Var(x) for a stack of plain layers (DOMAIN.md), so log-variance
+is linear in depth and its slope is the per-layer growth factor. A BatchNorm/LayerNorm
+between two layers rescales the signal, so the trend is fitted within the runs of
+layers between normalization layers (one shared slope, each run with its own offset),
+and the total change is taken over the longest run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# A variance of exactly zero carries no signal at all; log needs a floor.
+_FLOOR = 1e-45
+
+
+@dataclass(frozen=True)
+class Trend:
+    factor: float  # fitted growth per layer (1 = flat)
+    total: float  # factor ** (longest run - 1)
+    depth: int  # layers in the longest run
+    runs: int  # runs of two or more layers used for the fit
+    first: float  # first and last value of the longest run
+    last: float
+    first_name: str
+    last_name: str
+    zeros: tuple[str, ...] = ()  # points whose value is exactly 0: no signal at all
+
+
+def fit(points: list[tuple[str, float, bool]]) -> Trend | None:
+    """``points``: (name, value, starts_new_run) in depth order.
+
+    Returns None when no run has two or more layers.
+    """
+    runs: list[list[tuple[str, float]]] = []
+    zeros = tuple(name for name, value, _ in points if value == 0)
+    for name, value, new_run in points:
+        if value is None or not math.isfinite(value):
+            new_run = True  # a non-finite value breaks the chain (NH001 reports it)
+            if runs and runs[-1]:
+                runs.append([])
+            continue
+        if new_run or not runs:
+            runs.append([])
+        runs[-1].append((name, value))
+    runs = [r for r in runs if len(r) >= 2]
+    if not runs:
+        return None
+    if zeros:
+        # the trend through an exact zero is meaningless: report the zeros themselves
+        zeros_run = max(runs, key=len)
+        return Trend(0.0, 0.0, len(zeros_run), len(runs), zeros_run[0][1], zeros_run[-1][1],
+                     zeros_run[0][0], zeros_run[-1][0], zeros)
+    sxx = sxy = 0.0
+    for run in runs:
+        xs = list(range(len(run)))
+        ys = [math.log(max(v, _FLOOR)) for _, v in run]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx += sum((x - mx) ** 2 for x in xs)
+        sxy += sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    slope = sxy / sxx
+    longest = max(runs, key=len)
+    return Trend(
+        factor=math.exp(slope),
+        total=math.exp(slope * (len(longest) - 1)),
+        depth=len(longest),
+        runs=len(runs),
+        first=longest[0][1],
+        last=longest[-1][1],
+        first_name=longest[0][0],
+        last_name=longest[-1][0],
+    )
+
+
+def verdict(trend: Trend | None, min_depth: int, warn_ratio: float) -> str:
+    """'vanishing', 'exploding' or 'healthy' (also when there is too little depth to judge)."""
+    if trend is not None and trend.zeros:
+        return "vanishing"
+    if trend is None or trend.depth < min_depth:
+        return "healthy"
+    if trend.total <= 1.0 / warn_ratio:
+        return "vanishing"
+    if trend.total >= warn_ratio:
+        return "exploding"
+    return "healthy"
+
+
+def is_error(trend: Trend, error_ratio: float) -> bool:
+    return bool(trend.zeros) or trend.total <= 1.0 / error_ratio or trend.total >= error_ratio
+
+
+def describe(trend: Trend, what: str, unit: str) -> str:
+    """The numbers of a trend in words, for a finding's message."""
+    if trend.zeros:
+        shown = ", ".join(trend.zeros[:4]) + (" ..." if len(trend.zeros) > 4 else "")
+        return f"{what} is exactly 0 at {len(trend.zeros)} {unit}(s) ({shown}): no signal passes"
+    return (
+        f"{what} changes x{trend.factor:.3g} per {unit} over {trend.depth} {unit}s "
+        f"({trend.first:.3g} at {trend.first_name} -> {trend.last:.3g} at {trend.last_name}, "
+        f"x{trend.total:.3g} in all)"
+    )

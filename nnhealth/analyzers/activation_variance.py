@@ -1,0 +1,113 @@
+"""NH201 activation-variance."""
+
+from __future__ import annotations
+
+from nnhealth.analyzers import _trend
+from nnhealth.analyzers._advice import dominant_nonlinearity, init_fix
+from nnhealth.analyzers.base import Check, Option
+from nnhealth.capture.stats import ACTIVATION, LAYER, NORM, Capture, SiteStats
+from nnhealth.findings import Finding, Severity
+
+TREND_OPTIONS = (
+    Option("min_depth", 3, "two layers are a ratio, not a trend"),
+    Option(
+        "warn_ratio",
+        100.0,
+        "a 100x change through depth is what PyTorch's default init does to a 5-layer ReLU MLP",
+    ),
+    Option("error_ratio", 1e4, "at 1e4x the far layers get almost no signal (or overflow)"),
+)
+
+
+def depth_points(capture: Capture, role: str, value, reverse: bool = False):
+    """(name, value, starts_new_run) for the sites of ``role`` in depth order.
+
+    A normalization layer between two sites starts a new run.
+    """
+    pts = []
+    pending_break = False
+    sites = sorted(capture.sites, key=lambda s: s.order)
+    for s in sites:
+        if s.role == NORM:
+            pending_break = True
+        elif s.role == role:
+            pts.append((s.name, value(s), pending_break))
+            pending_break = False
+    if reverse:
+        # walk from the output: a break recorded before site i separates i-1 and i
+        flags = [p[2] for p in pts]
+        pts = [(n, v, flags[i + 1] if i + 1 < len(pts) else False) for i, (n, v, _) in enumerate(pts)]
+        pts.reverse()
+    return pts
+
+
+def trend_severity(trend: _trend.Trend, options: dict) -> Severity:
+    return Severity.ERROR if _trend.is_error(trend, options["error_ratio"]) else Severity.WARNING
+
+
+class ActivationVariance(Check):
+    """Activation variance shrinking or growing geometrically with depth.
+
+    What it detects:
+        The variance of each nonlinearity's output (each parametric layer's output in a
+        network without nonlinearities), in forward order. It fits log-variance against
+        depth and reports the per-layer growth factor and the total change over the
+        deepest run of layers. Normalization layers (BatchNorm, LayerNorm, GroupNorm,
+        RMSNorm) reset the scale, so the trend is fitted only within the runs between
+        them: a normalized network is not judged by its raw scale.
+
+    Why it matters:
+        For a layer s = W x, Var(s) = fan_in * Var(w) * Var(x). When fan_in * Var(w)
+        is not 1 (after the nonlinearity's own gain), the signal shrinks or grows by that
+        factor at every layer: the deep layers see almost nothing (vanishing) or huge
+        values (exploding), and the weight gradients, which are proportional to each
+        layer's input, go the same way.
+
+    Example:
+        The classic 5 x 500 tanh MLP with W = 0.01 * randn: each layer multiplies the
+        variance by about 500 * 1e-4 = 0.05, so after five layers it is ~1e-6 of the
+        first: "vanishing, x0.05 per layer".
+
+    How to fix:
+        Use the initialization that matches the nonlinearity: He (kaiming_normal_) for
+        the ReLU family, Xavier (xavier_normal_) for tanh/sigmoid, LeCun for linear or
+        SELU; or insert BatchNorm/LayerNorm between layers. The finding's snippet uses
+        the nonlinearity the scan saw most.
+    """
+
+    code = "NH201"
+    name = "activation-variance"
+    summary = "per-layer activation variance shrinking or growing geometrically with depth"
+    needs = frozenset({"activations"})
+    options = TREND_OPTIONS
+
+    def run(self, capture: Capture, options: dict) -> list[Finding]:
+        role = ACTIVATION if capture.activation_sites() else LAYER
+        pts = depth_points(capture, role, lambda s: s.var)
+        trend = _trend.fit(pts)
+        verdict = _trend.verdict(trend, options["min_depth"], options["warn_ratio"])
+        if verdict == "healthy":
+            return []
+        what = "nonlinearity outputs" if role == ACTIVATION else "layer outputs"
+        if trend.zeros and all(v == 0 for _, v, _ in pts):
+            what += " (all of them)"
+        fix, snippet = init_fix(dominant_nonlinearity(capture))
+        return [
+            self.finding(
+                trend_severity(trend, options),
+                None,
+                f"{verdict}: " + _trend.describe(trend, f"the variance of {what}", "layer"),
+                {
+                    "verdict": verdict,
+                    "factor_per_layer": trend.factor,
+                    "total_ratio": trend.total,
+                    "depth": trend.depth,
+                    "first_variance": trend.first,
+                    "last_variance": trend.last,
+                },
+                fix,
+                snippet,
+            )
+        ]
+
+

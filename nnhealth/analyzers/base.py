@@ -1,0 +1,102 @@
+"""The check interface: one class per check, its docstring is its documentation.
+
+A check declares what it needs from the pass (``weights``, ``activations``,
+``gradients``), its thresholds as named options with defaults and reasons, and a pure
+``run(capture, options) -> list[Finding]``. ``nnhealth explain CODE`` prints the
+docstring and the options; a check without the required docstring sections is refused
+at class creation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from nnhealth.capture.stats import Capture
+from nnhealth.findings import Finding, Number, Severity
+
+REQUIRED_SECTIONS = ("What it detects", "Why it matters", "Example", "How to fix")
+NEEDS = frozenset({"weights", "activations", "gradients"})
+
+
+@dataclass(frozen=True)
+class Option:
+    """A named threshold: its default and the reason for that default."""
+
+    name: str
+    default: float | int
+    doc: str
+
+
+class Check:
+    code: ClassVar[str]
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    needs: ClassVar[frozenset[str]]
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not re.fullmatch(r"NH\d{3}", cls.code):
+            raise TypeError(f"{cls.__name__}: code {cls.code!r} is not of the form NH123")
+        if not re.fullmatch(r"[a-z]+(-[a-z]+)*", cls.name):
+            raise TypeError(f"{cls.__name__}: name {cls.name!r} is not kebab-case")
+        doc = inspect.getdoc(cls) or ""
+        missing = [s for s in REQUIRED_SECTIONS if f"{s}:" not in doc]
+        if missing:
+            raise TypeError(f"{cls.__name__}: docstring lacks sections {missing}")
+        if not cls.needs <= NEEDS:
+            raise TypeError(f"{cls.__name__}: unknown needs {set(cls.needs - NEEDS)}")
+
+    @classmethod
+    def doc(cls) -> str:
+        return inspect.getdoc(cls) or ""
+
+    @classmethod
+    def defaults(cls) -> dict[str, float | int]:
+        return {o.name: o.default for o in cls.options}
+
+    @classmethod
+    def resolve_options(cls, overrides: dict[str, Any] | None) -> dict[str, Any]:
+        opts = cls.defaults()
+        for key, value in (overrides or {}).items():
+            if key not in opts:
+                known = ", ".join(opts) or "none"
+                raise ValueError(f"{cls.name}: unknown option {key!r} (known: {known})")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{cls.name}.{key}: expected a number, got {value!r}")
+            opts[key] = value
+        return opts
+
+    def run(self, capture: Capture, options: dict[str, Any]) -> list[Finding]:
+        raise NotImplementedError
+
+    def finding(
+        self,
+        severity: Severity,
+        layer: str | None,
+        message: str,
+        evidence: dict[str, Number],
+        fix: str,
+        snippet: str | None = None,
+    ) -> Finding:
+        return Finding(
+            code=self.code,
+            check=self.name,
+            severity=severity,
+            layer=layer,
+            message=message,
+            evidence=evidence,
+            fix=fix,
+            fix_snippet=snippet,
+        )
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.0f}%" if x >= 0.01 or x == 0 else f"{100 * x:.2g}%"
+
+
+def num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"

@@ -1,0 +1,1 @@
+"""The instrumented pass. ``stats`` has the frozen results (numpy only)."""

@@ -1,0 +1,543 @@
+"""The one instrumented forward/backward pass.
+
+Two mechanisms, both removed in ``finally``:
+
+* forward pre/post hooks on every submodule keep an ordered stack of the modules that
+  are running (so a functional call is named after the module it ran in, and a failure
+  after the innermost module that raised), and reduce each parametric layer's output;
+* a ``TorchFunctionMode`` sees every nonlinearity however it is written: ``nn.ReLU``,
+  ``nn.ReLU(inplace=True)``, ``F.relu``, ``torch.tanh``, ``x.sigmoid()``.
+
+Outputs are reduced on the spot to per-unit sums, sums of squares and counters;
+gradients w.r.t. each output are reduced by tensor hooks during the backward. No
+activation tensor is kept. Gradients are taken with ``torch.autograd.grad`` so the
+caller's ``.grad`` fields are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from nnhealth.capture.activations import build_table
+from nnhealth.capture.stats import (
+    ACTIVATION,
+    LAYER,
+    NORM,
+    ActivationSpec,
+    Capture,
+    ParamStats,
+    SiteStats,
+)
+from nnhealth.errors import CaptureError
+
+_NORM_TYPES: tuple[type, ...] = tuple(
+    t
+    for t in (
+        nn.modules.batchnorm._NormBase,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        getattr(nn, "RMSNorm", None),
+        nn.LocalResponseNorm,
+    )
+    if t is not None
+)
+_CHANNEL_FIRST_TYPES: tuple[type, ...] = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+)
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, _NORM_TYPES)
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        for item in obj:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    if isinstance(obj, dict):
+        for item in obj.values():
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _shapes(args: Any) -> list[list[int]]:
+    if isinstance(args, torch.Tensor):
+        return [list(args.shape)]
+    if isinstance(args, (tuple, list)):
+        return [s for a in args for s in _shapes(a)]
+    if isinstance(args, dict):
+        return [s for a in args.values() for s in _shapes(a)]
+    return []
+
+
+@dataclass
+class _Site:
+    """Accumulator for one site while the pass runs (tensors, converted at the end)."""
+
+    name: str
+    module: str
+    kind: str
+    role: str
+    functional: bool
+    order: int
+    shape: tuple[int, ...]
+    unit_dim: int
+    spec: ActivationSpec | None
+    per_unit_count: int
+    unit_sum: torch.Tensor
+    unit_sumsq: torch.Tensor
+    nonfinite: int = 0
+    active: torch.Tensor | None = None
+    saturated: torch.Tensor | None = None
+    grad_count: int = 0
+    grad_sum: torch.Tensor | None = None
+    grad_sumsq: torch.Tensor | None = None
+    grad_nonfinite: int = 0
+    grad_order: int | None = None
+
+
+@dataclass
+class _Frame:
+    name: str
+    module: nn.Module
+    input_shapes: list[list[int]] = field(default_factory=list)
+
+
+class _Recorder:
+    def __init__(self, model: nn.Module, table: dict, keep_grads: bool) -> None:
+        self.model = model
+        self.table = table
+        self.keep_grads = keep_grads
+        self.stack: list[_Frame] = []
+        self.sites: list[_Site] = []
+        self.calls: Counter[str] = Counter()
+        self.busy = False
+        self.channel_first = False
+        self.grad_events = 0
+        self.failure: _Frame | None = None
+        self.examples: int | None = None
+
+    # ---- module stack ---------------------------------------------------------------
+    def pre_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.stack.append(_Frame(name, module, _shapes(args)))
+            if isinstance(module, _CHANNEL_FIRST_TYPES):
+                self.channel_first = True
+            elif next(module.parameters(recurse=False), None) is not None and not is_norm(module):
+                self.channel_first = False
+
+        return hook
+
+    def post_hook(self, name: str, tracked: bool) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self.stack and self.stack[-1].module is module:
+                self.stack.pop()
+            if tracked:
+                out = _first_tensor(output)
+                if out is not None:
+                    role = NORM if is_norm(module) else LAYER
+                    channel_first = isinstance(module, _CHANNEL_FIRST_TYPES)
+                    self.record(out, name, type(module).__name__, role, False, channel_first)
+
+        return hook
+
+    def record_failure(self) -> None:
+        if self.stack and self.failure is None:
+            self.failure = self.stack[-1]
+
+    # ---- activations --------------------------------------------------------------
+    def on_activation(self, spec: ActivationSpec, out: torch.Tensor) -> None:
+        if self.stack:
+            top = self.stack[-1]
+            owner, module = top.name, top.module
+        else:
+            owner, module = "", self.model
+        module_form = type(module).__module__ == "torch.nn.modules.activation" and not list(
+            module.children()
+        )
+        if module_form and owner:
+            self.record(out, owner, spec.kind, ACTIVATION, False, self.channel_first, spec)
+        else:
+            base = f"{owner or '(root)'}:{spec.kind}"
+            self.record(out, base, spec.kind, ACTIVATION, True, self.channel_first, spec)
+
+    # ---- reduction ----------------------------------------------------------------
+    def record(
+        self,
+        out: torch.Tensor,
+        base: str,
+        kind: str,
+        role: str,
+        functional: bool,
+        channel_first: bool,
+        spec: ActivationSpec | None = None,
+    ) -> None:
+        if not out.is_floating_point() or out.numel() == 0:
+            return
+        self.calls[base] += 1
+        n_call = self.calls[base]
+        name = base if n_call == 1 else f"{base}#{n_call}"
+        module = base.split(":")[0] if functional else base
+        self.busy = True
+        try:
+            with torch.no_grad():
+                x = out.detach()
+                if x.ndim <= 1:
+                    x = x.reshape(-1, 1)
+                unit_dim = 1 if (channel_first and x.ndim >= 3) else x.ndim - 1
+                dims = tuple(d for d in range(x.ndim) if d != unit_dim)
+                usum = x.sum(dim=dims, dtype=torch.float64)
+                usq = torch.linalg.vector_norm(x, 2, dim=dims, dtype=torch.float64).square()
+                nonfinite = 0
+                if not bool(torch.isfinite(usq).all()):
+                    nonfinite = int((~torch.isfinite(x)).sum())
+                site = _Site(
+                    name=name,
+                    module=module,
+                    kind=kind,
+                    role=role,
+                    functional=functional,
+                    order=len(self.sites),
+                    shape=tuple(out.shape),
+                    unit_dim=unit_dim,
+                    spec=spec,
+                    per_unit_count=x.numel() // x.shape[unit_dim],
+                    unit_sum=usum,
+                    unit_sumsq=usq,
+                    nonfinite=nonfinite,
+                )
+                if spec is not None and spec.can_die:
+                    site.active = torch.count_nonzero(x, dim=dims)
+                if spec is not None and (spec.sat_lo is not None or spec.sat_hi is not None):
+                    sat = None
+                    if spec.sat_hi is not None:
+                        sat = x >= spec.sat_hi
+                    if spec.sat_lo is not None:
+                        low = x <= spec.sat_lo
+                        sat = low if sat is None else sat.logical_or_(low)
+                    site.saturated = sat.sum(dim=dims)
+            self.sites.append(site)
+            if self.keep_grads and out.requires_grad:
+                out.register_hook(self._grad_hook(site))
+        finally:
+            self.busy = False
+
+    def _grad_hook(self, site: _Site) -> Callable:
+        def hook(grad: torch.Tensor) -> None:
+            g = grad.detach()
+            gsum = g.sum(dtype=torch.float64)
+            gsq = torch.linalg.vector_norm(g, 2, dtype=torch.float64).square()
+            if site.grad_sum is None:
+                site.grad_sum, site.grad_sumsq = gsum, gsq
+            else:  # the same output reached twice (rare): accumulate
+                site.grad_sum = site.grad_sum + gsum
+                site.grad_sumsq = site.grad_sumsq + gsq
+            site.grad_count += g.numel()
+            if not bool(torch.isfinite(gsq)):
+                site.grad_nonfinite += int((~torch.isfinite(g)).sum())
+            if site.grad_order is None:
+                site.grad_order = self.grad_events
+                self.grad_events += 1
+
+        return hook
+
+
+class _ActivationMode(TorchFunctionMode):
+    def __init__(self, recorder: _Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        rec = self.recorder
+        if not rec.busy:
+            factory = rec.table.get(func)
+            if factory is not None and isinstance(out, torch.Tensor):
+                rec.on_activation(factory(args, kwargs or {}), out)
+        return out
+
+
+# ---- state the pass must leave as it found it ---------------------------------------
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module, mode: str) -> Iterator[None]:
+    """Set train/eval for the pass; afterwards restore every module's mode and buffers.
+
+    A train-mode forward updates BatchNorm running statistics in place: those buffers
+    are copied before and written back after, into the same tensor objects.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = []
+    for module in model.modules():
+        for bname, buf in module.named_buffers(recurse=False):
+            if buf is not None:
+                buffers.append((module, bname, buf, buf.detach().clone()))
+    try:
+        model.train(mode == "train")
+        yield
+    finally:
+        with torch.no_grad():
+            for module, bname, original, saved in buffers:
+                original.copy_(saved)
+                if getattr(module, bname, None) is not original:
+                    setattr(module, bname, original)
+        for module, training in modes:
+            module.training = training
+
+
+def param_role(module: nn.Module | None, pname: str, p: torch.Tensor) -> str:
+    if module is not None and is_norm(module):
+        return "norm"
+    if pname.endswith("bias"):
+        return "bias"
+    if p.ndim >= 2:
+        return "weight"
+    return "other"
+
+
+def param_stats(
+    named: list[tuple[str, torch.Tensor]],
+    owners: dict[str, tuple[str, str, str]],
+    grads: dict[str, torch.Tensor | None] | None,
+) -> tuple[ParamStats, ...]:
+    """Norms of each parameter (float64) and of its gradient when ``grads`` has it."""
+    out = []
+    with torch.no_grad():
+        for name, p in named:
+            t = p.detach()
+            norm = float(torch.linalg.vector_norm(t, dtype=torch.float64))
+            nonfinite = 0 if math.isfinite(norm) else int((~torch.isfinite(t)).sum())
+            module, kind, role = owners[name]
+            gnorm, gbad = None, 0
+            g = grads.get(name) if grads is not None else None
+            if g is not None:
+                gnorm = float(torch.linalg.vector_norm(g.detach(), dtype=torch.float64))
+                if not math.isfinite(gnorm):
+                    gbad = int((~torch.isfinite(g)).sum())
+            elif grads is not None and p.requires_grad:
+                gnorm = 0.0  # trainable but unused by this loss: its gradient is zero
+            out.append(
+                ParamStats(
+                    name=name,
+                    module=module,
+                    kind=kind,
+                    role=role,
+                    shape=tuple(t.shape),
+                    trainable=bool(p.requires_grad),
+                    norm=norm,
+                    nonfinite=nonfinite,
+                    grad_norm=gnorm,
+                    grad_nonfinite=gbad,
+                )
+            )
+    return tuple(out)
+
+
+def module_owners(model: nn.Module) -> dict[str, tuple[str, str, str]]:
+    owners = {}
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            owners[full] = (mname, type(module).__name__, param_role(module, pname, p))
+    return owners
+
+
+def _freeze(site: _Site, examples: int) -> SiteStats:
+    def np_(t: torch.Tensor | None) -> np.ndarray | None:
+        return None if t is None else t.detach().cpu().numpy()
+
+    return SiteStats(
+        name=site.name,
+        module=site.module,
+        kind=site.kind,
+        role=site.role,
+        functional=site.functional,
+        order=site.order,
+        shape=site.shape,
+        unit_dim=site.unit_dim,
+        examples=examples,
+        per_unit_count=site.per_unit_count,
+        unit_sum=np_(site.unit_sum).reshape(-1),
+        unit_sumsq=np_(site.unit_sumsq).reshape(-1),
+        nonfinite=site.nonfinite,
+        active_count=None if site.active is None else np_(site.active).reshape(-1),
+        saturated_count=None if site.saturated is None else np_(site.saturated).reshape(-1),
+        spec=site.spec,
+        grad_count=site.grad_count,
+        grad_sum=None if site.grad_sum is None else float(site.grad_sum),
+        grad_sumsq=None if site.grad_sumsq is None else float(site.grad_sumsq),
+        grad_nonfinite=site.grad_nonfinite,
+        grad_order=site.grad_order,
+    )
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+LossFactory = Callable[[Any], torch.Tensor]
+
+
+def run_pass(
+    model: nn.Module,
+    inputs: Any,
+    make_loss: LossFactory,
+    *,
+    examples: int,
+    mode: str = "train",
+    seed: int = 0,
+    activations: bool = True,
+    gradients: bool = True,
+    saturation_derivative: float = 0.05,
+) -> Capture:
+    """One forward (+ backward) of ``model`` on ``inputs``; returns frozen statistics.
+
+    ``make_loss(output)`` turns the model's output into a scalar loss. ``activations``
+    False runs without hooks (TorchScript). Raises ``CaptureError`` naming the
+    innermost module that was running when the model raised.
+    """
+    scripted = isinstance(model, torch.jit.ScriptModule)
+    instrument = activations and not scripted
+    recorder = _Recorder(model, build_table(saturation_derivative), keep_grads=gradients)
+    handles = []
+    named = list(model.named_parameters())
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    notes: list[str] = []
+    with preserved_state(model, mode), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            if instrument:
+                for mname, module in model.named_modules():
+                    tracked = next(module.parameters(recurse=False), None) is not None
+                    handles.append(module.register_forward_pre_hook(recorder.pre_hook(mname)))
+                    handles.append(
+                        module.register_forward_hook(recorder.post_hook(mname, tracked))
+                    )
+            with torch.enable_grad():
+                try:
+                    if instrument:
+                        with _ActivationMode(recorder):
+                            output = _call(model, inputs)
+                    else:
+                        output = _call(model, inputs)
+                except Exception as exc:  # the user's model raised
+                    recorder.record_failure()
+                    raise _forward_error(exc, recorder.failure, inputs) from exc
+                loss = make_loss(output)
+                del output
+                grads: dict[str, torch.Tensor | None] | None = None
+                if gradients and trainable and loss.requires_grad:
+                    try:
+                        got = torch.autograd.grad(
+                            loss, [p for _, p in trainable], allow_unused=True
+                        )
+                    except RuntimeError as exc:
+                        raise CaptureError(
+                            f"the backward pass failed: {_first_line(exc)}; "
+                            "check that the loss is differentiable w.r.t. the parameters"
+                        ) from exc
+                    grads = {n: g for (n, _), g in zip(trainable, got, strict=True)}
+                elif gradients:
+                    notes.append(
+                        "no gradients: the model has no trainable parameters on the loss path"
+                    )
+                loss_value = float(loss.detach())
+        finally:
+            for h in handles:
+                h.remove()
+    params = param_stats(named, module_owners(model), grads)
+    sites = tuple(_freeze(s, examples) for s in recorder.sites)
+    missing = None
+    if scripted:
+        missing = (
+            "TorchScript model: per-layer activations are not visible (module hooks and "
+            "function modes do not reach inside TorchScript); scan the Python model through "
+            "an entry point (pkg.module:factory --weights FILE) to see them"
+        )
+        notes.append("TorchScript: weights and gradients only, no per-layer activations")
+    return Capture(
+        sites=sites,
+        params=params,
+        has_activations=instrument,
+        has_gradients=grads is not None,
+        loss=loss_value,
+        mode=mode,
+        examples=examples,
+        notes=tuple(notes),
+        missing_reason=missing,
+    )
+
+
+def capture_weights(state: dict[str, torch.Tensor], owners_hint: dict[str, str]) -> Capture:
+    """Weight-only capture for a bare state_dict (no architecture, no pass)."""
+    named = [(k, v) for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    owners = {}
+    for name, t in named:
+        module = name.rsplit(".", 1)[0] if "." in name else ""
+        pname = name.rsplit(".", 1)[-1]
+        kind = owners_hint.get(module, "?")
+        role = "bias" if pname == "bias" else ("weight" if t.ndim >= 2 else "other")
+        owners[name] = (module, kind, role)
+    return Capture(
+        sites=(),
+        params=param_stats(named, owners, None),
+        has_activations=False,
+        has_gradients=False,
+        loss=None,
+        mode=None,
+        examples=None,
+        missing_reason=(
+            "bare state_dict: there is no architecture to run; give one with an entry point "
+            "(pkg.module:factory --weights FILE)"
+        ),
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _forward_error(exc: Exception, frame: _Frame | None, inputs: Any) -> CaptureError:
+    got = _shapes(inputs)
+    shape_txt = ", ".join(str(s) for s in got) if got else "no tensors"
+    where = "in the model's forward"
+    if frame is not None:
+        label = frame.name or "(root)"
+        detail = type(frame.module).__name__
+        extra = []
+        for attr in ("in_features", "in_channels", "num_features", "normalized_shape",
+                     "embed_dim", "num_embeddings"):
+            if hasattr(frame.module, attr):
+                extra.append(f"{attr}={getattr(frame.module, attr)}")
+        if extra:
+            detail += "(" + ", ".join(extra) + ")"
+        fs = ", ".join(str(s) for s in frame.input_shapes) or "no tensors"
+        where = f"in layer '{label}' [{detail}] on input of shape {fs}"
+    return CaptureError(
+        f"the model raised {type(exc).__name__} {where}: {_first_line(exc)} "
+        f"(batch inputs had shape {shape_txt}; check that --data/--input-shape fit the model)"
+    )

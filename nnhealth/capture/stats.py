@@ -1,0 +1,167 @@
+"""Frozen results of the instrumented pass: small per-layer numbers, no tensors.
+
+Everything here is numpy or plain Python so the analyzers never need torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Site roles: a parametric layer's output (Linear, Conv, Embedding...), a normalization
+# layer's output (BatchNorm, LayerNorm...), or a nonlinearity's output.
+LAYER = "layer"
+NORM = "norm"
+ACTIVATION = "activation"
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """How one nonlinearity is judged: may it die (ReLU family), where does it saturate."""
+
+    kind: str
+    can_die: bool = False
+    # saturated when y <= sat_lo or y >= sat_hi (None: no such bound)
+    sat_lo: float | None = None
+    sat_hi: float | None = None
+    # derivative formula from the output, for the mean-derivative statistic
+    derivative: str | None = None  # "sigmoid" | "tanh" | "hard" | None
+
+
+@dataclass(frozen=True)
+class SiteStats:
+    """Statistics of one call of one layer or nonlinearity in the forward pass.
+
+    Per-unit arrays have one entry per unit (the channel dimension for convolutions,
+    the last dimension otherwise). ``per_unit_count`` values went into each unit.
+    """
+
+    name: str
+    module: str
+    kind: str
+    role: str
+    functional: bool
+    order: int
+    shape: tuple[int, ...]
+    unit_dim: int
+    examples: int
+    per_unit_count: int
+    unit_sum: np.ndarray
+    unit_sumsq: np.ndarray
+    nonfinite: int
+    active_count: np.ndarray | None = None
+    saturated_count: np.ndarray | None = None
+    spec: ActivationSpec | None = None
+    grad_count: int = 0
+    grad_sum: float | None = None
+    grad_sumsq: float | None = None
+    grad_nonfinite: int = 0
+    grad_order: int | None = None
+
+    @property
+    def units(self) -> int:
+        return int(self.unit_sum.shape[0])
+
+    @property
+    def total(self) -> int:
+        return self.units * self.per_unit_count
+
+    @property
+    def mean(self) -> float:
+        return float(self.unit_sum.sum() / self.total)
+
+    @property
+    def var(self) -> float:
+        """Population variance over every element of the output."""
+        n = self.total
+        mean = self.unit_sum.sum() / n
+        return float(max(self.unit_sumsq.sum() / n - mean * mean, 0.0))
+
+    @property
+    def unit_var(self) -> np.ndarray:
+        m = self.unit_sum / self.per_unit_count
+        return np.maximum(self.unit_sumsq / self.per_unit_count - m * m, 0.0)
+
+    @property
+    def grad_var(self) -> float | None:
+        if self.grad_sum is None or not self.grad_count:
+            return None
+        mean = self.grad_sum / self.grad_count
+        return float(max(self.grad_sumsq / self.grad_count - mean * mean, 0.0))
+
+    @property
+    def dead_units(self) -> int | None:
+        if self.active_count is None:
+            return None
+        return int((self.active_count == 0).sum())
+
+    def saturated_units(self, unit_fraction: float) -> int | None:
+        """Units that sit in the saturated region for at least ``unit_fraction`` of values."""
+        if self.saturated_count is None:
+            return None
+        return int((self.saturated_count >= unit_fraction * self.per_unit_count).sum())
+
+    @property
+    def saturated_fraction_values(self) -> float | None:
+        if self.saturated_count is None:
+            return None
+        return float(self.saturated_count.sum() / self.total)
+
+    @property
+    def mean_derivative(self) -> float | None:
+        """Mean derivative of the nonlinearity, from its output moments (sigmoid, tanh)."""
+        if self.spec is None or self.spec.derivative is None:
+            return None
+        n = self.total
+        m1 = self.unit_sum.sum() / n
+        m2 = self.unit_sumsq.sum() / n
+        if self.spec.derivative == "sigmoid":  # s' = s(1 - s)
+            return float(m1 - m2)
+        if self.spec.derivative == "tanh":  # t' = 1 - t^2
+            return float(1.0 - m2)
+        if self.spec.derivative == "hard" and self.saturated_count is not None:
+            return float(1.0 - self.saturated_count.sum() / n)
+        return None
+
+
+@dataclass(frozen=True)
+class ParamStats:
+    """One parameter tensor: its norms, and the gradient's when one was computed."""
+
+    name: str
+    module: str
+    kind: str  # module type name, e.g. "Linear"
+    role: str  # "weight" (matrices/filters), "bias", "norm" (norm-layer affine), "other"
+    shape: tuple[int, ...]
+    trainable: bool
+    norm: float
+    nonfinite: int
+    grad_norm: float | None = None
+    grad_nonfinite: int = 0
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What the one instrumented pass saw."""
+
+    sites: tuple[SiteStats, ...]
+    params: tuple[ParamStats, ...]
+    has_activations: bool
+    has_gradients: bool
+    loss: float | None
+    mode: str | None
+    examples: int | None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    # why activations/gradients are missing, for the "skipped" entries
+    missing_reason: str | None = None
+
+    def activation_sites(self) -> list[SiteStats]:
+        return [s for s in self.sites if s.role == ACTIVATION]
+
+    def layer_sites(self) -> list[SiteStats]:
+        return [s for s in self.sites if s.role == LAYER]

@@ -1,0 +1,308 @@
+"""The command line: parse, call, render, exit. Heavy imports (torch) happen inside
+the commands, so ``nnhealth --help``, ``checks`` and ``explain`` stay instant."""
+
+from __future__ import annotations
+
+import enum
+import os
+import shutil
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+try:  # typer >= 0.2x vendors click; its exceptions derive from TyperException
+    from typer import TyperException as _CliError
+except ImportError:  # older typer on top of click
+    from click import ClickException as _CliError
+
+from nnhealth import __version__
+from nnhealth.errors import NnhealthError, UsageError
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Diagnose a PyTorch model's training health in one instrumented pass.",
+)
+
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+
+
+class LossChoice(str, enum.Enum):
+    auto = "auto"
+    ce = "ce"
+    mse = "mse"
+    bce = "bce"
+
+
+class ModeChoice(str, enum.Enum):
+    train = "train"
+    eval = "eval"
+
+
+class FormatChoice(str, enum.Enum):
+    text = "text"
+    json = "json"
+
+
+class SeverityChoice(str, enum.Enum):
+    error = "error"
+    warning = "warning"
+    info = "info"
+
+
+class DeviceChoice(str, enum.Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"nnhealth {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Diagnose a PyTorch model's training health in one instrumented pass."""
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [t.strip() for v in values for t in v.split(",") if t.strip()]
+
+
+class _DelayedStatus:
+    """A spinner on stderr, shown only if the work takes more than a moment and
+    stderr is a terminal."""
+
+    def __init__(self, enabled: bool, delay: float = 0.4) -> None:
+        self.enabled = enabled
+        self.delay = delay
+        self.message = "loading"
+        self._status = None
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._closed = False
+
+    def __enter__(self) -> _DelayedStatus:
+        if self.enabled:
+            self._timer = threading.Timer(self.delay, self._start)
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def _start(self) -> None:
+        from rich.console import Console
+
+        with self._lock:
+            if self._closed:
+                return
+            self._status = Console(stderr=True).status(f"nnhealth: {self.message}…")
+            self._status.start()
+
+    def update(self, message: str) -> None:
+        with self._lock:
+            self.message = message
+            if self._status is not None:
+                self._status.update(f"nnhealth: {message}…")
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+            if self._status is not None:
+                self._status.stop()
+
+
+def _same_file(a: Path, b: str | None) -> bool:
+    if not b:
+        return False
+    try:
+        return a.resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+@app.command()
+def scan(
+    model: Annotated[str, typer.Argument(help="Model file (torch.save, TorchScript, state_dict, safetensors) or entry point pkg.module:factory / file.py:factory.")],
+    data: Annotated[str | None, typer.Option("--data", help="Batch file: .pt (tensor, (inputs, targets) or dict), .npz or .npy.")] = None,
+    input_shape: Annotated[str | None, typer.Option("--input-shape", help="Synthetic unit-Gaussian batch of this shape, e.g. 64x3x32x32.")] = None,
+    weights: Annotated[str | None, typer.Option("--weights", help="state_dict / Lightning .ckpt / safetensors to load into an entry point's model.")] = None,
+    loss: Annotated[LossChoice, typer.Option("--loss", help="Loss: auto picks cross-entropy for class targets, MSE for float targets.")] = LossChoice.auto,
+    mode: Annotated[ModeChoice, typer.Option("--mode", help="Run the pass in train mode (dropout, batch statistics) or eval mode.")] = ModeChoice.train,
+    select: Annotated[list[str] | None, typer.Option("--select", help="Checks to run: codes, code prefixes or names, comma-separated.")] = None,
+    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Checks to skip: codes, prefixes or names.")] = None,
+    fmt: Annotated[FormatChoice, typer.Option("--format", help="Report format.")] = FormatChoice.text,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file instead of stdout.")] = None,
+    fail_on: Annotated[SeverityChoice, typer.Option("--fail-on", help="Exit 1 when a finding is at or above this severity.")] = SeverityChoice.error,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even with findings (errors of the tool still exit 2).")] = False,
+    trust: Annotated[bool, typer.Option("--trust", envvar="NNHEALTH_TRUST", help="Allow unpickling classes outside torch.nn (runs code from the file).")] = False,
+    device: Annotated[DeviceChoice | None, typer.Option("--device", help="Device for the pass (default: where the model's parameters are).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for synthetic inputs, random targets and dropout.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Findings and verdict only.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Add each finding's evidence.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> int:
+    """Scan MODEL on one batch and report what is wrong, where, and how to fix it."""
+    if data and input_shape:
+        raise UsageError("give either --data or --input-shape, not both")
+    if seed < 0:
+        raise UsageError(f"--seed {seed}: must be a non-negative integer")
+    if output is not None and (_same_file(output, model) or _same_file(output, data) or _same_file(output, weights)):
+        raise UsageError(f"-o {output}: refusing to overwrite the model or data file")
+    if output is not None and output.is_dir():
+        raise UsageError(f"-o {output}: is a directory; give a file path")
+
+    from nnhealth.findings import Severity
+    from nnhealth.formatters import RenderOptions, get_formatter
+
+    interactive = sys.stderr.isatty() and not quiet
+    with _DelayedStatus(interactive) as status:
+        from nnhealth import runner
+        from nnhealth.loading.batch import load_batch, parse_shape, synthetic, interpret
+        from nnhealth.loading.model import load_model
+
+        shape = parse_shape(input_shape) if input_shape else None
+        status.update("loading the model")
+        loaded = load_model(model, trust=trust, weights=weights)
+        batch = None
+        if data:
+            status.update("loading the batch")
+            batch = load_batch(data)
+        elif shape is not None:
+            batch = synthetic(shape, seed, loaded.model)
+        elif loaded.example is not None:
+            batch = interpret(loaded.example, f"{model} (example batch)")
+        opts = runner.ScanOptions(
+            select=_split(select),
+            ignore=_split(ignore),
+            loss=loss.value,
+            seed=seed,
+            mode=mode.value,
+            device=device.value if device else None,
+        )
+        report = runner.run(loaded, batch, opts, progress=status.update)
+
+    to_terminal = output is None and sys.stdout.isatty()
+    width = shutil.get_terminal_size((120, 24)).columns if to_terminal else 120
+    render = RenderOptions(
+        color=to_terminal and "NO_COLOR" not in os.environ,
+        width=max(width, 80),
+        verbose=verbose,
+        quiet=quiet,
+    )
+    text = get_formatter(fmt.value, render).render(report)
+    if output is not None:
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"-o {output}: cannot write ({exc.strerror})") from exc
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    if report.errors:
+        return EXIT_ERROR
+    if report.ok(Severity.parse(fail_on.value)) or exit_zero:
+        return EXIT_OK
+    return EXIT_FINDINGS
+
+
+@app.command()
+def explain(code: Annotated[str, typer.Argument(help="A check code (NH101) or name (dead-relu).")]) -> int:
+    """Print what a check detects, why it matters, an example, the fix and its options."""
+    from nnhealth.analyzers import lookup
+
+    check = lookup(code)
+    if check is None:
+        raise UsageError(f"unknown check {code!r}; `nnhealth checks` lists them")
+    lines = [f"{check.code} {check.name}", "", check.doc(), ""]
+    if check.options:
+        lines.append("Options:")
+        for opt in check.options:
+            lines.append(f"    {opt.name} = {opt.default}: {opt.doc}")
+    else:
+        lines.append("Options: none")
+    lines.append("")
+    lines.append(f"Needs: {', '.join(sorted(check.needs))}")
+    typer.echo("\n".join(lines))
+    return EXIT_OK
+
+
+@app.command("checks")
+def list_checks() -> int:
+    """List every check with its code, name and what it needs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from nnhealth.analyzers import REGISTRY
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("code")
+    table.add_column("name")
+    table.add_column("needs")
+    table.add_column("what it looks at")
+    for c in REGISTRY:
+        table.add_row(c.code, c.name, ", ".join(sorted(c.needs)), c.summary)
+    Console(highlight=False, width=max(shutil.get_terminal_size((120, 24)).columns, 100)).print(table)
+    return EXIT_OK
+
+
+def _wants_debug(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("NNHEALTH_DEBUG") == "1"
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"nnhealth: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point. Returns (and exits with) 0, 1 or 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = _wants_debug(args)
+    if not args:
+        args = ["--help"]
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=args, prog_name="nnhealth", standalone_mode=False)
+        code = rv if isinstance(rv, int) else EXIT_OK
+    except _CliError as exc:  # bad option, unknown option, bad value
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _fail(exc.format_message().replace("\n", " ") + hint)
+        code = EXIT_ERROR
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except typer.Abort:
+        _fail("interrupted")
+        code = EXIT_ERROR
+    except NnhealthError as exc:
+        if debug:
+            traceback.print_exc()
+        _fail(str(exc))
+        code = EXIT_ERROR
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        code = EXIT_ERROR
+    except Exception as exc:  # a bug in nnhealth, not in the user's input
+        if debug:
+            traceback.print_exc()
+        _fail(
+            f"internal error ({type(exc).__name__}: {exc}); this is a bug in nnhealth: rerun "
+            "with --debug and report the traceback"
+        )
+        code = EXIT_ERROR
+    if argv is None:
+        sys.exit(code)
+    return code

@@ -1,0 +1,193 @@
+"""The terminal report: header, per-layer table with log-scale variance bars, findings
+grouped by severity with their fixes, and a one-line verdict."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+from rich.console import Console, Group
+from rich.padding import Padding
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.text import Text
+
+from nnhealth.findings import Report, Severity
+from nnhealth.formatters.base import Formatter
+
+BAR_WIDTH = 10
+STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
+TITLE = {Severity.ERROR: "Errors", Severity.WARNING: "Warnings", Severity.INFO: "Info"}
+
+
+def fmt(x: Any) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)
+        return "0" if x == 0 else f"{x:.3g}"
+    return str(x)
+
+
+def log_bar(value: float | None, lo: float, hi: float) -> str:
+    """A bar whose length is log10(value) placed between log10(lo) and log10(hi)."""
+    if value is None or not math.isfinite(value):
+        return ""
+    if value <= 0:
+        return "·" * BAR_WIDTH
+    span = math.log10(hi) - math.log10(lo)
+    frac = 1.0 if span <= 0 else (math.log10(value) - math.log10(lo)) / span
+    filled = max(1, round(1 + frac * (BAR_WIDTH - 1)))
+    return "█" * filled + "·" * (BAR_WIDTH - filled)
+
+
+def _range(values: list[float | None]) -> tuple[float, float]:
+    good = [v for v in values if v is not None and math.isfinite(v) and v > 0]
+    return (min(good), max(good)) if good else (1.0, 1.0)
+
+
+class TextFormatter(Formatter):
+    """Rich text for a terminal (colour only when writing to one)."""
+
+    name = "text"
+
+    def render(self, report: Report) -> str:
+        buf = io.StringIO()
+        console = Console(
+            file=buf,
+            width=self.options.width,
+            force_terminal=self.options.color,
+            color_system="auto" if self.options.color else None,
+            highlight=False,
+            soft_wrap=False,
+        )
+        if not self.options.quiet:
+            console.print(self._header(report))
+            if report.layers:
+                console.print(self._table(report))
+            self._notes(console, report)
+        self._findings(console, report)
+        console.print(self._verdict(report))
+        return buf.getvalue()
+
+    # ---- parts ------------------------------------------------------------------------
+    def _header(self, report: Report) -> Table:
+        run = report.run
+        grid = Table.grid(padding=(0, 2))
+        grid.title = f"nnhealth {report.tool_version}: {run.get('model')}"
+        grid.title_justify = "left"
+        grid.title_style = "bold"
+        grid.add_column(style="bold")
+        grid.add_column()
+        params = run.get("params")
+        model_bits = [run.get("model_class") or "state_dict", run.get("model_format")]
+        if params is not None:
+            trainable = run.get("trainable_params")
+            extra = f" ({trainable:,} trainable)" if trainable not in (None, params) else ""
+            model_bits.append(f"{params:,} params{extra}")
+        grid.add_row("model", " · ".join(str(b) for b in model_bits if b))
+        batch = run.get("batch")
+        if batch:
+            bits = [str(batch.get("source")), f"inputs {batch.get('shape')}"]
+            if batch.get("targets_shape") is not None:
+                bits.append(f"targets {batch['targets_shape']}")
+            if run.get("output_shape") is not None:
+                bits.append(f"output {run['output_shape']}")
+            grid.add_row("batch", " · ".join(bits))
+        if run.get("loss"):
+            lv = run.get("loss_value")
+            grid.add_row(
+                "pass",
+                f"loss {run['loss']} = {fmt(lv)} · mode {run.get('mode')} · {run.get('device')} "
+                f"· seed {run.get('seed')} · {fmt(run.get('seconds'))} s",
+            )
+        else:
+            grid.add_row("pass", f"weights only, no forward pass · {fmt(run.get('seconds'))} s")
+        return grid
+
+    def _table(self, report: Report) -> Table:
+        rows = report.layers
+        has_act = any(r.get("act_var") is not None for r in rows)
+        has_grad = any(r.get("grad_var") is not None for r in rows)
+        table = Table(title="Layers (forward order)", title_justify="left", box=None,
+                      header_style="bold", pad_edge=False, padding=(0, 1))
+        table.add_column("layer", no_wrap=True, overflow="ellipsis", max_width=34)
+        table.add_column("kind", no_wrap=True)
+        table.add_column("units", justify="right")
+        if has_act:
+            table.add_column("act var", justify="right")
+            table.add_column("log scale", no_wrap=True)
+        if has_grad:
+            table.add_column("grad var", justify="right")
+            table.add_column("log scale", no_wrap=True)
+        table.add_column("dead", justify="right")
+        table.add_column("sat", justify="right")
+        table.add_column("‖w‖", justify="right")
+        table.add_column("‖∇w‖", justify="right")
+        alo, ahi = _range([r.get("act_var") for r in rows])
+        glo, ghi = _range([r.get("grad_var") for r in rows])
+        for r in rows:
+            cells = [r["name"], r["kind"] + ("()" if r.get("functional") else ""),
+                     fmt(r.get("units"))]
+            if has_act:
+                cells += [fmt(r.get("act_var")), log_bar(r.get("act_var"), alo, ahi)]
+            if has_grad:
+                cells += [fmt(r.get("grad_var")), log_bar(r.get("grad_var"), glo, ghi)]
+            dead = r.get("dead_fraction")
+            sat = r.get("saturated_fraction")
+            cells += [
+                "" if dead is None else f"{100 * dead:.0f}%",
+                "" if sat is None else f"{100 * sat:.0f}%",
+                fmt(r.get("weight_norm")),
+                fmt(r.get("weight_grad_norm")),
+            ]
+            style = "red" if r.get("nonfinite") or r.get("param_nonfinite") else None
+            table.add_row(*cells, style=style)
+        return table
+
+    def _notes(self, console: Console, report: Report) -> None:
+        for note in report.notes:
+            console.print(Text(f"note: {note}", style="dim"))
+        for s in report.skipped:
+            console.print(Text(f"skipped {s.code} {s.check}: {s.reason}", style="dim"))
+        for e in report.errors:
+            console.print(Text(f"analyzer error in {e.check}: {e.message}", style="red"))
+
+    def _findings(self, console: Console, report: Report) -> None:
+        for sev in sorted(Severity, reverse=True):
+            group = [f for f in report.findings if f.severity == sev]
+            if not group:
+                continue
+            console.print()
+            console.print(Text(f"{TITLE[sev]} ({len(group)})", style=STYLE[sev]))
+            for f in group:
+                head = Text()
+                head.append(f"{f.code} ", style=STYLE[sev])
+                head.append(f"{f.check} ", style="bold")
+                head.append(f.layer or "(model)", style="magenta")
+                parts: list[Any] = [head, Padding(Text(f.message), (0, 0, 0, 2)),
+                                    Padding(Text("fix: " + f.fix, style="green"), (0, 0, 0, 2))]
+                if f.fix_snippet and not self.options.quiet:
+                    parts.append(Padding(Syntax(f.fix_snippet, "python", theme="ansi_dark",
+                                                background_color="default"), (0, 0, 0, 4)))
+                if self.options.verbose and f.evidence:
+                    ev = ", ".join(f"{k}={fmt(v)}" for k, v in f.evidence.items())
+                    parts.append(Padding(Text(ev, style="dim"), (0, 0, 0, 2)))
+                console.print(Group(*parts))
+
+    def _verdict(self, report: Report) -> Text:
+        counts = report.counts()
+        ran = len(report.run.get("checks", [])) - len(report.skipped)
+        tail = f" ({len(report.skipped)} skipped)" if report.skipped else ""
+        if report.healthy:
+            return Text(f"\n✓ healthy: no findings from {ran} checks{tail}", style="bold green")
+        plural = {"error": "errors", "warning": "warnings", "info": "info"}
+        summary = ", ".join(f"{n} {k if n == 1 else plural[k]}" for k, n in counts.items())
+        if report.errors:
+            summary += f", {len(report.errors)} check(s) failed to run"
+        worst = report.worst()
+        style = STYLE[worst] if worst else "red"
+        mark = "✗" if worst == Severity.ERROR or report.errors else "!"
+        return Text(f"\n{mark} {summary} from {ran} checks{tail}", style=style)

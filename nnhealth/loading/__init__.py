@@ -1,0 +1,1 @@
+"""Resolving the model, the batch and the loss. Safe by default: no arbitrary unpickling."""

@@ -1,0 +1,66 @@
+"""Tell a file's format from its contents, never its extension."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from pathlib import Path
+
+TORCH_PICKLE = "torch.save"
+TORCHSCRIPT = "torchscript"
+EXPORT = "torch.export"
+SAFETENSORS = "safetensors"
+NPY = "npy"
+NPZ = "npz"
+ZIP_OTHER = "zip"
+TRUNCATED_ZIP = "truncated zip"
+UNKNOWN = "unknown"
+
+
+def sniff(path: Path) -> str:
+    with path.open("rb") as fh:
+        head = fh.read(16)
+    if not head:
+        return UNKNOWN
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        if not zipfile.is_zipfile(path):
+            return TRUNCATED_ZIP
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return TRUNCATED_ZIP
+        if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
+            return TORCHSCRIPT
+        if any("serialized_exported_program" in n or n.endswith("archive_format") for n in names):
+            return EXPORT
+        if any(n.endswith("data.pkl") for n in names):
+            return TORCH_PICKLE
+        if names and all(n.endswith(".npy") for n in names):
+            return NPZ
+        return ZIP_OTHER
+    if head.startswith(b"\x93NUMPY"):
+        return NPY
+    if head[:1] == b"\x80" and head[1:2] and head[1] <= 5:
+        return TORCH_PICKLE  # legacy (non-zip) torch.save: a pickle stream
+    if len(head) >= 9 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        try:
+            with path.open("rb") as fh:
+                fh.seek(8)
+                json.loads(fh.read(n))
+            return SAFETENSORS
+        except (ValueError, OSError):
+            return UNKNOWN
+    return UNKNOWN
+
+
+DESCRIPTIONS = {
+    TORCH_PICKLE: "torch.save file",
+    TORCHSCRIPT: "TorchScript archive",
+    EXPORT: "torch.export archive",
+    SAFETENSORS: "safetensors file",
+    NPY: "NumPy .npy array",
+    NPZ: "NumPy .npz archive",
+}

@@ -1,0 +1,231 @@
+"""load -> plan -> capture -> analyze -> report. The CLI and the Python API share this."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from nnhealth import __version__
+from nnhealth.analyzers import REGISTRY, select_checks
+from nnhealth.analyzers.base import Check
+from nnhealth.analyzers.saturation import Saturation
+from nnhealth.capture.instrument import capture_weights, run_pass
+from nnhealth.capture.stats import Capture
+from nnhealth.errors import UsageError
+from nnhealth.findings import AnalyzerError, Finding, Report, Skipped
+from nnhealth.loading.batch import Batch, prepare
+from nnhealth.loading.loss import LossResolver
+from nnhealth.loading.model import LoadedModel
+
+MODES = ("train", "eval")
+
+
+@dataclass
+class ScanOptions:
+    select: list[str] | None = None
+    ignore: list[str] | None = None
+    loss: str = "auto"
+    seed: int = 0
+    mode: str = "train"
+    device: str | None = None
+    check_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _resolve_checks(opts: ScanOptions) -> list[tuple[type[Check], dict[str, Any]]]:
+    try:
+        checks = select_checks(opts.select, opts.ignore)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    known = {c.name for c in REGISTRY} | {c.code for c in REGISTRY}
+    for key in opts.check_options:
+        if key not in known:
+            raise UsageError(f"options for unknown check {key!r}")
+    out = []
+    for check in checks:
+        overrides = {**opts.check_options.get(check.code, {}), **opts.check_options.get(check.name, {})}
+        try:
+            out.append((check, check.resolve_options(overrides)))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return out
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype | None:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def analyze(
+    capture: Capture, checks: list[tuple[type[Check], dict[str, Any]]]
+) -> tuple[list[Finding], list[AnalyzerError], list[Skipped]]:
+    available = {"weights"}
+    if capture.has_activations:
+        available.add("activations")
+    if capture.has_gradients:
+        available.add("gradients")
+    findings: list[Finding] = []
+    errors: list[AnalyzerError] = []
+    skipped: list[Skipped] = []
+    for check, options in checks:
+        missing = check.needs - available
+        if missing:
+            reason = capture.missing_reason or f"no {', '.join(sorted(missing))} were captured"
+            skipped.append(Skipped(check.code, check.name, reason))
+            continue
+        try:
+            findings.extend(check().run(capture, options))
+        except Exception as exc:  # one broken check must not hide the others
+            errors.append(AnalyzerError(check.name, f"{type(exc).__name__}: {exc}"))
+    return findings, errors, skipped
+
+
+def layer_rows(capture: Capture, unit_fraction: float) -> list[dict[str, Any]]:
+    """One row per layer/nonlinearity call in forward order, then parameter-only modules."""
+    by_module: dict[str, list] = {}
+    for p in capture.params:
+        by_module.setdefault(p.module, []).append(p)
+    rows: list[dict[str, Any]] = []
+    covered: set[str] = set()
+    for s in sorted(capture.sites, key=lambda s: s.order):
+        row: dict[str, Any] = {
+            "name": s.name,
+            "kind": s.kind,
+            "role": s.role,
+            "module": s.module,
+            "functional": s.functional,
+            "shape": list(s.shape),
+            "units": s.units,
+            "act_mean": s.mean,
+            "act_var": s.var,
+            "grad_var": s.grad_var,
+            "nonfinite": s.nonfinite,
+        }
+        if s.active_count is not None:
+            row["dead_units"] = s.dead_units
+            row["dead_fraction"] = s.dead_units / s.units
+        if s.saturated_count is not None:
+            sat = s.saturated_units(unit_fraction)
+            row["saturated_units"] = sat
+            row["saturated_fraction"] = sat / s.units
+            row["mean_derivative"] = s.mean_derivative
+        if s.role != "activation" and s.module not in covered and s.module in by_module:
+            covered.add(s.module)
+            row.update(_param_summary(by_module[s.module]))
+        rows.append(row)
+    for module, params in by_module.items():
+        if module in covered:
+            continue
+        rows.append({"name": module or "(root)", "kind": params[0].kind, "role": "params",
+                     **_param_summary(params)})
+    return rows
+
+
+def _param_summary(params: list) -> dict[str, Any]:
+    weight = next((p for p in params if p.role in ("weight", "norm")), params[0])
+    return {
+        "params": sum(p.numel for p in params),
+        "weight_norm": weight.norm,
+        "weight_grad_norm": weight.grad_norm,
+        "param_nonfinite": sum(p.nonfinite for p in params),
+    }
+
+
+def run(
+    loaded: LoadedModel,
+    batch: Batch | None,
+    opts: ScanOptions,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Scan a loaded model on a batch. Raises NnhealthError for what the user must fix."""
+    started = time.perf_counter()
+    if opts.mode not in MODES:
+        raise UsageError(f"--mode {opts.mode!r}: expected train or eval")
+    checks = _resolve_checks(opts)
+    needs = set().union(*(c.needs for c, _ in checks)) if checks else set()
+    sat_opts = next((o for c, o in checks if c is Saturation), Saturation.defaults())
+    notes: list[str] = list(loaded.notes)
+    model = loaded.model
+    run_info: dict[str, Any] = {
+        "model": loaded.source,
+        "model_format": loaded.format,
+        "model_class": type(model).__name__ if model is not None else None,
+        "batch": None,
+        "loss": None,
+        "mode": None,
+        "device": None,
+        "seed": opts.seed,
+        "torch": torch.__version__,
+    }
+    if model is None or not (needs - {"weights"}):
+        source = loaded.state if model is None else dict(model.named_parameters())
+        capture = capture_weights(source, {})
+        if model is not None:
+            capture = replace(capture, missing_reason="only weight checks were selected")
+        run_info["params"] = sum(p.numel for p in capture.params)
+    else:
+        if batch is None:
+            raise UsageError(
+                "no batch: give --data FILE (.pt/.npz/.npy) or --input-shape, e.g. 64x3x32x32"
+            )
+        device = torch.device(opts.device) if opts.device else _model_device(model)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+        if opts.device:
+            model.to(device)
+        prepared = prepare(batch, _model_dtype(model), device)
+        notes += prepared.notes
+        resolver = LossResolver(opts.loss, prepared.targets, opts.seed, custom=loaded.loss_fn)
+        if progress:
+            progress("forward and backward pass")
+        capture = run_pass(
+            model,
+            prepared.inputs,
+            resolver,
+            examples=prepared.examples,
+            mode=opts.mode,
+            seed=opts.seed,
+            activations="activations" in needs,
+            gradients="gradients" in needs or "activations" in needs,
+            saturation_derivative=sat_opts["derivative_fraction"],
+        )
+        notes += resolver.notes + list(capture.notes)
+        run_info.update(
+            batch={**prepared.describe(), "examples": prepared.examples},
+            output_shape=resolver.output_shape,
+            loss=resolver.description,
+            loss_value=capture.loss,
+            mode=opts.mode,
+            device=str(device),
+            params=sum(p.numel for p in capture.params),
+            trainable_params=sum(p.numel for p in capture.params if p.trainable),
+        )
+    if progress:
+        progress("analyzing")
+    findings, errors, skipped = analyze(capture, checks)
+    run_info["seconds"] = round(time.perf_counter() - started, 3)
+    run_info["checks"] = [c.code for c, _ in checks]
+    order = {c.code: i for i, (c, _) in enumerate(checks)}
+    findings.sort(key=lambda f: (-f.severity, order[f.code]))
+    return Report(
+        run=run_info,
+        layers=tuple(layer_rows(capture, sat_opts["unit_fraction"])),
+        findings=tuple(findings),
+        errors=tuple(errors),
+        skipped=tuple(skipped),
+        notes=tuple(dict.fromkeys(notes)),
+        tool_version=__version__,
+    )
