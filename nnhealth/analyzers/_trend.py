@@ -1,7 +1,8 @@
 """Geometric trend of a positive quantity through depth, reset at normalization layers.
 
 Var(s_k) = [n Var(w)]^k Var(x) for a stack of plain layers (DOMAIN.md), so log-variance
-is linear in depth and its slope is the per-layer growth factor. A BatchNorm/LayerNorm
+is linear in depth and its slope is the per-layer growth factor (fitted robustly, as
+the median of pairwise slopes). A BatchNorm/LayerNorm
 between two layers rescales the signal, so the trend is fitted within the runs of
 layers between normalization layers (one shared slope, each run with its own offset),
 and the total change is taken over the longest run.
@@ -10,6 +11,7 @@ and the total change is taken over the longest run.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 # A variance of exactly zero carries no signal at all; log needs a floor.
@@ -22,8 +24,8 @@ class Trend:
     total: float  # factor ** (longest run - 1)
     depth: int  # layers in the longest run
     runs: int  # runs of two or more layers used for the fit
-    first: float  # first and last value of the longest run
-    last: float
+    first: float  # the largest and smallest value of the longest run, in depth order:
+    last: float  # (largest first when vanishing, smallest first when exploding)
     first_name: str
     last_name: str
     zeros: tuple[str, ...] = ()  # points whose value is exactly 0: no signal at all
@@ -53,24 +55,30 @@ def fit(points: list[tuple[str, float, bool]]) -> Trend | None:
         zeros_run = max(runs, key=len)
         return Trend(0.0, 0.0, len(zeros_run), len(runs), zeros_run[0][1], zeros_run[-1][1],
                      zeros_run[0][0], zeros_run[-1][0], zeros)
-    sxx = sxy = 0.0
-    for run in runs:
-        xs = list(range(len(run)))
-        ys = [math.log(max(v, _FLOOR)) for _, v in run]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        sxx += sum((x - mx) ** 2 for x in xs)
-        sxy += sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
-    slope = sxy / sxx
+    # Theil-Sen: the median of the slopes between every pair of layers of the same run.
+    # Robust to one odd layer (the output head, whose backward gain depends on the number
+    # of classes), and each run keeps its own offset.
+    slopes = [
+        (math.log(max(b[1], _FLOOR)) - math.log(max(a[1], _FLOOR))) / (j - i)
+        for run in runs
+        for i, a in enumerate(run)
+        for j, b in enumerate(run)
+        if j > i
+    ]
+    slope = statistics.median(slopes)
     longest = max(runs, key=len)
+    lo = min(range(len(longest)), key=lambda i: longest[i][1])
+    hi = max(range(len(longest)), key=lambda i: longest[i][1])
+    a, b = (hi, lo) if slope < 0 else (lo, hi)
     return Trend(
         factor=math.exp(slope),
         total=math.exp(slope * (len(longest) - 1)),
         depth=len(longest),
         runs=len(runs),
-        first=longest[0][1],
-        last=longest[-1][1],
-        first_name=longest[0][0],
-        last_name=longest[-1][0],
+        first=longest[a][1],
+        last=longest[b][1],
+        first_name=longest[a][0],
+        last_name=longest[b][0],
     )
 
 
@@ -97,7 +105,7 @@ def describe(trend: Trend, what: str, unit: str) -> str:
         shown = ", ".join(trend.zeros[:4]) + (" ..." if len(trend.zeros) > 4 else "")
         return f"{what} is exactly 0 at {len(trend.zeros)} {unit}(s) ({shown}): no signal passes"
     return (
-        f"{what} changes x{trend.factor:.3g} per {unit} over {trend.depth} {unit}s "
-        f"({trend.first:.3g} at {trend.first_name} -> {trend.last:.3g} at {trend.last_name}, "
-        f"x{trend.total:.3g} in all)"
+        f"{what} changes x{trend.factor:.3g} per {unit} over {trend.depth} {unit}s, "
+        f"x{trend.total:.3g} in all ({trend.first:.3g} at {trend.first_name}, "
+        f"{trend.last:.3g} at {trend.last_name})"
     )
