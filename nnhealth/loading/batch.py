@@ -151,7 +151,7 @@ def load_batch(path_text: str) -> Batch:
                 obj = {k: npz[k] for k in npz.files}
         elif kind == detect.TORCH_PICKLE:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        elif kind == detect.TRUNCATED_ZIP:
+        elif kind in (detect.TRUNCATED_ZIP, detect.CORRUPT_ZIP):
             raise DataError(f"{path_text}: a truncated or corrupt archive; save the batch again")
         else:
             raise DataError(

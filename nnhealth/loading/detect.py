@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 TORCH_PICKLE = "torch.save"
@@ -15,6 +16,7 @@ NPY = "npy"
 NPZ = "npz"
 ZIP_OTHER = "zip"
 TRUNCATED_ZIP = "truncated zip"
+CORRUPT_ZIP = "corrupt zip"
 UNKNOWN = "unknown"
 
 
@@ -29,7 +31,11 @@ def sniff(path: Path) -> str:
         try:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
-        except (zipfile.BadZipFile, OSError):
+                # torch.load does not check the zip CRCs: a flipped bit in the tensor data
+                # would load silently as wrong weights. testzip reads every member once.
+                if zf.testzip() is not None:
+                    return CORRUPT_ZIP
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error):
             return TRUNCATED_ZIP
         if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
             return TORCHSCRIPT

@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -108,15 +109,27 @@ def _load_pickle(path: Path, trust: bool) -> tuple[Any, str]:
             with _importable_from(os.getcwd()):
                 obj = torch.load(path, map_location="cpu", weights_only=False)
             return obj, "trusted (--trust)"
-        with torch.serialization.safe_globals([allow[n] for n in needed if n in allow]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        return obj, ("torch.nn classes, allowlisted" if needed else "weights only")
+        granted = [n for n in needed if n in allow]
+        # The legacy (non-zip) format cannot be listed up front: each refused global
+        # shows up as an UnpicklingError; grant it if it is on the allowlist and retry.
+        for _ in range(len(allow) + 1):
+            try:
+                with torch.serialization.safe_globals([allow[n] for n in granted]):
+                    obj = torch.load(path, map_location="cpu", weights_only=True)
+                break
+            except pickle.UnpicklingError as exc:
+                found = [n for n in _GLOBAL_RE.findall(str(exc)) if n not in granted]
+                if not found:
+                    raise
+                if any(n not in allow for n in found):
+                    raise _refusal(path, [n for n in found if n not in allow]) from exc
+                granted += found
+        return obj, ("torch.nn classes, allowlisted" if granted else "weights only")
     except pickle.UnpicklingError as exc:
-        found = _GLOBAL_RE.findall(str(exc))
-        if found and not trust:
-            raise _refusal(path, found) from exc
         raise LoadError(
-            f"{path}: cannot unpickle ({_first_line(exc)}); the file may be corrupt"
+            f"{path}: cannot be loaded safely with weights_only=True ({_unpickler_reason(exc)}). "
+            "If you trust the file, rerun with --trust (or NNHEALTH_TRUST=1); or re-save it "
+            "with torch.save from a recent PyTorch"
         ) from exc
     except (ModuleNotFoundError, AttributeError) as exc:
         raise LoadError(
@@ -128,6 +141,16 @@ def _load_pickle(path: Path, trust: bool) -> tuple[Any, str]:
             f"{path}: cannot read this torch.save file ({_first_line(exc)}); it looks "
             "truncated or corrupt: save it again"
         ) from exc
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The one informative sentence of torch's long weights-only error."""
+    text = " ".join(str(exc).split())
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].strip()
+        text = text.split(" Check the documentation", 1)[0].strip()
+    return text[:200] or type(exc).__name__
 
 
 def _refusal(path: Path, refused: list[str]) -> LoadError:
@@ -188,6 +211,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     kind = detect.sniff(path)
     if kind == detect.SAFETENSORS:
         return _read_safetensors(path)
+    if kind in (detect.CORRUPT_ZIP, detect.TRUNCATED_ZIP):
+        raise LoadError(f"{path}: a truncated or corrupt archive; save the weights again")
     if kind != detect.TORCH_PICKLE:
         raise LoadError(
             f"{path}: not a weights file ({detect.DESCRIPTIONS.get(kind, kind)}); expected "
@@ -331,7 +356,9 @@ def load_model(spec: str, *, trust: bool = False, weights: str | None = None) ->
                            state=_read_safetensors(path))
     if kind == detect.TORCHSCRIPT:
         try:
-            model = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():  # torch.jit is deprecated; its files still exist
+                warnings.simplefilter("ignore", DeprecationWarning)
+                model = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise LoadError(f"{spec}: cannot load TorchScript ({_first_line(exc)})") from exc
         return LoadedModel(model=model, format="TorchScript", source=spec)
@@ -343,6 +370,11 @@ def load_model(spec: str, *, trust: bool = False, weights: str | None = None) ->
         )
     if kind in (detect.NPY, detect.NPZ):
         raise LoadError(f"{spec}: a NumPy array, not a model (did you mean --data {spec}?)")
+    if kind == detect.CORRUPT_ZIP:
+        raise LoadError(
+            f"{spec}: corrupt: a checksum inside the archive does not match its data (a "
+            "damaged copy?); copy or save the model again"
+        )
     if kind == detect.TRUNCATED_ZIP:
         raise LoadError(
             f"{spec}: starts like a zip archive (torch.save) but is truncated or corrupt; "
