@@ -66,11 +66,14 @@ class TextFormatter(Formatter):
         if not self.options.quiet:
             console.print(self._header(report))
             if report.layers:
+                console.print()
                 console.print(self._table(report))
+            if report.notes or report.skipped or report.errors:
+                console.print()
             self._notes(console, report)
         self._findings(console, report)
         console.print(self._verdict(report))
-        return buf.getvalue()
+        return "".join(line.rstrip() + "\n" for line in buf.getvalue().splitlines())
 
     # ---- parts ------------------------------------------------------------------------
     def _header(self, report: Report) -> Table:

@@ -1,0 +1,118 @@
+"""The text report against a golden file, and the Report's own logic, on hand-built data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nnhealth.findings import AnalyzerError, Finding, Report, Severity, Skipped
+from nnhealth.formatters import RenderOptions, get_formatter
+from nnhealth.formatters.text import log_bar
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def hand_built() -> Report:
+    return Report(
+        run={
+            "model": "sample_models/relu_dead_bias.pt",
+            "model_format": "torch.save module (torch.nn classes, allowlisted)",
+            "model_class": "Sequential",
+            "batch": {"source": "batch.pt", "shape": [256, 256], "targets_shape": [256], "examples": 256},
+            "output_shape": [256, 10],
+            "loss": "cross-entropy",
+            "loss_value": 2.5123,
+            "mode": "train",
+            "device": "cpu",
+            "seed": 0,
+            "torch": "2.13.0",
+            "seconds": 0.25,
+            "params": 199946,
+            "trainable_params": 199946,
+            "checks": ["NH001", "NH101", "NH102", "NH201", "NH202"],
+        },
+        layers=(
+            {"name": "fc1", "kind": "Linear", "role": "layer", "units": 256, "act_var": 2.01,
+             "grad_var": 2e-8, "weight_norm": 22.6, "weight_grad_norm": 0.584},
+            {"name": "fc1:relu", "kind": "relu", "role": "activation", "functional": True,
+             "units": 256, "act_var": 0.686, "grad_var": 4.07e-8, "dead_fraction": 0.0},
+            {"name": "fc2", "kind": "Linear", "role": "layer", "units": 256, "act_var": 10.9,
+             "grad_var": 2.08e-8, "weight_norm": 22.6, "weight_grad_norm": 0.821},
+            {"name": "act2", "kind": "relu", "role": "activation", "units": 256, "act_var": 0.346,
+             "grad_var": 1.1e-7, "dead_fraction": 0.598},
+            {"name": "head", "kind": "Linear", "role": "layer", "units": 10, "act_var": 0.404,
+             "grad_var": 1.43e-6, "weight_norm": 4.49, "weight_grad_norm": 1.14},
+        ),
+        findings=(
+            Finding("NH101", "dead-relu", Severity.ERROR, "act2",
+                    "60% of units dead (153 of 256): zero for all 256 examples",
+                    {"dead_units": 153, "units": 256}, "lower the learning rate",
+                    'layer = model.get_submodule("fc2")\nnn.init.constant_(layer.bias, 0.01)'),
+            Finding("NH102", "saturation", Severity.WARNING, "x", "30% of tanh outputs saturated",
+                    {}, "use Xavier init"),
+            Finding("NH101", "dead-relu", Severity.INFO, None, "small batch", {}, "use more examples"),
+        ),
+        errors=(),
+        skipped=(Skipped("NH202", "gradient-variance", "no gradients were captured"),),
+        notes=("no targets: random class labels over 10 classes (seeded)",),
+        tool_version="0.1.0",
+    )
+
+
+def render(report: Report, **kw) -> str:
+    return get_formatter("text", RenderOptions(width=110, **kw)).render(report)
+
+
+def test_golden_text_report(update_golden: bool) -> None:
+    text = render(hand_built())
+    path = GOLDEN / "report.txt"
+    if update_golden:
+        path.write_text(text)
+    assert text == path.read_text(), "run pytest --update-golden after an intended change"
+
+
+def test_text_report_parts() -> None:
+    text = render(hand_built())
+    assert text.index("Errors (1)") < text.index("Warnings (1)") < text.index("Info (1)")
+    assert "✗ 1 error, 1 warning, 1 info from 4 checks (1 skipped)" in text
+    assert "skipped NH202 gradient-variance: no gradients were captured" in text
+    assert "relu()" in text  # functional calls are marked
+    quiet = render(hand_built(), quiet=True)
+    assert "Layers" not in quiet and "get_submodule" not in quiet and "NH101" in quiet
+
+
+def test_healthy_verdict() -> None:
+    report = Report(run={"model": "m", "checks": ["NH001"]}, layers=(), findings=())
+    assert "✓ healthy: no findings from 1 checks" in render(report)
+    assert report.ok() and report.healthy and report.worst() is None
+
+
+def test_ok_thresholds_and_analyzer_errors() -> None:
+    report = hand_built()
+    assert not report.ok()
+    assert not report.ok("warning")
+    warn_only = Report(run={}, layers=(), findings=report.findings[1:])
+    assert warn_only.ok() and not warn_only.ok(Severity.WARNING) and warn_only.ok("error")
+    broken = Report(run={}, layers=(), findings=(), errors=(AnalyzerError("x", "boom"),))
+    assert not broken.ok() and not broken.healthy
+    with pytest.raises(ValueError, match="unknown severity"):
+        report.ok("fatal")
+
+
+def test_json_writes_null_for_nonfinite() -> None:
+    report = Report(run={"loss_value": float("nan")}, layers=({"act_var": float("inf")},),
+                    findings=(Finding("NH001", "nonfinite", Severity.ERROR, None, "m",
+                                      {"x": float("-inf")}, "f"),))
+    data = report.to_dict()
+    assert data["run"]["loss_value"] is None and data["layers"][0]["act_var"] is None
+    assert data["findings"][0]["evidence"]["x"] is None
+    assert "NaN" not in report.to_json() and "Infinity" not in report.to_json()
+
+
+@pytest.mark.parametrize(
+    "value,bar",
+    [(1e-8, "█·········"), (1e-4, "██████····"), (1.0, "██████████"), (0.0, "··········"), (None, "")],
+)
+def test_log_bar(value, bar: str) -> None:
+    assert log_bar(value, 1e-8, 1.0) == bar
