@@ -50,7 +50,6 @@ MODELS = ("mlp", "resnet", "transformer")
 
 @dataclass
 class Case:
-    name: str
     model: nn.Module
     inputs: torch.Tensor
     make_loss: Callable[[torch.Tensor], torch.Tensor]
@@ -102,6 +101,10 @@ def cross_entropy(targets: torch.Tensor) -> Callable[[torch.Tensor], torch.Tenso
     return lambda out: F.cross_entropy(out, targets)
 
 
+def mse(target: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda out: F.mse_loss(out, target)
+
+
 def build_case(name: str) -> Case:
     torch.manual_seed(0)
     if name == "mlp":
@@ -121,12 +124,10 @@ def build_case(name: str) -> Case:
         )
         model = nn.TransformerEncoder(layer, num_layers=4)
         x = torch.randn(16, 64, 256)
-        target = torch.randn(16, 64, 256)
-        loss = lambda out: F.mse_loss(out, target)  # noqa: E731
+        loss = mse(torch.randn(16, 64, 256))
     else:
         raise ValueError(f"unknown model {name!r}")
-    return Case(name, model.train(), x, loss)
-
+    return Case(model.train(), x, loss)
 
 
 def plain_pass(case: Case) -> None:
@@ -144,7 +145,7 @@ RUNNERS: dict[str, Callable[[Case], None]] = {"plain": plain_pass, "capture": ca
 
 def time_case(case: Case, repeats: int) -> dict[str, float]:
     """Median wall time in ms of each path, interleaved after a warm-up."""
-    for run in (plain_pass, capture_pass):
+    for run in RUNNERS.values():
         for _ in range(WARMUP):
             run(case)
     samples: dict[str, list[float]] = {path: [] for path in PATHS}
@@ -194,7 +195,7 @@ def measure_memory_child(name: str, path: str) -> None:
 def measure_memory(name: str, path: str) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     cmd = [sys.executable, os.path.abspath(__file__), "--_measure-memory", name, path]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
