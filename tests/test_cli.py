@@ -243,3 +243,23 @@ def test_report_seconds_and_loss_are_finite_numbers(cli, sample) -> None:
     report = strict_json(cli("scan", model, "--data", data, "--format", "json").out)
     assert report["run"]["seconds"] > 0 and math.isfinite(report["run"]["loss_value"])
     assert report["run"]["params"] == sum(p.numel() for p in torch.load(model, weights_only=False).parameters())
+
+
+def test_progress_appears_only_after_a_moment() -> None:
+    import time
+
+    from nnhealth.cli import _DelayedStatus
+
+    with _DelayedStatus(enabled=True, delay=5.0) as fast:
+        fast.update("forward and backward pass")
+    assert fast._status is None  # a quick scan shows no spinner at all
+    with _DelayedStatus(enabled=True, delay=0.01) as slow:
+        deadline = time.monotonic() + 5
+        while slow._status is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        slow.update("analyzing")
+        assert slow._status is not None
+    assert slow._closed
+    with _DelayedStatus(enabled=False, delay=0.0) as off:
+        time.sleep(0.05)
+    assert off._status is None
