@@ -155,7 +155,8 @@ def run(
     if opts.mode not in MODES:
         raise UsageError(f"--mode {opts.mode!r}: expected train or eval")
     checks = _resolve_checks(opts)
-    needs = set().union(*(c.needs for c, _ in checks)) if checks else set()
+    # the plan: what the selected checks need or can use; nothing more is captured
+    needs = set().union(*(c.needs | c.uses for c, _ in checks)) if checks else set()
     sat_opts = next((o for c, o in checks if c is Saturation), Saturation.defaults())
     notes: list[str] = list(loaded.notes)
     model = loaded.model
@@ -172,7 +173,8 @@ def run(
     }
     if model is None or not (needs - {"weights"}):
         source = loaded.state if model is None else dict(model.named_parameters())
-        capture = capture_weights(source, {})
+        kinds = {} if model is None else {n: type(m).__name__ for n, m in model.named_modules()}
+        capture = capture_weights(source, kinds)
         if model is not None:
             capture = replace(capture, missing_reason="only weight checks were selected")
         run_info["params"] = sum(p.numel for p in capture.params)
@@ -199,7 +201,7 @@ def run(
             mode=opts.mode,
             seed=opts.seed,
             activations="activations" in needs,
-            gradients="gradients" in needs or "activations" in needs,
+            gradients="gradients" in needs,
             saturation_derivative=sat_opts["derivative_fraction"],
         )
         notes += resolver.notes + list(capture.notes)

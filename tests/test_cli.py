@@ -96,6 +96,11 @@ def test_select_and_ignore(cli, sample) -> None:
     assert cli("scan", model, "--data", data, "--ignore", "NH2").code == 0
     res = cli("scan", model, "--data", data, "--select", "activation-variance", "--format", "json")
     assert [f["code"] for f in strict_json(res.out)["findings"]] == ["NH201"]
+    # the plan: a selection that needs no gradients runs no backward pass
+    only_dead = strict_json(cli("scan", model, "--data", data, "--select", "NH101", "--format", "json").out)
+    assert all(layer.get("grad_var") is None for layer in only_dead["layers"])
+    everything = strict_json(cli("scan", model, "--data", data, "--format", "json").out)
+    assert all(layer["grad_var"] > 0 for layer in everything["layers"])
     assert "unknown check 'NH999'" in one_line_error(cli("scan", model, "--data", data, "--select", "NH999"))
 
 

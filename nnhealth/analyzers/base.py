@@ -35,6 +35,8 @@ class Check:
     name: ClassVar[str]
     summary: ClassVar[str]
     needs: ClassVar[frozenset[str]]
+    # data the check also looks at when the pass has it (NH001: gradients), not required
+    uses: ClassVar[frozenset[str]] = frozenset()
     options: ClassVar[tuple[Option, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -47,8 +49,8 @@ class Check:
         missing = [s for s in REQUIRED_SECTIONS if f"{s}:" not in doc]
         if missing:
             raise TypeError(f"{cls.__name__}: docstring lacks sections {missing}")
-        if not cls.needs <= NEEDS:
-            raise TypeError(f"{cls.__name__}: unknown needs {set(cls.needs - NEEDS)}")
+        if not (cls.needs | cls.uses) <= NEEDS:
+            raise TypeError(f"{cls.__name__}: unknown needs {set(cls.needs | cls.uses) - NEEDS}")
 
     @classmethod
     def doc(cls) -> str:

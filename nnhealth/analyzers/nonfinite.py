@@ -47,6 +47,7 @@ class Nonfinite(Check):
     name = "nonfinite"
     summary = "NaN/Inf in weights, loss, activations or gradients; names the first layer"
     needs = frozenset({"weights"})
+    uses = frozenset({"activations", "gradients"})
 
     def run(self, capture: Capture, options: dict) -> list[Finding]:
         out: list[Finding] = []
