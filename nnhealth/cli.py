@@ -171,7 +171,7 @@ def scan(
     interactive = sys.stderr.isatty() and not quiet
     with _DelayedStatus(interactive) as status:
         from nnhealth import runner
-        from nnhealth.loading.batch import load_batch, parse_shape, synthetic, interpret
+        from nnhealth.loading.batch import interpret, load_batch, parse_shape, synthetic
         from nnhealth.loading.model import load_model
 
         shape = parse_shape(input_shape) if input_shape else None

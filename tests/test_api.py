@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
+from conftest import ROOT, he_mlp
 from torch import nn
 
 import nnhealth
-from conftest import ROOT, he_mlp
 from nnhealth.errors import CaptureError, DataError, UsageError
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
+from conftest import he_mlp
 from torch import nn
 
-from conftest import he_mlp
 from nnhealth.errors import DataError, UsageError
 from nnhealth.loading.batch import load_batch, parse_shape, prepare, synthetic
 from nnhealth.loading.loss import LossResolver

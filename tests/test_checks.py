@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 
 from nnhealth.analyzers import REGISTRY, lookup, select_checks
@@ -205,7 +205,7 @@ def test_docstring_sections_and_options(check: type[Check]) -> None:
 def test_check_without_docs_is_refused() -> None:
     with pytest.raises(TypeError, match="docstring lacks"):
 
-        class Undocumented(Check):  # noqa: F841
+        class Undocumented(Check):
             """Nothing."""
 
             code, name, summary, needs = "NH999", "undocumented", "", frozenset()

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import ROOT, he_mlp
 from test_loading import one_line_error
 

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import he_mlp
+from torch import nn
 
 MYNET = """
 import torch

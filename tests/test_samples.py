@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 
+import make_samples
 import pytest
 import torch
-
-import make_samples
 
 EXPECTED = {
     # name: {code: (severity, layer or None)} -- every finding the scan must report

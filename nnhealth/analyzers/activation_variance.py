@@ -5,7 +5,7 @@ from __future__ import annotations
 from nnhealth.analyzers import _trend
 from nnhealth.analyzers._advice import dominant_nonlinearity, init_fix
 from nnhealth.analyzers.base import Check, Option
-from nnhealth.capture.stats import ACTIVATION, LAYER, NORM, Capture, SiteStats
+from nnhealth.capture.stats import ACTIVATION, LAYER, NORM, Capture
 from nnhealth.findings import Finding, Severity
 
 TREND_OPTIONS = (

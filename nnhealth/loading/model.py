@@ -50,7 +50,7 @@ class LoadedModel:
 @cache
 def nn_allowlist() -> dict[str, Any]:
     """Qualified name -> object for every nn.Module class defined under torch.nn.modules."""
-    import torch.nn.functional as F  # noqa: N812
+    import torch.nn.functional as F
 
     allowed: dict[str, Any] = {}
     for modname, mod in list(sys.modules.items()):
