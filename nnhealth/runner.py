@@ -113,7 +113,7 @@ def layer_rows(capture: Capture, unit_fraction: float) -> list[dict[str, Any]]:
             "grad_var": s.grad_var,
             "nonfinite": s.nonfinite,
         }
-        if s.active_count is not None:
+        if s.ever_active is not None:
             row["dead_units"] = s.dead_units
             row["dead_fraction"] = s.dead_units / s.units
         if s.saturated_count is not None:

@@ -57,7 +57,7 @@ class DeadRelu(Check):
     )
 
     def run(self, capture: Capture, options: dict) -> list[Finding]:
-        sites = [s for s in capture.activation_sites() if s.active_count is not None]
+        sites = [s for s in capture.activation_sites() if s.ever_active is not None]
         if not sites:
             return []
         examples = capture.examples or 0

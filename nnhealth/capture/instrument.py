@@ -101,15 +101,16 @@ class _Site:
     shape: tuple[int, ...]
     unit_dim: int
     spec: ActivationSpec | None
+    units: int
     per_unit_count: int
-    unit_sum: torch.Tensor
-    unit_sumsq: torch.Tensor
+    mean: float
+    var: float
     nonfinite: int = 0
     active: torch.Tensor | None = None
     saturated: torch.Tensor | None = None
     grad_count: int = 0
-    grad_sum: torch.Tensor | None = None
-    grad_sumsq: torch.Tensor | None = None
+    grad_mean: float | None = None
+    grad_m2: float | None = None
     grad_nonfinite: int = 0
     grad_order: int | None = None
 
@@ -200,14 +201,17 @@ class _Recorder:
         try:
             with torch.no_grad():
                 x = out.detach()
+                if x.dtype in (torch.float16, torch.bfloat16):
+                    x = x.float()  # half-precision sums lose the small variances we report
                 if x.ndim <= 1:
                     x = x.reshape(-1, 1)
                 unit_dim = 1 if (channel_first and x.ndim >= 3) else x.ndim - 1
                 dims = tuple(d for d in range(x.ndim) if d != unit_dim)
-                usum = x.sum(dim=dims, dtype=torch.float64)
-                usq = torch.linalg.vector_norm(x, 2, dim=dims, dtype=torch.float64).square()
+                units = x.shape[unit_dim]
+                per_unit = x.numel() // units
+                mean, var = _moments(x)
                 nonfinite = 0
-                if not bool(torch.isfinite(usq).all()):
+                if not (math.isfinite(mean) and math.isfinite(var)):
                     nonfinite = int((~torch.isfinite(x)).sum())
                 site = _Site(
                     name=name,
@@ -219,21 +223,19 @@ class _Recorder:
                     shape=tuple(out.shape),
                     unit_dim=unit_dim,
                     spec=spec,
-                    per_unit_count=x.numel() // x.shape[unit_dim],
-                    unit_sum=usum,
-                    unit_sumsq=usq,
+                    units=units,
+                    per_unit_count=per_unit,
+                    mean=mean,
+                    var=max(var, 0.0) if math.isfinite(var) else var,
                     nonfinite=nonfinite,
                 )
+                exact_f32 = site.per_unit_count < 2**24  # float32 counts are exact below
                 if spec is not None and spec.can_die:
-                    site.active = torch.count_nonzero(x, dim=dims)
+                    # a unit was ever active iff its largest output is > 0 (ReLU family
+                    # outputs are >= 0); a max-reduction, no mask, no temporary
+                    site.active = x.amax(dim=dims) > 0
                 if spec is not None and (spec.sat_lo is not None or spec.sat_hi is not None):
-                    sat = None
-                    if spec.sat_hi is not None:
-                        sat = x >= spec.sat_hi
-                    if spec.sat_lo is not None:
-                        low = x <= spec.sat_lo
-                        sat = low if sat is None else sat.logical_or_(low)
-                    site.saturated = sat.sum(dim=dims)
+                    site.saturated = _count_saturated(x, spec, dims, exact_f32)
             self.sites.append(site)
             if self.keep_grads and out.requires_grad:
                 out.register_hook(self._grad_hook(site))
@@ -243,21 +245,68 @@ class _Recorder:
     def _grad_hook(self, site: _Site) -> Callable:
         def hook(grad: torch.Tensor) -> None:
             g = grad.detach()
-            gsum = g.sum(dtype=torch.float64)
-            gsq = torch.linalg.vector_norm(g, 2, dtype=torch.float64).square()
-            if site.grad_sum is None:
-                site.grad_sum, site.grad_sumsq = gsum, gsq
-            else:  # the same output reached twice (rare): accumulate
-                site.grad_sum = site.grad_sum + gsum
-                site.grad_sumsq = site.grad_sumsq + gsq
-            site.grad_count += g.numel()
-            if not bool(torch.isfinite(gsq)):
+            n = g.numel()
+            mean, var = _moments(g)
+            m2 = var * n
+            if not math.isfinite(m2):
                 site.grad_nonfinite += int((~torch.isfinite(g)).sum())
+            if site.grad_mean is None:
+                site.grad_count, site.grad_mean, site.grad_m2 = n, mean, m2
+            else:  # the same output reached twice (rare): Chan et al.'s combination
+                total = site.grad_count + n
+                delta = mean - site.grad_mean
+                site.grad_m2 += m2 + delta * delta * site.grad_count * n / total
+                site.grad_mean += delta * n / total
+                site.grad_count = total
             if site.grad_order is None:
                 site.grad_order = self.grad_events
                 self.grad_events += 1
-
         return hook
+
+
+# One-pass E[x^2] - E[x]^2 in float32 loses relative accuracy ~ eps * mean^2 / var;
+# beyond this ratio the (slower) centered two-pass formula is used instead.
+_CANCELLATION_RATIO = 1e3
+
+
+def _moments(x: torch.Tensor) -> tuple[float, float]:
+    """Mean and population variance of every element of ``x``.
+
+    One pass of float32 reductions (cheap: no float64 copy of the activation), falling
+    back to the centered two-pass formula where the mean is so large against the spread
+    that the one-pass difference E[x^2] - E[x]^2 would cancel.
+    """
+    n = x.numel()
+    mean = float(x.sum()) / n
+    second = float(torch.linalg.vector_norm(x)) ** 2 / n
+    var = second - mean * mean
+    if mean * mean > _CANCELLATION_RATIO * var:
+        var = float((x - mean).square_().sum()) / n
+    return mean, var
+
+
+def _count_saturated(
+    x: torch.Tensor, spec: ActivationSpec, dims: tuple[int, ...], exact_f32: bool
+) -> torch.Tensor:
+    """Per-unit count of values with y <= sat_lo or y >= sat_hi, with one float temporary.
+
+    The region is written as d >= 0 (d = |y - centre| - half-width for two bounds), and
+    sign(d) + 1 clamped to 1 is 1 exactly where d >= 0, bounds included (hard variants
+    sit exactly on them).
+    """
+    lo, hi = spec.sat_lo, spec.sat_hi
+    if not exact_f32:
+        mask = (x >= hi) if hi is not None else torch.zeros_like(x, dtype=torch.bool)
+        if lo is not None:
+            mask |= x <= lo
+        return mask.sum(dim=dims)
+    if lo is not None and hi is not None:
+        d = (x - (lo + hi) / 2).abs_().sub_((hi - lo) / 2)
+    elif hi is not None:
+        d = x - hi
+    else:
+        d = lo - x
+    return d.sign_().add_(1).clamp_(max=1).sum(dim=dims)
 
 
 class _ActivationMode(TorchFunctionMode):
@@ -361,6 +410,10 @@ def module_owners(model: nn.Module) -> dict[str, tuple[str, str, str]]:
     return owners
 
 
+def _counts(arr: np.ndarray | None) -> np.ndarray | None:
+    return None if arr is None else np.nan_to_num(arr).astype(np.int64).reshape(-1)
+
+
 def _freeze(site: _Site, examples: int) -> SiteStats:
     def np_(t: torch.Tensor | None) -> np.ndarray | None:
         return None if t is None else t.detach().cpu().numpy()
@@ -376,15 +429,16 @@ def _freeze(site: _Site, examples: int) -> SiteStats:
         unit_dim=site.unit_dim,
         examples=examples,
         per_unit_count=site.per_unit_count,
-        unit_sum=np_(site.unit_sum).reshape(-1),
-        unit_sumsq=np_(site.unit_sumsq).reshape(-1),
+        units=site.units,
+        mean=site.mean,
+        var=site.var,
         nonfinite=site.nonfinite,
-        active_count=None if site.active is None else np_(site.active).reshape(-1),
-        saturated_count=None if site.saturated is None else np_(site.saturated).reshape(-1),
+        ever_active=None if site.active is None else np_(site.active).reshape(-1),
+        saturated_count=_counts(np_(site.saturated)),
         spec=site.spec,
         grad_count=site.grad_count,
-        grad_sum=None if site.grad_sum is None else float(site.grad_sum),
-        grad_sumsq=None if site.grad_sumsq is None else float(site.grad_sumsq),
+        grad_mean=site.grad_mean,
+        grad_m2=site.grad_m2,
         grad_nonfinite=site.grad_nonfinite,
         grad_order=site.grad_order,
     )
@@ -426,8 +480,14 @@ def run_pass(
     named = list(model.named_parameters())
     trainable = [(n, p) for n, p in named if p.requires_grad]
     notes: list[str] = []
-    with preserved_state(model, mode), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    device = next((p.device for p in _tensors_of(model)), torch.device("cpu"))
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with preserved_state(model, mode), torch.random.fork_rng(devices=cuda):
+        # seed exactly the generators fork_rng restores (torch.manual_seed would also
+        # reseed every other accelerator and leave the caller's state changed there)
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed(seed)
         try:
             if instrument:
                 for mname, module in model.named_modules():
@@ -514,6 +574,11 @@ def capture_weights(state: dict[str, torch.Tensor], owners_hint: dict[str, str])
             "(pkg.module:factory --weights FILE)"
         ),
     )
+
+
+def _tensors_of(model: nn.Module) -> Iterator[torch.Tensor]:
+    yield from model.parameters()
+    yield from model.buffers()
 
 
 def _first_line(exc: BaseException) -> str:

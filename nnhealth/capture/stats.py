@@ -33,8 +33,9 @@ class ActivationSpec:
 class SiteStats:
     """Statistics of one call of one layer or nonlinearity in the forward pass.
 
-    Per-unit arrays have one entry per unit (the channel dimension for convolutions,
-    the last dimension otherwise). ``per_unit_count`` values went into each unit.
+    A unit is the channel dimension for convolutions, the last dimension otherwise;
+    ``per_unit_count`` values went into each unit. Moments are over every element;
+    per-unit arrays (ever active, saturation counts) are kept for nonlinearities.
     """
 
     name: str
@@ -46,55 +47,41 @@ class SiteStats:
     shape: tuple[int, ...]
     unit_dim: int
     examples: int
+    units: int
     per_unit_count: int
-    unit_sum: np.ndarray
-    unit_sumsq: np.ndarray
+    mean: float  # over every element of the output
+    var: float  # population variance over every element
     nonfinite: int
-    active_count: np.ndarray | None = None
+    # per unit, for nonlinearity outputs only
+    ever_active: np.ndarray | None = None  # ReLU family: did the unit ever output > 0
     saturated_count: np.ndarray | None = None
     spec: ActivationSpec | None = None
     grad_count: int = 0
-    grad_sum: float | None = None
-    grad_sumsq: float | None = None
+    grad_mean: float | None = None
+    grad_m2: float | None = None
     grad_nonfinite: int = 0
     grad_order: int | None = None
-
-    @property
-    def units(self) -> int:
-        return int(self.unit_sum.shape[0])
 
     @property
     def total(self) -> int:
         return self.units * self.per_unit_count
 
     @property
-    def mean(self) -> float:
-        return float(self.unit_sum.sum() / self.total)
-
-    @property
-    def var(self) -> float:
-        """Population variance over every element of the output."""
-        n = self.total
-        mean = self.unit_sum.sum() / n
-        return float(max(self.unit_sumsq.sum() / n - mean * mean, 0.0))
-
-    @property
-    def unit_var(self) -> np.ndarray:
-        m = self.unit_sum / self.per_unit_count
-        return np.maximum(self.unit_sumsq / self.per_unit_count - m * m, 0.0)
+    def second_moment(self) -> float:
+        """E[y^2] over every element."""
+        return self.var + self.mean**2
 
     @property
     def grad_var(self) -> float | None:
-        if self.grad_sum is None or not self.grad_count:
+        if self.grad_m2 is None or not self.grad_count:
             return None
-        mean = self.grad_sum / self.grad_count
-        return float(max(self.grad_sumsq / self.grad_count - mean * mean, 0.0))
+        return float(self.grad_m2 / self.grad_count)
 
     @property
     def dead_units(self) -> int | None:
-        if self.active_count is None:
+        if self.ever_active is None:
             return None
-        return int((self.active_count == 0).sum())
+        return int((~self.ever_active).sum())
 
     def saturated_units(self, unit_fraction: float) -> int | None:
         """Units that sit in the saturated region for at least ``unit_fraction`` of values."""
@@ -113,15 +100,12 @@ class SiteStats:
         """Mean derivative of the nonlinearity, from its output moments (sigmoid, tanh)."""
         if self.spec is None or self.spec.derivative is None:
             return None
-        n = self.total
-        m1 = self.unit_sum.sum() / n
-        m2 = self.unit_sumsq.sum() / n
         if self.spec.derivative == "sigmoid":  # s' = s(1 - s)
-            return float(m1 - m2)
+            return self.mean - self.second_moment
         if self.spec.derivative == "tanh":  # t' = 1 - t^2
-            return float(1.0 - m2)
+            return 1.0 - self.second_moment
         if self.spec.derivative == "hard" and self.saturated_count is not None:
-            return float(1.0 - self.saturated_count.sum() / n)
+            return float(1.0 - self.saturated_count.sum() / self.total)
         return None
 
 
