@@ -31,13 +31,15 @@ def scan(
     loss: str = "auto",
     seed: int = 0,
     mode: str = "train",
+    lr: float | None = None,
     options: dict[str, dict[str, Any]] | None = None,
 ) -> Report:
     """Scan an in-memory ``model`` on ``batch`` (a tensor, ``(inputs, targets)`` or a dict).
 
     The model is left exactly as it was found: train/eval mode, ``requires_grad``,
     ``.grad``, buffers (BatchNorm statistics) and hooks. ``loss_fn(output, targets)``
-    overrides the automatic loss choice. ``options`` overrides check thresholds, e.g.
+    overrides the automatic loss choice; ``lr`` is the learning rate the norm-ratio
+    check judges each layer's relative update with. ``options`` overrides check thresholds, e.g.
     ``{"dead-relu": {"warn_fraction": 0.2}}``. Raises ``NnhealthError`` on bad input.
     """
     from nnhealth import runner
@@ -47,5 +49,5 @@ def scan(
     loaded = LoadedModel(model=model, format="in-memory module", source=type(model).__name__,
                          loss_fn=loss_fn)
     opts = runner.ScanOptions(select=select, ignore=ignore, loss=loss, seed=seed, mode=mode,
-                              check_options=dict(options or {}))
+                              lr=lr, check_options=dict(options or {}))
     return runner.run(loaded, interpret(batch, "batch"), opts)

@@ -140,6 +140,8 @@ def scan(
     data: Annotated[str | None, typer.Option("--data", help="Batch file: .pt (tensor, (inputs, targets) or dict), .npz or .npy.")] = None,
     input_shape: Annotated[str | None, typer.Option("--input-shape", help="Synthetic unit-Gaussian batch of this shape, e.g. 64x3x32x32.")] = None,
     weights: Annotated[str | None, typer.Option("--weights", help="state_dict / Lightning .ckpt / safetensors to load into an entry point's model.")] = None,
+    arch: Annotated[str | None, typer.Option("--arch", help="Entry point pkg.module:factory building the architecture for a state_dict MODEL.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate: judges each layer's relative update (NH301).")] = None,
     loss: Annotated[LossChoice, typer.Option("--loss", help="Loss: auto picks cross-entropy for class targets, MSE for float targets.")] = LossChoice.auto,
     mode: Annotated[ModeChoice, typer.Option("--mode", help="Run the pass in train mode (dropout, batch statistics) or eval mode.")] = ModeChoice.train,
     select: Annotated[list[str] | None, typer.Option("--select", help="Checks to run: codes, code prefixes or names, comma-separated.")] = None,
@@ -160,6 +162,10 @@ def scan(
         raise UsageError("give either --data or --input-shape, not both")
     if seed < 0:
         raise UsageError(f"--seed {seed}: must be a non-negative integer")
+    if lr is not None and not (lr > 0 and lr != float("inf")):
+        raise UsageError(f"--lr {lr}: must be a positive, finite number")
+    if arch and weights:
+        raise UsageError("give either --arch (MODEL is the weights) or --weights, not both")
     if output is not None and (_same_file(output, model) or _same_file(output, data) or _same_file(output, weights)):
         raise UsageError(f"-o {output}: refusing to overwrite the model or data file")
     if output is not None and output.is_dir():
@@ -176,7 +182,7 @@ def scan(
 
         shape = parse_shape(input_shape) if input_shape else None
         status.update("loading the model")
-        loaded = load_model(model, trust=trust, weights=weights)
+        loaded = load_model(arch, weights=model) if arch else load_model(model, trust=trust, weights=weights)
         batch = None
         if data:
             status.update("loading the batch")
@@ -192,6 +198,7 @@ def scan(
             seed=seed,
             mode=mode.value,
             device=device.value if device else None,
+            lr=lr,
         )
         report = runner.run(loaded, batch, opts, progress=status.update)
 

@@ -14,6 +14,8 @@ from nnhealth import __version__
 from nnhealth.analyzers import REGISTRY, select_checks
 from nnhealth.analyzers.base import Check
 from nnhealth.analyzers.saturation import Saturation
+from nnhealth.analyzers.symmetry import Symmetry
+from nnhealth.capture import weights as weight_stats
 from nnhealth.capture.instrument import capture_weights, run_pass
 from nnhealth.capture.stats import Capture
 from nnhealth.errors import UsageError
@@ -33,6 +35,7 @@ class ScanOptions:
     seed: int = 0
     mode: str = "train"
     device: str | None = None
+    lr: float | None = None
     check_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -48,6 +51,8 @@ def _resolve_checks(opts: ScanOptions) -> list[tuple[type[Check], dict[str, Any]
     out = []
     for check in checks:
         overrides = {**opts.check_options.get(check.code, {}), **opts.check_options.get(check.name, {})}
+        if opts.lr is not None and "lr" in check.defaults():
+            overrides.setdefault("lr", opts.lr)
         try:
             out.append((check, check.resolve_options(overrides)))
         except ValueError as exc:
@@ -70,7 +75,9 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def analyze(
     capture: Capture, checks: list[tuple[type[Check], dict[str, Any]]]
-) -> tuple[list[Finding], list[AnalyzerError], list[Skipped]]:
+) -> tuple[list[Finding], list[AnalyzerError], list[Skipped], dict[str, dict[str, Any]]]:
+    """Run each check; returns findings, analyzer errors, skipped checks and the
+    per-layer metrics the checks contributed (keyed by module name)."""
     available = {"weights"}
     if capture.has_activations:
         available.add("activations")
@@ -79,6 +86,7 @@ def analyze(
     findings: list[Finding] = []
     errors: list[AnalyzerError] = []
     skipped: list[Skipped] = []
+    metrics: dict[str, dict[str, Any]] = {}
     for check, options in checks:
         missing = check.needs - available
         if missing:
@@ -86,14 +94,20 @@ def analyze(
             skipped.append(Skipped(check.code, check.name, reason))
             continue
         try:
-            findings.extend(check().run(capture, options))
+            instance = check()
+            findings.extend(instance.run(capture, options))
+            for module, values in instance.metrics(capture, options).items():
+                metrics.setdefault(module, {}).update(values)
         except Exception as exc:  # one broken check must not hide the others
             errors.append(AnalyzerError(check.name, f"{type(exc).__name__}: {exc}"))
-    return findings, errors, skipped
+    return findings, errors, skipped, metrics
 
 
-def layer_rows(capture: Capture, unit_fraction: float) -> list[dict[str, Any]]:
-    """One row per layer/nonlinearity call in forward order, then parameter-only modules."""
+def layer_rows(
+    capture: Capture, unit_fraction: float, metrics: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One row per layer/nonlinearity call in forward order, then parameter-only modules;
+    each module's first row carries its parameters' numbers and the checks' metrics."""
     by_module: dict[str, list] = {}
     for p in capture.params:
         by_module.setdefault(p.module, []).append(p)
@@ -124,12 +138,13 @@ def layer_rows(capture: Capture, unit_fraction: float) -> list[dict[str, Any]]:
         if s.role != "activation" and s.module not in covered and s.module in by_module:
             covered.add(s.module)
             row.update(_param_summary(by_module[s.module]))
+            row.update(metrics.get(s.module, {}))
         rows.append(row)
     for module, params in by_module.items():
         if module in covered:
             continue
         rows.append({"name": module or "(root)", "kind": params[0].kind, "role": "params",
-                     **_param_summary(params)})
+                     "module": module, **_param_summary(params), **metrics.get(module, {})})
     return rows
 
 
@@ -158,6 +173,8 @@ def run(
     # the plan: what the selected checks need or can use; nothing more is captured
     needs = set().union(*(c.needs | c.uses for c, _ in checks)) if checks else set()
     sat_opts = next((o for c, o in checks if c is Saturation), Saturation.defaults())
+    sym_opts = next((o for c, o in checks if c is Symmetry), None)
+    rtol = None if sym_opts is None else sym_opts["rtol"]
     notes: list[str] = list(loaded.notes)
     model = loaded.model
     run_info: dict[str, Any] = {
@@ -169,14 +186,21 @@ def run(
         "mode": None,
         "device": None,
         "seed": opts.seed,
+        "lr": opts.lr,
         "torch": torch.__version__,
     }
     if model is None or not (needs - {"weights"}):
         source = loaded.state if model is None else dict(model.named_parameters())
         kinds = {} if model is None else {n: type(m).__name__ for n, m in model.named_modules()}
         capture = capture_weights(source, kinds)
-        if model is not None:
-            capture = replace(capture, missing_reason="only weight checks were selected")
+        if model is None:
+            capture = replace(capture, weights=weight_stats.from_state_dict(source, rtol))
+        else:
+            capture = replace(
+                capture,
+                missing_reason="only weight checks were selected",
+                weights=weight_stats.from_model(model, (), rtol),
+            )
         run_info["params"] = sum(p.numel for p in capture.params)
     else:
         if batch is None:
@@ -203,7 +227,9 @@ def run(
             activations="activations" in needs,
             gradients="gradients" in needs,
             saturation_derivative=sat_opts["derivative_fraction"],
+            fingerprints=sym_opts is not None,
         )
+        capture = replace(capture, weights=weight_stats.from_model(model, capture.sites, rtol))
         notes += resolver.notes + list(capture.notes)
         run_info.update(
             batch={**prepared.describe(), "examples": prepared.examples},
@@ -217,14 +243,14 @@ def run(
         )
     if progress:
         progress("analyzing")
-    findings, errors, skipped = analyze(capture, checks)
+    findings, errors, skipped, metrics = analyze(capture, checks)
     run_info["seconds"] = round(time.perf_counter() - started, 3)
     run_info["checks"] = [c.code for c, _ in checks]
     order = {c.code: i for i, (c, _) in enumerate(checks)}
     findings.sort(key=lambda f: (-f.severity, order[f.code]))
     return Report(
         run=run_info,
-        layers=tuple(layer_rows(capture, sat_opts["unit_fraction"])),
+        layers=tuple(layer_rows(capture, sat_opts["unit_fraction"], metrics)),
         findings=tuple(findings),
         errors=tuple(errors),
         skipped=tuple(skipped),

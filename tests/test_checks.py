@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import nnhealth
 from nnhealth.analyzers import REGISTRY, lookup, select_checks
 from nnhealth.analyzers.base import REQUIRED_SECTIONS, Check
-from nnhealth.capture.instrument import run_pass
 from nnhealth.findings import Severity
-from nnhealth.runner import analyze
 
 N = 128  # examples per batch
 
@@ -80,6 +79,64 @@ def overflowing() -> nn.Module:
     return model
 
 
+def duplicated_units(count: int) -> nn.Module:
+    """He MLP whose hidden layer 2 has ``count`` copies of unit 0 (net2net-style widening)."""
+    model = stack(128, 3, nn.ReLU, he)
+    with torch.no_grad():
+        model[2].weight[1 : count + 1] = model[2].weight[0]
+        model[2].bias[1 : count + 1] = model[2].bias[0]
+    return model
+
+
+def upstream_symmetry() -> nn.Module:
+    """Units 0 and 1 of layer 2 differ only on weights from dead units of layer 1: their
+    outputs are identical over any batch, though their weight rows are not."""
+    model = stack(128, 3, nn.ReLU, he)
+    with torch.no_grad():
+        model[0].bias[:8] = -100.0  # units 0..7 of layer 1 are dead
+        model[2].weight[1] = model[2].weight[0]
+        model[2].bias[1] = model[2].bias[0]
+        model[2].weight[1, :8] += 1.0  # differ only where the input is always 0
+    return model
+
+
+def bn_scaled_layer(scale: float) -> nn.Module:
+    """Linear-BN-ReLU x3 with one layer's weights scaled: BN makes the output scale-free,
+    so that layer's gradient shrinks by the scale while its norm grows by it."""
+    model = stack(128, 3, nn.ReLU, he, nn.BatchNorm1d)
+    with torch.no_grad():
+        model[3].weight.mul_(scale)
+    return model
+
+
+def xavier_exact(n: int) -> float:
+    return math.sqrt(2 / (n + n))
+
+
+def zero_head() -> nn.Module:
+    model = stack(128, 2, nn.ReLU, he)
+    with torch.no_grad():
+        model[-1].weight.zero_()
+        model[-1].bias.zero_()
+    return model
+
+
+def frozen_constant() -> nn.Module:
+    model = stack(128, 2, nn.ReLU, he)
+    with torch.no_grad():
+        model[2].weight.fill_(0.01)
+    model[2].weight.requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    return model
+
+
+def one_layer_scaled(factor: float) -> nn.Module:
+    model = stack(128, 2, nn.ReLU, he)
+    with torch.no_grad():
+        model[2].weight.mul_(factor)  # Var x100
+    return model
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -126,19 +183,39 @@ CASES = [
     Case("tanh-w-randn-exploding", "NH202", lambda: stack(128, 5, nn.Tanh, lambda n: 1.0), Severity.WARNING, None),
     Case("tanh-w-randn-deeper", "NH202", lambda: stack(128, 8, nn.Tanh, lambda n: 1.0), Severity.ERROR, None),
     Case("tiny-init-batchnorm", "NH202", lambda: stack(128, 6, nn.Tanh, lambda n: 0.01, nn.BatchNorm1d), None),
+    # NH301 norm-ratio
+    Case("healthy-he-relu", "NH301", lambda: stack(128, 4, nn.ReLU, he), None),
+    Case("bn-layer-scaled-100x", "NH301", lambda: bn_scaled_layer(100.0), Severity.WARNING, None),
+    Case("bn-layer-scaled-3x", "NH301", lambda: bn_scaled_layer(3.0), None),
+    # NH501 symmetry
+    Case("healthy-he-relu", "NH501", lambda: stack(128, 4, nn.ReLU, he), None),
+    Case("zero-init", "NH501", lambda: stack(64, 3, nn.ReLU, lambda n: 0.0), Severity.ERROR, "0", width=64),
+    Case("constant-init", "NH501", lambda: stack(64, 3, nn.Tanh, lambda n: 0.0, seed=1), Severity.ERROR, "2", width=64),
+    Case("three-copied-units", "NH501", lambda: duplicated_units(3), Severity.WARNING, "2"),
+    Case("symmetry-created-upstream", "NH501", upstream_symmetry, Severity.WARNING, "3"),
+    Case("zero-output-layer-only", "NH501", lambda: zero_head(), None),
+    Case("frozen-constant-layer", "NH501", lambda: frozen_constant(), None),
+    # NH601 init-scale
+    Case("healthy-he-relu", "NH601", lambda: stack(128, 8, nn.ReLU, he), None),
+    Case("xavier-tanh", "NH601", lambda: stack(128, 8, nn.Tanh, xavier_exact), None),
+    Case("default-init-deep-relu", "NH601", lambda: stack(128, 6, nn.ReLU, None), Severity.ERROR, "0"),
+    Case("default-init-4-relu", "NH601", lambda: stack(128, 4, nn.ReLU, None), Severity.WARNING, "0"),
+    Case("default-init-shallow-relu", "NH601", lambda: stack(128, 1, nn.ReLU, None), None),
+    Case("xavier-scale-deep-relu", "NH601", lambda: stack(128, 8, nn.ReLU, xavier), Severity.WARNING, "0"),
+    Case("tanh-0.01", "NH601", lambda: stack(128, 5, nn.Tanh, lambda n: 0.01), Severity.ERROR, "0"),
+    Case("tiny-init-batchnorm", "NH601", lambda: stack(128, 6, nn.Tanh, lambda n: 0.01, nn.BatchNorm1d), None),
+    Case("one-layer-100x", "NH601", lambda: one_layer_scaled(10.0), Severity.WARNING, "2"),
 ]
 
 
-def scan_case(case: Case):
+def scan_case(case: Case, **kwargs):
     model = case.build()
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(case.examples, case.width, generator=gen)
     y = torch.randint(0, 10 if case.width != 16 else 4, (case.examples,), generator=gen)
-    cap = run_pass(model, x, lambda out: F.cross_entropy(out, y), examples=case.examples)
-    check = lookup(case.code)
-    findings, errors, skipped = analyze(cap, [(check, check.defaults())])
-    assert not errors and not skipped
-    return findings
+    report = nnhealth.scan(model, (x, y), select=[case.code], **kwargs)
+    assert not report.errors and not report.skipped
+    return list(report.findings)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.code}-{c.id}" for c in CASES])
@@ -190,6 +267,9 @@ def test_codes_and_names_unique_and_stable() -> None:
         "NH102": "saturation",
         "NH201": "activation-variance",
         "NH202": "gradient-variance",
+        "NH301": "norm-ratio",
+        "NH501": "symmetry",
+        "NH601": "init-scale",
     }
 
 
@@ -199,7 +279,7 @@ def test_docstring_sections_and_options(check: type[Check]) -> None:
     for section in REQUIRED_SECTIONS:
         assert f"{section}:" in doc
     for opt in check.options:
-        assert opt.doc and isinstance(opt.default, (int, float))
+        assert opt.doc and (opt.default is None or isinstance(opt.default, (int, float)))
 
 
 def test_check_without_docs_is_refused() -> None:
@@ -213,7 +293,8 @@ def test_check_without_docs_is_refused() -> None:
 
 def test_selection_by_code_prefix_and_name() -> None:
     assert [c.code for c in select_checks(["NH1"], None)] == ["NH101", "NH102"]
-    assert [c.code for c in select_checks(None, ["NH2", "nonfinite"])] == ["NH101", "NH102"]
+    assert [c.code for c in select_checks(None, ["NH2", "nonfinite", "NH3", "NH5"])] == [
+        "NH101", "NH102", "NH601"]
     assert [c.code for c in select_checks(["dead-relu", "NH001"], None)] == ["NH001", "NH101"]
     with pytest.raises(ValueError, match="unknown check 'NH9'"):
         select_checks(["NH9"], None)

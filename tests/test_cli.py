@@ -59,10 +59,10 @@ def test_sick_model_exits_1_with_json_contract(cli, sample) -> None:
     assert res.code == 1 and res.err == ""
     report = strict_json(res.out)
     assert_schema(report)
-    assert {f["code"] for f in report["findings"]} == {"NH201", "NH202"}
+    assert {f["code"] for f in report["findings"]} == {"NH201", "NH202", "NH601"}
     assert report["run"]["model_format"] == "torch.save module (torch.nn classes, allowlisted)"
     assert report["run"]["batch"]["shape"] == [256, 500]
-    assert report["summary"]["error"] == 2 and not report["summary"]["healthy"]
+    assert report["summary"]["error"] == 3 and not report["summary"]["healthy"]
 
 
 def test_healthy_model_exits_0(cli, sample) -> None:
@@ -91,7 +91,7 @@ def test_exit_zero_never_hides_a_tool_error(cli, tmp_path: Path) -> None:
 def test_select_and_ignore(cli, sample) -> None:
     model, data = sample("tanh_vanishing")
     assert cli("scan", model, "--data", data, "--select", "NH101,NH102").code == 0
-    assert cli("scan", model, "--data", data, "--ignore", "NH2").code == 0
+    assert cli("scan", model, "--data", data, "--ignore", "NH2,init-scale").code == 0
     res = cli("scan", model, "--data", data, "--select", "activation-variance", "--format", "json")
     assert [f["code"] for f in strict_json(res.out)["findings"]] == ["NH201"]
     # the plan: a selection that needs no gradients runs no backward pass

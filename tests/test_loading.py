@@ -131,8 +131,8 @@ def test_bare_weights_run_weight_checks_and_skip_the_rest(cli, tmp_path: Path, k
     assert codes == ["NH001"]
     assert "0.weight" in report["findings"][0]["message"]
     skipped = {s["code"]: s["reason"] for s in report["skipped"]}
-    assert set(skipped) == {"NH101", "NH102", "NH201", "NH202"}
-    assert all("entry point" in r for r in skipped.values())
+    assert set(skipped) == {"NH101", "NH102", "NH201", "NH202", "NH301"}
+    assert all("--arch" in r for r in skipped.values())
     assert report["run"]["batch"] is None
 
 
@@ -145,6 +145,7 @@ def test_torchscript_gives_weights_and_gradients_only(cli, tmp_path: Path) -> No
     assert report["run"]["model_format"] == "TorchScript"
     assert {s["code"] for s in report["skipped"]} == {"NH101", "NH102", "NH201", "NH202"}
     assert "TorchScript" in report["skipped"][0]["reason"]
+    assert any(row.get("trust_ratio") for row in report["layers"])  # NH301 ran: it has gradients
     grads = [row["weight_grad_norm"] for row in report["layers"]]
     assert grads and all(g is not None and g > 0 for g in grads)
 

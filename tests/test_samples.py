@@ -13,11 +13,16 @@ EXPECTED = {
     # name: {code: (severity, layer or None)} -- every finding the scan must report
     "healthy_relu_mlp": {},
     "cnn_bn": {},
-    "tanh_vanishing": {"NH201": ("error", None), "NH202": ("error", None)},
-    "tanh_saturated": {"NH102": ("error", "1"), "NH202": ("error", None)},
-    "sigmoid_large": {"NH102": ("error", "1")},
+    "tanh_vanishing": {"NH201": ("error", None), "NH202": ("error", None), "NH601": ("error", "0")},
+    "tanh_saturated": {
+        "NH102": ("error", "1"), "NH202": ("error", None), "NH601": ("error", "0"),
+    },
+    "sigmoid_large": {"NH102": ("error", "1"), "NH601": ("error", "0")},
     "relu_dead_bias": {"NH101": ("error", "3")},
-    "zero_init_mlp": {"NH101": ("error", "1"), "NH201": ("error", None), "NH202": ("error", None)},
+    "zero_init_mlp": {
+        "NH101": ("error", "1"), "NH201": ("error", None), "NH202": ("error", None),
+        "NH501": ("error", "0"), "NH601": ("error", "0"),
+    },
     "nan_weight": {"NH001": ("error", "2")},
 }
 

@@ -6,8 +6,11 @@ from nnhealth.analyzers.activation_variance import ActivationVariance
 from nnhealth.analyzers.base import Check, Option
 from nnhealth.analyzers.dead_relu import DeadRelu
 from nnhealth.analyzers.gradient_variance import GradientVariance
+from nnhealth.analyzers.init_scale import InitScale
 from nnhealth.analyzers.nonfinite import Nonfinite
+from nnhealth.analyzers.norm_ratio import NormRatio
 from nnhealth.analyzers.saturation import Saturation
+from nnhealth.analyzers.symmetry import Symmetry
 
 REGISTRY: tuple[type[Check], ...] = (
     Nonfinite,
@@ -15,6 +18,9 @@ REGISTRY: tuple[type[Check], ...] = (
     Saturation,
     ActivationVariance,
     GradientVariance,
+    NormRatio,
+    Symmetry,
+    InitScale,
 )
 
 __all__ = ["REGISTRY", "Check", "Option", "lookup", "select_checks"]

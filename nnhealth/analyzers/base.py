@@ -26,7 +26,7 @@ class Option:
     """A named threshold: its default and the reason for that default."""
 
     name: str
-    default: float | int
+    default: float | int | None  # None: unset unless the scan supplies it (e.g. --lr)
     doc: str
 
 
@@ -67,6 +67,8 @@ class Check:
             if key not in opts:
                 known = ", ".join(opts) or "none"
                 raise ValueError(f"{cls.name}: unknown option {key!r} (known: {known})")
+            if value is None and opts[key] is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{cls.name}.{key}: expected a number, got {value!r}")
             opts[key] = value
@@ -74,6 +76,10 @@ class Check:
 
     def run(self, capture: Capture, options: dict[str, Any]) -> list[Finding]:
         raise NotImplementedError
+
+    def metrics(self, capture: Capture, options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Per-layer numbers for the report's layer table, keyed by module name."""
+        return {}
 
     def finding(
         self,

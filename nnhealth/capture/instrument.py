@@ -108,6 +108,7 @@ class _Site:
     nonfinite: int = 0
     active: torch.Tensor | None = None
     saturated: torch.Tensor | None = None
+    fingerprint: torch.Tensor | None = None
     grad_count: int = 0
     grad_mean: float | None = None
     grad_m2: float | None = None
@@ -123,10 +124,15 @@ class _Frame:
 
 
 class _Recorder:
-    def __init__(self, model: nn.Module, table: dict, keep_grads: bool) -> None:
+    def __init__(
+        self, model: nn.Module, table: dict, keep_grads: bool, fingerprints: bool, seed: int
+    ) -> None:
         self.model = model
         self.table = table
         self.keep_grads = keep_grads
+        self.fingerprints = fingerprints
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
         self.stack: list[_Frame] = []
         self.sites: list[_Site] = []
         self.calls: Counter[str] = Counter()
@@ -230,10 +236,18 @@ class _Recorder:
                     nonfinite=nonfinite,
                 )
                 exact_f32 = site.per_unit_count < 2**24  # float32 counts are exact below
+                umax = None
                 if spec is not None and spec.can_die:
                     # a unit was ever active iff its largest output is > 0 (ReLU family
                     # outputs are >= 0); a max-reduction, no mask, no temporary
-                    site.active = x.amax(dim=dims) > 0
+                    umax = x.amax(dim=dims)
+                    site.active = umax > 0
+                if self.fingerprints and role == ACTIVATION:
+                    umax = x.amax(dim=dims) if umax is None else umax
+                    proj = _unit_projection(x, unit_dim, self._generator(x.device))
+                    site.fingerprint = torch.cat(
+                        [proj, x.amin(dim=dims)[:, None], umax[:, None]], dim=1
+                    )
                 if spec is not None and (spec.sat_lo is not None or spec.sat_hi is not None):
                     site.saturated = _count_saturated(x, spec, dims, exact_f32)
             self.sites.append(site)
@@ -241,6 +255,11 @@ class _Recorder:
                 out.register_hook(self._grad_hook(site))
         finally:
             self.busy = False
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
 
     def _grad_hook(self, site: _Site) -> Callable:
         def hook(grad: torch.Tensor) -> None:
@@ -283,6 +302,24 @@ def _moments(x: torch.Tensor) -> tuple[float, float]:
     if mean * mean > _CANCELLATION_RATIO * var:
         var = float((x - mean).square_().sum()) / n
     return mean, var
+
+
+def _unit_projection(x: torch.Tensor, unit_dim: int, gen: torch.Generator) -> torch.Tensor:
+    """Each unit's outputs over the batch (and positions) projected on two random
+    zero-sum vectors, by matrix products (no temporary the size of ``x``): (units, 2).
+
+    Zero-sum vectors cancel a unit's constant part, so units that differ only slightly
+    around a large common value (saturated ones) still get clearly different projections;
+    identical units get identical ones.
+    """
+    if unit_dim == x.ndim - 1:
+        flat = x.reshape(-1, x.shape[-1])  # (values per unit, units)
+        r = torch.randn(flat.shape[0], 2, generator=gen, device=x.device, dtype=x.dtype)
+        return flat.T @ (r - r.mean(dim=0))
+    flat = x.reshape(x.shape[0], x.shape[1], -1)  # (N, C, positions), unit_dim == 1
+    r = torch.randn(x.shape[0], flat.shape[2], 2, generator=gen, device=x.device, dtype=x.dtype)
+    r -= r.mean(dim=(0, 1), keepdim=True)
+    return torch.bmm(flat, r).sum(dim=0)
 
 
 def _count_saturated(
@@ -434,6 +471,7 @@ def _freeze(site: _Site, examples: int) -> SiteStats:
         var=site.var,
         nonfinite=site.nonfinite,
         ever_active=None if site.active is None else np_(site.active).reshape(-1),
+        unit_fingerprint=None if site.fingerprint is None else np_(site.fingerprint).astype(np.float64),
         saturated_count=_counts(np_(site.saturated)),
         spec=site.spec,
         grad_count=site.grad_count,
@@ -466,16 +504,20 @@ def run_pass(
     activations: bool = True,
     gradients: bool = True,
     saturation_derivative: float = 0.05,
+    fingerprints: bool = False,
 ) -> Capture:
     """One forward (+ backward) of ``model`` on ``inputs``; returns frozen statistics.
 
     ``make_loss(output)`` turns the model's output into a scalar loss. ``activations``
-    False runs without hooks (TorchScript). Raises ``CaptureError`` naming the
+    False runs without hooks (TorchScript). ``fingerprints`` adds a per-unit fingerprint
+    of each nonlinearity's outputs (for the symmetry check). Raises ``CaptureError`` naming the
     innermost module that was running when the model raised.
     """
     scripted = isinstance(model, torch.jit.ScriptModule)
     instrument = activations and not scripted
-    recorder = _Recorder(model, build_table(saturation_derivative), keep_grads=gradients)
+    recorder = _Recorder(
+        model, build_table(saturation_derivative), gradients, fingerprints and instrument, seed
+    )
     handles = []
     named = list(model.named_parameters())
     trainable = [(n, p) for n, p in named if p.requires_grad]
@@ -570,8 +612,8 @@ def capture_weights(state: dict[str, torch.Tensor], owners_hint: dict[str, str])
         mode=None,
         examples=None,
         missing_reason=(
-            "bare state_dict: there is no architecture to run; give one with an entry point "
-            "(pkg.module:factory --weights FILE)"
+            "bare state_dict: there is no architecture to run; give one with --arch "
+            "pkg.module:factory (or scan the entry point with --weights FILE)"
         ),
     )
 

@@ -55,6 +55,9 @@ class SiteStats:
     # per unit, for nonlinearity outputs only
     ever_active: np.ndarray | None = None  # ReLU family: did the unit ever output > 0
     saturated_count: np.ndarray | None = None
+    # per unit: (two random zero-sum projections of its outputs over the batch, min, max);
+    # units with equal fingerprints computed the same function of this batch
+    unit_fingerprint: np.ndarray | None = None
     spec: ActivationSpec | None = None
     grad_count: int = 0
     grad_mean: float | None = None
@@ -130,6 +133,45 @@ class ParamStats:
 
 
 @dataclass(frozen=True)
+class WeightStats:
+    """One layer's weight matrix (Linear rows, Conv filters): scale and duplicate units.
+
+    ``groups`` holds the units (rows, with their bias) that are identical within the
+    symmetry tolerance, as index lists of size >= 2. ``followed_by`` is what the layer's
+    output goes through next: a nonlinearity kind ("relu", "tanh"...), "norm" (a
+    normalization layer), "none" (another layer or the output), or None (unknown).
+    """
+
+    module: str
+    param: str
+    kind: str
+    shape: tuple[int, ...]
+    fan_in: int
+    fan_out: int
+    mean: float
+    var: float
+    trainable: bool
+    order: int
+    followed_by: str | None
+    is_output: bool
+    groups: tuple[tuple[int, ...], ...] = ()
+    groups_exact: bool = True
+
+    @property
+    def units(self) -> int:
+        return self.shape[0]
+
+    @property
+    def duplicated(self) -> int:
+        """Units that duplicate another: the width lost to symmetry."""
+        return sum(len(g) - 1 for g in self.groups)
+
+    @property
+    def effective_width(self) -> int:
+        return self.units - self.duplicated
+
+
+@dataclass(frozen=True)
 class Capture:
     """What the one instrumented pass saw."""
 
@@ -143,6 +185,8 @@ class Capture:
     notes: tuple[str, ...] = field(default_factory=tuple)
     # why activations/gradients are missing, for the "skipped" entries
     missing_reason: str | None = None
+    # per weight matrix, in depth order (filled after the pass, or from a state_dict)
+    weights: tuple[WeightStats, ...] = ()
 
     def activation_sites(self) -> list[SiteStats]:
         return [s for s in self.sites if s.role == ACTIVATION]

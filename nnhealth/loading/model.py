@@ -324,6 +324,8 @@ def is_entry_point(spec: str) -> bool:
 def load_model(spec: str, *, trust: bool = False, weights: str | None = None) -> LoadedModel:
     """Resolve MODEL as described in the module docstring. Raises LoadError/UsageError."""
     if is_entry_point(spec):
+        if weights and not Path(weights).exists() and is_entry_point(weights):
+            raise UsageError(f"--arch {spec}: MODEL {weights} must be a weights file")
         result, _ = _entry_point(spec)
         loaded = _from_factory_result(result, spec)
         if weights:

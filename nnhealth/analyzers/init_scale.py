@@ -1,0 +1,192 @@
+"""NH601 init-scale."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from nnhealth.analyzers._advice import RELU_FAMILY, init_fix
+from nnhealth.analyzers.base import Check, Option
+from nnhealth.capture.stats import Capture, WeightStats
+from nnhealth.findings import Finding, Severity
+
+XAVIER_FAMILY = {"tanh", "sigmoid", "hardtanh", "hardsigmoid"}
+
+
+def target(w: WeightStats) -> tuple[str, float | None, float | None]:
+    """(rule, low, high): the variance the layer's init should have, as a range.
+
+    A single rule gives low == high; an unknown nonlinearity gives the LeCun..He range.
+    """
+    nl = w.followed_by
+    if nl == "norm":
+        return "not judged: followed by a normalization layer, which absorbs the scale", None, None
+    if nl is None:
+        return "LeCun..He (nonlinearity unknown)", 1.0 / w.fan_in, 2.0 / w.fan_in
+    if nl in RELU_FAMILY:
+        return f"He 2/fan_in ({nl})", 2.0 / w.fan_in, 2.0 / w.fan_in
+    if nl in XAVIER_FAMILY:
+        v = 2.0 / (w.fan_in + w.fan_out)
+        return f"Xavier 2/(fan_in+fan_out) ({nl})", v, v
+    label = "linear" if nl == "none" else nl
+    return f"LeCun 1/fan_in ({label})", 1.0 / w.fan_in, 1.0 / w.fan_in
+
+
+def ratio(w: WeightStats) -> float | None:
+    """Var(w) over the target (1 inside an unknown-nonlinearity range); None: not judged."""
+    _, lo, hi = target(w)
+    if lo is None:
+        return None
+    if w.var < lo:
+        return w.var / lo
+    if w.var > hi:
+        return w.var / hi
+    return 1.0
+
+
+class InitScale(Check):
+    """Weight variance far from the He/Xavier/LeCun target for the layer's fans and
+    nonlinearity.
+
+    What it detects:
+        For each Linear/Conv layer, Var(w) against the variance-preserving target for its
+        fan-in/fan-out and the nonlinearity its output goes through (as the pass saw it):
+        He 2/fan_in for the ReLU family, Xavier 2/(fan_in+fan_out) for tanh/sigmoid,
+        LeCun 1/fan_in for linear outputs and SELU. From a bare state_dict the
+        nonlinearity is unknown: the layer is judged against the LeCun..He range, and
+        the report says so. Consecutive layers multiply their deviation: the expected
+        change of the signal's variance through a stack is the product of the per-layer
+        ratios ([n Var(w)]^depth for equal layers). A layer followed by BatchNorm/
+        LayerNorm is not judged (the norm layer absorbs the scale) and ends a stack.
+
+    Why it matters:
+        Var(s) = fan_in * Var(w) * Var(x) per layer, so a ratio r away from the target
+        scales the signal by about r per layer, forward and backward: r^depth through a
+        stack. PyTorch's default nn.Linear init has Var(w) = 1/(3 fan_in), a sixth of
+        He's: harmless in two layers (x0.03), a 1e-4 shrink through five ReLU layers.
+
+    Example:
+        A 10-layer ReLU MLP with Xavier-scale weights (Var = 1/fan_in, half of He):
+        "10 layers at x0.5 of the He target: expected variance change x0.001 through
+        depth".
+
+    How to fix:
+        Re-initialize with the rule for the nonlinearity (kaiming_normal_ for ReLU,
+        xavier_normal_ with the tanh/sigmoid gain, LeCun for linear/SELU), or put a
+        normalization layer after each layer.
+    """
+
+    code = "NH601"
+    name = "init-scale"
+    summary = "weight variance far from the He/Xavier/LeCun target for the layer"
+    needs = frozenset({"weights"})
+    uses = frozenset({"activations"})
+    options = (
+        Option(
+            "warn_ratio",
+            100.0,
+            "a 100x expected change through a stack is what default init does to 5 ReLU layers",
+        ),
+        Option("error_ratio", 1e4, "at 1e4x the far layers get almost no signal (or overflow)"),
+        Option(
+            "layer_ratio",
+            10.0,
+            "one layer 10x off its target distorts the signal even in a shallow network",
+        ),
+    )
+
+    def _stacks(self, capture: Capture) -> list[list[WeightStats]]:
+        """Runs of judged layers in depth order, ended by a normalization layer."""
+        stacks: list[list[WeightStats]] = [[]]
+        for w in sorted(capture.weights, key=lambda w: w.order):
+            r = ratio(w)
+            if r is None:  # followed by a norm layer: it absorbs this layer's scale
+                stacks.append([])
+                continue
+            stacks[-1].append(w)
+        return [s for s in stacks if s]
+
+    def run(self, capture: Capture, options: dict) -> list[Finding]:
+        out = []
+        for stack in self._stacks(capture):
+            total = math.prod(ratio(w) for w in stack)
+            flagged = total <= 1 / options["warn_ratio"] or total >= options["warn_ratio"]
+            if flagged and len(stack) > 1:
+                out.append(self._stack_finding(stack, total, options))
+                continue
+            for w in stack:
+                r = ratio(w)
+                if r <= 1 / options["layer_ratio"] or r >= options["layer_ratio"]:
+                    out.append(self._layer_finding(w, r, options))
+        return out
+
+    def _stack_finding(self, stack: list[WeightStats], total: float, options: dict) -> Finding:
+        ratios = [ratio(w) for w in stack]
+        geo = 0.0 if 0 in ratios else math.exp(sum(map(math.log, ratios)) / len(ratios))
+        worst = max(stack, key=lambda w: math.inf if ratio(w) == 0 else abs(math.log(ratio(w))))
+        rule = target(worst)[0]
+        kinds = Counter(w.followed_by for w in stack if w.followed_by not in (None, "none"))
+        nonlinearity = kinds.most_common(1)[0][0] if kinds else None
+        severity = (
+            Severity.ERROR
+            if total <= 1 / options["error_ratio"] or total >= options["error_ratio"]
+            else Severity.WARNING
+        )
+        direction = "shrink" if total < 1 else "growth"
+        fix, snippet = init_fix(nonlinearity)
+        if total == 0:
+            zeros = [w.module for w in stack if ratio(w) == 0]
+            message = (
+                f"Var(w) is exactly 0 in {len(zeros)} of {len(stack)} layers ({', '.join(zeros[:4])}"
+                f"{' ...' if len(zeros) > 4 else ''}; target {rule}): no signal passes them"
+            )
+        else:
+            message = (
+                f"{len(stack)} layers from {stack[0].module} to {stack[-1].module} have Var(w) at "
+                f"x{geo:.3g} of their target on average (worst {worst.module}: "
+                f"x{ratio(worst):.3g} of {rule}): expected variance {direction} x{total:.3g} "
+                "through depth"
+            )
+        return self.finding(
+            severity,
+            stack[0].module,
+            message,
+            {
+                "layers": len(stack),
+                "mean_ratio": geo,
+                "expected_change": total,
+                "worst_layer": worst.module,
+                "worst_ratio": ratio(worst),
+                "worst_var": worst.var,
+                "worst_target": target(worst)[1],
+            },
+            fix,
+            snippet,
+        )
+
+    def _layer_finding(self, w: WeightStats, r: float, options: dict) -> Finding:
+        rule, lo, _ = target(w)
+        fix, snippet = init_fix(w.followed_by if w.followed_by not in (None, "none") else None)
+        return self.finding(
+            Severity.WARNING,
+            w.module,
+            f"Var(w) = {w.var:.3g} is x{r:.3g} of {rule} for fan_in {w.fan_in}, fan_out "
+            f"{w.fan_out}",
+            {"var": w.var, "target": lo, "ratio": r, "fan_in": w.fan_in, "fan_out": w.fan_out},
+            fix,
+            snippet.replace("for m in model.modules():", "for m in [model.get_submodule(" + repr(w.module) + ")]:"),
+        )
+
+    def metrics(self, capture: Capture, options: dict) -> dict[str, dict]:
+        rows = {}
+        for w in capture.weights:
+            rule, lo, _ = target(w)
+            rows[w.module] = {
+                "init_var": w.var,
+                "init_target": lo,
+                "init_ratio": ratio(w),
+                "init_rule": rule,
+                "fan_in": w.fan_in,
+                "fan_out": w.fan_out,
+            }
+        return rows

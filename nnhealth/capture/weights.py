@@ -1,0 +1,168 @@
+"""Per-layer weight statistics: scale against fan-in/fan-out, and duplicate units.
+
+Works from a module (with the forward order and the nonlinearity after each layer that
+the pass saw) or from a bare state_dict (key order; a 1-D ``weight`` is taken to be a
+normalization layer; the nonlinearity is unknown).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from nnhealth.capture.groups import near_duplicate_groups
+from nnhealth.capture.instrument import is_norm
+from nnhealth.capture.stats import ACTIVATION, LAYER, NORM, SiteStats, WeightStats
+
+JUDGED_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.Bilinear)
+
+# activation module class -> the kind name the capture uses
+_ACTIVATION_CLASSES = {
+    "ReLU": "relu", "ReLU6": "relu6", "LeakyReLU": "leaky_relu", "PReLU": "prelu",
+    "RReLU": "rrelu", "ELU": "elu", "CELU": "celu", "SELU": "selu", "GELU": "gelu",
+    "SiLU": "silu", "Mish": "mish", "Softplus": "softplus", "Hardswish": "hardswish",
+    "Tanh": "tanh", "Sigmoid": "sigmoid", "Hardtanh": "hardtanh", "Hardsigmoid": "hardsigmoid",
+}
+
+
+def fans(shape: tuple[int, ...]) -> tuple[int, int]:
+    """fan_in, fan_out as torch.nn.init computes them (receptive field included)."""
+    receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
+    return shape[1] * receptive, shape[0] * receptive
+
+
+def _groups(weight: torch.Tensor, bias: torch.Tensor | None, conv_groups: int, rtol: float):
+    """Duplicate units: rows of [weight | bias], compared within each conv group."""
+    rows = weight.detach().reshape(weight.shape[0], -1)
+    if bias is not None:
+        rows = torch.cat([rows, bias.detach().reshape(-1, 1).to(rows.dtype)], dim=1)
+    rows = rows.cpu().numpy()
+    per_group = rows.shape[0] // max(conv_groups, 1)
+    found: list[tuple[int, ...]] = []
+    for g in range(max(conv_groups, 1)):
+        block = rows[g * per_group : (g + 1) * per_group]
+        for grp in near_duplicate_groups(block, rtol):
+            found.append(tuple(i + g * per_group for i in grp))
+    exact = all(
+        (rows[list(grp)] == rows[grp[0]]).all() for grp in found
+    )
+    return tuple(found), exact
+
+
+def _stats(
+    module: str, param: str, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
+    trainable: bool, order: int, followed_by: str | None, is_output: bool, conv_groups: int,
+    rtol: float | None,
+) -> WeightStats:
+    w = weight.detach()
+    fan_in, fan_out = fans(tuple(w.shape))
+    wd = w.double()
+    groups, exact = ((), True)
+    if rtol is not None and w.shape[0] > 1:
+        groups, exact = _groups(w, bias, conv_groups, rtol)
+    return WeightStats(
+        module=module,
+        param=param,
+        kind=kind,
+        shape=tuple(w.shape),
+        fan_in=fan_in,
+        fan_out=fan_out,
+        mean=float(wd.mean()),
+        var=float(wd.var(unbiased=False)),
+        trainable=trainable,
+        order=order,
+        followed_by=followed_by,
+        is_output=is_output,
+        groups=groups,
+        groups_exact=exact,
+    )
+
+
+def _next_from_sites(sites: tuple[SiteStats, ...]) -> tuple[dict[str, str], list[str]]:
+    """For each layer module: what its first call's output went through next; and the
+    layer modules in forward order."""
+    ordered = sorted(sites, key=lambda s: s.order)
+    follow: dict[str, str] = {}
+    layers: list[str] = []
+    for i, site in enumerate(ordered):
+        if site.role != LAYER or site.module in follow:
+            continue
+        layers.append(site.module)
+        nxt = next((s for s in ordered[i + 1 :] if s.role in (LAYER, NORM, ACTIVATION)), None)
+        if nxt is None or nxt.role == LAYER:
+            follow[site.module] = "none"
+        elif nxt.role == NORM:
+            follow[site.module] = "norm"
+        else:
+            follow[site.module] = nxt.kind
+    return follow, layers
+
+
+def _next_from_modules(model: nn.Module) -> dict[str, str]:
+    """Without a pass: the next leaf module in registration order."""
+    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+    follow = {}
+    for i, (name, mod) in enumerate(leaves):
+        if not isinstance(mod, JUDGED_TYPES):
+            continue
+        follow[name] = "none"
+        for _, nxt in leaves[i + 1 :]:
+            if is_norm(nxt):
+                follow[name] = "norm"
+            elif type(nxt).__name__ in _ACTIVATION_CLASSES:
+                follow[name] = _ACTIVATION_CLASSES[type(nxt).__name__]
+            elif isinstance(nxt, (nn.Dropout, nn.Identity, nn.Flatten)) or not any(
+                True for _ in nxt.parameters(recurse=False)
+            ):
+                continue  # pooling, dropout, reshaping: look further
+            break
+    return follow
+
+
+def from_model(model: nn.Module, sites: tuple[SiteStats, ...], rtol: float | None) -> tuple[WeightStats, ...]:
+    """Weight stats of every Linear/Conv layer, in forward order when the pass ran."""
+    if sites:
+        follow, order = _next_from_sites(sites)
+    else:
+        follow, order = _next_from_modules(model), []
+    modules = dict(model.named_modules())
+    candidates = [n for n, m in modules.items() if isinstance(m, JUDGED_TYPES)]
+    seen = [n for n in order if n in candidates]  # forward order of the layers that ran
+    ranked = seen + [n for n in candidates if n not in seen]
+    output = (seen or ranked or [None])[-1]  # the last layer to run feeds the loss
+    out = []
+    for i, name in enumerate(ranked):
+        mod = modules[name]
+        weight = getattr(mod, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
+            continue
+        bias = getattr(mod, "bias", None)
+        out.append(
+            _stats(
+                name, f"{name}.weight" if name else "weight", type(mod).__name__, weight,
+                bias if isinstance(bias, torch.Tensor) else None, weight.requires_grad, i,
+                follow.get(name), name == output, getattr(mod, "groups", 1), rtol,
+            )
+        )
+    return tuple(out)
+
+
+def from_state_dict(state: dict[str, torch.Tensor], rtol: float | None) -> tuple[WeightStats, ...]:
+    """Weight stats of every >= 2-D ``*.weight`` in key order; nonlinearities unknown."""
+    modules: list[tuple[str, torch.Tensor]] = []
+    for key, t in state.items():
+        if key.endswith("weight") and isinstance(t, torch.Tensor) and t.is_floating_point():
+            modules.append((key[: -len("weight")].rstrip("."), t))
+    layers = [(i, name, t) for i, (name, t) in enumerate(modules) if t.ndim >= 2]
+    out = []
+    for rank, (i, name, t) in enumerate(layers):
+        nxt = modules[i + 1][1] if i + 1 < len(modules) else None
+        followed = "norm" if nxt is not None and nxt.ndim == 1 else None
+        bias = state.get(f"{name}.bias" if name else "bias")
+        out.append(
+            _stats(name, f"{name}.weight" if name else "weight", "?", t, bias, True, rank,
+                   followed, rank == len(layers) - 1, 1, rtol)
+        )
+    return tuple(out)
