@@ -203,7 +203,8 @@ def scan(
         report = runner.run(loaded, batch, opts, progress=status.update)
 
     to_terminal = output is None and sys.stdout.isatty()
-    width = shutil.get_terminal_size((120, 24)).columns if to_terminal else 120
+    # a terminal's own width; files, pipes and CI logs get room for the whole table
+    width = shutil.get_terminal_size((120, 24)).columns if to_terminal else 140
     render = RenderOptions(
         color=to_terminal and "NO_COLOR" not in os.environ,
         width=max(width, 80),

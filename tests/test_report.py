@@ -34,11 +34,14 @@ def hand_built() -> Report:
         },
         layers=(
             {"name": "fc1", "kind": "Linear", "role": "layer", "units": 256, "act_var": 2.01,
-             "grad_var": 2e-8, "weight_norm": 22.6, "weight_grad_norm": 0.584},
+             "grad_var": 2e-8, "weight_norm": 22.6, "weight_grad_norm": 0.584, "trust_ratio": 38.7,
+             "init_ratio": 1.02, "init_rule": "He 2/fan_in (relu)", "effective_width": 256},
             {"name": "fc1:relu", "kind": "relu", "role": "activation", "functional": True,
              "units": 256, "act_var": 0.686, "grad_var": 4.07e-8, "dead_fraction": 0.0},
             {"name": "fc2", "kind": "Linear", "role": "layer", "units": 256, "act_var": 10.9,
-             "grad_var": 2.08e-8, "weight_norm": 22.6, "weight_grad_norm": 0.821},
+             "grad_var": 2.08e-8, "weight_norm": 22.6, "weight_grad_norm": 0.821, "trust_ratio": 27.5,
+             "init_ratio": None, "init_rule": "not judged: followed by a normalization layer",
+             "effective_width": 250},
             {"name": "act2", "kind": "relu", "role": "activation", "units": 256, "act_var": 0.346,
              "grad_var": 1.1e-7, "dead_fraction": 0.598},
             {"name": "head", "kind": "Linear", "role": "layer", "units": 10, "act_var": 0.404,
@@ -112,7 +115,7 @@ def test_json_writes_null_for_nonfinite() -> None:
 
 @pytest.mark.parametrize(
     "value,bar",
-    [(1e-8, "█·········"), (1e-4, "██████····"), (1.0, "██████████"), (0.0, "··········"), (None, "")],
+    [(1e-8, "█·······"), (1e-4, "████····"), (1.0, "████████"), (0.0, "········"), (None, "")],
 )
 def test_log_bar(value, bar: str) -> None:
     assert log_bar(value, 1e-8, 1.0) == bar

@@ -16,7 +16,7 @@ from rich.text import Text
 from nnhealth.findings import Report, Severity
 from nnhealth.formatters.base import Formatter
 
-BAR_WIDTH = 10
+BAR_WIDTH = 8
 STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 TITLE = {Severity.ERROR: "Errors", Severity.WARNING: "Warnings", Severity.INFO: "Info"}
 
@@ -112,42 +112,48 @@ class TextFormatter(Formatter):
 
     def _table(self, report: Report) -> Table:
         rows = report.layers
-        has_act = any(r.get("act_var") is not None for r in rows)
-        has_grad = any(r.get("grad_var") is not None for r in rows)
-        table = Table(title="Layers (forward order)", title_justify="left", box=None,
-                      header_style="bold", pad_edge=False, padding=(0, 1))
-        table.add_column("layer", no_wrap=True, overflow="ellipsis", max_width=34)
-        table.add_column("kind", no_wrap=True)
-        table.add_column("units", justify="right")
-        if has_act:
-            table.add_column("act var", justify="right")
-            table.add_column("log scale", no_wrap=True)
-        if has_grad:
-            table.add_column("grad var", justify="right")
-            table.add_column("log scale", no_wrap=True)
-        table.add_column("dead", justify="right")
-        table.add_column("sat", justify="right")
-        table.add_column("‖w‖", justify="right")
-        table.add_column("‖∇w‖", justify="right")
         alo, ahi = _range([r.get("act_var") for r in rows])
         glo, ghi = _range([r.get("grad_var") for r in rows])
+
+        def pct_of(key: str):
+            return lambda r: "" if r.get(key) is None else f"{100 * r[key]:.0f}%"
+
+        def init(r: dict) -> str:
+            if r.get("init_rule", "").startswith("not judged"):
+                return "norm"
+            return "" if r.get("init_ratio") is None else f"x{fmt(r['init_ratio'])}"
+
+        def width(r: dict) -> str:
+            eff, units = r.get("effective_width"), r.get("units")
+            return "" if eff is None or eff == units else f"{eff}/{units}"
+
+        # (header, cell, shown when this key has a value in some row)
+        columns: list[tuple[str, Any, str | None]] = [
+            ("layer", lambda r: r["name"], None),
+            ("kind", lambda r: r["kind"] + ("()" if r.get("functional") else ""), None),
+            ("units", lambda r: fmt(r.get("units")), None),
+            ("act var", lambda r: fmt(r.get("act_var")), "act_var"),
+            ("log scale", lambda r: log_bar(r.get("act_var"), alo, ahi), "act_var"),
+            ("grad var", lambda r: fmt(r.get("grad_var")), "grad_var"),
+            ("log scale", lambda r: log_bar(r.get("grad_var"), glo, ghi), "grad_var"),
+            ("dead", pct_of("dead_fraction"), "dead_fraction"),
+            ("sat", pct_of("saturated_fraction"), "saturated_fraction"),
+            ("‖w‖", lambda r: fmt(r.get("weight_norm")), "weight_norm"),
+            ("‖w‖/‖∇w‖", lambda r: fmt(r.get("trust_ratio")), "trust_ratio"),
+            ("upd", lambda r: fmt(r.get("relative_update")), "relative_update"),
+            ("init", init, "init_rule"),
+            ("width", width, "effective_width"),
+        ]
+        shown = [c for c in columns if c[2] is None or any(r.get(c[2]) is not None for r in rows)]
+        table = Table(title="Layers (forward order)", title_justify="left", box=None,
+                      header_style="bold", pad_edge=False, padding=(0, 1))
+        for header, _, _ in shown:
+            left = header in ("layer", "kind") or header == "log scale"
+            table.add_column(header, justify="left" if left else "right", no_wrap=True,
+                             overflow="ellipsis", max_width=34 if header == "layer" else None)
         for r in rows:
-            cells = [r["name"], r["kind"] + ("()" if r.get("functional") else ""),
-                     fmt(r.get("units"))]
-            if has_act:
-                cells += [fmt(r.get("act_var")), log_bar(r.get("act_var"), alo, ahi)]
-            if has_grad:
-                cells += [fmt(r.get("grad_var")), log_bar(r.get("grad_var"), glo, ghi)]
-            dead = r.get("dead_fraction")
-            sat = r.get("saturated_fraction")
-            cells += [
-                "" if dead is None else f"{100 * dead:.0f}%",
-                "" if sat is None else f"{100 * sat:.0f}%",
-                fmt(r.get("weight_norm")),
-                fmt(r.get("weight_grad_norm")),
-            ]
-            style = "red" if r.get("nonfinite") or r.get("param_nonfinite") else None
-            table.add_row(*cells, style=style)
+            bad = r.get("nonfinite") or r.get("param_nonfinite")
+            table.add_row(*(cell(r) for _, cell, _ in shown), style="red" if bad else None)
         return table
 
     def _notes(self, console: Console, report: Report) -> None:
