@@ -10,6 +10,7 @@ Deterministic (seeded). Every model is built only from torch.nn classes, so
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 
 import torch
@@ -102,6 +103,41 @@ def nan_weight(gen: torch.Generator):
     return model, batch(128, 128, 10, gen)
 
 
+def duplicated_units(gen: torch.Generator):
+    """He ReLU MLP whose second layer has units 1-4 copied from unit 0 (net2net-style
+    widening without noise): 5 units that can never become different."""
+    model = mlp([256, 256, 256, 10], nn.ReLU)
+    init_scaled(model, None, gen)
+    with torch.no_grad():
+        fc2 = linears(model)[1]
+        fc2.weight[1:5] = fc2.weight[0]
+        fc2.bias[1:5] = fc2.bias[0]
+    return model, batch(256, 256, 10, gen)
+
+
+def xavier_deep_relu(gen: torch.Generator):
+    """A 10-layer ReLU MLP with Xavier-scale init (Var = 1/fan_in, half of He's)."""
+    model = mlp([128] * 11 + [10], nn.ReLU)
+    init_scaled(model, None, gen)
+    with torch.no_grad():
+        for lin in linears(model):
+            lin.weight.mul_(math.sqrt(0.5))  # 2/fan_in -> 1/fan_in = 2/(fan_in + fan_out)
+    return model, batch(256, 128, 10, gen)
+
+
+def norm_spread_bn(gen: torch.Generator):
+    """Linear-BatchNorm-ReLU x3 with the second layer's weights x100: BatchNorm makes the
+    output scale-free, so that layer's ||w||/||grad w|| is 1e4 times its neighbours'."""
+    layers: list[nn.Module] = []
+    for _ in range(3):
+        layers += [nn.Linear(128, 128), nn.BatchNorm1d(128), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(128, 10))
+    init_scaled(model, None, gen)
+    with torch.no_grad():
+        linears(model)[1].weight.mul_(100.0)
+    return model, batch(256, 128, 10, gen)
+
+
 def cnn_bn(gen: torch.Generator):
     """Conv-BatchNorm-ReLU stack (He init, torchvision style): healthy, normalized."""
     layers: list[nn.Module] = []
@@ -129,12 +165,15 @@ SAMPLES = {
     "zero_init_mlp": zero_init_mlp,
     "nan_weight": nan_weight,
     "cnn_bn": cnn_bn,
+    "duplicated_units": duplicated_units,
+    "xavier_deep_relu": xavier_deep_relu,
+    "norm_spread_bn": norm_spread_bn,
 }
 
 
 def build(name: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """The sample ``name`` rebuilt in memory (the same tensors as the committed files)."""
-    seed = sorted(SAMPLES).index(name) + 1
+    seed = zlib.crc32(name.encode())  # stable per name, whatever other samples exist
     torch.manual_seed(seed)  # PyTorch's default init of the layers we leave as they are
     model, data = SAMPLES[name](torch.Generator().manual_seed(seed))
     return model.train(), data
