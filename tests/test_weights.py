@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import he_mlp
+from test_capture import BasicBlock
 from torch import nn
 
 import nnhealth
-from conftest import he_mlp
 from nnhealth.capture import weights as wstats
 from nnhealth.capture.groups import near_duplicate_groups
-from test_capture import BasicBlock
 
 
 def brute_force_groups(rows: np.ndarray, rtol: float) -> set[frozenset[int]]:
