@@ -4,7 +4,8 @@ For each of three models (a 5 x 500 tanh MLP, a small ResNet-style CNN and a 4-l
 ``nn.TransformerEncoder``) the script compares, on the same model, batch and loss:
 
 * plain:   ``loss = make_loss(model(x))`` then ``torch.autograd.grad(loss, params)``;
-* capture: ``nnhealth.capture.instrument.run_pass(model, x, make_loss, examples=...)``.
+* capture: ``nnhealth.capture.instrument.run_pass(model, x, make_loss, examples=...,
+  fingerprints=True)``, as a default scan runs it (every check selected).
 
 Time: both paths are warmed up (3 runs each), then run interleaved (plain, capture,
 plain, ...) ``--repeats`` times; the ratio is median(capture) / median(plain).
@@ -137,7 +138,9 @@ def plain_pass(case: Case) -> None:
 
 
 def capture_pass(case: Case) -> None:
-    run_pass(case.model, case.inputs, case.make_loss, examples=case.inputs.shape[0])
+    run_pass(
+        case.model, case.inputs, case.make_loss, examples=case.inputs.shape[0], fingerprints=True
+    )
 
 
 RUNNERS: dict[str, Callable[[Case], None]] = {"plain": plain_pass, "capture": capture_pass}

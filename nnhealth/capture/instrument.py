@@ -133,6 +133,7 @@ class _Recorder:
         self.fingerprints = fingerprints
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._probe_cache: dict[tuple, torch.Tensor] = {}
         self.stack: list[_Frame] = []
         self.sites: list[_Site] = []
         self.calls: Counter[str] = Counter()
@@ -244,7 +245,7 @@ class _Recorder:
                     site.active = umax > 0
                 if self.fingerprints and role == ACTIVATION:
                     umax = x.amax(dim=dims) if umax is None else umax
-                    proj = _unit_projection(x, unit_dim, self._generator(x.device))
+                    proj = _unit_projection(x, unit_dim, self._probes)
                     site.fingerprint = torch.cat(
                         [proj, x.amin(dim=dims)[:, None], umax[:, None]], dim=1
                     )
@@ -256,10 +257,18 @@ class _Recorder:
         finally:
             self.busy = False
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
+    def _probes(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """Random zero-sum probe vectors of ``shape`` (last dim: probes), made once per
+        shape and reused by every site of that shape."""
+        key = (shape, like.device, like.dtype)
+        if key not in self._probe_cache:
+            if like.device not in self._generators:
+                gen = torch.Generator(device=like.device).manual_seed(self.seed)
+                self._generators[like.device] = gen
+            r = torch.randn(shape, generator=self._generators[like.device], device=like.device,
+                            dtype=like.dtype)
+            self._probe_cache[key] = r - r.reshape(-1, shape[-1]).mean(dim=0)
+        return self._probe_cache[key]
 
     def _grad_hook(self, site: _Site) -> Callable:
         def hook(grad: torch.Tensor) -> None:
@@ -304,7 +313,9 @@ def _moments(x: torch.Tensor) -> tuple[float, float]:
     return mean, var
 
 
-def _unit_projection(x: torch.Tensor, unit_dim: int, gen: torch.Generator) -> torch.Tensor:
+def _unit_projection(
+    x: torch.Tensor, unit_dim: int, probes: Callable[[tuple[int, ...], torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """Each unit's outputs over the batch (and positions) projected on two random
     zero-sum vectors, by matrix products (no temporary the size of ``x``): (units, 2).
 
@@ -314,12 +325,9 @@ def _unit_projection(x: torch.Tensor, unit_dim: int, gen: torch.Generator) -> to
     """
     if unit_dim == x.ndim - 1:
         flat = x.reshape(-1, x.shape[-1])  # (values per unit, units)
-        r = torch.randn(flat.shape[0], 2, generator=gen, device=x.device, dtype=x.dtype)
-        return flat.T @ (r - r.mean(dim=0))
+        return flat.T @ probes((flat.shape[0], 2), x)
     flat = x.reshape(x.shape[0], x.shape[1], -1)  # (N, C, positions), unit_dim == 1
-    r = torch.randn(x.shape[0], flat.shape[2], 2, generator=gen, device=x.device, dtype=x.dtype)
-    r -= r.mean(dim=(0, 1), keepdim=True)
-    return torch.bmm(flat, r).sum(dim=0)
+    return torch.bmm(flat, probes((x.shape[0], flat.shape[2], 2), x)).sum(dim=0)
 
 
 def _count_saturated(
