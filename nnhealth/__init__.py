@@ -32,6 +32,12 @@ def scan(
     seed: int = 0,
     mode: str = "train",
     lr: float | None = None,
+    hessian: bool | None = None,
+    hessian_top: int = 1,
+    hessian_min: bool = False,
+    hessian_trace: int = 0,
+    hessian_tol: float = 1e-3,
+    hessian_budget: int = 100,
     options: dict[str, dict[str, Any]] | None = None,
 ) -> Report:
     """Scan an in-memory ``model`` on ``batch`` (a tensor, ``(inputs, targets)`` or a dict).
@@ -39,7 +45,10 @@ def scan(
     The model is left exactly as it was found: train/eval mode, ``requires_grad``,
     ``.grad``, buffers (BatchNorm statistics) and hooks. ``loss_fn(output, targets)``
     overrides the automatic loss choice; ``lr`` is the learning rate the norm-ratio
-    check judges each layer's relative update with. ``options`` overrides check thresholds, e.g.
+    and curvature checks judge against. ``hessian=True`` (or selecting NH401) measures the Hessian's top
+    ``hessian_top`` eigenvalues by Lanczos (and the smallest with ``hessian_min``, the
+    trace with ``hessian_trace`` Hutchinson probes) to relative error ``hessian_tol``
+    within ``hessian_budget`` Hessian-vector products. ``options`` overrides check thresholds, e.g.
     ``{"dead-relu": {"warn_fraction": 0.2}}``. Raises ``NnhealthError`` on bad input.
     """
     from nnhealth import runner
@@ -49,5 +58,8 @@ def scan(
     loaded = LoadedModel(model=model, format="in-memory module", source=type(model).__name__,
                          loss_fn=loss_fn)
     opts = runner.ScanOptions(select=select, ignore=ignore, loss=loss, seed=seed, mode=mode,
-                              lr=lr, check_options=dict(options or {}))
+                              lr=lr, hessian=hessian, hessian_top=hessian_top,
+                              hessian_min=hessian_min, hessian_trace=hessian_trace,
+                              hessian_tol=hessian_tol, hessian_budget=hessian_budget,
+                              check_options=dict(options or {}))
     return runner.run(loaded, interpret(batch, "batch"), opts)

@@ -141,7 +141,13 @@ def scan(
     input_shape: Annotated[str | None, typer.Option("--input-shape", help="Synthetic unit-Gaussian batch of this shape, e.g. 64x3x32x32.")] = None,
     weights: Annotated[str | None, typer.Option("--weights", help="state_dict / Lightning .ckpt / safetensors to load into an entry point's model.")] = None,
     arch: Annotated[str | None, typer.Option("--arch", help="Entry point pkg.module:factory building the architecture for a state_dict MODEL.")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate: judges each layer's relative update (NH301).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate: judged against 2/lambda_max (NH401) and per-layer update size (NH301).")] = None,
+    hessian: Annotated[bool | None, typer.Option("--hessian/--no-hessian", help="Measure the Hessian's top eigenvalue by Lanczos (NH401). Default: only when NH401 is selected with --select.", show_default=False)] = None,
+    hessian_top: Annotated[int, typer.Option("--hessian-top", help="How many top eigenvalues.")] = 1,
+    hessian_min: Annotated[bool, typer.Option("--hessian-min", help="Also the smallest eigenvalue (negative curvature).")] = False,
+    hessian_trace: Annotated[int, typer.Option("--hessian-trace", help="Hutchinson probes for the Hessian trace (0: none).")] = 0,
+    hessian_tol: Annotated[float, typer.Option("--hessian-tol", help="Relative error bound at which Lanczos stops.")] = 1e-3,
+    hessian_budget: Annotated[int, typer.Option("--hessian-budget", help="Most Hessian-vector products Lanczos may take.")] = 100,
     loss: Annotated[LossChoice, typer.Option("--loss", help="Loss: auto picks cross-entropy for class targets, MSE for float targets.")] = LossChoice.auto,
     mode: Annotated[ModeChoice, typer.Option("--mode", help="Run the pass in train mode (dropout, batch statistics) or eval mode.")] = ModeChoice.train,
     select: Annotated[list[str] | None, typer.Option("--select", help="Checks to run: codes, code prefixes or names, comma-separated.")] = None,
@@ -199,6 +205,12 @@ def scan(
             mode=mode.value,
             device=device.value if device else None,
             lr=lr,
+            hessian=hessian,
+            hessian_top=hessian_top,
+            hessian_min=hessian_min,
+            hessian_trace=hessian_trace,
+            hessian_tol=hessian_tol,
+            hessian_budget=hessian_budget,
         )
         report = runner.run(loaded, batch, opts, progress=status.update)
 

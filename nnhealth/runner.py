@@ -13,11 +13,13 @@ from torch import nn
 from nnhealth import __version__
 from nnhealth.analyzers import REGISTRY, select_checks
 from nnhealth.analyzers.base import Check
+from nnhealth.analyzers.curvature import Curvature
 from nnhealth.analyzers.saturation import Saturation
 from nnhealth.analyzers.symmetry import Symmetry
 from nnhealth.capture import weights as weight_stats
 from nnhealth.capture.instrument import capture_weights, run_pass
 from nnhealth.capture.stats import Capture
+from nnhealth.curvature.measure import measure
 from nnhealth.errors import UsageError
 from nnhealth.findings import AnalyzerError, Finding, Report, Skipped
 from nnhealth.loading.batch import Batch, prepare
@@ -36,6 +38,12 @@ class ScanOptions:
     mode: str = "train"
     device: str | None = None
     lr: float | None = None
+    hessian: bool | None = None  # None: measure curvature iff NH401 was selected explicitly
+    hessian_top: int = 1
+    hessian_min: bool = False
+    hessian_trace: int = 0  # Hutchinson probes; 0: no trace
+    hessian_tol: float = 1e-3
+    hessian_budget: int = 100
     check_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -44,6 +52,9 @@ def _resolve_checks(opts: ScanOptions) -> list[tuple[type[Check], dict[str, Any]
         checks = select_checks(opts.select, opts.ignore)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if opts.select is None and not opts.hessian:
+        # the expensive check is opt-in: --hessian, or selecting NH401 by name
+        checks = [c for c in checks if c is not Curvature]
     known = {c.name for c in REGISTRY} | {c.code for c in REGISTRY}
     for key in opts.check_options:
         if key not in known:
@@ -83,6 +94,8 @@ def analyze(
         available.add("activations")
     if capture.has_gradients:
         available.add("gradients")
+    if capture.curvature is not None:
+        available.add("curvature")
     findings: list[Finding] = []
     errors: list[AnalyzerError] = []
     skipped: list[Skipped] = []
@@ -91,6 +104,8 @@ def analyze(
         missing = check.needs - available
         if missing:
             reason = capture.missing_reason or f"no {', '.join(sorted(missing))} were captured"
+            if missing == {"curvature"}:
+                reason = "--no-hessian: the Hessian was not measured"
             skipped.append(Skipped(check.code, check.name, reason))
             continue
         try:
@@ -169,6 +184,10 @@ def run(
     started = time.perf_counter()
     if opts.mode not in MODES:
         raise UsageError(f"--mode {opts.mode!r}: expected train or eval")
+    if opts.hessian_top < 1 or opts.hessian_budget < 1 or opts.hessian_trace < 0:
+        raise UsageError("--hessian-top and --hessian-budget must be >= 1, --hessian-trace >= 0")
+    if not 0 < opts.hessian_tol < 1:
+        raise UsageError(f"--hessian-tol {opts.hessian_tol}: expected a number in (0, 1)")
     checks = _resolve_checks(opts)
     # the plan: what the selected checks need or can use; nothing more is captured
     needs = set().union(*(c.needs | c.uses for c, _ in checks)) if checks else set()
@@ -230,6 +249,22 @@ def run(
             fingerprints=sym_opts is not None,
         )
         capture = replace(capture, weights=weight_stats.from_model(model, capture.sites, rtol))
+        if opts.hessian is not False and any(c is Curvature for c, _ in checks):
+            curvature, curvature_notes = measure(
+                model,
+                prepared.inputs,
+                resolver,
+                mode=opts.mode,
+                seed=opts.seed,
+                top=opts.hessian_top,
+                smallest=opts.hessian_min,
+                tol=opts.hessian_tol,
+                budget=opts.hessian_budget,
+                trace_probes=opts.hessian_trace,
+                progress=progress,
+            )
+            capture = replace(capture, curvature=curvature)
+            notes += curvature_notes
         notes += resolver.notes + list(capture.notes)
         run_info.update(
             batch={**prepared.describe(), "examples": prepared.examples},
@@ -255,5 +290,6 @@ def run(
         errors=tuple(errors),
         skipped=tuple(skipped),
         notes=tuple(dict.fromkeys(notes)),
+        curvature=None if capture.curvature is None else capture.curvature.to_dict(),
         tool_version=__version__,
     )

@@ -146,6 +146,7 @@ class Case:
     layer: str | None = "any"  # the layer the worst finding must name ("any": don't care)
     width: int = 128
     examples: int = N
+    kwargs: tuple = ()  # extra nnhealth.scan arguments, as (name, value) pairs
 
 
 CASES = [
@@ -187,6 +188,14 @@ CASES = [
     Case("healthy-he-relu", "NH301", lambda: stack(128, 4, nn.ReLU, he), None),
     Case("bn-layer-scaled-100x", "NH301", lambda: bn_scaled_layer(100.0), Severity.WARNING, None),
     Case("bn-layer-scaled-3x", "NH301", lambda: bn_scaled_layer(3.0), None),
+    # NH401 curvature (the lr limit itself is checked against the dense Hessian and SGD
+    # in test_curvature.py)
+    Case("he-relu-small-lr", "NH401", lambda: stack(64, 2, nn.ReLU, he), None, width=64,
+         kwargs=(("lr", 1e-3),)),
+    Case("he-relu-huge-lr", "NH401", lambda: stack(64, 2, nn.ReLU, he), Severity.ERROR, None,
+         width=64, kwargs=(("lr", 1e3),)),
+    Case("he-relu-no-lr", "NH401", lambda: stack(64, 2, nn.ReLU, he), Severity.INFO, None,
+         width=64),
     # NH501 symmetry
     Case("healthy-he-relu", "NH501", lambda: stack(128, 4, nn.ReLU, he), None),
     Case("zero-init", "NH501", lambda: stack(64, 3, nn.ReLU, lambda n: 0.0), Severity.ERROR, "0", width=64),
@@ -213,7 +222,7 @@ def scan_case(case: Case, **kwargs):
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(case.examples, case.width, generator=gen)
     y = torch.randint(0, 10 if case.width != 16 else 4, (case.examples,), generator=gen)
-    report = nnhealth.scan(model, (x, y), select=[case.code], **kwargs)
+    report = nnhealth.scan(model, (x, y), select=[case.code], **dict(case.kwargs), **kwargs)
     assert not report.errors and not report.skipped
     return list(report.findings)
 
@@ -268,6 +277,7 @@ def test_codes_and_names_unique_and_stable() -> None:
         "NH201": "activation-variance",
         "NH202": "gradient-variance",
         "NH301": "norm-ratio",
+        "NH401": "curvature",
         "NH501": "symmetry",
         "NH601": "init-scale",
     }
@@ -294,7 +304,7 @@ def test_check_without_docs_is_refused() -> None:
 def test_selection_by_code_prefix_and_name() -> None:
     assert [c.code for c in select_checks(["NH1"], None)] == ["NH101", "NH102"]
     assert [c.code for c in select_checks(None, ["NH2", "nonfinite", "NH3", "NH5"])] == [
-        "NH101", "NH102", "NH601"]
+        "NH101", "NH102", "NH401", "NH601"]
     assert [c.code for c in select_checks(["dead-relu", "NH001"], None)] == ["NH001", "NH101"]
     with pytest.raises(ValueError, match="unknown check 'NH9'"):
         select_checks(["NH9"], None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from nnhealth.analyzers.activation_variance import ActivationVariance
 from nnhealth.analyzers.base import Check, Option
+from nnhealth.analyzers.curvature import Curvature
 from nnhealth.analyzers.dead_relu import DeadRelu
 from nnhealth.analyzers.gradient_variance import GradientVariance
 from nnhealth.analyzers.init_scale import InitScale
@@ -19,6 +20,7 @@ REGISTRY: tuple[type[Check], ...] = (
     ActivationVariance,
     GradientVariance,
     NormRatio,
+    Curvature,
     Symmetry,
     InitScale,
 )

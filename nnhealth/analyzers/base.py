@@ -18,7 +18,7 @@ from nnhealth.capture.stats import Capture
 from nnhealth.findings import Finding, Number, Severity
 
 REQUIRED_SECTIONS = ("What it detects", "Why it matters", "Example", "How to fix")
-NEEDS = frozenset({"weights", "activations", "gradients"})
+NEEDS = frozenset({"weights", "activations", "gradients", "curvature"})
 
 
 @dataclass(frozen=True)

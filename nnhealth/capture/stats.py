@@ -172,6 +172,56 @@ class WeightStats:
 
 
 @dataclass(frozen=True)
+class CurvatureStats:
+    """The Hessian's extreme eigenvalues (Lanczos) and optionally its trace (Hutchinson)."""
+
+    top: tuple[float, ...]  # largest first
+    bounds: tuple[float, ...]  # error bound of each (Kato-Temple estimate)
+    residuals: tuple[float, ...]  # certified: an eigenvalue within this distance
+    converged: bool
+    hvps: int  # Hessian-vector products in all (Lanczos + trace)
+    lanczos_hvps: int
+    tol: float
+    mode: str
+    backend: str
+    params: int
+    lambda_min: float | None = None
+    lambda_min_bound: float | None = None
+    trace: float | None = None
+    trace_stderr: float | None = None
+    trace_probes: int = 0
+
+    @property
+    def lambda_max(self) -> float:
+        return self.top[0]
+
+    @property
+    def lr_limit(self) -> float | None:
+        """2 / lambda_max: gradient descent diverges along the top eigenvector above it."""
+        return 2.0 / self.lambda_max if self.lambda_max > 0 else None
+
+    def to_dict(self) -> dict:
+        return {
+            "top_eigenvalues": list(self.top),
+            "bounds": list(self.bounds),
+            "residuals": list(self.residuals),
+            "hvps": self.hvps,
+            "lanczos_hvps": self.lanczos_hvps,
+            "converged": self.converged,
+            "tol": self.tol,
+            "lr_limit": self.lr_limit,
+            "lambda_min": self.lambda_min,
+            "lambda_min_bound": self.lambda_min_bound,
+            "trace": self.trace,
+            "trace_stderr": self.trace_stderr,
+            "trace_probes": self.trace_probes,
+            "mode": self.mode,
+            "backend": self.backend,
+            "params": self.params,
+        }
+
+
+@dataclass(frozen=True)
 class Capture:
     """What the one instrumented pass saw."""
 
@@ -187,6 +237,7 @@ class Capture:
     missing_reason: str | None = None
     # per weight matrix, in depth order (filled after the pass, or from a state_dict)
     weights: tuple[WeightStats, ...] = ()
+    curvature: CurvatureStats | None = None
 
     def activation_sites(self) -> list[SiteStats]:
         return [s for s in self.sites if s.role == ACTIVATION]

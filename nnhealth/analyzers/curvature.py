@@ -1,0 +1,124 @@
+"""NH401 curvature."""
+
+from __future__ import annotations
+
+from nnhealth.analyzers.base import Check, Option
+from nnhealth.capture.stats import Capture
+from nnhealth.findings import Finding, Severity
+
+
+class Curvature(Check):
+    """The Hessian's top eigenvalue, the learning-rate limit 2/lambda_max, and negative
+    curvature.
+
+    What it detects:
+        The largest eigenvalues of the loss Hessian (mean loss over the batch, all
+        trainable parameters) by Lanczos with full reorthogonalization, stopped when the
+        error bound of each wanted eigenvalue is within ``--hessian-tol`` (default 1e-3
+        relative), or when the budget of Hessian-vector products runs out (then reported
+        as not converged, with the bound reached). From lambda_max it gives the step-size
+        limit 2/lambda_max. With ``--lr``: an error when lr >= 2/lambda_max, a warning
+        when lr is above ``warn_fraction`` of it, with a suggested rate (1/lambda_max,
+        the optimal rate on the top eigendirection); without ``--lr``, an info finding
+        with the limit. With ``--hessian-min``, a negative smallest eigenvalue is
+        reported as info (a saddle region), relative to lambda_max. Off by default
+        (``--hessian``, or ``--select NH401``, turns it on): it costs tens of products,
+        each about two passes.
+        Dropout is off while taking products; BatchNorm keeps the scan's mode, which
+        the report states (the mode changes lambda_max tenfold on some networks).
+
+    Why it matters:
+        On a quadratic with curvature lambda, gradient descent converges for
+        lr < 2/lambda and diverges for lr >= 2/lambda; on a network the top Hessian
+        eigenvalue is the binding constraint locally. A learning rate above the limit
+        makes the loss blow up along the top eigenvector.
+
+    Example:
+        lambda_max = 12.5 gives a limit of 0.16: "lr 0.5 >= 2/lambda_max = 0.16: gradient
+        descent diverges along the top eigenvector; use lr <= 0.08".
+
+    How to fix:
+        Lower the learning rate below 2/lambda_max (1/lambda_max is a safe choice) or use
+        warmup; normalization (BatchNorm) and careful initialization lower lambda_max
+        and allow larger rates.
+    """
+
+    code = "NH401"
+    name = "curvature"
+    summary = "Hessian top eigenvalue(s) by Lanczos; lr vs the 2/lambda_max limit; negative curvature"
+    needs = frozenset({"curvature"})
+    options = (
+        Option("lr", None, "the learning rate, from --lr"),
+        Option("warn_fraction", 0.5, "above half the limit, noise or a sharper batch can tip it over"),
+        Option(
+            "negative_ratio",
+            1e-3,
+            "|lambda_min| / lambda_max below this is numerical noise, not a saddle",
+        ),
+    )
+
+    def run(self, capture: Capture, options: dict) -> list[Finding]:
+        c = capture.curvature
+        if c is None:
+            return []
+        out: list[Finding] = []
+        lam = c.lambda_max
+        limit = c.lr_limit
+        status = "" if c.converged else (
+            f" (not converged in {c.lanczos_hvps} products: bound {c.bounds[0]:.2g})"
+        )
+        evidence = {
+            "lambda_max": lam,
+            "bound": c.bounds[0],
+            "converged": c.converged,
+            "hvps": c.hvps,
+            "lr_limit": limit,
+            "mode": c.mode,
+        }
+        lr = options.get("lr")
+        if limit is None:
+            out.append(self.finding(
+                Severity.INFO, None,
+                f"the Hessian has no positive eigenvalue (lambda_max = {lam:.4g}){status}: "
+                "no step-size limit from curvature",
+                evidence, "no action needed from curvature",
+            ))
+        elif lr is None:
+            out.append(self.finding(
+                Severity.INFO, None,
+                f"lambda_max = {lam:.4g}{status} in {c.mode} mode: gradient descent is stable "
+                f"for lr < 2/lambda_max = {limit:.4g}",
+                evidence,
+                f"keep the learning rate below {limit:.3g} (1/lambda_max = {limit / 2:.3g} is "
+                "the optimal step on the top eigendirection); pass --lr to check yours",
+            ))
+        elif lr >= limit:
+            out.append(self.finding(
+                Severity.ERROR, None,
+                f"lr {lr:g} >= 2/lambda_max = {limit:.4g} (lambda_max = {lam:.4g}{status}, "
+                f"{c.mode} mode): gradient descent diverges along the top eigenvector",
+                {**evidence, "lr": lr, "lr_over_limit": lr / limit},
+                f"lower the learning rate to about {limit / 2:.3g} (1/lambda_max) or below, or "
+                "warm up from a small rate",
+                f"for group in optimizer.param_groups:\n    group['lr'] = {limit / 2:.3g}",
+            ))
+        elif lr >= options["warn_fraction"] * limit:
+            out.append(self.finding(
+                Severity.WARNING, None,
+                f"lr {lr:g} is {lr / limit:.0%} of the stability limit 2/lambda_max = "
+                f"{limit:.4g} (lambda_max = {lam:.4g}{status})",
+                {**evidence, "lr": lr, "lr_over_limit": lr / limit},
+                f"a rate of about {limit / 2:.3g} (1/lambda_max) leaves room for sharper batches",
+            ))
+        if c.lambda_min is not None and lam > 0 and c.lambda_min < 0:
+            ratio = -c.lambda_min / lam
+            if ratio >= options["negative_ratio"]:
+                out.append(self.finding(
+                    Severity.INFO, None,
+                    f"negative curvature: lambda_min = {c.lambda_min:.4g}, {ratio:.2g} of "
+                    "lambda_max: a saddle region (common in deep networks, not a local minimum)",
+                    {"lambda_min": c.lambda_min, "ratio_to_lambda_max": ratio,
+                     "bound": c.lambda_min_bound},
+                    "no action needed; momentum and noise move SGD off saddles",
+                ))
+        return out

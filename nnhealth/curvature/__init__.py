@@ -1,0 +1,1 @@
+"""Curvature: Hessian-vector products of the scan's loss, Lanczos, Hutchinson."""

@@ -1,0 +1,214 @@
+"""Curvature (NH401) against the dense Hessian on small models.
+
+Ground truth: the dense Hessian by reverse-over-reverse autodiff (torch.func.jacrev of
+torch.func.grad: forward-over-reverse is wrong for LayerNorm/BatchNorm weights, see
+DOMAIN.md) and numpy's eigvalsh, all in float64. Tolerances: products 1e-9 relative;
+eigenvalues 1e-6 relative at --hessian-tol 1e-8.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg as sla
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from torch.func import functional_call, grad, jacrev
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import nnhealth
+from nnhealth.curvature.hvp import HessianOperator
+from nnhealth.curvature.lanczos import lanczos
+from nnhealth.curvature.trace import hutchinson
+
+
+def mlp_norms() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 6),
+                         nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def tiny_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                         nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
+
+
+class TinyAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(dim=1))
+
+
+CASES = {
+    "mlp-layernorm-batchnorm": (mlp_norms, (12, 5)),
+    "cnn-batchnorm": (tiny_cnn, (6, 2, 5, 5)),
+    "attention": (TinyAttention, (4, 3, 4)),
+}
+
+
+def setup(name: str):
+    build, shape = CASES[name]
+    torch.manual_seed(0)
+    model = build().double().train()
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = torch.randint(0, 3, (shape[0],))
+    return model, x, y
+
+
+def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Reverse-over-reverse dense Hessian of the mean cross-entropy, dropout off."""
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, (nn.Dropout, nn.MultiheadAttention)):
+            m.eval()
+    torch.func.replace_all_batch_norm_modules_(ref)  # batch statistics, no buffer updates
+    names = [n for n, p in ref.named_parameters() if p.requires_grad]
+    shapes = [p.shape for _, p in ref.named_parameters() if p.requires_grad]
+    flat0 = torch.cat([p.detach().reshape(-1) for _, p in ref.named_parameters()])
+
+    def loss(flat):
+        params, offset = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            k = int(np.prod(s))
+            params[n] = flat[offset : offset + k].view(s)
+            offset += k
+        return F.cross_entropy(functional_call(ref, params, (x,)), y)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return jacrev(grad(loss))(flat0).numpy()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_products_match_the_dense_hessian(name: str) -> None:
+    model, x, y = setup(name)
+    h = dense_hessian(model, x, y)
+    assert np.allclose(h, h.T, atol=1e-10)
+    with HessianOperator(model, x, lambda out: F.cross_entropy(out, y)) as op:
+        rng = np.random.default_rng(1)
+        for _ in range(3):
+            v = rng.standard_normal(op.n)
+            hv = op.matvec(torch.from_numpy(v)).numpy()
+            np.testing.assert_allclose(hv, h @ v, rtol=1e-9, atol=1e-11)
+        if name == "attention":
+            assert op.backend == "math attention"  # the fused CPU kernel has no 2nd derivative
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_lanczos_matches_eigvalsh_and_eigsh(name: str) -> None:
+    model, x, y = setup(name)
+    exact = np.linalg.eigvalsh(dense_hessian(model, x, y))  # ascending
+    with HessianOperator(model, x, lambda out: F.cross_entropy(out, y)) as op:
+        res = lanczos(op.matvec, op.n, k=3, smallest=True, tol=1e-8, max_iter=op.n)
+        assert res.converged
+        top = [r.value for r in res.top]
+        np.testing.assert_allclose(top, exact[::-1][:3], rtol=1e-6)
+        assert res.bottom.value == pytest.approx(exact[0], rel=1e-6, abs=1e-6 * exact[-1])
+        for r, true in zip(res.top, exact[::-1], strict=False):
+            assert abs(r.value - true) <= r.residual * (1 + 1e-9)  # the certified bound holds
+        operator = sla.LinearOperator(
+            (op.n, op.n), matvec=lambda v: op.matvec(torch.from_numpy(np.asarray(v).ravel())).numpy(),
+            dtype=np.float64,
+        )
+        eigsh = sla.eigsh(operator, k=1, which="LA", tol=1e-10, return_eigenvectors=False)
+        assert top[0] == pytest.approx(float(eigsh[0]), rel=1e-6)
+
+
+def test_budget_exhausted_is_a_result_not_an_error() -> None:
+    model, x, y = setup("mlp-layernorm-batchnorm")
+    report = nnhealth.scan(model, (x, y), select=["NH401"], hessian=True, hessian_budget=2,
+                           hessian_tol=1e-12)
+    c = report.curvature
+    assert c["converged"] is False and c["lanczos_hvps"] == 2 and c["bounds"][0] > 0
+    (finding,) = report.findings
+    assert "not converged in 2 products" in finding.message
+
+
+def test_hutchinson_trace_against_exact() -> None:
+    model, x, y = setup("cnn-batchnorm")
+    exact = float(np.trace(dense_hessian(model, x, y)))
+    with HessianOperator(model, x, lambda out: F.cross_entropy(out, y)) as op:
+        est, se = hutchinson(op.matvec, op.n, probes=400)
+    assert se > 0 and abs(est - exact) <= 4 * se
+
+
+def _linear_regression():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 2).double()
+    x = torch.randn(64, 8, dtype=torch.float64) * torch.linspace(0.2, 3.0, 8, dtype=torch.float64)
+    y = torch.randn(64, 2, dtype=torch.float64)
+    return model, x, y
+
+
+def _sgd_loss_change(model: nn.Module, x, y, lr: float, steps: int = 10) -> float:
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    start = float(F.mse_loss(model(x), y).detach())
+    for _ in range(steps):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    return float(F.mse_loss(model(x), y).detach()) - start
+
+
+def test_lr_limit_predicts_sgd_divergence() -> None:
+    model, x, y = _linear_regression()
+    report = nnhealth.scan(model, (x, y), select=["NH401"], hessian=True)
+    limit = report.curvature["lr_limit"]
+    assert _sgd_loss_change(model, x, y, 1.5 * limit) > 0  # diverges
+    assert _sgd_loss_change(model, x, y, 0.5 * limit) < 0  # converges
+    (too_high,) = nnhealth.scan(model, (x, y), select=["NH401"], hessian=True, lr=1.5 * limit).findings
+    assert too_high.severity is nnhealth.Severity.ERROR and "diverges" in too_high.message
+    (fine,) = nnhealth.scan(model, (x, y), select=["NH401"], hessian=True, lr=0.3 * limit).findings \
+        or (None,)
+    assert fine is None
+    (info,) = report.findings
+    assert info.severity is nnhealth.Severity.INFO and "2/lambda_max" in info.message
+
+
+def test_model_left_as_found_and_mode_reported() -> None:
+    model, x, y = setup("attention")
+    model.eval()
+    model.encoder.dropout.train()
+    before = [m.training for m in model.modules()]
+    buffers = [b.clone() for b in model.buffers()]
+    report = nnhealth.scan(model, (x, y), select=["NH401"], hessian=True, mode="train")
+    assert [m.training for m in model.modules()] == before
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers, strict=True))
+    assert all(p.grad is None for p in model.parameters())
+    assert report.curvature["mode"] == "train" and report.curvature["backend"] == "math attention"
+    assert any("math attention" in n for n in report.notes)
+    assert any("dropout off" in n for n in report.notes)
+
+
+def test_opt_in() -> None:
+    model, x, y = setup("mlp-layernorm-batchnorm")
+    default = nnhealth.scan(model, (x, y))
+    assert default.curvature is None and "NH401" not in default.run["checks"]
+    assert nnhealth.scan(model, (x, y), hessian=True).curvature is not None
+    assert nnhealth.scan(model, (x, y), select=["curvature"]).curvature is not None
+    off = nnhealth.scan(model, (x, y), select=["NH401"], hessian=False)
+    assert off.curvature is None and "--no-hessian" in off.skipped[0].reason
+
+
+def test_cli_hessian_json(cli, sample) -> None:
+    import json
+
+    model, data = sample("tanh_vanishing")
+    res = cli("scan", model, "--data", data, "--hessian", "--hessian-min", "--hessian-trace", "4",
+              "--lr", "100", "--format", "json")
+    report = json.loads(res.out)
+    c = report["curvature"]
+    assert c["converged"] and c["lanczos_hvps"] <= 30 and c["hvps"] == c["lanczos_hvps"] + 4
+    assert c["lr_limit"] == pytest.approx(2 / c["top_eigenvalues"][0])
+    assert c["trace"] is not None and c["trace_stderr"] > 0 and c["lambda_min"] < 0
+    nh401 = [f for f in report["findings"] if f["code"] == "NH401"]
+    assert nh401[0]["severity"] == "error" and "diverges" in nh401[0]["message"]
+    assert "Hessian" not in res.err or res.err == ""  # progress only on a terminal
+    bad = cli("scan", model, "--data", data, "--hessian", "--hessian-tol", "2")
+    assert bad.code == 2 and "--hessian-tol" in bad.err
