@@ -1,0 +1,199 @@
+"""Top Hessian eigenvalue: nnhealth's Lanczos against PyHessian, power iteration and
+scipy's eigsh, on the same models, batches and operator, in one process.
+
+For each model (the 5 x 500 tanh MLP at batch 1000, a small CNN at batch 128, a
+TransformerEncoder) and each method, the table gives the lambda_max estimate, its true
+relative error against a long float64 Lanczos run, the Hessian-vector products used and
+the median wall time of ``--repeats`` runs:
+
+* ours: ``nnhealth.curvature`` Lanczos, stopping at a relative error bound of 1e-3;
+* PyHessian: ``hessian(model, criterion, data).eigenvalues()`` with its defaults
+  (power iteration stopping when successive estimates change by < 1e-3);
+* power iteration on our operator, run until its true error is <= 1e-3 (uses the truth);
+* scipy ``eigsh(k=1, which="LA", tol=1e-3)`` on our operator.
+
+PyHessian switches the model to eval mode, so every method runs in eval mode (dropout
+off, BatchNorm on running statistics): the same operator for all. Attention runs on the
+math SDPA backend (the fused CPU kernel has no second derivative). PyHessian is a
+benchmark-only extra: ``pip install -c constraints.txt '.[bench]'``.
+
+    python benchmarks/curvature.py [--repeats N] [--models mlp,cnn,transformer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import scipy.sparse.linalg as sla
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from nnhealth.curvature.hvp import HessianOperator
+from nnhealth.curvature.lanczos import lanczos
+
+TOL = 1e-3
+
+
+def mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    layers: list[nn.Module] = []
+    for _ in range(5):
+        layers += [nn.Linear(500, 500), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(500, 10))
+    return model, torch.randn(1000, 500), torch.randint(0, 10, (1000,))
+
+
+def cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+    return model, torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+
+
+class Transformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(dim=1))
+
+
+def transformer() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    return Transformer(), torch.randn(16, 32, 64), torch.randint(0, 10, (16,))
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "transformer": transformer}
+
+
+def timed(fn: Callable[[], tuple[float, int]], repeats: int) -> tuple[float, int, float]:
+    """(estimate, products, median seconds) of ``fn`` over ``repeats`` runs."""
+    times, result = [], (0.0, 0)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result[0], result[1], statistics.median(times)
+
+
+def truth(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    m64 = copy.deepcopy(model).double().eval()
+    with HessianOperator(m64, x.double(), lambda o: F.cross_entropy(o, y), mode="eval") as op:
+        res = lanczos(op.matvec, op.n, tol=1e-10, max_iter=300, seed=123)
+    return res.top[0].value
+
+
+def ours(model, x, y) -> tuple[float, int]:
+    with HessianOperator(model, x, lambda o: F.cross_entropy(o, y), mode="eval") as op:
+        res = lanczos(op.matvec, op.n, tol=TOL, max_iter=300)
+        return res.top[0].value, op.products
+
+
+def power(model, x, y, true: float) -> tuple[float, int]:
+    with HessianOperator(model, x, lambda o: F.cross_entropy(o, y), mode="eval") as op:
+        v = torch.randn(op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        v /= v.norm()
+        est = 0.0
+        for _ in range(2000):
+            hv = op.matvec(v)
+            est = float(v @ hv)
+            if abs(est - true) <= TOL * abs(true):
+                break
+            v = hv / hv.norm()
+        return est, op.products
+
+
+def scipy_eigsh(model, x, y) -> tuple[float, int]:
+    with HessianOperator(model, x, lambda o: F.cross_entropy(o, y), mode="eval") as op:
+        operator = sla.LinearOperator(
+            (op.n, op.n), dtype=np.float64,
+            matvec=lambda v: op.matvec(torch.from_numpy(np.asarray(v).ravel())).numpy(),
+        )
+        v0 = np.random.default_rng(0).standard_normal(op.n)
+        value = sla.eigsh(operator, k=1, which="LA", tol=TOL, v0=v0, return_eigenvectors=False)
+        return float(value[0]), op.products
+
+
+def pyhessian_module():
+    """PyHessian's ``pyhessian.hessian`` module (its package shadows it with the class)."""
+    try:
+        import importlib
+
+        importlib.import_module("pyhessian")
+        return sys.modules["pyhessian.hessian"]
+    except ImportError:
+        return None
+
+
+def pyhessian(model, x, y) -> tuple[float, int]:
+    ph = pyhessian_module()
+    calls = {"n": 0}
+    original = ph.hessian_vector_product
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    ph.hessian_vector_product = counted
+    try:
+        with warnings.catch_warnings():  # its backward(create_graph=True) warns of a cycle
+            warnings.simplefilter("ignore", UserWarning)
+            m = copy.deepcopy(model)
+            h = ph.hessian(m, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+            values, _ = h.eigenvalues()
+        return float(values[0]), calls["n"]
+    finally:
+        ph.hessian_vector_product = original
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", default=",".join(MODELS))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, eval mode, "
+          f"target relative error {TOL:g}, median of {args.repeats}")
+    header = f"{'model':<12} {'method':<18} {'lambda_max':>12} {'true rel err':>13} {'HVPs':>6} {'seconds':>8}"
+    for name in args.models.split(","):
+        model, x, y = MODELS[name]()
+        model.eval()
+        with sdpa_kernel(SDPBackend.MATH):
+            true = truth(model, x, y)
+            rows = {
+                "ours (Lanczos)": timed(lambda: ours(model, x, y), args.repeats),
+                "power to 1e-3": timed(lambda: power(model, x, y, true), 1),
+                "scipy eigsh": timed(lambda: scipy_eigsh(model, x, y), args.repeats),
+            }
+            if pyhessian_module() is not None:
+                rows["PyHessian default"] = timed(lambda: pyhessian(model, x, y), args.repeats)
+        print(f"\n{name}: {sum(p.numel() for p in model.parameters()):,} params, "
+              f"batch {list(x.shape)}, true lambda_max {true:.6g}")
+        print(header)
+        for method, (est, hvps, secs) in rows.items():
+            print(f"{name:<12} {method:<18} {est:>12.6g} {abs(est - true) / abs(true):>13.2e} "
+                  f"{hvps:>6} {secs:>8.2f}")
+        o, p, ph = rows["ours (Lanczos)"], rows["power to 1e-3"], rows.get("PyHessian default")
+        line = f"ours / power iteration: {o[1] / p[1]:.2f}x the HVPs"
+        if ph is not None:
+            line += f"; ours / PyHessian: {o[2] / ph[2]:.2f}x the wall time"
+        else:
+            line += "; PyHessian not installed (pip install '.[bench]')"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
