@@ -125,13 +125,33 @@ class _DelayedStatus:
                 self._status.stop()
 
 
-def _same_file(a: Path, b: str | None) -> bool:
-    if not b:
-        return False
+def _user_files(*specs: str | None) -> list[Path]:
+    """The files a scan reads: model/data/weights paths and entry points' .py files."""
+    out = []
+    for spec in specs:
+        if not spec:
+            continue
+        out.append(Path(spec))
+        if ":" in spec:
+            out.append(Path(spec.rpartition(":")[0]))
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
     try:
-        return a.resolve() == Path(b).resolve()
+        return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def _write(stream, text: str) -> None:
+    """Write to a text stream that may not encode every character (paths are bytes)."""
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        stream.buffer.write(text.encode(encoding, "backslashreplace"))
+    stream.flush()
 
 
 @app.command()
@@ -172,8 +192,8 @@ def scan(
         raise UsageError(f"--lr {lr}: must be a positive, finite number")
     if arch and weights:
         raise UsageError("give either --arch (MODEL is the weights) or --weights, not both")
-    if output is not None and (_same_file(output, model) or _same_file(output, data) or _same_file(output, weights)):
-        raise UsageError(f"-o {output}: refusing to overwrite the model or data file")
+    if output is not None and any(_same_file(output, f) for f in _user_files(model, data, weights, arch)):
+        raise UsageError(f"-o {output}: refusing to overwrite the model, data or source file")
     if output is not None and output.is_dir():
         raise UsageError(f"-o {output}: is a directory; give a file path")
 
@@ -226,12 +246,11 @@ def scan(
     text = get_formatter(fmt.value, render).render(report)
     if output is not None:
         try:
-            output.write_text(text, encoding="utf-8")
+            output.write_text(text, encoding="utf-8", errors="backslashreplace")
         except OSError as exc:
             raise UsageError(f"-o {output}: cannot write ({exc.strerror})") from exc
     else:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        _write(sys.stdout, text)
     if report.errors:
         return EXIT_ERROR
     if report.ok(Severity.parse(fail_on.value)) or exit_zero:
@@ -284,7 +303,7 @@ def _wants_debug(argv: list[str]) -> bool:
 
 
 def _fail(message: str) -> None:
-    sys.stderr.write(f"nnhealth: error: {message}\n")
+    _write(sys.stderr, f"nnhealth: error: {message}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

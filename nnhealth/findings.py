@@ -129,7 +129,8 @@ class Report:
 
     @property
     def healthy(self) -> bool:
-        return not self.findings and not self.errors
+        """No findings, no failed check, and no selected check skipped."""
+        return not self.findings and not self.errors and not self.skipped
 
     def to_dict(self) -> dict[str, Any]:
         counts = self.counts()

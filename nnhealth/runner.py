@@ -55,6 +55,8 @@ def _resolve_checks(opts: ScanOptions) -> list[tuple[type[Check], dict[str, Any]
     if opts.select is None and not opts.hessian:
         # the expensive check is opt-in: --hessian, or selecting NH401 by name
         checks = [c for c in checks if c is not Curvature]
+    if not checks:
+        raise UsageError("no checks left to run: --select/--ignore exclude every check")
     known = {c.name for c in REGISTRY} | {c.code for c in REGISTRY}
     for key in opts.check_options:
         if key not in known:

@@ -64,9 +64,47 @@ def test_pickled_python_objects_in_pt_refused(tmp_path: Path) -> None:
 
 
 def test_unrecognised_dict_keys(tmp_path: Path) -> None:
-    torch.save({"foo": torch.zeros(2)}, tmp_path / "b.pt")
-    with pytest.raises(DataError, match=r"keys \[foo\].*'inputs'"):
+    torch.save({"foo": "bar", "labels": torch.zeros(2)}, tmp_path / "b.pt")
+    with pytest.raises(DataError, match=r"keys \[foo, labels\].*'inputs'"):
         load_batch(str(tmp_path / "b.pt"))
+
+
+class KeywordModel(nn.Module):
+    """A Hugging Face style forward(input_ids, attention_mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids) * attention_mask[..., None]
+        return self.head(torch.relu(h).mean(dim=1))
+
+
+def test_dict_of_keyword_arguments() -> None:
+    import nnhealth
+
+    batch = {"input_ids": torch.randint(0, 20, (16, 5)), "attention_mask": torch.ones(16, 5),
+             "labels": torch.randint(0, 3, (16,))}
+    report = nnhealth.scan(KeywordModel(), batch)
+    assert report.run["batch"]["targets_shape"] == [16] and report.run["loss"] == "cross-entropy"
+    assert not report.errors
+
+
+@pytest.mark.parametrize(
+    "array,needle",
+    [(np.array(["a", "b"]), "holds <U1 values"), (np.zeros((4, 3), dtype=">f4"), None)],
+    ids=["strings", "big-endian"],
+)
+def test_numpy_dtypes(tmp_path: Path, array: np.ndarray, needle: str | None) -> None:
+    np.save(tmp_path / "a.npy", array)
+    if needle:
+        with pytest.raises(DataError, match=needle):
+            load_batch(str(tmp_path / "a.npy"))
+    else:
+        batch = load_batch(str(tmp_path / "a.npy"))
+        assert batch.inputs.dtype == torch.float32 and batch.shape == [4, 3]
 
 
 @pytest.mark.parametrize("text,shape", [("64x3x32x32", (64, 3, 32, 32)), ("8,4", (8, 4)), ("16", (16,))])

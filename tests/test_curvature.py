@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg as sla
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel

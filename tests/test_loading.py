@@ -100,6 +100,14 @@ def test_torch_nn_module_loads_without_trust(cli, tmp_path: Path) -> None:
     assert any(layer["kind"] == "relu" for layer in report["layers"])  # inside the encoder layer
 
 
+def test_transformer_with_gelu_loads_without_trust(cli, tmp_path: Path) -> None:
+    """TransformerEncoderLayer(activation="gelu") pickles torch._C._nn.gelu."""
+    layer = nn.TransformerEncoderLayer(8, 2, 16, activation="gelu", batch_first=True)
+    torch.save(nn.Sequential(layer, nn.Linear(8, 3)), tmp_path / "m.pt")
+    res = cli("scan", tmp_path / "m.pt", "--input-shape", "4x5x8", "-q")
+    assert res.code == 0, res.err
+
+
 def test_legacy_pickled_module_needs_trust(cli, tmp_path: Path) -> None:
     torch.save(he_mlp([4, 8, 2]), tmp_path / "old.pt", _use_new_zipfile_serialization=False)
     torch.save(torch.randn(16, 4), tmp_path / "x.pt")
@@ -265,7 +273,7 @@ def test_allowlist_holds_only_torch_nn(tmp_path: Path) -> None:
     allow = nn_allowlist()
     assert "torch.nn.modules.linear.Linear" in allow
     assert "torch.nn.modules.activation.MultiheadAttention" in allow
-    assert all(k.startswith(("torch.nn.modules.", "torch.nn.functional.")) for k in allow)
+    assert all(k.startswith(("torch.nn.modules.", "torch.nn.functional.", "torch._C._nn.")) for k in allow)
     assert not any("os." in k or "subprocess" in k or "builtins" in k for k in allow)
 
 

@@ -104,8 +104,13 @@ def describe(trend: Trend, what: str, unit: str) -> str:
     if trend.zeros:
         shown = ", ".join(trend.zeros[:4]) + (" ..." if len(trend.zeros) > 4 else "")
         return f"{what} is exactly 0 at {len(trend.zeros)} {unit}(s) ({shown}): no signal passes"
+    largest, smallest = (
+        ((trend.first, trend.first_name), (trend.last, trend.last_name))
+        if trend.factor < 1
+        else ((trend.last, trend.last_name), (trend.first, trend.first_name))
+    )
     return (
         f"{what} changes x{trend.factor:.3g} per {unit} over {trend.depth} {unit}s, "
-        f"x{trend.total:.3g} in all ({trend.first:.3g} at {trend.first_name}, "
-        f"{trend.last:.3g} at {trend.last_name})"
+        f"x{trend.total:.3g} in all (largest {largest[0]:.3g} at {largest[1]}, smallest "
+        f"{smallest[0]:.3g} at {smallest[1]})"
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from nnhealth.analyzers import _trend
 from nnhealth.analyzers._advice import dominant_nonlinearity, init_fix
 from nnhealth.analyzers.base import Check, Option
@@ -19,18 +21,28 @@ TREND_OPTIONS = (
 )
 
 
+# layers whose output scale is not a product of the layers before them: an embedding
+# is a lookup (its scale is its init), a recurrent layer has its own gates
+RESETTING_KINDS = {"Embedding", "EmbeddingBag", "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell",
+                   "RNNCell", "MultiheadAttention"}
+
+
 def depth_points(capture: Capture, role: str, value, reverse: bool = False):
     """(name, value, starts_new_run) for the sites of ``role`` in depth order.
 
-    A normalization layer between two sites starts a new run.
+    A normalization layer (or an embedding, a recurrent layer, attention) between two
+    sites starts a new run. For nonlinearities only the most common kind is followed
+    (an SE block's sigmoid gates are not on the same scale as the ReLU path).
     """
     pts = []
     pending_break = False
     sites = sorted(capture.sites, key=lambda s: s.order)
+    kinds = Counter(s.kind for s in sites if s.role == role and s.role == ACTIVATION)
+    main_kind = kinds.most_common(1)[0][0] if kinds else None
     for s in sites:
-        if s.role == NORM:
+        if s.role == NORM or s.kind in RESETTING_KINDS:
             pending_break = True
-        elif s.role == role:
+        elif s.role == role and (main_kind is None or s.kind == main_kind):
             pts.append((s.name, value(s), pending_break))
             pending_break = False
     if reverse:
@@ -54,7 +66,9 @@ class ActivationVariance(Check):
         depth and reports the per-layer growth factor and the total change over the
         deepest run of layers. Normalization layers (BatchNorm, LayerNorm, GroupNorm,
         RMSNorm) reset the scale, so the trend is fitted only within the runs between
-        them: a normalized network is not judged by its raw scale.
+        them: a normalized network is not judged by its raw scale. Embeddings, recurrent
+        layers and attention also start a new run, and only the most common nonlinearity
+        is followed (gates such as an SE block's sigmoid sit on another scale).
 
     Why it matters:
         For a layer s = W x, Var(s) = fan_in * Var(w) * Var(x). When fan_in * Var(w)

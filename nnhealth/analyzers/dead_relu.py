@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from nnhealth.analyzers.base import Check, Option, pct
-from nnhealth.capture.stats import LAYER, Capture, SiteStats
+from nnhealth.capture.stats import LAYER, NORM, Capture, SiteStats
 from nnhealth.findings import Finding, Severity
 
 
-def preceding_layer(capture: Capture, site: SiteStats) -> SiteStats | None:
-    """The last parametric layer that ran before ``site`` (the one feeding it, usually)."""
-    before = [s for s in capture.sites if s.role == LAYER and s.order < site.order]
+def preceding_layer(
+    capture: Capture, site: SiteStats, roles: tuple[str, ...] = (LAYER,)
+) -> SiteStats | None:
+    """The last layer of ``roles`` that ran before ``site`` (the one feeding it, usually)."""
+    before = [s for s in capture.sites if s.role in roles and s.order < site.order]
     return before[-1] if before else None
 
 
@@ -52,7 +54,8 @@ class DeadRelu(Check):
         Option(
             "min_examples",
             16,
-            "a unit active on half the inputs looks dead on 16 examples with p = 1.5e-5",
+            "values per unit (examples x positions): a unit active on half of them looks "
+            "dead on 16 with p = 1.5e-5",
         ),
     )
 
@@ -61,19 +64,21 @@ class DeadRelu(Check):
         if not sites:
             return []
         examples = capture.examples or 0
-        if examples < options["min_examples"]:
-            return [
+        judged = [s for s in sites if s.per_unit_count >= options["min_examples"]]
+        out = []
+        if len(judged) < len(sites):
+            out.append(
                 self.finding(
                     Severity.INFO,
                     None,
-                    f"the batch has {examples} examples: too few to call a ReLU unit dead "
-                    f"(needs {options['min_examples']})",
+                    f"{len(sites) - len(judged)} ReLU layer(s) see fewer than "
+                    f"{options['min_examples']} values per unit in this batch of {examples}: "
+                    "too few to call a unit dead",
                     {"examples": examples, "min_examples": options["min_examples"]},
                     f"scan with a batch of at least {options['min_examples']} examples",
                 )
-            ]
-        out = []
-        for site in sites:
+            )
+        for site in judged:
             dead = site.dead_units or 0
             frac = dead / site.units
             if frac < options["warn_fraction"]:
@@ -83,17 +88,29 @@ class DeadRelu(Check):
                 f"for all {examples} examples"
             )
             unit = "channels" if site.unit_dim == 1 and len(site.shape) >= 3 else "units"
-            feeder = preceding_layer(capture, site)
+            feeder = preceding_layer(capture, site, (LAYER, NORM))
             fix = (
                 "lower the learning rate if this followed training; re-initialize the layer "
                 "feeding it with He init and a small positive bias; or switch to LeakyReLU"
             )
             lines = []
-            if feeder is not None:
+            if feeder is not None and feeder.role == NORM:
+                fix = (
+                    "lower the learning rate if this followed training; reset the shift of the "
+                    "normalization layer feeding it (its negative bias keeps the units below 0); "
+                    "or switch to LeakyReLU"
+                )
                 lines += [
-                    f'layer = model.get_submodule("{feeder.name}")',
+                    f'norm = model.get_submodule("{feeder.module}")',
+                    "nn.init.zeros_(norm.bias)",
+                    "nn.init.ones_(norm.weight)",
+                ]
+            elif feeder is not None:
+                lines += [
+                    f'layer = model.get_submodule("{feeder.module}")',
                     'nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")',
-                    "nn.init.constant_(layer.bias, 0.01)",
+                    "if layer.bias is not None:",
+                    "    nn.init.constant_(layer.bias, 0.01)",
                 ]
             if not site.functional:
                 parent, _, attr = site.module.rpartition(".")

@@ -22,7 +22,8 @@ class Saturation(Check):
         saturated values (every example, position and unit); the finding also counts
         the units stuck, saturated on at least ``unit_fraction`` of the batch, and the
         mean derivative relative to its peak (from the output's moments: sigmoid'
-        = y(1-y), tanh' = 1-y^2).
+        = y(1-y), tanh' = 1-y^2). The nonlinearity that produces the model's output is
+        not judged: with a matching loss (BCE on a sigmoid) its gradient does not vanish.
 
     Why it matters:
         The gradient through a saturated unit is multiplied by a derivative near zero,
@@ -71,8 +72,8 @@ class Saturation(Check):
     def run(self, capture: Capture, options: dict) -> list[Finding]:
         out = []
         for site in capture.activation_sites():
-            if site.saturated_count is None:
-                continue
+            if site.saturated_count is None or site.is_output:
+                continue  # an output sigmoid's gradient through the loss does not vanish
             frac = site.saturated_fraction_values or 0.0
             if frac < options["warn_fraction"]:
                 continue
@@ -99,9 +100,10 @@ class Saturation(Check):
             if feeder is not None:
                 snippet = "\n".join(
                     [
-                        f'layer = model.get_submodule("{feeder.name}")',
+                        f'layer = model.get_submodule("{feeder.module}")',
                         call,
-                        "nn.init.zeros_(layer.bias)",
+                        "if layer.bias is not None:",
+                        "    nn.init.zeros_(layer.bias)",
                     ]
                 )
             deriv_txt = (

@@ -90,8 +90,3 @@ def build_table(derivative_fraction: float) -> dict[Callable, SpecFactory]:
             if fn is not None:
                 table[fn] = factory
     return table
-
-
-def activation_kinds() -> list[str]:
-    """Every kind name the table can produce (for docs and tests)."""
-    return sorted({f((), {}).kind for f in build_table(0.05).values()} | {"relu6"})

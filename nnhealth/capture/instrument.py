@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from nnhealth._util import first_line, tensors_in
 from nnhealth.capture.activations import build_table
 from nnhealth.capture.stats import (
     ACTIVATION,
@@ -62,30 +63,20 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, _NORM_TYPES)
 
 
+def _is_activation_module(module: nn.Module) -> bool:
+    """nn.ReLU, nn.PReLU, nn.GELU...: a nonlinearity written as a module."""
+    return type(module).__module__ == "torch.nn.modules.activation" and not isinstance(
+        module, nn.MultiheadAttention
+    )
+
+
 def _first_tensor(obj: Any) -> torch.Tensor | None:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, (tuple, list)):
-        for item in obj:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    if isinstance(obj, dict):
-        for item in obj.values():
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
+    found = tensors_in(obj)
+    return found[0] if found else None
 
 
 def _shapes(args: Any) -> list[list[int]]:
-    if isinstance(args, torch.Tensor):
-        return [list(args.shape)]
-    if isinstance(args, (tuple, list)):
-        return [s for a in args for s in _shapes(a)]
-    if isinstance(args, dict):
-        return [s for a in args.values() for s in _shapes(a)]
-    return []
+    return [list(t.shape) for t in tensors_in(args)]
 
 
 @dataclass
@@ -109,6 +100,9 @@ class _Site:
     active: torch.Tensor | None = None
     saturated: torch.Tensor | None = None
     fingerprint: torch.Tensor | None = None
+    positive_fraction: float | None = None
+    ptr: int = 0
+    is_output: bool = False
     grad_count: int = 0
     grad_mean: float | None = None
     grad_m2: float | None = None
@@ -125,7 +119,13 @@ class _Frame:
 
 class _Recorder:
     def __init__(
-        self, model: nn.Module, table: dict, keep_grads: bool, fingerprints: bool, seed: int
+        self,
+        model: nn.Module,
+        table: dict,
+        keep_grads: bool,
+        fingerprints: bool,
+        seed: int,
+        examples: int,
     ) -> None:
         self.model = model
         self.table = table
@@ -138,34 +138,49 @@ class _Recorder:
         self.sites: list[_Site] = []
         self.calls: Counter[str] = Counter()
         self.busy = False
-        self.channel_first = False
+        self.done = False  # set once the forward has returned
+        self.channels: int | None = None  # channel count of the last channel-first layer
         self.grad_events = 0
         self.failure: _Frame | None = None
-        self.examples: int | None = None
+        self.examples = examples
 
     # ---- module stack ---------------------------------------------------------------
     def pre_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            self.stack.append(_Frame(name, module, _shapes(args)))
-            if isinstance(module, _CHANNEL_FIRST_TYPES):
-                self.channel_first = True
-            elif next(module.parameters(recurse=False), None) is not None and not is_norm(module):
-                self.channel_first = False
+            if not self.done:  # hooks also fire in checkpoint recomputation during backward
+                self.stack.append(_Frame(name, module, _shapes(args)))
 
         return hook
 
     def post_hook(self, name: str, tracked: bool) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self.done:
+                return
             if self.stack and self.stack[-1].module is module:
                 self.stack.pop()
-            if tracked:
-                out = _first_tensor(output)
-                if out is not None:
-                    role = NORM if is_norm(module) else LAYER
-                    channel_first = isinstance(module, _CHANNEL_FIRST_TYPES)
-                    self.record(out, name, type(module).__name__, role, False, channel_first)
+            if not tracked:
+                return
+            out = _first_tensor(output)
+            if out is None:
+                return
+            channel_first = isinstance(module, _CHANNEL_FIRST_TYPES)
+            if channel_first and out.ndim >= 3:
+                self.channels = out.shape[1]  # the layout later nonlinearities are read in
+            elif not is_norm(module):
+                self.channels = None
+            role = NORM if is_norm(module) else LAYER
+            self.record(out, name, type(module).__name__, role, False, channel_first)
 
         return hook
+
+    def mark_output(self, out: torch.Tensor | None) -> None:
+        """Flag the last site whose output is the model's output (it feeds the loss)."""
+        if out is None:
+            return
+        for site in reversed(self.sites):
+            if site.ptr == out.data_ptr() and site.shape == tuple(out.shape):
+                site.is_output = True
+                return
 
     def record_failure(self) -> None:
         if self.stack and self.failure is None:
@@ -173,19 +188,20 @@ class _Recorder:
 
     # ---- activations --------------------------------------------------------------
     def on_activation(self, spec: ActivationSpec, out: torch.Tensor) -> None:
+        if self.done or out.ndim == 0 or self.examples not in tuple(out.shape):
+            return  # after the forward, or a nonlinearity of parameters (a learned gate)
+        channel_first = self.channels is not None and out.ndim >= 3 and out.shape[1] == self.channels
         if self.stack:
             top = self.stack[-1]
             owner, module = top.name, top.module
         else:
             owner, module = "", self.model
-        module_form = type(module).__module__ == "torch.nn.modules.activation" and not list(
-            module.children()
-        )
+        module_form = _is_activation_module(module)
         if module_form and owner:
-            self.record(out, owner, spec.kind, ACTIVATION, False, self.channel_first, spec)
+            self.record(out, owner, spec.kind, ACTIVATION, False, channel_first, spec)
         else:
             base = f"{owner or '(root)'}:{spec.kind}"
-            self.record(out, base, spec.kind, ACTIVATION, True, self.channel_first, spec)
+            self.record(out, base, spec.kind, ACTIVATION, True, channel_first, spec)
 
     # ---- reduction ----------------------------------------------------------------
     def record(
@@ -235,6 +251,7 @@ class _Recorder:
                     mean=mean,
                     var=max(var, 0.0) if math.isfinite(var) else var,
                     nonfinite=nonfinite,
+                    ptr=out.data_ptr(),
                 )
                 exact_f32 = site.per_unit_count < 2**24  # float32 counts are exact below
                 umax = None
@@ -243,6 +260,8 @@ class _Recorder:
                     # outputs are >= 0); a max-reduction, no mask, no temporary
                     umax = x.amax(dim=dims)
                     site.active = umax > 0
+                    if spec.derivative == "hard":  # ReLU6: flat at 0 as well as at the top
+                        site.positive_fraction = float(torch.sign(x).sum()) / x.numel()
                 if self.fingerprints and role == ACTIVATION:
                     umax = x.amax(dim=dims) if umax is None else umax
                     proj = _unit_projection(x, unit_dim, self._probes)
@@ -278,14 +297,7 @@ class _Recorder:
             m2 = var * n
             if not math.isfinite(m2):
                 site.grad_nonfinite += int((~torch.isfinite(g)).sum())
-            if site.grad_mean is None:
-                site.grad_count, site.grad_mean, site.grad_m2 = n, mean, m2
-            else:  # the same output reached twice (rare): Chan et al.'s combination
-                total = site.grad_count + n
-                delta = mean - site.grad_mean
-                site.grad_m2 += m2 + delta * delta * site.grad_count * n / total
-                site.grad_mean += delta * n / total
-                site.grad_count = total
+            site.grad_count, site.grad_mean, site.grad_m2 = n, mean, m2  # fires once
             if site.grad_order is None:
                 site.grad_order = self.grad_events
                 self.grad_events += 1
@@ -364,7 +376,11 @@ class _ActivationMode(TorchFunctionMode):
         rec = self.recorder
         if not rec.busy:
             factory = rec.table.get(func)
-            if factory is not None and isinstance(out, torch.Tensor):
+            if (
+                factory is not None
+                and isinstance(out, torch.Tensor)
+                and not (args and isinstance(args[0], nn.Parameter))  # a learned gate
+            ):
                 rec.on_activation(factory(args, kwargs or {}), out)
         return out
 
@@ -487,10 +503,13 @@ def _freeze(site: _Site, examples: int) -> SiteStats:
         grad_m2=site.grad_m2,
         grad_nonfinite=site.grad_nonfinite,
         grad_order=site.grad_order,
+        positive_fraction=site.positive_fraction,
+        is_output=site.is_output,
     )
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """model(x), model(*inputs) or model(**inputs), by the batch's structure."""
     if isinstance(inputs, dict):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
@@ -524,7 +543,8 @@ def run_pass(
     scripted = isinstance(model, torch.jit.ScriptModule)
     instrument = activations and not scripted
     recorder = _Recorder(
-        model, build_table(saturation_derivative), gradients, fingerprints and instrument, seed
+        model, build_table(saturation_derivative), gradients, fingerprints and instrument, seed,
+        examples,
     )
     handles = []
     named = list(model.named_parameters())
@@ -541,7 +561,9 @@ def run_pass(
         try:
             if instrument:
                 for mname, module in model.named_modules():
-                    tracked = next(module.parameters(recurse=False), None) is not None
+                    tracked = next(module.parameters(recurse=False), None) is not None and (
+                        not _is_activation_module(module)  # PReLU: recorded as a nonlinearity
+                    )
                     handles.append(module.register_forward_pre_hook(recorder.pre_hook(mname)))
                     handles.append(
                         module.register_forward_hook(recorder.post_hook(mname, tracked))
@@ -550,10 +572,12 @@ def run_pass(
                 try:
                     if instrument:
                         with _ActivationMode(recorder):
-                            output = _call(model, inputs)
+                            output = call_model(model, inputs)
                     else:
-                        output = _call(model, inputs)
-                except Exception as exc:  # the user's model raised
+                        output = call_model(model, inputs)
+                    recorder.done = True
+                    recorder.mark_output(_first_tensor(output))
+                except (Exception, SystemExit) as exc:  # the user's model raised
                     recorder.record_failure()
                     raise _forward_error(exc, recorder.failure, inputs) from exc
                 loss = make_loss(output)
@@ -565,10 +589,7 @@ def run_pass(
                             loss, [p for _, p in trainable], allow_unused=True
                         )
                     except RuntimeError as exc:
-                        raise CaptureError(
-                            f"the backward pass failed: {_first_line(exc)}; "
-                            "check that the loss is differentiable w.r.t. the parameters"
-                        ) from exc
+                        raise CaptureError(f"the backward pass failed: {first_line(exc)}") from exc
                     grads = {n: g for (n, _), g in zip(trainable, got, strict=True)}
                 elif gradients:
                     notes.append(
@@ -631,11 +652,6 @@ def _tensors_of(model: nn.Module) -> Iterator[torch.Tensor]:
     yield from model.buffers()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def _forward_error(exc: Exception, frame: _Frame | None, inputs: Any) -> CaptureError:
     got = _shapes(inputs)
     shape_txt = ", ".join(str(s) for s in got) if got else "no tensors"
@@ -653,6 +669,6 @@ def _forward_error(exc: Exception, frame: _Frame | None, inputs: Any) -> Capture
         fs = ", ".join(str(s) for s in frame.input_shapes) or "no tensors"
         where = f"in layer '{label}' [{detail}] on input of shape {fs}"
     return CaptureError(
-        f"the model raised {type(exc).__name__} {where}: {_first_line(exc)} "
+        f"the model raised {type(exc).__name__} {where}: {first_line(exc)} "
         f"(batch inputs had shape {shape_txt}; check that --data/--input-shape fit the model)"
     )

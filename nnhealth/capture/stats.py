@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# slope of the hard nonlinearities between their flat parts
+HARD_SLOPE = {"hardsigmoid": 1.0 / 6.0, "hardtanh": 1.0, "relu6": 1.0}
+
 # Site roles: a parametric layer's output (Linear, Conv, Embedding...), a normalization
 # layer's output (BatchNorm, LayerNorm...), or a nonlinearity's output.
 LAYER = "layer"
@@ -59,6 +62,8 @@ class SiteStats:
     # units with equal fingerprints computed the same function of this batch
     unit_fingerprint: np.ndarray | None = None
     spec: ActivationSpec | None = None
+    positive_fraction: float | None = None  # ReLU6-like: share of values above the flat 0
+    is_output: bool = False  # its output is the model's output (it feeds the loss)
     grad_count: int = 0
     grad_mean: float | None = None
     grad_m2: float | None = None
@@ -108,7 +113,11 @@ class SiteStats:
         if self.spec.derivative == "tanh":  # t' = 1 - t^2
             return 1.0 - self.second_moment
         if self.spec.derivative == "hard" and self.saturated_count is not None:
-            return float(1.0 - self.saturated_count.sum() / self.total)
+            # piecewise linear: slope `peak` between the flat parts, 0 on them
+            linear = (
+                self.positive_fraction if self.positive_fraction is not None else 1.0
+            ) - self.saturated_count.sum() / self.total
+            return float(max(linear, 0.0) * HARD_SLOPE.get(self.spec.kind, 1.0))
         return None
 
 

@@ -18,18 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnhealth.capture.instrument import preserved_state
+from nnhealth.capture.instrument import call_model, preserved_state
 from nnhealth.errors import CaptureError
 
 _NO_DOUBLE_BACKWARD = ("not implemented", "does not support double backward", "derivative for")
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 @contextlib.contextmanager
@@ -115,7 +107,7 @@ class HessianOperator:
 
     def _build(self, math_attention: bool) -> None:
         with torch.enable_grad(), _math_attention(math_attention):
-            loss = self.make_loss(_call(self.model, self.inputs))
+            loss = self.make_loss(call_model(self.model, self.inputs))
             self.loss = float(loss.detach())
             self._grads = torch.autograd.grad(loss, self.params, create_graph=True)
 

@@ -76,8 +76,11 @@ def lanczos(
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
-    q /= torch.linalg.vector_norm(q)
-    basis: list[torch.Tensor] = [q]
+    # the Krylov basis as rows of one matrix, grown by doubling: reorthogonalization is
+    # then two matrix-vector products over the basis, not a Python loop of small ones
+    basis = torch.empty((min(max_iter, n, 16) + 1, n), dtype=torch.float64, device=device)
+    basis[0] = q / torch.linalg.vector_norm(q)
+    size = 1
     alpha: list[float] = []
     beta: list[float] = []
     k = max(1, min(k, n))
@@ -85,16 +88,16 @@ def lanczos(
     bottom = None
     converged = False
     for it in range(1, min(max_iter, n) + 1):
-        w = matvec(basis[-1]).to(torch.float64)
-        a = float(torch.dot(basis[-1], w))
+        current = basis[size - 1]
+        w = matvec(current).to(torch.float64)
+        a = float(torch.dot(current, w))
         alpha.append(a)
-        w -= a * basis[-1]
-        if len(basis) > 1:
-            w -= beta[-1] * basis[-2]
-        # full reorthogonalization, twice ("twice is enough", Parlett)
-        for _ in range(2):
-            stacked = torch.stack(basis)
-            w -= stacked.T @ (stacked @ w)
+        w -= a * current
+        if size > 1:
+            w -= beta[-1] * basis[size - 2]
+        q_all = basis[:size]
+        for _ in range(2):  # full reorthogonalization, twice ("twice is enough", Parlett)
+            w -= q_all.T @ (q_all @ w)
         b = float(torch.linalg.vector_norm(w))
         theta, vecs = _ritz(alpha, beta + [b])
         order = np.argsort(theta)[::-1]
@@ -113,5 +116,10 @@ def lanczos(
             converged = True
             break
         beta.append(b)
-        basis.append(w / b)
+        if size == basis.shape[0]:
+            grown = torch.empty((min(2 * size, n + 1), n), dtype=torch.float64, device=device)
+            grown[:size] = basis
+            basis = grown
+        basis[size] = w / b
+        size += 1
     return LanczosResult(top=top, bottom=bottom, iterations=len(alpha), converged=converged)

@@ -191,7 +191,10 @@ class TextFormatter(Formatter):
         ran = len(report.run.get("checks", [])) - len(report.skipped)
         tail = f" ({len(report.skipped)} skipped)" if report.skipped else ""
         if report.healthy:
-            return Text(f"\n✓ healthy: no findings from {ran} checks{tail}", style="bold green")
+            return Text(f"\n✓ healthy: no findings from {ran} checks", style="bold green")
+        if not report.findings and not report.errors:
+            return Text(f"\n✓ no findings from {ran} checks{tail}: not a full verdict",
+                        style="green")
         plural = {"error": "errors", "warning": "warnings", "info": "info"}
         summary = ", ".join(f"{n} {k if n == 1 else plural[k]}" for k, n in counts.items())
         if report.errors:

@@ -3,6 +3,7 @@ unit-Gaussian batch of a given shape, or the example a factory returned."""
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -13,9 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnhealth._util import tensors_in
 from nnhealth.errors import DataError, UsageError
 from nnhealth.loading import detect
 
+_MAX_SYNTHETIC = 2**31 - 1  # values in a synthetic batch (8 GiB of float32)
 INPUT_KEYS = ("inputs", "input", "x", "data", "images", "features", "arr_0")
 TARGET_KEYS = ("targets", "target", "labels", "label", "y", "arr_1")
 
@@ -29,7 +32,7 @@ class Batch:
 
     @property
     def primary(self) -> torch.Tensor:
-        return _tensors(self.inputs)[0]
+        return tensors_in(self.inputs)[0]
 
     @property
     def examples(self) -> int:
@@ -48,16 +51,6 @@ class Batch:
         }
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [t for o in obj for t in _tensors(o)]
-    if isinstance(obj, dict):
-        return [t for o in obj.values() for t in _tensors(o)]
-    return []
-
-
 def parse_shape(text: str) -> tuple[int, ...]:
     if not re.fullmatch(r"\s*\d+(\s*[x,]\s*\d+)*\s*", text or ""):
         raise UsageError(
@@ -72,6 +65,12 @@ def parse_shape(text: str) -> tuple[int, ...]:
 def synthetic(shape: tuple[int, ...], seed: int, model: nn.Module | None) -> Batch:
     """Unit-Gaussian inputs from a seeded generator (integer ids for an Embedding model)."""
     gen = torch.Generator().manual_seed(seed)
+    values = math.prod(shape)
+    if values > _MAX_SYNTHETIC:
+        raise UsageError(
+            f"--input-shape {'x'.join(map(str, shape))}: {values:.3g} values is more than this "
+            f"tool will allocate ({_MAX_SYNTHETIC:.0e}); use a smaller batch"
+        )
     first = None
     if model is not None:
         first = next((m for m in model.modules() if next(m.parameters(False), None) is not None), None)
@@ -91,10 +90,21 @@ def _pick(d: dict, keys: tuple[str, ...]) -> Any:
     return None
 
 
+def _from_numpy(arr: np.ndarray, source: str) -> torch.Tensor:
+    if arr.dtype.kind not in "biuf":
+        raise DataError(
+            f"{source}: holds {arr.dtype} values; nnhealth needs numeric arrays (bool, int, float)"
+        )
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))  # torch reads native byte order only
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
 def interpret(obj: Any, source: str) -> Batch:
-    """(inputs, targets), a dict with inputs/labels, or a bare tensor."""
+    """(inputs, targets), a dict with inputs/labels (or a dict of model keyword
+    arguments with the targets under labels/targets), or a bare tensor."""
     if isinstance(obj, np.ndarray):
-        obj = torch.from_numpy(obj)
+        obj = _from_numpy(obj, source)
     if isinstance(obj, torch.Tensor):
         return Batch(inputs=obj, targets=None, source=source)
     if isinstance(obj, (tuple, list)):
@@ -102,34 +112,40 @@ def interpret(obj: Any, source: str) -> Batch:
             return interpret(obj[0], source)
         if len(obj) == 2:
             inputs, targets = obj
-            return Batch(inputs=_as_tensor(inputs), targets=_as_target(targets, source), source=source)
+            return Batch(inputs=_as_tensor(inputs, source), targets=_as_target(targets, source), source=source)
         raise DataError(
             f"{source}: a sequence of {len(obj)} items; expected a tensor or (inputs, targets)"
         )
     if isinstance(obj, dict):
         inputs = _pick(obj, INPUT_KEYS)
-        if inputs is None:
-            raise DataError(
-                f"{source}: a dict with keys [{', '.join(map(str, obj))}]; name the inputs "
-                "'inputs' (and the targets 'labels' or 'targets')"
-            )
         targets = _pick(obj, TARGET_KEYS)
-        return Batch(inputs=_as_tensor(inputs), targets=_as_target(targets, source), source=source)
+        if inputs is None:
+            kwargs = {k: v for k, v in obj.items() if k not in TARGET_KEYS}
+            if not kwargs or not all(isinstance(v, (torch.Tensor, np.ndarray)) for v in kwargs.values()):
+                raise DataError(
+                    f"{source}: a dict with keys [{', '.join(map(str, obj))}]; name the inputs "
+                    "'inputs' (and the targets 'labels' or 'targets'), or give only tensors "
+                    "(passed to the model as keyword arguments)"
+                )
+            # e.g. {"input_ids", "attention_mask", "labels"}: the model's keyword arguments
+            inputs = {str(k): _as_tensor(v, source) for k, v in kwargs.items()}
+            return Batch(inputs=inputs, targets=_as_target(targets, source), source=source)
+        return Batch(inputs=_as_tensor(inputs, source), targets=_as_target(targets, source), source=source)
     raise DataError(f"{source}: holds a {type(obj).__name__}; expected tensors")
 
 
-def _as_tensor(x: Any) -> Any:
+def _as_tensor(x: Any, source: str) -> Any:
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(x)
+        return _from_numpy(x, source)
     if isinstance(x, (tuple, list)) and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in x):
-        return tuple(_as_tensor(t) for t in x)
+        return tuple(_as_tensor(t, source) for t in x)
     return x
 
 
 def _as_target(y: Any, source: str) -> torch.Tensor | None:
     if y is None:
         return None
-    y = _as_tensor(y)
+    y = _as_tensor(y, source)
     if not isinstance(y, torch.Tensor):
         raise DataError(f"{source}: targets are a {type(y).__name__}, expected a tensor")
     return y
@@ -137,6 +153,8 @@ def _as_target(y: Any, source: str) -> torch.Tensor | None:
 
 def load_batch(path_text: str) -> Batch:
     path = Path(path_text)
+    if path.is_dir():
+        raise DataError(f"{path_text}: is a directory; give a .pt, .npz or .npy file")
     if not path.is_file():
         raise DataError(f"{path_text}: no such data file")
     try:
@@ -176,12 +194,17 @@ def load_batch(path_text: str) -> Batch:
 
 def prepare(batch: Batch, dtype: torch.dtype | None, device: torch.device) -> Batch:
     """Validate (finite, non-empty), cast floating inputs to the model's dtype, move to device."""
-    tensors = _tensors(batch.inputs)
+    tensors = tensors_in(batch.inputs)
     if not tensors:
         raise DataError(f"{batch.source}: no input tensors in the batch")
-    if tensors[0].ndim == 0 or tensors[0].shape[0] == 0:
+    if tensors[0].ndim == 0:
+        raise DataError(
+            f"{batch.source}: the inputs are a single number (0-dim tensor); a batch needs "
+            "its examples along the first dimension"
+        )
+    if tensors[0].shape[0] == 0:
         raise DataError(f"{batch.source}: the inputs are empty (shape {list(tensors[0].shape)})")
-    for name, group in (("inputs", tensors), ("targets", _tensors(batch.targets))):
+    for name, group in (("inputs", tensors), ("targets", tensors_in(batch.targets))):
         for t in group:
             if t.is_floating_point() or t.is_complex():
                 bad = int((~torch.isfinite(t)).sum())

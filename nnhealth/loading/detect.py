@@ -18,6 +18,7 @@ ZIP_OTHER = "zip"
 TRUNCATED_ZIP = "truncated zip"
 CORRUPT_ZIP = "corrupt zip"
 UNKNOWN = "unknown"
+_MAX_HEADER = 100 * 2**20  # safetensors caps its JSON header at 100 MB
 
 
 def sniff(path: Path) -> str:
@@ -52,6 +53,8 @@ def sniff(path: Path) -> str:
         return TORCH_PICKLE  # legacy (non-zip) torch.save: a pickle stream
     if len(head) >= 9 and head[8:9] == b"{":
         (n,) = struct.unpack("<Q", head[:8])
+        if not 0 < n <= min(path.stat().st_size - 8, _MAX_HEADER):
+            return UNKNOWN  # a length read from the file: never trust it before checking
         try:
             with path.open("rb") as fh:
                 fh.seek(8)

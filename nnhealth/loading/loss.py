@@ -55,7 +55,18 @@ class LossResolver:
             out = primary_output(output) if not isinstance(output, torch.Tensor) else output
             self.output_shape = list(out.shape)
             self.description = f"custom ({getattr(self.custom, '__name__', type(self.custom).__name__)})"
-            loss = self.custom(output, self.targets) if self.targets is not None else self.custom(output)
+            try:
+                loss = (
+                    self.custom(output, self.targets)
+                    if self.targets is not None
+                    else self.custom(output)
+                )
+            except Exception as exc:  # the user's loss function
+                raise DataError(
+                    f"the loss function {self.description[8:-1]} raised {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}; check it against the "
+                    f"model's output {self.output_shape} and the targets"
+                ) from exc
             return self._scalar(loss)
         out = primary_output(output)
         self.output_shape = list(out.shape)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nnhealth._util import first_line
 from nnhealth.errors import LoadError, UsageError
 from nnhealth.loading import detect
 
@@ -67,25 +68,25 @@ def nn_allowlist() -> dict[str, Any]:
         fn = getattr(F, fname, None)
         if fn is not None:
             allowed[f"torch.nn.functional.{fname}"] = fn
+            # some are C builtins pickled under their own module (torch._C._nn.gelu)
+            allowed[f"{getattr(fn, '__module__', None) or 'torch.nn.functional'}.{fn.__name__}"] = fn
     return allowed
 
 
 @contextlib.contextmanager
-def _importable_from(directory: str) -> Iterator[None]:
-    """Put ``directory`` first on sys.path and write no bytecode next to user files."""
-    old_path, old_bytecode = list(sys.path), sys.dont_write_bytecode
+def _importable_from(directory: str, argv0: str = "nnhealth") -> Iterator[None]:
+    """Put ``directory`` first on sys.path, write no bytecode next to user files, and
+    hide nnhealth's own command line from user code that parses sys.argv on import."""
+    old_path, old_bytecode, old_argv = list(sys.path), sys.dont_write_bytecode, sys.argv
     sys.path.insert(0, directory)
     sys.dont_write_bytecode = True
+    sys.argv = [argv0]
     try:
         yield
     finally:
         sys.path[:] = old_path
         sys.dont_write_bytecode = old_bytecode
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0].strip() if lines else type(exc).__name__
+        sys.argv = old_argv
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -133,12 +134,12 @@ def _load_pickle(path: Path, trust: bool) -> tuple[Any, str]:
         ) from exc
     except (ModuleNotFoundError, AttributeError) as exc:
         raise LoadError(
-            f"{path}: the pickle needs code that is not importable ({_first_line(exc)}); "
+            f"{path}: the pickle needs code that is not importable ({first_line(exc)}); "
             "run from the directory that holds the model's package, or use an entry point"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise LoadError(
-            f"{path}: cannot read this torch.save file ({_first_line(exc)}); it looks "
+            f"{path}: cannot read this torch.save file ({first_line(exc)}); it looks "
             "truncated or corrupt: save it again"
         ) from exc
 
@@ -156,7 +157,7 @@ def _unpickler_reason(exc: BaseException) -> str:
 def _refusal(path: Path, refused: list[str]) -> LoadError:
     shown = ", ".join(refused[:6]) + (f" and {len(refused) - 6} more" if len(refused) > 6 else "")
     return LoadError(
-        f"{path}: refusing to unpickle classes outside torch.nn ({shown}): loading them runs "
+        f"{path}: refusing to unpickle classes or functions outside torch.nn ({shown}): loading them runs "
         "code from the file. If you trust it, rerun with --trust (or NNHEALTH_TRUST=1) from "
         "a directory where those modules import; or scan an entry point "
         "(pkg.module:factory --weights FILE)"
@@ -201,7 +202,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:
-        raise LoadError(f"{path}: cannot read safetensors ({_first_line(exc)})") from exc
+        raise LoadError(f"{path}: cannot read safetensors ({first_line(exc)})") from exc
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -222,10 +223,10 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise LoadError(
-            f"{path}: holds more than weights ({_first_line(exc)}); save model.state_dict()"
+            f"{path}: holds more than weights ({_unpickler_reason(exc)}); save model.state_dict()"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise LoadError(f"{path}: cannot read ({_first_line(exc)}); truncated or corrupt?") from exc
+        raise LoadError(f"{path}: cannot read ({first_line(exc)}); truncated or corrupt?") from exc
     return unwrap_state_dict(obj, str(path))
 
 
@@ -241,7 +242,7 @@ def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) 
             try:
                 model.load_state_dict(cand, strict=True)
             except RuntimeError as exc:
-                raise LoadError(f"{where}: does not fit the model ({_first_line(exc)})") from exc
+                raise LoadError(f"{where}: does not fit the model ({first_line(exc)})") from exc
             return
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
@@ -261,7 +262,7 @@ def _entry_point(spec: str) -> tuple[Any, str]:
             file = Path(target)
             if not file.is_file():
                 raise LoadError(f"{spec}: no such file {target}")
-            with _importable_from(str(file.resolve().parent)):
+            with _importable_from(str(file.resolve().parent), str(file)):
                 modspec = importlib.util.spec_from_file_location(f"_nnhealth_entry_{file.stem}", file)
                 module = importlib.util.module_from_spec(modspec)
                 modspec.loader.exec_module(module)
@@ -270,9 +271,9 @@ def _entry_point(spec: str) -> tuple[Any, str]:
                 module = importlib.import_module(target)
     except LoadError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # user code: anything but Ctrl-C is its failure
         raise LoadError(
-            f"{spec}: importing {target} raised {type(exc).__name__}: {_first_line(exc)}"
+            f"{spec}: importing {target} raised {type(exc).__name__}: {first_line(exc)}"
         ) from exc
     obj: Any = module
     for part in attr.split("."):
@@ -286,9 +287,9 @@ def _entry_point(spec: str) -> tuple[Any, str]:
     try:
         with _importable_from(os.getcwd()):
             return obj(), target
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise LoadError(
-            f"{spec}: the factory raised {type(exc).__name__}: {_first_line(exc)}"
+            f"{spec}: the factory raised {type(exc).__name__}: {first_line(exc)}"
         ) from exc
 
 
@@ -362,7 +363,7 @@ def load_model(spec: str, *, trust: bool = False, weights: str | None = None) ->
                 warnings.simplefilter("ignore", DeprecationWarning)
                 model = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
-            raise LoadError(f"{spec}: cannot load TorchScript ({_first_line(exc)})") from exc
+            raise LoadError(f"{spec}: cannot load TorchScript ({first_line(exc)})") from exc
         return LoadedModel(model=model, format="TorchScript", source=spec)
     if kind == detect.EXPORT:
         raise LoadError(
