@@ -7,10 +7,7 @@ from __future__ import annotations
 
 
 class NnhealthError(Exception):
-    """Base class. ``kind`` names the stage that failed."""
-
-    kind = "error"
-    exit_code = 2
+    """Base class: the subclass names the stage that failed."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -23,22 +20,18 @@ class NnhealthError(Exception):
 class UsageError(NnhealthError):
     """Bad arguments or option values."""
 
-    kind = "usage"
 
 
 class LoadError(NnhealthError):
     """The model could not be read, or reading it would be unsafe."""
 
-    kind = "load"
 
 
 class DataError(NnhealthError):
     """The batch could not be read, or does not fit the model or the loss."""
 
-    kind = "data"
 
 
 class CaptureError(NnhealthError):
     """The model raised during the instrumented forward/backward pass."""
 
-    kind = "capture"
