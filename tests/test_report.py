@@ -119,3 +119,13 @@ def test_json_writes_null_for_nonfinite() -> None:
 )
 def test_log_bar(value, bar: str) -> None:
     assert log_bar(value, 1e-8, 1.0) == bar
+
+
+def test_curvature_line_in_header() -> None:
+    import dataclasses
+
+    curvature = {"top_eigenvalues": [12.5], "bounds": [1e-4], "converged": False, "lanczos_hvps": 100,
+                 "mode": "eval", "lr_limit": 0.16, "lambda_min": -0.3, "trace": None}
+    text = render(dataclasses.replace(hand_built(), curvature=curvature))
+    assert "λmax 12.5 (bound 1.0e-04, NOT converged, 100 HVPs, eval mode)" in text
+    assert "lr limit 2/λmax = 0.16" in text and "λmin -0.3" in text

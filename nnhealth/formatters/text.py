@@ -108,6 +108,19 @@ class TextFormatter(Formatter):
             )
         else:
             grid.add_row("pass", f"weights only, no forward pass · {fmt(run.get('seconds'))} s")
+        c = report.curvature
+        if c:
+            top = ", ".join(f"{v:.6g}" for v in c["top_eigenvalues"])
+            state = "converged" if c["converged"] else "NOT converged"
+            bits = [f"λmax {top} (bound {c['bounds'][0]:.1e}, {state}, {c['lanczos_hvps']} HVPs, "
+                    f"{c['mode']} mode)"]
+            if c.get("lr_limit") is not None:
+                bits.append(f"lr limit 2/λmax = {c['lr_limit']:.4g}")
+            if c.get("lambda_min") is not None:
+                bits.append(f"λmin {c['lambda_min']:.4g}")
+            if c.get("trace") is not None:
+                bits.append(f"trace {c['trace']:.4g} ± {c['trace_stderr']:.2g}")
+            grid.add_row("hessian", " · ".join(bits))
         return grid
 
     def _table(self, report: Report) -> Table:
