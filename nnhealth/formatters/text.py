@@ -158,6 +158,8 @@ class TextFormatter(Formatter):
             ("width", width, "effective_width"),
         ]
         shown = [c for c in columns if c[2] is None or any(r.get(c[2]) is not None for r in rows)]
+        if not any(width(r) for r in rows):  # every layer at full width: nothing to show
+            shown = [c for c in shown if c[0] != "width"]
         table = Table(title="Layers (forward order)", title_justify="left", box=None,
                       header_style="bold", pad_edge=False, padding=(0, 1))
         for header, _, _ in shown:
