@@ -47,6 +47,10 @@ class ModeChoice(str, enum.Enum):
 class FormatChoice(str, enum.Enum):
     text = "text"
     json = "json"
+    sarif = "sarif"
+    github = "github"
+    junit = "junit"
+    markdown = "markdown"
 
 
 class SeverityChoice(str, enum.Enum):
@@ -242,6 +246,7 @@ def scan(
         width=max(width, 80),
         verbose=verbose,
         quiet=quiet,
+        fail_on=fail_on.value,
     )
     text = get_formatter(fmt.value, render).render(report)
     if output is not None:

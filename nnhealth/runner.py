@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import time
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -71,6 +73,33 @@ def _resolve_checks(opts: ScanOptions) -> list[tuple[type[Check], dict[str, Any]
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     return out
+
+
+def source_location(loaded: LoadedModel) -> dict[str, Any] | None:
+    """Where findings point in code: the model class's source when it lives under the
+    current directory, else the entry point's file or the model file, at line 1."""
+    cwd = Path.cwd().resolve()
+
+    def rel(path: str | Path) -> str | None:
+        try:
+            return Path(path).resolve().relative_to(cwd).as_posix()
+        except (ValueError, OSError):
+            return None
+
+    if loaded.model is not None:
+        try:
+            file = inspect.getsourcefile(type(loaded.model))
+            line = inspect.getsourcelines(type(loaded.model))[1]
+        except (TypeError, OSError):
+            file = None
+        if file and rel(file):
+            return {"file": rel(file), "line": max(line, 1)}
+    spec = loaded.source
+    candidates = [spec, spec.rpartition(":")[0]] if ":" in spec else [spec]
+    for cand in candidates:
+        if cand and Path(cand).is_file() and rel(cand):
+            return {"file": rel(cand), "line": 1}
+    return None
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype | None:
@@ -209,6 +238,7 @@ def run(
         "seed": opts.seed,
         "lr": opts.lr,
         "torch": torch.__version__,
+        "model_source": source_location(loaded),
     }
     if model is None or not (needs - {"weights"}):
         source = loaded.state if model is None else dict(model.named_parameters())

@@ -5,18 +5,30 @@ from __future__ import annotations
 import enum
 
 from nnhealth.formatters.base import Formatter, RenderOptions
+from nnhealth.formatters.github import GithubFormatter
 from nnhealth.formatters.json import JsonFormatter
+from nnhealth.formatters.junit import JunitFormatter
+from nnhealth.formatters.markdown import MarkdownFormatter
+from nnhealth.formatters.sarif import SarifFormatter
 from nnhealth.formatters.text import TextFormatter
 
 
 class Format(str, enum.Enum):
     text = "text"
     json = "json"
+    sarif = "sarif"
+    github = "github"
+    junit = "junit"
+    markdown = "markdown"
 
 
 FORMATTERS: dict[Format, type[Formatter]] = {
     Format.text: TextFormatter,
     Format.json: JsonFormatter,
+    Format.sarif: SarifFormatter,
+    Format.github: GithubFormatter,
+    Format.junit: JunitFormatter,
+    Format.markdown: MarkdownFormatter,
 }
 
 

@@ -11,6 +11,7 @@ class RenderOptions:
     width: int = 120
     verbose: bool = False
     quiet: bool = False
+    fail_on: str = "error"  # the exit-code threshold, for formats that mark failures
 
 
 class Formatter:

@@ -265,6 +265,9 @@ def _entry_point(spec: str) -> tuple[Any, str]:
             with _importable_from(str(file.resolve().parent), str(file)):
                 modspec = importlib.util.spec_from_file_location(f"_nnhealth_entry_{file.stem}", file)
                 module = importlib.util.module_from_spec(modspec)
+                # registered, as an import would: inspect (the report's source locations)
+                # and dataclasses look classes' modules up in sys.modules
+                sys.modules[modspec.name] = module
                 modspec.loader.exec_module(module)
         else:
             with _importable_from(os.getcwd()):
