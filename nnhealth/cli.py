@@ -180,6 +180,9 @@ def scan(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file instead of stdout.")] = None,
     fail_on: Annotated[SeverityChoice, typer.Option("--fail-on", help="Exit 1 when a finding is at or above this severity.")] = SeverityChoice.error,
     exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even with findings (errors of the tool still exit 2).")] = False,
+    baseline: Annotated[Path | None, typer.Option("--baseline", help="Fail only on findings that are new or worse than in this baseline file.")] = None,
+    write_baseline: Annotated[Path | None, typer.Option("--write-baseline", help="Record the current findings as accepted (exit 0) in this file.")] = None,
+    baseline_tolerance: Annotated[float, typer.Option("--baseline-tolerance", help="Relative growth of a finding's score that counts as worse.")] = 0.1,
     trust: Annotated[bool, typer.Option("--trust", envvar="NNHEALTH_TRUST", help="Allow unpickling classes outside torch.nn (runs code from the file).")] = False,
     device: Annotated[DeviceChoice | None, typer.Option("--device", help="Device for the pass (default: where the model's parameters are).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for synthetic inputs, random targets and dropout.")] = 0,
@@ -194,10 +197,15 @@ def scan(
         raise UsageError(f"--seed {seed}: must be a non-negative integer")
     if lr is not None and not (lr > 0 and lr != float("inf")):
         raise UsageError(f"--lr {lr}: must be a positive, finite number")
+    if baseline_tolerance < 0:
+        raise UsageError(f"--baseline-tolerance {baseline_tolerance}: must be >= 0")
     if arch and weights:
         raise UsageError("give either --arch (MODEL is the weights) or --weights, not both")
-    if output is not None and any(_same_file(output, f) for f in _user_files(model, data, weights, arch)):
-        raise UsageError(f"-o {output}: refusing to overwrite the model, data or source file")
+    for flag, target in (("-o", output), ("--write-baseline", write_baseline)):
+        if target is not None and any(
+            _same_file(target, f) for f in _user_files(model, data, weights, arch)
+        ):
+            raise UsageError(f"{flag} {target}: refusing to overwrite the model, data or source file")
     if output is not None and output.is_dir():
         raise UsageError(f"-o {output}: is a directory; give a file path")
 
@@ -237,6 +245,15 @@ def scan(
             hessian_budget=hessian_budget,
         )
         report = runner.run(loaded, batch, opts, progress=status.update)
+    if baseline is not None:
+        from dataclasses import replace as _replace
+
+        from nnhealth import baseline as baselines
+
+        report = _replace(
+            report, baseline={"file": str(baseline), **baselines.compare(
+                report, baselines.read(baseline), baseline_tolerance)}
+        )
 
     to_terminal = output is None and sys.stdout.isatty()
     # a terminal's own width; files, pipes and CI logs get room for the whole table
@@ -256,6 +273,15 @@ def scan(
             raise UsageError(f"-o {output}: cannot write ({exc.strerror})") from exc
     else:
         _write(sys.stdout, text)
+    if write_baseline is not None:
+        from nnhealth import baseline as baselines
+
+        try:
+            baselines.write(report, write_baseline)
+        except OSError as exc:
+            raise UsageError(f"--write-baseline {write_baseline}: cannot write ({exc.strerror})") from exc
+        if not report.errors:
+            return EXIT_OK  # the findings are accepted as they are
     if report.errors:
         return EXIT_ERROR
     if report.ok(Severity.parse(fail_on.value)) or exit_zero:

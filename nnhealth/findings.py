@@ -112,6 +112,18 @@ class Report:
     notes: tuple[str, ...] = ()
     curvature: dict[str, Any] | None = None
     tool_version: str = field(default="")
+    # comparison with a baseline: keys of new / worse / unchanged / fixed findings
+    baseline: dict[str, Any] | None = None
+
+    def gating(self) -> tuple[Finding, ...]:
+        """The findings that decide the exit code: all, or only new and worse ones when
+        compared with a baseline."""
+        if self.baseline is None:
+            return self.findings
+        from nnhealth.baseline import key
+
+        counted = set(self.baseline["new"]) | set(self.baseline["worse"])
+        return tuple(f for f in self.findings if key(f) in counted)
 
     def counts(self) -> dict[str, int]:
         out = {s.label: 0 for s in sorted(Severity, reverse=True)}
@@ -123,9 +135,10 @@ class Report:
         return max((f.severity for f in self.findings), default=None)
 
     def ok(self, fail_on: Severity | str = Severity.ERROR) -> bool:
-        """True when no finding is at or above ``fail_on`` and no check failed to run."""
+        """True when no (new or worse, with a baseline) finding is at or above ``fail_on``
+        and no check failed to run."""
         threshold = Severity.parse(fail_on)
-        return not self.errors and all(f.severity < threshold for f in self.findings)
+        return not self.errors and all(f.severity < threshold for f in self.gating())
 
     @property
     def healthy(self) -> bool:
@@ -145,6 +158,7 @@ class Report:
                 "errors": [e.to_dict() for e in self.errors],
                 "skipped": [s.to_dict() for s in self.skipped],
                 "notes": list(self.notes),
+                "baseline": self.baseline,
                 "summary": {**counts, "healthy": self.healthy},
             }
         )

@@ -72,6 +72,17 @@ class TextFormatter(Formatter):
                 console.print()
             self._notes(console, report)
         self._findings(console, report)
+        if report.baseline is not None:
+            b = report.baseline
+            console.print(Text(
+                f"\nbaseline {b['file']}: {len(b['new'])} new, {len(b['worse'])} worse, "
+                f"{len(b['unchanged'])} unchanged, {len(b['fixed'])} fixed"
+                + (f" ({', '.join(b['fixed'][:5])})" if b["fixed"] else ""),
+                style="bold",
+            ))
+            for label in ("new", "worse"):
+                for k in b[label]:
+                    console.print(Text(f"  {label}: {k}", style="yellow"))
         console.print(self._verdict(report))
         return "".join(line.rstrip() + "\n" for line in buf.getvalue().splitlines())
 
@@ -217,4 +228,9 @@ class TextFormatter(Formatter):
         worst = report.worst()
         style = STYLE[worst] if worst else "red"
         mark = "✗" if worst == Severity.ERROR or report.errors else "!"
+        if report.baseline is not None:
+            gating = len(report.gating())
+            tail += f"; {gating} new or worse than the baseline"
+            if not gating and not report.errors:
+                mark, style = "✓", "green"
         return Text(f"\n{mark} {summary} from {ran} checks{tail}", style=style)

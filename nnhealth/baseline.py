@@ -1,0 +1,100 @@
+"""Baselines: accept the findings a model already has, fail only on new or worse ones.
+
+A baseline file records each finding by its key (check code and layer) with its
+severity and a score, the number that gets worse as the problem grows (the dead
+fraction for NH101, how far the variance drifts through depth for NH201...). Compared
+with a later scan: a finding is *new* if its key is absent, *worse* if its severity rose
+or its score grew by more than the tolerance, *unchanged* otherwise; baseline keys that
+no longer appear are *fixed*.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from nnhealth.errors import UsageError
+from nnhealth.findings import Finding, Report, Severity, json_number
+
+FORMAT_VERSION = 1
+
+
+def key(f: Finding) -> str:
+    return f"{f.code}:{f.layer or '(model)'}"
+
+
+def _deviation(value: Any, healthy: float = 1.0) -> float | None:
+    """Orders of magnitude away from ``healthy`` (0 is infinitely far)."""
+    if value is None:
+        return None
+    if value == 0:
+        return math.inf
+    return abs(math.log10(abs(value) / healthy))
+
+
+def score(f: Finding) -> float | None:
+    """The finding's size: larger is worse. None when the evidence has no such number."""
+    e = f.evidence
+    by_code = {
+        "NH001": lambda: e.get("nonfinite") or e.get("parameters"),
+        "NH101": lambda: e.get("dead_fraction"),
+        "NH102": lambda: e.get("saturated_values_fraction"),
+        "NH201": lambda: _deviation(e.get("total_ratio")),
+        "NH202": lambda: _deviation(e.get("total_ratio")),
+        "NH301": lambda: e.get("spread") or _deviation(e.get("relative_update"), 1e-3),
+        "NH401": lambda: e.get("lr_over_limit"),
+        "NH501": lambda: e.get("grouped_units"),
+        "NH601": lambda: _deviation(e.get("expected_change") or e.get("ratio")),
+    }
+    value = by_code.get(f.code, lambda: None)()
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def write(report: Report, path: Path) -> None:
+    entries = [
+        {"key": key(f), "code": f.code, "check": f.check, "layer": f.layer,
+         "severity": f.severity.label, "score": json_number(score(f)), "message": f.message}
+        for f in report.findings
+    ]
+    doc = {"nnhealth_baseline": FORMAT_VERSION, "tool_version": report.tool_version,
+           "model": report.run.get("model"), "findings": entries}
+    path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+
+
+def read(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--baseline {path}: no such file (write one with --write-baseline)") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--baseline {path}: not a readable baseline ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("nnhealth_baseline") != FORMAT_VERSION:
+        raise UsageError(f"--baseline {path}: not an nnhealth baseline (version {FORMAT_VERSION})")
+    try:
+        return {entry["key"]: entry for entry in doc["findings"]}
+    except (KeyError, TypeError):
+        raise UsageError(f"--baseline {path}: malformed findings list") from None
+
+
+def compare(report: Report, baseline: dict[str, dict[str, Any]], tolerance: float) -> dict[str, Any]:
+    new, worse, unchanged = [], [], []
+    for f in report.findings:
+        k = key(f)
+        old = baseline.get(k)
+        if old is None:
+            new.append(k)
+            continue
+        old_sev = Severity.parse(old.get("severity", "info"))
+        now, before = score(f), old.get("score")
+        grew = (
+            now is not None
+            and isinstance(before, (int, float))
+            and now > before * (1 + tolerance) + 1e-12
+        )
+        (worse if f.severity > old_sev or grew else unchanged).append(k)
+    current = {key(f) for f in report.findings}
+    fixed = [k for k in baseline if k not in current]
+    return {"new": new, "worse": worse, "unchanged": unchanged, "fixed": fixed,
+            "tolerance": tolerance}

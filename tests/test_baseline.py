@@ -1,0 +1,76 @@
+"""Baselines: new, unchanged, worse and fixed findings, through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import he_mlp
+from test_loading import one_line_error
+
+
+def save(tmp_path: Path, dead_fc2: int, dead_fc4: int = 0) -> Path:
+    model = he_mlp([32, 64, 64, 64, 4])
+    with torch.no_grad():
+        model[2].bias[:dead_fc2] = -50.0
+        model[4].bias[:dead_fc4] = -50.0
+    path = tmp_path / "m.pt"
+    torch.save(model, path)
+    return path
+
+
+def scan(cli, path: Path, *args):
+    res = cli("scan", path, "--input-shape", "64x32", "--fail-on", "warning", "--format", "json", *args)
+    return res.code, json.loads(res.out) if res.out else None
+
+
+def test_baseline_lifecycle(cli, tmp_path: Path) -> None:
+    base = tmp_path / "baseline.json"
+    model = save(tmp_path, dead_fc2=16)  # 25% dead at layer 3: a warning
+    code, report = scan(cli, model)
+    assert code == 1
+    code, _ = scan(cli, model, "--write-baseline", base)
+    assert code == 0 and json.loads(base.read_text())["findings"][0]["key"] == "NH101:3"
+
+    code, report = scan(cli, model, "--baseline", base)  # unchanged: accepted
+    assert code == 0
+    assert report["baseline"]["unchanged"] == ["NH101:3"] and report["baseline"]["new"] == []
+
+    save(tmp_path, dead_fc2=20)  # 31% dead: 25% more than before, past the 10% tolerance
+    code, report = scan(cli, model, "--baseline", base)
+    assert code == 1 and report["baseline"]["worse"] == ["NH101:3"]
+    code, report = scan(cli, model, "--baseline", base, "--baseline-tolerance", "0.5")
+    assert code == 0 and report["baseline"]["unchanged"] == ["NH101:3"]
+
+    save(tmp_path, dead_fc2=16, dead_fc4=16)  # a second layer dies: new
+    code, report = scan(cli, model, "--baseline", base)
+    assert code == 1 and report["baseline"]["new"] == ["NH101:5"]
+
+    save(tmp_path, dead_fc2=0)  # fixed
+    code, report = scan(cli, model, "--baseline", base)
+    assert code == 0 and report["baseline"]["fixed"] == ["NH101:3"]
+    text = cli("scan", model, "--input-shape", "64x32", "--baseline", base).out
+    assert "0 new, 0 worse, 0 unchanged, 1 fixed (NH101:3)" in text
+
+
+def test_severity_rise_is_worse(cli, tmp_path: Path) -> None:
+    base = tmp_path / "b.json"
+    model = save(tmp_path, dead_fc2=16)
+    scan(cli, model, "--write-baseline", base)
+    save(tmp_path, dead_fc2=40)  # 62%: an error now
+    code, report = scan(cli, model, "--baseline", base)
+    assert code == 1 and report["baseline"]["worse"] == ["NH101:3"]
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "no such file"), ("{not json", "not a readable baseline"), ('{"a": 1}', "not an nnhealth baseline"),
+])
+def test_bad_baseline_files(cli, tmp_path: Path, content: str | None, needle: str) -> None:
+    path = tmp_path / "b.json"
+    if content is not None:
+        path.write_text(content)
+    model = save(tmp_path, dead_fc2=0)
+    assert needle in one_line_error(cli("scan", model, "--input-shape", "64x32", "--baseline", path))
