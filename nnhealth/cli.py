@@ -160,7 +160,8 @@ def _write(stream, text: str) -> None:
 
 @app.command()
 def scan(
-    model: Annotated[str, typer.Argument(help="Model file (torch.save, TorchScript, state_dict, safetensors) or entry point pkg.module:factory / file.py:factory.")],
+    ctx: typer.Context,
+    model: Annotated[str | None, typer.Argument(help="Model file (torch.save, TorchScript, state_dict, safetensors) or entry point pkg.module:factory / file.py:factory. Default: model in the config file.", show_default=False)] = None,
     data: Annotated[str | None, typer.Option("--data", help="Batch file: .pt (tensor, (inputs, targets) or dict), .npz or .npy.")] = None,
     input_shape: Annotated[str | None, typer.Option("--input-shape", help="Synthetic unit-Gaussian batch of this shape, e.g. 64x3x32x32.")] = None,
     weights: Annotated[str | None, typer.Option("--weights", help="state_dict / Lightning .ckpt / safetensors to load into an entry point's model.")] = None,
@@ -189,8 +190,33 @@ def scan(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Findings and verdict only.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Add each finding's evidence.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    config: Annotated[Path | None, typer.Option("--config", help="Config file (pyproject.toml with [tool.nnhealth], or nnhealth.toml). Default: the nearest one from the current directory up.")] = None,
 ) -> int:
-    """Scan MODEL on one batch and report what is wrong, where, and how to fix it."""
+    """Scan MODEL on one batch and report what is wrong, where, and how to fix it.
+
+    Options not given here come from NNHEALTH_* environment variables, then from the
+    config file, then the defaults.
+    """
+    from nnhealth import config as config_mod
+
+    given = {
+        name for name in ctx.params
+        if (source := ctx.get_parameter_source(name)) is not None
+        and source.name in ("COMMANDLINE", "ENVIRONMENT")
+    }
+    settings = config_mod.resolve(given, config)
+    p = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in ctx.params.items()}
+    p.update(settings.values)
+    model, data, input_shape, weights, arch = (p[k] for k in ("model", "data", "input_shape", "weights", "arch"))
+    lr, seed, quiet, verbose, exit_zero = (p[k] for k in ("lr", "seed", "quiet", "verbose", "exit_zero"))
+    output = Path(p["output"]) if p["output"] is not None else None
+    baseline = Path(p["baseline"]) if p["baseline"] is not None else None
+    baseline_tolerance, fail_on, fmt = p["baseline_tolerance"], p["fail_on"], p["fmt"]
+    if model is None:
+        raise UsageError(
+            "no MODEL: give it on the command line, as NNHEALTH_MODEL, or as model in "
+            "[tool.nnhealth] (pyproject.toml) or nnhealth.toml"
+        )
     if data and input_shape:
         raise UsageError("give either --data or --input-shape, not both")
     if seed < 0:
@@ -230,19 +256,22 @@ def scan(
         elif loaded.example is not None:
             batch = interpret(loaded.example, f"{model} (example batch)")
         opts = runner.ScanOptions(
-            select=_split(select),
-            ignore=_split(ignore),
-            loss=loss.value,
+            select=_split(p["select"]),
+            ignore=_split(p["ignore"]),
+            loss=p["loss"],
             seed=seed,
-            mode=mode.value,
-            device=device.value if device else None,
+            mode=p["mode"],
+            device=p["device"],
             lr=lr,
-            hessian=hessian,
-            hessian_top=hessian_top,
-            hessian_min=hessian_min,
-            hessian_trace=hessian_trace,
-            hessian_tol=hessian_tol,
-            hessian_budget=hessian_budget,
+            hessian=p["hessian"],
+            hessian_top=p["hessian_top"],
+            hessian_min=p["hessian_min"],
+            hessian_trace=p["hessian_trace"],
+            hessian_tol=p["hessian_tol"],
+            hessian_budget=p["hessian_budget"],
+            check_options=settings.check_options,
+            severities=settings.severities,
+            layer_ignores=settings.layer_ignores,
         )
         report = runner.run(loaded, batch, opts, progress=status.update)
     if baseline is not None:
@@ -263,9 +292,9 @@ def scan(
         width=max(width, 80),
         verbose=verbose,
         quiet=quiet,
-        fail_on=fail_on.value,
+        fail_on=fail_on,
     )
-    text = get_formatter(fmt.value, render).render(report)
+    text = get_formatter(fmt, render).render(report)
     if output is not None:
         try:
             output.write_text(text, encoding="utf-8", errors="backslashreplace")
@@ -284,7 +313,7 @@ def scan(
             return EXIT_OK  # the findings are accepted as they are
     if report.errors:
         return EXIT_ERROR
-    if report.ok(Severity.parse(fail_on.value)) or exit_zero:
+    if report.ok(Severity.parse(fail_on)) or exit_zero:
         return EXIT_OK
     return EXIT_FINDINGS
 

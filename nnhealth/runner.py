@@ -23,7 +23,8 @@ from nnhealth.capture.instrument import capture_weights, run_pass
 from nnhealth.capture.stats import Capture
 from nnhealth.curvature.measure import measure
 from nnhealth.errors import UsageError
-from nnhealth.findings import AnalyzerError, Finding, Report, Skipped
+from nnhealth.config import layer_ignored
+from nnhealth.findings import AnalyzerError, Finding, Report, Severity, Skipped
 from nnhealth.loading.batch import Batch, prepare
 from nnhealth.loading.loss import LossResolver
 from nnhealth.loading.model import LoadedModel
@@ -47,6 +48,8 @@ class ScanOptions:
     hessian_tol: float = 1e-3
     hessian_budget: int = 100
     check_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    severities: dict[str, Severity] = field(default_factory=dict)  # per check code
+    layer_ignores: list[tuple[str, frozenset[str]]] = field(default_factory=list)
 
 
 def _resolve_checks(opts: ScanOptions) -> list[tuple[type[Check], dict[str, Any]]]:
@@ -311,6 +314,11 @@ def run(
     if progress:
         progress("analyzing")
     findings, errors, skipped, metrics = analyze(capture, checks)
+    findings = [
+        replace(f, severity=opts.severities.get(f.code, f.severity))
+        for f in findings
+        if not layer_ignored(f.layer, f.code, opts.layer_ignores)
+    ]
     run_info["seconds"] = round(time.perf_counter() - started, 3)
     run_info["checks"] = [c.code for c, _ in checks]
     order = {c.code: i for i, (c, _) in enumerate(checks)}

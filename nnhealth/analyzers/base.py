@@ -29,6 +29,11 @@ class Option:
     default: float | int | None  # None: unset unless the scan supplies it (e.g. --lr)
     doc: str
 
+    @property
+    def bounds(self) -> tuple[float, float | None]:
+        """Valid values: fractions in [0, 1], every other threshold >= 0."""
+        return (0.0, 1.0) if "fraction" in self.name else (0.0, None)
+
 
 class Check:
     code: ClassVar[str]
