@@ -11,6 +11,7 @@ directory (from the current one upwards) holding an ``nnhealth.toml`` (which win
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -109,7 +110,7 @@ def _coerce(kind: str, value: Any, where: str, from_env: bool) -> Any:
               "unit": (0, 1, "a number in (0, 1)")}
     low, high, text = ranges[kind]
     ok = (value > low if kind != "nonnegative" else value >= low) and (high is None or value < high)
-    if not ok or value != value:
+    if not ok or not math.isfinite(value):
         raise bad(text)
     return float(value)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import inspect
 import time
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,9 +21,9 @@ from nnhealth.analyzers.symmetry import Symmetry
 from nnhealth.capture import weights as weight_stats
 from nnhealth.capture.instrument import capture_weights, run_pass
 from nnhealth.capture.stats import Capture
+from nnhealth.config import layer_ignored
 from nnhealth.curvature.measure import measure
 from nnhealth.errors import UsageError
-from nnhealth.config import layer_ignored
 from nnhealth.findings import AnalyzerError, Finding, Report, Severity, Skipped
 from nnhealth.loading.batch import Batch, prepare
 from nnhealth.loading.loss import LossResolver

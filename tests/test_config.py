@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import he_mlp
 from test_loading import one_line_error
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from junitparser import Failure, JUnitXml, Skipped
+from test_report import hand_built
 
 from nnhealth.findings import AnalyzerError, Finding, Severity
 from nnhealth.formatters import FORMATTERS, Format, RenderOptions, get_formatter
 from nnhealth.formatters.sarif import fingerprint
-from test_report import hand_built
 
 SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sarif-schema-2.1.0.json"
 

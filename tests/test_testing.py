@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import he_mlp
+
 from nnhealth.testing import assert_healthy
 
 
