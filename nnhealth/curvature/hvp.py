@@ -88,18 +88,10 @@ class HessianOperator:
                 )
             try:
                 self._build(math_attention=False)
-                self._probe_double_backward()
-            except RuntimeError as exc:
-                if not any(s in str(exc) for s in _NO_DOUBLE_BACKWARD):
-                    raise CaptureError(
-                        f"cannot take Hessian products: {str(exc).splitlines()[0]}"
-                    ) from exc
-                self._build(math_attention=True)  # fused attention has no 2nd derivative
-                self.backend = "math attention"
-                self.notes.append(
-                    "a kernel here has no second derivative (fused scaled-dot-product "
-                    "attention on CPU): Hessian products used the math attention backend"
-                )
+            except Exception as exc:  # the user's model, with create_graph
+                raise CaptureError(
+                    f"the forward for Hessian products failed: {str(exc).splitlines()[0]}"
+                ) from exc
         except BaseException:
             self._stack.close()
             raise
@@ -111,11 +103,17 @@ class HessianOperator:
             self.loss = float(loss.detach())
             self._grads = torch.autograd.grad(loss, self.params, create_graph=True)
 
-    def _probe_double_backward(self) -> None:
-        v = torch.zeros(self.n, dtype=torch.float64, device=self.params[0].device)
-        v[0] = 1.0
-        self.matvec(v)
-        self.products = 0  # the probe is not one of the caller's products
+    def _fall_back_to_math_attention(self, exc: RuntimeError) -> None:
+        """A kernel without a second derivative (fused scaled-dot-product attention on
+        CPU): rebuild the graph under the math attention backend, once."""
+        if self.backend != "default" or not any(s in str(exc) for s in _NO_DOUBLE_BACKWARD):
+            raise CaptureError(f"cannot take Hessian products: {str(exc).splitlines()[0]}") from exc
+        self._build(math_attention=True)
+        self.backend = "math attention"
+        self.notes.append(
+            "a kernel here has no second derivative (fused scaled-dot-product attention on "
+            "CPU): Hessian products used the math attention backend"
+        )
 
     def __exit__(self, *exc: object) -> None:
         self._grads = None
@@ -130,9 +128,14 @@ class HessianOperator:
         for p in self.params:
             pieces.append(v[offset : offset + p.numel()].view_as(p).to(p.dtype))
             offset += p.numel()
-        hv = torch.autograd.grad(
-            self._grads, self.params, grad_outputs=pieces, retain_graph=True, allow_unused=True
-        )
+        try:
+            hv = torch.autograd.grad(
+                self._grads, self.params, grad_outputs=pieces, retain_graph=True,
+                allow_unused=True,
+            )
+        except RuntimeError as exc:  # found on the first product, not by a wasted probe
+            self._fall_back_to_math_attention(exc)
+            return self.matvec(v)
         self.products += 1
         return torch.cat(
             [
