@@ -295,3 +295,36 @@ def test_no_code_runs_from_a_malicious_pickle_without_trust(cli, tmp_path: Path)
     line = one_line_error(cli("scan", tmp_path / "evil.pt"))
     assert "--trust" in line and ("system" in line or "posix" in line)
     assert not marker.exists()
+
+
+def test_a_pickle_that_calls_a_module_class_is_refused(cli, tmp_path: Path) -> None:
+    """Allowlisted classes may be re-created (NEWOBJ), never called with the file's
+    arguments: Linear(20000, 20000) would allocate 1.6 GB from a 1 KB file."""
+    payload = textwrap.dedent(
+        f"""
+        import torch
+        from torch import nn
+        class Bomb:
+            def __reduce__(self):
+                return (nn.Linear, (20000, 20000))
+        torch.save({{"model": Bomb()}}, r"{tmp_path / 'bomb.pt'}")
+        """
+    )
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", payload], check=True)
+    line = one_line_error(cli("scan", tmp_path / "bomb.pt"))
+    assert "calls torch.nn.modules.linear.Linear" in line and "--trust" in line
+
+
+def test_genuine_saves_call_nothing(tmp_path: Path) -> None:
+    import zipfile
+
+    from nnhealth.loading.model import _module_class_calls
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.TransformerEncoderLayer(8, 2, 16), nn.Linear(4, 2))
+    torch.save(model, tmp_path / "m.pt")
+    with zipfile.ZipFile(tmp_path / "m.pt") as zf:
+        data = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
+    assert _module_class_calls(data) == []

@@ -12,9 +12,11 @@ import importlib
 import importlib.util
 import os
 import pickle
+import pickletools
 import re
 import sys
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -99,8 +101,74 @@ def _unsafe_globals(path: Path) -> list[str]:
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
 
 
+_MARK = object()
+
+
+def _module_class_calls(pickle_bytes: bytes) -> list[str]:
+    """Allowlisted classes the pickle *calls* (REDUCE) rather than re-creates (NEWOBJ).
+
+    torch.save pickles a module as NEWOBJ (cls.__new__) plus BUILD (its state); calling
+    the class, Linear(50000, 50000), only happens in a crafted file and allocates at
+    will. A symbolic run of the opcodes finds the callable under each REDUCE.
+    """
+    classes = {n for n, obj in nn_allowlist().items() if isinstance(obj, type)}
+    stack: list[Any] = []
+    memo: dict[Any, Any] = {}
+    called: list[str] = []
+    for op, arg, _ in pickletools.genops(pickle_bytes):
+        name = op.name
+        if name in ("GLOBAL", "STACK_GLOBAL"):
+            if name == "STACK_GLOBAL":
+                del stack[-2:]
+                arg = "?"
+            stack.append(("global", arg.replace(" ", ".")))
+            continue
+        if name in ("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):
+            memo[arg if name != "MEMOIZE" else len(memo)] = stack[-1] if stack else None
+            continue
+        if name in ("BINGET", "LONG_BINGET", "GET"):
+            stack.append(memo.get(arg))
+            continue
+        if name == "REDUCE" and len(stack) >= 2:
+            func = stack[-2]
+            if isinstance(func, tuple) and func[0] == "global" and func[1] in classes:
+                called.append(func[1])
+        before = op.stack_before
+        if pickletools.markobject in before:
+            while stack and stack.pop() is not _MARK:
+                pass
+            for _ in range(before.index(pickletools.markobject)):
+                if stack:
+                    stack.pop()
+        else:
+            for _ in before:
+                if stack:
+                    stack.pop()
+        for item in op.stack_after:
+            stack.append(_MARK if item is pickletools.markobject else None)
+    return called
+
+
+def _refuse_class_calls(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+            data = zf.read(member) if member else b""
+        called = _module_class_calls(data)
+    except (zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError):
+        return  # torch.load reports unreadable files itself
+    if called:
+        raise LoadError(
+            f"{path}: the pickle calls {', '.join(sorted(set(called)))} with its own arguments "
+            "(torch.save never does: it re-creates modules without calling them); refusing "
+            "to load it. If you trust the file, rerun with --trust"
+        )
+
+
 def _load_pickle(path: Path, trust: bool) -> tuple[Any, str]:
     allow = nn_allowlist()
+    if not trust:
+        _refuse_class_calls(path)
     needed = _unsafe_globals(path)
     refused = [n for n in needed if n not in allow]
     if refused and not trust:
