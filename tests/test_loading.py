@@ -273,7 +273,10 @@ def test_allowlist_holds_only_torch_nn(tmp_path: Path) -> None:
     allow = nn_allowlist()
     assert "torch.nn.modules.linear.Linear" in allow
     assert "torch.nn.modules.activation.MultiheadAttention" in allow
-    assert all(k.startswith(("torch.nn.modules.", "torch.nn.functional.", "torch._C._nn.")) for k in allow)
+    assert all(
+        k.startswith(("torch.nn.modules.", "torch.nn.functional.", "torch._C._nn.", "torch.nn.utils."))
+        for k in allow
+    )
     assert not any("os." in k or "subprocess" in k or "builtins" in k for k in allow)
 
 
@@ -328,3 +331,16 @@ def test_genuine_saves_call_nothing(tmp_path: Path) -> None:
     with zipfile.ZipFile(tmp_path / "m.pt") as zf:
         data = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
     assert _module_class_calls(data) == []
+
+
+def test_weight_norm_and_spectral_norm_load_without_trust(cli, tmp_path: Path) -> None:
+    import warnings
+
+    with warnings.catch_warnings():  # the old hook-based API is deprecated, still common
+        warnings.simplefilter("ignore")
+        model = nn.Sequential(nn.utils.weight_norm(nn.Linear(8, 16)), nn.ReLU(),
+                              nn.utils.spectral_norm(nn.Linear(16, 3)))
+    torch.save(model, tmp_path / "m.pt")
+    res = cli("scan", tmp_path / "m.pt", "--input-shape", "32x8", "--format", "json")
+    assert res.code in (0, 1), res.err
+    assert json.loads(res.out)["run"]["model_format"] == "torch.save module (torch.nn classes, allowlisted)"

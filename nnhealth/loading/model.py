@@ -66,6 +66,17 @@ def nn_allowlist() -> dict[str, Any]:
                 and obj.__module__ == modname
             ):
                 allowed[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    # weight_norm / spectral_norm keep their reparametrization as forward pre-hooks: torch
+    # objects whose calls are tensor arithmetic on the module's own parameters
+    from torch.nn.modules.module import _WrappedHook
+
+    # the modules, not the functions of the same name that torch.nn.utils exports
+    sn = importlib.import_module("torch.nn.utils.spectral_norm")
+    wn = importlib.import_module("torch.nn.utils.weight_norm")
+
+    for obj in (wn.WeightNorm, sn.SpectralNorm, sn.SpectralNormStateDictHook,
+                sn.SpectralNormLoadStateDictPreHook, _WrappedHook):
+        allowed[f"{obj.__module__}.{obj.__qualname__}"] = obj
     for fname in _SAFE_FUNCTIONS:
         fn = getattr(F, fname, None)
         if fn is not None:
