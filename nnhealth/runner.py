@@ -207,6 +207,91 @@ def _param_summary(params: list) -> dict[str, Any]:
     }
 
 
+def _weights_only(loaded: LoadedModel, rtol: float | None) -> Capture:
+    """No pass: a bare state_dict, or a model when only weight checks were selected."""
+    model = loaded.model
+    if model is None:
+        capture = capture_weights(loaded.state, {})
+        return replace(capture, weights=weight_stats.from_state_dict(loaded.state, rtol))
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()}
+    capture = capture_weights(dict(model.named_parameters()), kinds)
+    return replace(
+        capture,
+        missing_reason="only weight checks were selected",
+        weights=weight_stats.from_model(model, (), rtol),
+    )
+
+
+def _instrumented(
+    loaded: LoadedModel,
+    batch: Batch | None,
+    opts: ScanOptions,
+    checks: list[tuple[type[Check], dict[str, Any]]],
+    needs: set[str],
+    sat_opts: dict[str, Any],
+    rtol: float | None,
+    fingerprints: bool,
+    progress: Callable[[str], None] | None,
+) -> tuple[Capture, dict[str, Any], list[str]]:
+    """The instrumented pass (and the curvature when asked): capture, run info, notes."""
+    model = loaded.model
+    if batch is None:
+        raise UsageError(
+            "no batch: give --data FILE (.pt/.npz/.npy) or --input-shape, e.g. 64x3x32x32"
+        )
+    device = torch.device(opts.device) if opts.device else _model_device(model)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    if opts.device:
+        model.to(device)
+    prepared = prepare(batch, _model_dtype(model), device)
+    notes = list(prepared.notes)
+    resolver = LossResolver(opts.loss, prepared.targets, opts.seed, custom=loaded.loss_fn)
+    if progress:
+        progress("forward and backward pass")
+    capture = run_pass(
+        model,
+        prepared.inputs,
+        resolver,
+        examples=prepared.examples,
+        mode=opts.mode,
+        seed=opts.seed,
+        activations="activations" in needs,
+        gradients="gradients" in needs,
+        saturation_derivative=sat_opts["derivative_fraction"],
+        fingerprints=fingerprints,
+    )
+    capture = replace(capture, weights=weight_stats.from_model(model, capture.sites, rtol))
+    if opts.hessian is not False and any(c is Curvature for c, _ in checks):
+        curvature, curvature_notes = measure(
+            model,
+            prepared.inputs,
+            resolver,
+            mode=opts.mode,
+            seed=opts.seed,
+            top=opts.hessian_top,
+            smallest=opts.hessian_min,
+            tol=opts.hessian_tol,
+            budget=opts.hessian_budget,
+            trace_probes=opts.hessian_trace,
+            progress=progress,
+        )
+        capture = replace(capture, curvature=curvature)
+        notes += curvature_notes
+    notes += resolver.notes + list(capture.notes)
+    info = {
+        "batch": {**prepared.describe(), "examples": prepared.examples},
+        "output_shape": resolver.output_shape,
+        "loss": resolver.description,
+        "loss_value": capture.loss,
+        "mode": opts.mode,
+        "device": str(device),
+        "params": sum(p.numel for p in capture.params),
+        "trainable_params": sum(p.numel for p in capture.params if p.trainable),
+    }
+    return capture, info, notes
+
+
 def run(
     loaded: LoadedModel,
     batch: Batch | None,
@@ -244,73 +329,14 @@ def run(
         "model_source": source_location(loaded),
     }
     if model is None or not (needs - {"weights"}):
-        source = loaded.state if model is None else dict(model.named_parameters())
-        kinds = {} if model is None else {n: type(m).__name__ for n, m in model.named_modules()}
-        capture = capture_weights(source, kinds)
-        if model is None:
-            capture = replace(capture, weights=weight_stats.from_state_dict(source, rtol))
-        else:
-            capture = replace(
-                capture,
-                missing_reason="only weight checks were selected",
-                weights=weight_stats.from_model(model, (), rtol),
-            )
+        capture = _weights_only(loaded, rtol)
         run_info["params"] = sum(p.numel for p in capture.params)
     else:
-        if batch is None:
-            raise UsageError(
-                "no batch: give --data FILE (.pt/.npz/.npy) or --input-shape, e.g. 64x3x32x32"
-            )
-        device = torch.device(opts.device) if opts.device else _model_device(model)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-        if opts.device:
-            model.to(device)
-        prepared = prepare(batch, _model_dtype(model), device)
-        notes += prepared.notes
-        resolver = LossResolver(opts.loss, prepared.targets, opts.seed, custom=loaded.loss_fn)
-        if progress:
-            progress("forward and backward pass")
-        capture = run_pass(
-            model,
-            prepared.inputs,
-            resolver,
-            examples=prepared.examples,
-            mode=opts.mode,
-            seed=opts.seed,
-            activations="activations" in needs,
-            gradients="gradients" in needs,
-            saturation_derivative=sat_opts["derivative_fraction"],
-            fingerprints=sym_opts is not None,
+        capture, info, pass_notes = _instrumented(
+            loaded, batch, opts, checks, needs, sat_opts, rtol, sym_opts is not None, progress
         )
-        capture = replace(capture, weights=weight_stats.from_model(model, capture.sites, rtol))
-        if opts.hessian is not False and any(c is Curvature for c, _ in checks):
-            curvature, curvature_notes = measure(
-                model,
-                prepared.inputs,
-                resolver,
-                mode=opts.mode,
-                seed=opts.seed,
-                top=opts.hessian_top,
-                smallest=opts.hessian_min,
-                tol=opts.hessian_tol,
-                budget=opts.hessian_budget,
-                trace_probes=opts.hessian_trace,
-                progress=progress,
-            )
-            capture = replace(capture, curvature=curvature)
-            notes += curvature_notes
-        notes += resolver.notes + list(capture.notes)
-        run_info.update(
-            batch={**prepared.describe(), "examples": prepared.examples},
-            output_shape=resolver.output_shape,
-            loss=resolver.description,
-            loss_value=capture.loss,
-            mode=opts.mode,
-            device=str(device),
-            params=sum(p.numel for p in capture.params),
-            trainable_params=sum(p.numel for p in capture.params if p.trainable),
-        )
+        run_info.update(info)
+        notes += pass_notes
     if progress:
         progress("analyzing")
     findings, errors, skipped, metrics = analyze(capture, checks)
