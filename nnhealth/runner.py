@@ -19,7 +19,8 @@ from nnhealth.analyzers.curvature import Curvature
 from nnhealth.analyzers.saturation import Saturation
 from nnhealth.analyzers.symmetry import Symmetry
 from nnhealth.capture import weights as weight_stats
-from nnhealth.capture.instrument import capture_weights, run_pass
+from nnhealth.capture.instrument import run_pass
+from nnhealth.capture.params import capture_weights
 from nnhealth.capture.stats import Capture
 from nnhealth.config import layer_ignored
 from nnhealth.curvature.measure import measure

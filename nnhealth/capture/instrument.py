@@ -16,7 +16,6 @@ caller's ``.grad`` fields are never touched.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,44 +29,22 @@ from torch.overrides import TorchFunctionMode
 
 from nnhealth._util import first_line, tensors_in
 from nnhealth.capture.activations import build_table
+from nnhealth.capture.params import module_owners, param_stats
+from nnhealth.capture.state import preserved_state
 from nnhealth.capture.stats import (
     ACTIVATION,
     LAYER,
     NORM,
     ActivationSpec,
     Capture,
-    ParamStats,
     SiteStats,
 )
+from nnhealth.capture.structure import (
+    _CHANNEL_FIRST_TYPES,
+    is_activation_module,
+    is_norm,
+)
 from nnhealth.errors import CaptureError
-
-_NORM_TYPES: tuple[type, ...] = tuple(
-    t
-    for t in (
-        nn.modules.batchnorm._NormBase,
-        nn.LayerNorm,
-        nn.GroupNorm,
-        getattr(nn, "RMSNorm", None),
-        nn.LocalResponseNorm,
-    )
-    if t is not None
-)
-_CHANNEL_FIRST_TYPES: tuple[type, ...] = (
-    nn.modules.conv._ConvNd,
-    nn.modules.batchnorm._NormBase,
-    nn.GroupNorm,
-)
-
-
-def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, _NORM_TYPES)
-
-
-def _is_activation_module(module: nn.Module) -> bool:
-    """nn.ReLU, nn.PReLU, nn.GELU...: a nonlinearity written as a module."""
-    return type(module).__module__ == "torch.nn.modules.activation" and not isinstance(
-        module, nn.MultiheadAttention
-    )
 
 
 def _first_tensor(obj: Any) -> torch.Tensor | None:
@@ -196,7 +173,7 @@ class _Recorder:
             owner, module = top.name, top.module
         else:
             owner, module = "", self.model
-        module_form = _is_activation_module(module)
+        module_form = is_activation_module(module)
         if module_form and owner:
             self.record(out, owner, spec.kind, ACTIVATION, False, channel_first, spec)
         else:
@@ -388,89 +365,6 @@ class _ActivationMode(TorchFunctionMode):
 # ---- state the pass must leave as it found it ---------------------------------------
 
 
-@contextlib.contextmanager
-def preserved_state(model: nn.Module, mode: str) -> Iterator[None]:
-    """Set train/eval for the pass; afterwards restore every module's mode and buffers.
-
-    A train-mode forward updates BatchNorm running statistics in place: those buffers
-    are copied before and written back after, into the same tensor objects.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    buffers = []
-    for module in model.modules():
-        for bname, buf in module.named_buffers(recurse=False):
-            if buf is not None:
-                buffers.append((module, bname, buf, buf.detach().clone()))
-    try:
-        model.train(mode == "train")
-        yield
-    finally:
-        with torch.no_grad():
-            for module, bname, original, saved in buffers:
-                original.copy_(saved)
-                if getattr(module, bname, None) is not original:
-                    setattr(module, bname, original)
-        for module, training in modes:
-            module.training = training
-
-
-def param_role(module: nn.Module | None, pname: str, p: torch.Tensor) -> str:
-    if module is not None and is_norm(module):
-        return "norm"
-    if pname.endswith("bias"):
-        return "bias"
-    if p.ndim >= 2:
-        return "weight"
-    return "other"
-
-
-def param_stats(
-    named: list[tuple[str, torch.Tensor]],
-    owners: dict[str, tuple[str, str, str]],
-    grads: dict[str, torch.Tensor | None] | None,
-) -> tuple[ParamStats, ...]:
-    """Norms of each parameter (float64) and of its gradient when ``grads`` has it."""
-    out = []
-    with torch.no_grad():
-        for name, p in named:
-            t = p.detach()
-            norm = float(torch.linalg.vector_norm(t, dtype=torch.float64))
-            nonfinite = 0 if math.isfinite(norm) else int((~torch.isfinite(t)).sum())
-            module, kind, role = owners[name]
-            gnorm, gbad = None, 0
-            g = grads.get(name) if grads is not None else None
-            if g is not None:
-                gnorm = float(torch.linalg.vector_norm(g.detach(), dtype=torch.float64))
-                if not math.isfinite(gnorm):
-                    gbad = int((~torch.isfinite(g)).sum())
-            elif grads is not None and p.requires_grad:
-                gnorm = 0.0  # trainable but unused by this loss: its gradient is zero
-            out.append(
-                ParamStats(
-                    name=name,
-                    module=module,
-                    kind=kind,
-                    role=role,
-                    shape=tuple(t.shape),
-                    trainable=bool(p.requires_grad),
-                    norm=norm,
-                    nonfinite=nonfinite,
-                    grad_norm=gnorm,
-                    grad_nonfinite=gbad,
-                )
-            )
-    return tuple(out)
-
-
-def module_owners(model: nn.Module) -> dict[str, tuple[str, str, str]]:
-    owners = {}
-    for mname, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            full = f"{mname}.{pname}" if mname else pname
-            owners[full] = (mname, type(module).__name__, param_role(module, pname, p))
-    return owners
-
-
 def _counts(arr: np.ndarray | None) -> np.ndarray | None:
     return None if arr is None else np.nan_to_num(arr).astype(np.int64).reshape(-1)
 
@@ -562,7 +456,7 @@ def run_pass(
             if instrument:
                 for mname, module in model.named_modules():
                     tracked = next(module.parameters(recurse=False), None) is not None and (
-                        not _is_activation_module(module)  # PReLU: recorded as a nonlinearity
+                        not is_activation_module(module)  # PReLU: recorded as a nonlinearity
                     )
                     handles.append(module.register_forward_pre_hook(recorder.pre_hook(mname)))
                     handles.append(
@@ -619,31 +513,6 @@ def run_pass(
         examples=examples,
         notes=tuple(notes),
         missing_reason=missing,
-    )
-
-
-def capture_weights(state: dict[str, torch.Tensor], owners_hint: dict[str, str]) -> Capture:
-    """Weight-only capture for a bare state_dict (no architecture, no pass)."""
-    named = [(k, v) for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-    owners = {}
-    for name, t in named:
-        module = name.rsplit(".", 1)[0] if "." in name else ""
-        pname = name.rsplit(".", 1)[-1]
-        kind = owners_hint.get(module, "?")
-        role = "bias" if pname == "bias" else ("weight" if t.ndim >= 2 else "other")
-        owners[name] = (module, kind, role)
-    return Capture(
-        sites=(),
-        params=param_stats(named, owners, None),
-        has_activations=False,
-        has_gradients=False,
-        loss=None,
-        mode=None,
-        examples=None,
-        missing_reason=(
-            "bare state_dict: there is no architecture to run; give one with --arch "
-            "pkg.module:factory (or scan the entry point with --weights FILE)"
-        ),
     )
 
 

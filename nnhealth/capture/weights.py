@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from nnhealth.capture.groups import near_duplicate_groups
-from nnhealth.capture.instrument import is_norm
 from nnhealth.capture.stats import ACTIVATION, LAYER, NORM, SiteStats, WeightStats
+from nnhealth.capture.structure import is_norm
 
 JUDGED_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.Bilinear)
 

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnhealth.capture.instrument import call_model, preserved_state
+from nnhealth.capture.instrument import call_model
+from nnhealth.capture.state import preserved_state
 from nnhealth.errors import CaptureError
 
 _NO_DOUBLE_BACKWARD = ("not implemented", "does not support double backward", "derivative for")

@@ -1,0 +1,93 @@
+"""Per-parameter norms (and their gradients'), and the weight-only capture."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from nnhealth.capture.stats import Capture, ParamStats
+from nnhealth.capture.structure import is_norm
+
+
+def param_role(module: nn.Module | None, pname: str, p: torch.Tensor) -> str:
+    if module is not None and is_norm(module):
+        return "norm"
+    if pname.endswith("bias"):
+        return "bias"
+    if p.ndim >= 2:
+        return "weight"
+    return "other"
+
+
+def param_stats(
+    named: list[tuple[str, torch.Tensor]],
+    owners: dict[str, tuple[str, str, str]],
+    grads: dict[str, torch.Tensor | None] | None,
+) -> tuple[ParamStats, ...]:
+    """Norms of each parameter (float64) and of its gradient when ``grads`` has it."""
+    out = []
+    with torch.no_grad():
+        for name, p in named:
+            t = p.detach()
+            norm = float(torch.linalg.vector_norm(t, dtype=torch.float64))
+            nonfinite = 0 if math.isfinite(norm) else int((~torch.isfinite(t)).sum())
+            module, kind, role = owners[name]
+            gnorm, gbad = None, 0
+            g = grads.get(name) if grads is not None else None
+            if g is not None:
+                gnorm = float(torch.linalg.vector_norm(g.detach(), dtype=torch.float64))
+                if not math.isfinite(gnorm):
+                    gbad = int((~torch.isfinite(g)).sum())
+            elif grads is not None and p.requires_grad:
+                gnorm = 0.0  # trainable but unused by this loss: its gradient is zero
+            out.append(
+                ParamStats(
+                    name=name,
+                    module=module,
+                    kind=kind,
+                    role=role,
+                    shape=tuple(t.shape),
+                    trainable=bool(p.requires_grad),
+                    norm=norm,
+                    nonfinite=nonfinite,
+                    grad_norm=gnorm,
+                    grad_nonfinite=gbad,
+                )
+            )
+    return tuple(out)
+
+
+def module_owners(model: nn.Module) -> dict[str, tuple[str, str, str]]:
+    owners = {}
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            owners[full] = (mname, type(module).__name__, param_role(module, pname, p))
+    return owners
+
+
+def capture_weights(state: dict[str, torch.Tensor], owners_hint: dict[str, str]) -> Capture:
+    """Weight-only capture for a bare state_dict (no architecture, no pass)."""
+    named = [(k, v) for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    owners = {}
+    for name, t in named:
+        module = name.rsplit(".", 1)[0] if "." in name else ""
+        pname = name.rsplit(".", 1)[-1]
+        kind = owners_hint.get(module, "?")
+        role = "bias" if pname == "bias" else ("weight" if t.ndim >= 2 else "other")
+        owners[name] = (module, kind, role)
+    return Capture(
+        sites=(),
+        params=param_stats(named, owners, None),
+        has_activations=False,
+        has_gradients=False,
+        loss=None,
+        mode=None,
+        examples=None,
+        missing_reason=(
+            "bare state_dict: there is no architecture to run; give one with --arch "
+            "pkg.module:factory (or scan the entry point with --weights FILE)"
+        ),
+    )
