@@ -39,6 +39,7 @@ def scan(
     hessian_tol: float = 1e-3,
     hessian_budget: int = 100,
     options: dict[str, dict[str, Any]] | None = None,
+    what_if: bool = False,
 ) -> Report:
     """Scan an in-memory ``model`` on ``batch`` (a tensor, ``(inputs, targets)`` or a dict).
 
@@ -48,7 +49,8 @@ def scan(
     and curvature checks judge against. ``hessian=True`` (or selecting NH401) measures the Hessian's top
     ``hessian_top`` eigenvalues by Lanczos (and the smallest with ``hessian_min``, the
     trace with ``hessian_trace`` Hutchinson probes) to relative error ``hessian_tol``
-    within ``hessian_budget`` Hessian-vector products. ``options`` overrides check thresholds, e.g.
+    within ``hessian_budget`` Hessian-vector products. ``what_if=True`` re-scans a copy
+    of the model with each recommended fix applied (``Report.what_if``). ``options`` overrides check thresholds, e.g.
     ``{"dead-relu": {"warn_fraction": 0.2}}``. Raises ``NnhealthError`` on bad input.
     """
     from nnhealth import runner
@@ -62,4 +64,12 @@ def scan(
                               hessian_min=hessian_min, hessian_trace=hessian_trace,
                               hessian_tol=hessian_tol, hessian_budget=hessian_budget,
                               check_options=dict(options or {}))
-    return runner.run(loaded, interpret(batch, "batch"), opts)
+    parsed = interpret(batch, "batch")
+    report = runner.run(loaded, parsed, opts)
+    if what_if:
+        from dataclasses import replace
+
+        from nnhealth.whatif import explore
+
+        report = replace(report, what_if=explore(loaded, parsed, opts, report))
+    return report

@@ -184,6 +184,8 @@ def scan(
     baseline: Annotated[Path | None, typer.Option("--baseline", help="Fail only on findings that are new or worse than in this baseline file.")] = None,
     write_baseline: Annotated[Path | None, typer.Option("--write-baseline", help="Record the current findings as accepted (exit 0) in this file.")] = None,
     baseline_tolerance: Annotated[float, typer.Option("--baseline-tolerance", help="Relative growth of a finding's score that counts as worse.")] = 0.1,
+    what_if: Annotated[bool, typer.Option("--what-if", help="Re-scan a copy of the model with each recommended fix applied; report before/after.")] = False,
+    what_if_budget: Annotated[float, typer.Option("--what-if-budget", help="Seconds the --what-if fixes may take in all.")] = 120.0,
     trust: Annotated[bool, typer.Option("--trust", envvar="NNHEALTH_TRUST", help="Allow unpickling classes outside torch.nn (runs code from the file).")] = False,
     device: Annotated[DeviceChoice | None, typer.Option("--device", help="Device for the pass (default: where the model's parameters are).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for synthetic inputs, random targets and dropout.")] = 0,
@@ -274,6 +276,16 @@ def scan(
             layer_ignores=settings.layer_ignores,
         )
         report = runner.run(loaded, batch, opts, progress=status.update)
+        if what_if:
+            if loaded.model is None or batch is None:
+                raise UsageError("--what-if needs a model and a batch (not a bare state_dict)")
+            from dataclasses import replace as _replace_report
+
+            from nnhealth.whatif import explore
+
+            report = _replace_report(report, what_if=explore(
+                loaded, batch, opts, report, budget_seconds=what_if_budget, progress=status.update
+            ))
     if baseline is not None:
         from dataclasses import replace as _replace
 
@@ -335,6 +347,11 @@ def explain(code: Annotated[str, typer.Argument(help="A check code (NH101) or na
         lines.append("Options: none")
     lines.append("")
     lines.append(f"Needs: {', '.join(sorted(check.needs))}")
+    lines.append("")
+    lines.append(
+        "Check the fix before you train: `nnhealth scan MODEL --what-if` applies each "
+        "recommended fix to a copy of the model and re-runs this check on the same batch."
+    )
     typer.echo("\n".join(lines))
     return EXIT_OK
 

@@ -114,6 +114,8 @@ class Report:
     tool_version: str = field(default="")
     # comparison with a baseline: keys of new / worse / unchanged / fixed findings
     baseline: dict[str, Any] | None = None
+    # --what-if: each fix tried on a copy of the model, with the metric before and after
+    what_if: tuple[dict[str, Any], ...] | None = None
 
     def gating(self) -> tuple[Finding, ...]:
         """The findings that decide the exit code: all, or only new and worse ones when
@@ -159,6 +161,7 @@ class Report:
                 "skipped": [s.to_dict() for s in self.skipped],
                 "notes": list(self.notes),
                 "baseline": self.baseline,
+                "what_if": None if self.what_if is None else list(self.what_if),
                 "summary": {**counts, "healthy": self.healthy},
             }
         )

@@ -11,6 +11,8 @@ from nnhealth.capture.stats import Capture, WeightStats
 from nnhealth.findings import Finding, Severity
 
 XAVIER_FAMILY = {"tanh", "sigmoid", "hardtanh", "hardsigmoid"}
+# nn.init.calculate_gain: tanh's 5/3 makes up for its contraction; both ends are standard
+TANH_GAIN = {"tanh": 5.0 / 3.0, "hardtanh": 5.0 / 3.0}
 
 
 def target(w: WeightStats) -> tuple[str, float | None, float | None]:
@@ -27,6 +29,8 @@ def target(w: WeightStats) -> tuple[str, float | None, float | None]:
         return f"He 2/fan_in ({nl})", 2.0 / w.fan_in, 2.0 / w.fan_in
     if nl in XAVIER_FAMILY:
         v = 2.0 / (w.fan_in + w.fan_out)
+        if nl in TANH_GAIN:  # plain Xavier, up to PyTorch's tanh gain of 5/3 (squared)
+            return f"Xavier 2/(fan_in+fan_out), gain 1..5/3 ({nl})", v, v * TANH_GAIN[nl] ** 2
         return f"Xavier 2/(fan_in+fan_out) ({nl})", v, v
     label = "linear" if nl == "none" else nl
     return f"LeCun 1/fan_in ({label})", 1.0 / w.fan_in, 1.0 / w.fan_in
@@ -51,7 +55,8 @@ class InitScale(Check):
     What it detects:
         For each Linear/Conv layer, Var(w) against the variance-preserving target for its
         fan-in/fan-out and the nonlinearity its output goes through (as the pass saw it):
-        He 2/fan_in for the ReLU family, Xavier 2/(fan_in+fan_out) for tanh/sigmoid,
+        He 2/fan_in for the ReLU family, Xavier 2/(fan_in+fan_out) for tanh/sigmoid (for
+        tanh anything from plain Xavier to Xavier with PyTorch's gain 5/3 passes),
         LeCun 1/fan_in for linear outputs and SELU. From a bare state_dict the
         nonlinearity is unknown: the layer is judged against the LeCun..He range, and
         the report says so. Consecutive layers multiply their deviation: the expected

@@ -72,6 +72,8 @@ class TextFormatter(Formatter):
                 console.print()
             self._notes(console, report)
         self._findings(console, report)
+        if report.what_if:
+            self._what_if(console, report)
         if report.baseline is not None:
             b = report.baseline
             console.print(Text(
@@ -211,6 +213,23 @@ class TextFormatter(Formatter):
                     ev = ", ".join(f"{k}={fmt(v)}" for k, v in f.evidence.items())
                     parts.append(Padding(Text(ev, style="dim"), (0, 0, 0, 2)))
                 console.print(Group(*parts))
+
+    def _what_if(self, console: Console, report: Report) -> None:
+        console.print()
+        console.print(Text("What if (each fix applied to a copy; the model itself is unchanged)",
+                           style="bold"))
+        last = None
+        for w in report.what_if:
+            head = f"{w['check']} {w['layer'] or ''}".strip()
+            prefix = f"  {head}  {w['before']}" if head != last else " " * (len(head) + 4 + len(w["before"]))
+            last = head
+            if not w.get("applied"):
+                console.print(Text(f"{prefix}  ->  {w['fix']}: not applied ({w.get('note')})",
+                                   style="dim"))
+                continue
+            mark = "resolved" if w.get("resolved") else "not resolved"
+            style = "green" if w.get("resolved") else "yellow"
+            console.print(Text(f"{prefix}  ->  {w['fix']}: {w['after']} ({mark})", style=style))
 
     def _verdict(self, report: Report) -> Text:
         counts = report.counts()
