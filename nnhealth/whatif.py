@@ -142,9 +142,11 @@ def candidates(f: Finding, ctx: _Context, opts: Any, curvature: dict | None,
                 f"F.relu is called inside {where}.forward: it cannot be swapped from outside; "
                 "edit the forward to use F.leaky_relu")))
         else:
-            def swap(model, m=row.get("module", f.layer)):
-                _set(model, m, nn.LeakyReLU(0.01))
-            fixes.append(Fix(f"LeakyReLU(0.01) for {row.get('module', f.layer)}", lambda mm, g=swap: g(mm)))
+            where = row.get("module", f.layer)
+            for new, label in ((lambda: nn.LeakyReLU(0.01), "LeakyReLU(0.01)"), (nn.GELU, "GELU()")):
+                def swap(model, m=where, make=new):
+                    _set(model, m, make())
+                fixes.append(Fix(f"{label} for {where}", lambda mm, g=swap: g(mm)))
         return fixes
     if f.code == "NH102" and f.layer:
         feeder = ctx.feeder(f.layer)
@@ -182,8 +184,24 @@ def candidates(f: Finding, ctx: _Context, opts: Any, curvature: dict | None,
     if f.code == "NH401" and curvature and curvature.get("lr_limit") and opts.lr:
         safe = curvature["lr_limit"] / 2
         return [Fix(f"lr {opts.lr:g} -> {safe:.3g}", train=lambda model: sgd(model, safe, opts.lr))]
-    if f.code == "NH301" and opts.lr:
-        return [Fix("LARS-scaled layer rates", train=lambda model: sgd(model, opts.lr, opts.lr, lars=True))]
+    if f.code == "NH001" and "parameter" in f.evidence:
+        module = str(f.evidence["parameter"]).rpartition(".")[0]
+        return [Fix(f"{init_name(nl)} on {module} (instead of the non-finite values)",
+                    lambda model, m=module: _reinit(_get(model, m), nl))]
+    if f.code == "NH301":
+        fixes = []
+        if "max_layer" in f.evidence:  # the spread: re-initialize the outlying layer
+            ratios = {f.evidence["max_layer"]: f.evidence["max_ratio"],
+                      f.evidence["min_layer"]: f.evidence["min_ratio"]}
+            median = f.evidence.get("median_ratio") or math.sqrt(math.prod(ratios.values()))
+            outlier = max(ratios, key=lambda k: abs(math.log(ratios[k] / median)))
+            module = outlier.rpartition(".")[0]
+            fixes.append(Fix(f"{init_name(nl)} on {module}",
+                             lambda model, m=module: _reinit(_get(model, m), nl)))
+        if opts.lr:
+            fixes.append(Fix("LARS-scaled layer rates",
+                             train=lambda model: sgd(model, opts.lr, opts.lr, lars=True)))
+        return fixes
     return []
 
 

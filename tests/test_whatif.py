@@ -22,7 +22,15 @@ MAIN = {
     "zero_init_mlp": ("NH501", "kaiming_normal_ on 0"),
     "duplicated_units": ("NH501", "1% noise on 2"),
     "xavier_deep_relu": ("NH601", "kaiming_normal_ on every Linear/Conv"),
+    "nan_weight": ("NH001", "kaiming_normal_ on 2 (instead of the non-finite values)"),
+    "norm_spread_bn": ("NH301", "kaiming_normal_ on 3"),
 }
+
+
+def test_every_sample_with_a_finding_is_covered() -> None:
+    from test_samples import EXPECTED
+
+    assert {n for n, found in EXPECTED.items() if found} == set(MAIN)
 
 
 @pytest.mark.parametrize("name", sorted(MAIN))
@@ -37,8 +45,9 @@ def test_main_finding_goes_away_and_the_model_is_untouched(name: str) -> None:
     after = _state(model)
     for key in ("training", "requires_grad", "hooks"):
         assert after[key] == before[key]
-    for key in ("params", "buffers"):
-        assert all(torch.equal(a, b) for a, b in zip(after[key], before[key], strict=True))
+    for key in ("params", "buffers"):  # bit-identical, NaN included
+        for a, b in zip(after[key], before[key], strict=True):
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
     assert all(g is None for g in after["grads"])
 
 
@@ -77,7 +86,8 @@ def test_lower_learning_rate_is_checked_by_sgd_steps() -> None:
 def test_cli_what_if_json_and_text(cli, sample) -> None:
     model, data = sample("relu_dead_bias")
     report = json.loads(cli("scan", model, "--data", data, "--what-if", "--format", "json").out)
-    assert {w["fix"] for w in report["what_if"]} == {"He init + bias 0.01 on 2", "LeakyReLU(0.01) for 3"}
+    assert {w["fix"] for w in report["what_if"]} == {
+        "He init + bias 0.01 on 2", "LeakyReLU(0.01) for 3", "GELU() for 3"}
     text = cli("scan", model, "--data", data, "--what-if").out
     assert "What if (each fix applied to a copy; the model itself is unchanged)" in text
     assert "dead-relu 3  60% dead  ->  He init + bias 0.01 on 2: no finding (resolved)" in text

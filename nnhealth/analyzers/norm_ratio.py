@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 from nnhealth.analyzers.base import Check, Option
 from nnhealth.capture.stats import Capture, ParamStats
 from nnhealth.findings import Finding, Severity
@@ -88,7 +90,8 @@ class NormRatio(Check):
             hi = max(rated, key=lambda pr: pr[1])
             spread = hi[1] / lo[1]
             if spread >= options["spread_warn"]:
-                out.append(self._spread_finding(lo, hi, spread, len(rated), options))
+                median = statistics.median(r for _, r in rated)
+                out.append(self._spread_finding(lo, hi, spread, len(rated), median, options))
         lr = options.get("lr")
         if lr is not None:
             for p, r in rated:
@@ -125,7 +128,9 @@ class NormRatio(Check):
                     )
         return out
 
-    def _spread_finding(self, lo, hi, spread: float, n: int, options: dict) -> Finding:
+    def _spread_finding(
+        self, lo, hi, spread: float, n: int, median: float, options: dict
+    ) -> Finding:
         (plo, rlo), (phi, rhi) = lo, hi
         lr = options.get("lr")
         rates = ""
@@ -141,7 +146,7 @@ class NormRatio(Check):
             f"{rlo:.3g} at {plo.name}, {rhi:.3g} at {phi.name}; one global learning rate "
             f"cannot suit both{rates}",
             {"spread": spread, "min_ratio": rlo, "min_layer": plo.name, "max_ratio": rhi,
-             "max_layer": phi.name, "layers": n},
+             "max_layer": phi.name, "layers": n, "median_ratio": median},
             "use layer-wise adaptive rates: LARS for SGD, LAMB for Adam (local rate "
             f"eta * ||w|| / ||grad w||, eta = {LARS_ETA:g}); or re-initialize the outlying layers",
             _LARS_SNIPPET,
