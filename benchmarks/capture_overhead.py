@@ -211,8 +211,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15, help="timed runs per path")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_REPEATS} repeats")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
-    parser.add_argument("--_measure-memory", nargs=2, metavar=("MODEL", "PATH"),
-                        dest="measure", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--_measure-memory",
+        nargs=2,
+        metavar=("MODEL", "PATH"),
+        dest="measure",
+        help=argparse.SUPPRESS,
+    )
     args = parser.parse_args()
     if args.measure:
         measure_memory_child(*args.measure)
@@ -224,33 +229,53 @@ def main() -> None:
         ms = time_case(case, repeats)
         mem = {path: measure_memory(name, path) for path in PATHS}
         methods |= {m["method"] for m in mem.values()}
-        rows.append({
-            "model": name,
-            "params": sum(p.numel() for p in case.model.parameters()),
-            "batch": "x".join(str(d) for d in case.inputs.shape),
-            "plain_ms": ms["plain"],
-            "capture_ms": ms["capture"],
-            "time_ratio": ms["capture"] / ms["plain"],
-            "plain_peak_mb": mem["plain"]["peak_mb"],
-            "capture_peak_mb": mem["capture"]["peak_mb"],
-            "mem_ratio": mem["capture"]["peak_mb"] / mem["plain"]["peak_mb"],
-        })
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "repeats": repeats, "warmup": WARMUP, "memory_method": sorted(methods),
-            "target": TARGET}
+        rows.append(
+            {
+                "model": name,
+                "params": sum(p.numel() for p in case.model.parameters()),
+                "batch": "x".join(str(d) for d in case.inputs.shape),
+                "plain_ms": ms["plain"],
+                "capture_ms": ms["capture"],
+                "time_ratio": ms["capture"] / ms["plain"],
+                "plain_peak_mb": mem["plain"]["peak_mb"],
+                "capture_peak_mb": mem["capture"]["peak_mb"],
+                "mem_ratio": mem["capture"]["peak_mb"] / mem["plain"]["peak_mb"],
+            }
+        )
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "warmup": WARMUP,
+        "memory_method": sorted(methods),
+        "target": TARGET,
+    }
     if args.json:
         print(json.dumps({"meta": meta, "results": rows}, indent=2))
         return
-    print(f"torch {meta['torch']}, {meta['threads']} threads, {repeats} repeats "
-          f"(median, interleaved, {WARMUP} warm-up); memory: {', '.join(meta['memory_method'])}")
-    head = ("model", "params", "batch", "plain ms", "capture ms", "time x",
-            "plain MB", "capture MB", "mem x")
+    print(
+        f"torch {meta['torch']}, {meta['threads']} threads, {repeats} repeats "
+        f"(median, interleaved, {WARMUP} warm-up); memory: {', '.join(meta['memory_method'])}"
+    )
+    head = (
+        "model",
+        "params",
+        "batch",
+        "plain ms",
+        "capture ms",
+        "time x",
+        "plain MB",
+        "capture MB",
+        "mem x",
+    )
     print("{:<12}{:>10}{:>14}{:>10}{:>12}{:>13}{:>10}{:>12}{:>13}".format(*head))
     for r in rows:
-        print(f"{r['model']:<12}{r['params']:>10,}{r['batch']:>14}{r['plain_ms']:>10.1f}"
-              f"{r['capture_ms']:>12.1f}{r['time_ratio']:>8.2f} {mark(r['time_ratio'])}"
-              f"{r['plain_peak_mb']:>10.1f}{r['capture_peak_mb']:>12.1f}"
-              f"{r['mem_ratio']:>8.2f} {mark(r['mem_ratio'])}")
+        print(
+            f"{r['model']:<12}{r['params']:>10,}{r['batch']:>14}{r['plain_ms']:>10.1f}"
+            f"{r['capture_ms']:>12.1f}{r['time_ratio']:>8.2f} {mark(r['time_ratio'])}"
+            f"{r['plain_peak_mb']:>10.1f}{r['capture_peak_mb']:>12.1f}"
+            f"{r['mem_ratio']:>8.2f} {mark(r['mem_ratio'])}"
+        )
     print(f"targets: time <= {TARGET}x, peak memory <= {TARGET}x (informational)")
 
 

@@ -53,10 +53,20 @@ def mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 def cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
     )
     return model, torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
 
@@ -119,7 +129,8 @@ def power(model, x, y, true: float) -> tuple[float, int]:
 def scipy_eigsh(model, x, y) -> tuple[float, int]:
     with HessianOperator(model, x, lambda o: F.cross_entropy(o, y), mode="eval") as op:
         operator = sla.LinearOperator(
-            (op.n, op.n), dtype=np.float64,
+            (op.n, op.n),
+            dtype=np.float64,
             matvec=lambda v: op.matvec(torch.from_numpy(np.asarray(v).ravel())).numpy(),
         )
         v0 = np.random.default_rng(0).standard_normal(op.n)
@@ -165,8 +176,10 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, eval mode, "
-          f"target relative error {TOL:g}, median of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, eval mode, "
+        f"target relative error {TOL:g}, median of {args.repeats}"
+    )
     header = f"{'model':<12} {'method':<18} {'lambda_max':>12} {'true rel err':>13} {'HVPs':>6} {'seconds':>8}"
     for name in args.models.split(","):
         model, x, y = MODELS[name]()
@@ -180,12 +193,16 @@ def main() -> None:
             }
             if pyhessian_module() is not None:
                 rows["PyHessian default"] = timed(lambda: pyhessian(model, x, y), args.repeats)
-        print(f"\n{name}: {sum(p.numel() for p in model.parameters()):,} params, "
-              f"batch {list(x.shape)}, true lambda_max {true:.6g}")
+        print(
+            f"\n{name}: {sum(p.numel() for p in model.parameters()):,} params, "
+            f"batch {list(x.shape)}, true lambda_max {true:.6g}"
+        )
         print(header)
         for method, (est, hvps, secs) in rows.items():
-            print(f"{name:<12} {method:<18} {est:>12.6g} {abs(est - true) / abs(true):>13.2e} "
-                  f"{hvps:>6} {secs:>8.2f}")
+            print(
+                f"{name:<12} {method:<18} {est:>12.6g} {abs(est - true) / abs(true):>13.2e} "
+                f"{hvps:>6} {secs:>8.2f}"
+            )
         o, p, ph = rows["ours (Lanczos)"], rows["power to 1e-3"], rows.get("PyHessian default")
         line = f"ours / power iteration: {o[1] / p[1]:.2f}x the HVPs"
         if ph is not None:

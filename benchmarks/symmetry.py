@@ -63,8 +63,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fan-in", type=int, default=1024)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fan-in {args.fan_in}, "
-          f"median of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fan-in {args.fan_in}, "
+        f"median of {args.repeats}"
+    )
     print(f"{'units':>7} {'state':>8} {'seconds':>9} {'groups':>7} {'eff. width':>11}")
     for width in WIDTHS:
         for state in ("random", "copied", "zero"):
@@ -72,15 +74,19 @@ def main() -> None:
             result = from_model(model, (), 1e-6)
             secs = median_seconds(lambda m=model: from_model(m, (), 1e-6), args.repeats)
             w = result[0]
-            print(f"{width:>7} {state:>8} {secs:>9.3f} {len(w.groups):>7} "
-                  f"{w.effective_width:>5}/{w.units}")
+            print(
+                f"{width:>7} {state:>8} {secs:>9.3f} {len(w.groups):>7} "
+                f"{w.effective_width:>5}/{w.units}"
+            )
     model = layer(WIDTHS[0], args.fan_in, "random")
     lin = model[0]
     rows = torch.cat([lin.weight, lin.bias[:, None]], 1).detach().numpy()
     ours = median_seconds(lambda: from_model(model, (), 1e-6), args.repeats)
     brute = median_seconds(lambda: brute_force(rows, 1e-6), max(1, args.repeats // 2))
-    print(f"\nall-pairs reference at {WIDTHS[0]} units: {brute:.3f} s, "
-          f"ours {ours:.3f} s ({brute / ours:.0f}x faster); all pairs grow as n^2, ours as n log n")
+    print(
+        f"\nall-pairs reference at {WIDTHS[0]} units: {brute:.3f} s, "
+        f"ours {ours:.3f} s ({brute / ours:.0f}x faster); all pairs grow as n^2, ours as n log n"
+    )
 
 
 if __name__ == "__main__":

@@ -57,13 +57,24 @@ def scan(
     from nnhealth.loading.batch import interpret
     from nnhealth.loading.model import LoadedModel
 
-    loaded = LoadedModel(model=model, format="in-memory module", source=type(model).__name__,
-                         loss_fn=loss_fn)
-    opts = runner.ScanOptions(select=select, ignore=ignore, loss=loss, seed=seed, mode=mode,
-                              lr=lr, hessian=hessian, hessian_top=hessian_top,
-                              hessian_min=hessian_min, hessian_trace=hessian_trace,
-                              hessian_tol=hessian_tol, hessian_budget=hessian_budget,
-                              check_options=dict(options or {}))
+    loaded = LoadedModel(
+        model=model, format="in-memory module", source=type(model).__name__, loss_fn=loss_fn
+    )
+    opts = runner.ScanOptions(
+        select=select,
+        ignore=ignore,
+        loss=loss,
+        seed=seed,
+        mode=mode,
+        lr=lr,
+        hessian=hessian,
+        hessian_top=hessian_top,
+        hessian_min=hessian_min,
+        hessian_trace=hessian_trace,
+        hessian_tol=hessian_tol,
+        hessian_budget=hessian_budget,
+        check_options=dict(options or {}),
+    )
     parsed = interpret(batch, "batch")
     report = runner.run(loaded, parsed, opts)
     if what_if:

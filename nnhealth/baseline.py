@@ -54,12 +54,23 @@ def score(f: Finding) -> float | None:
 
 def write(report: Report, path: Path) -> None:
     entries = [
-        {"key": key(f), "code": f.code, "check": f.check, "layer": f.layer,
-         "severity": f.severity.label, "score": json_number(score(f)), "message": f.message}
+        {
+            "key": key(f),
+            "code": f.code,
+            "check": f.check,
+            "layer": f.layer,
+            "severity": f.severity.label,
+            "score": json_number(score(f)),
+            "message": f.message,
+        }
         for f in report.findings
     ]
-    doc = {"nnhealth_baseline": FORMAT_VERSION, "tool_version": report.tool_version,
-           "model": report.run.get("model"), "findings": entries}
+    doc = {
+        "nnhealth_baseline": FORMAT_VERSION,
+        "tool_version": report.tool_version,
+        "model": report.run.get("model"),
+        "findings": entries,
+    }
     path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
 
@@ -67,7 +78,9 @@ def read(path: Path) -> dict[str, dict[str, Any]]:
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UsageError(f"--baseline {path}: no such file (write one with --write-baseline)") from None
+        raise UsageError(
+            f"--baseline {path}: no such file (write one with --write-baseline)"
+        ) from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"--baseline {path}: not a readable baseline ({exc})") from None
     if not isinstance(doc, dict) or doc.get("nnhealth_baseline") != FORMAT_VERSION:
@@ -78,7 +91,9 @@ def read(path: Path) -> dict[str, dict[str, Any]]:
         raise UsageError(f"--baseline {path}: malformed findings list") from None
 
 
-def compare(report: Report, baseline: dict[str, dict[str, Any]], tolerance: float) -> dict[str, Any]:
+def compare(
+    report: Report, baseline: dict[str, dict[str, Any]], tolerance: float
+) -> dict[str, Any]:
     new, worse, unchanged = [], [], []
     for f in report.findings:
         k = key(f)
@@ -96,5 +111,10 @@ def compare(report: Report, baseline: dict[str, dict[str, Any]], tolerance: floa
         (worse if f.severity > old_sev or grew else unchanged).append(k)
     current = {key(f) for f in report.findings}
     fixed = [k for k in baseline if k not in current]
-    return {"new": new, "worse": worse, "unchanged": unchanged, "fixed": fixed,
-            "tolerance": tolerance}
+    return {
+        "new": new,
+        "worse": worse,
+        "unchanged": unchanged,
+        "fixed": fixed,
+        "tolerance": tolerance,
+    }

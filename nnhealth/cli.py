@@ -161,38 +161,172 @@ def _write(stream, text: str) -> None:
 @app.command()
 def scan(
     ctx: typer.Context,
-    model: Annotated[str | None, typer.Argument(help="Model file (torch.save, TorchScript, state_dict, safetensors) or entry point pkg.module:factory / file.py:factory. Default: model in the config file.", show_default=False)] = None,
-    data: Annotated[str | None, typer.Option("--data", help="Batch file: .pt (tensor, (inputs, targets) or dict), .npz or .npy.")] = None,
-    input_shape: Annotated[str | None, typer.Option("--input-shape", help="Synthetic unit-Gaussian batch of this shape, e.g. 64x3x32x32.")] = None,
-    weights: Annotated[str | None, typer.Option("--weights", help="state_dict / Lightning .ckpt / safetensors to load into an entry point's model.")] = None,
-    arch: Annotated[str | None, typer.Option("--arch", help="Entry point pkg.module:factory building the architecture for a state_dict MODEL.")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate: judged against 2/lambda_max (NH401) and per-layer update size (NH301).")] = None,
-    hessian: Annotated[bool | None, typer.Option("--hessian/--no-hessian", help="Measure the Hessian's top eigenvalue by Lanczos (NH401). Default: only when NH401 is selected with --select.", show_default=False)] = None,
-    hessian_top: Annotated[int, typer.Option("--hessian-top", help="How many top eigenvalues.")] = 1,
-    hessian_min: Annotated[bool, typer.Option("--hessian-min", help="Also the smallest eigenvalue (negative curvature).")] = False,
-    hessian_trace: Annotated[int, typer.Option("--hessian-trace", help="Hutchinson probes for the Hessian trace (0: none).")] = 0,
-    hessian_tol: Annotated[float, typer.Option("--hessian-tol", help="Relative error bound at which Lanczos stops.")] = 1e-3,
-    hessian_budget: Annotated[int, typer.Option("--hessian-budget", help="Most Hessian-vector products Lanczos may take.")] = 100,
-    loss: Annotated[LossChoice, typer.Option("--loss", help="Loss: auto picks cross-entropy for class targets, MSE for float targets.")] = LossChoice.auto,
-    mode: Annotated[ModeChoice, typer.Option("--mode", help="Run the pass in train mode (dropout, batch statistics) or eval mode.")] = ModeChoice.train,
-    select: Annotated[list[str] | None, typer.Option("--select", help="Checks to run: codes, code prefixes or names, comma-separated.")] = None,
-    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Checks to skip: codes, prefixes or names.")] = None,
-    fmt: Annotated[FormatChoice, typer.Option("--format", help="Report format.")] = FormatChoice.text,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file instead of stdout.")] = None,
-    fail_on: Annotated[SeverityChoice, typer.Option("--fail-on", help="Exit 1 when a finding is at or above this severity.")] = SeverityChoice.error,
-    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even with findings (errors of the tool still exit 2).")] = False,
-    baseline: Annotated[Path | None, typer.Option("--baseline", help="Fail only on findings that are new or worse than in this baseline file.")] = None,
-    write_baseline: Annotated[Path | None, typer.Option("--write-baseline", help="Record the current findings as accepted (exit 0) in this file.")] = None,
-    baseline_tolerance: Annotated[float, typer.Option("--baseline-tolerance", help="Relative growth of a finding's score that counts as worse.")] = 0.1,
-    what_if: Annotated[bool, typer.Option("--what-if", help="Re-scan a copy of the model with each recommended fix applied; report before/after.")] = False,
-    what_if_budget: Annotated[float, typer.Option("--what-if-budget", help="Seconds the --what-if fixes may take in all.")] = 120.0,
-    trust: Annotated[bool, typer.Option("--trust", envvar="NNHEALTH_TRUST", help="Allow unpickling classes outside torch.nn (runs code from the file).")] = False,
-    device: Annotated[DeviceChoice | None, typer.Option("--device", help="Device for the pass (default: where the model's parameters are).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for synthetic inputs, random targets and dropout.")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Findings and verdict only.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Add each finding's evidence.")] = False,
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="Model file (torch.save, TorchScript, state_dict, safetensors) or entry point pkg.module:factory / file.py:factory. Default: model in the config file.",
+            show_default=False,
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data", help="Batch file: .pt (tensor, (inputs, targets) or dict), .npz or .npy."
+        ),
+    ] = None,
+    input_shape: Annotated[
+        str | None,
+        typer.Option(
+            "--input-shape", help="Synthetic unit-Gaussian batch of this shape, e.g. 64x3x32x32."
+        ),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights",
+            help="state_dict / Lightning .ckpt / safetensors to load into an entry point's model.",
+        ),
+    ] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            "--arch",
+            help="Entry point pkg.module:factory building the architecture for a state_dict MODEL.",
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr",
+            help="Learning rate: judged against 2/lambda_max (NH401) and per-layer update size (NH301).",
+        ),
+    ] = None,
+    hessian: Annotated[
+        bool | None,
+        typer.Option(
+            "--hessian/--no-hessian",
+            help="Measure the Hessian's top eigenvalue by Lanczos (NH401). Default: only when NH401 is selected with --select.",
+            show_default=False,
+        ),
+    ] = None,
+    hessian_top: Annotated[
+        int, typer.Option("--hessian-top", help="How many top eigenvalues.")
+    ] = 1,
+    hessian_min: Annotated[
+        bool,
+        typer.Option("--hessian-min", help="Also the smallest eigenvalue (negative curvature)."),
+    ] = False,
+    hessian_trace: Annotated[
+        int,
+        typer.Option("--hessian-trace", help="Hutchinson probes for the Hessian trace (0: none)."),
+    ] = 0,
+    hessian_tol: Annotated[
+        float, typer.Option("--hessian-tol", help="Relative error bound at which Lanczos stops.")
+    ] = 1e-3,
+    hessian_budget: Annotated[
+        int, typer.Option("--hessian-budget", help="Most Hessian-vector products Lanczos may take.")
+    ] = 100,
+    loss: Annotated[
+        LossChoice,
+        typer.Option(
+            "--loss",
+            help="Loss: auto picks cross-entropy for class targets, MSE for float targets.",
+        ),
+    ] = LossChoice.auto,
+    mode: Annotated[
+        ModeChoice,
+        typer.Option(
+            "--mode", help="Run the pass in train mode (dropout, batch statistics) or eval mode."
+        ),
+    ] = ModeChoice.train,
+    select: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--select", help="Checks to run: codes, code prefixes or names, comma-separated."
+        ),
+    ] = None,
+    ignore: Annotated[
+        list[str] | None, typer.Option("--ignore", help="Checks to skip: codes, prefixes or names.")
+    ] = None,
+    fmt: Annotated[
+        FormatChoice, typer.Option("--format", help="Report format.")
+    ] = FormatChoice.text,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write the report to this file instead of stdout."),
+    ] = None,
+    fail_on: Annotated[
+        SeverityChoice,
+        typer.Option("--fail-on", help="Exit 1 when a finding is at or above this severity."),
+    ] = SeverityChoice.error,
+    exit_zero: Annotated[
+        bool,
+        typer.Option(
+            "--exit-zero", help="Exit 0 even with findings (errors of the tool still exit 2)."
+        ),
+    ] = False,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            "--baseline",
+            help="Fail only on findings that are new or worse than in this baseline file.",
+        ),
+    ] = None,
+    write_baseline: Annotated[
+        Path | None,
+        typer.Option(
+            "--write-baseline",
+            help="Record the current findings as accepted (exit 0) in this file.",
+        ),
+    ] = None,
+    baseline_tolerance: Annotated[
+        float,
+        typer.Option(
+            "--baseline-tolerance",
+            help="Relative growth of a finding's score that counts as worse.",
+        ),
+    ] = 0.1,
+    what_if: Annotated[
+        bool,
+        typer.Option(
+            "--what-if",
+            help="Re-scan a copy of the model with each recommended fix applied; report before/after.",
+        ),
+    ] = False,
+    what_if_budget: Annotated[
+        float, typer.Option("--what-if-budget", help="Seconds the --what-if fixes may take in all.")
+    ] = 120.0,
+    trust: Annotated[
+        bool,
+        typer.Option(
+            "--trust",
+            envvar="NNHEALTH_TRUST",
+            help="Allow unpickling classes outside torch.nn (runs code from the file).",
+        ),
+    ] = False,
+    device: Annotated[
+        DeviceChoice | None,
+        typer.Option(
+            "--device", help="Device for the pass (default: where the model's parameters are)."
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed for synthetic inputs, random targets and dropout.")
+    ] = 0,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Findings and verdict only.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Add each finding's evidence.")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
-    config: Annotated[Path | None, typer.Option("--config", help="Config file (pyproject.toml with [tool.nnhealth], or nnhealth.toml). Default: the nearest one from the current directory up.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Config file (pyproject.toml with [tool.nnhealth], or nnhealth.toml). Default: the nearest one from the current directory up.",
+        ),
+    ] = None,
 ) -> int:
     """Scan MODEL on one batch and report what is wrong, where, and how to fix it.
 
@@ -202,15 +336,20 @@ def scan(
     from nnhealth import config as config_mod
 
     given = {
-        name for name in ctx.params
+        name
+        for name in ctx.params
         if (source := ctx.get_parameter_source(name)) is not None
         and source.name in ("COMMANDLINE", "ENVIRONMENT")
     }
     settings = config_mod.resolve(given, config)
     p = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in ctx.params.items()}
     p.update(settings.values)
-    model, data, input_shape, weights, arch = (p[k] for k in ("model", "data", "input_shape", "weights", "arch"))
-    lr, seed, quiet, verbose, exit_zero = (p[k] for k in ("lr", "seed", "quiet", "verbose", "exit_zero"))
+    model, data, input_shape, weights, arch = (
+        p[k] for k in ("model", "data", "input_shape", "weights", "arch")
+    )
+    lr, seed, quiet, verbose, exit_zero = (
+        p[k] for k in ("lr", "seed", "quiet", "verbose", "exit_zero")
+    )
     output = Path(p["output"]) if p["output"] is not None else None
     baseline = Path(p["baseline"]) if p["baseline"] is not None else None
     baseline_tolerance, fail_on, fmt = p["baseline_tolerance"], p["fail_on"], p["fmt"]
@@ -233,7 +372,9 @@ def scan(
         if target is not None and any(
             _same_file(target, f) for f in _user_files(model, data, weights, arch)
         ):
-            raise UsageError(f"{flag} {target}: refusing to overwrite the model, data or source file")
+            raise UsageError(
+                f"{flag} {target}: refusing to overwrite the model, data or source file"
+            )
     if output is not None and output.is_dir():
         raise UsageError(f"-o {output}: is a directory; give a file path")
 
@@ -248,7 +389,11 @@ def scan(
 
         shape = parse_shape(input_shape) if input_shape else None
         status.update("loading the model")
-        loaded = load_model(arch, weights=model) if arch else load_model(model, trust=trust, weights=weights)
+        loaded = (
+            load_model(arch, weights=model)
+            if arch
+            else load_model(model, trust=trust, weights=weights)
+        )
         batch = None
         if data:
             status.update("loading the batch")
@@ -283,17 +428,28 @@ def scan(
 
             from nnhealth.whatif import explore
 
-            report = _replace_report(report, what_if=explore(
-                loaded, batch, opts, report, budget_seconds=what_if_budget, progress=status.update
-            ))
+            report = _replace_report(
+                report,
+                what_if=explore(
+                    loaded,
+                    batch,
+                    opts,
+                    report,
+                    budget_seconds=what_if_budget,
+                    progress=status.update,
+                ),
+            )
     if baseline is not None:
         from dataclasses import replace as _replace
 
         from nnhealth import baseline as baselines
 
         report = _replace(
-            report, baseline={"file": str(baseline), **baselines.compare(
-                report, baselines.read(baseline), baseline_tolerance)}
+            report,
+            baseline={
+                "file": str(baseline),
+                **baselines.compare(report, baselines.read(baseline), baseline_tolerance),
+            },
         )
 
     to_terminal = output is None and sys.stdout.isatty()
@@ -320,7 +476,9 @@ def scan(
         try:
             baselines.write(report, write_baseline)
         except OSError as exc:
-            raise UsageError(f"--write-baseline {write_baseline}: cannot write ({exc.strerror})") from exc
+            raise UsageError(
+                f"--write-baseline {write_baseline}: cannot write ({exc.strerror})"
+            ) from exc
         if not report.errors:
             return EXIT_OK  # the findings are accepted as they are
     if report.errors:
@@ -331,7 +489,9 @@ def scan(
 
 
 @app.command()
-def explain(code: Annotated[str, typer.Argument(help="A check code (NH101) or name (dead-relu).")]) -> int:
+def explain(
+    code: Annotated[str, typer.Argument(help="A check code (NH101) or name (dead-relu).")],
+) -> int:
     """Print what a check detects, why it matters, an example, the fix and its options."""
     from nnhealth.analyzers import lookup
 
@@ -371,7 +531,9 @@ def list_checks() -> int:
     table.add_column("what it looks at")
     for c in REGISTRY:
         table.add_row(c.code, c.name, ", ".join(sorted(c.needs)), c.summary)
-    Console(highlight=False, width=max(shutil.get_terminal_size((120, 24)).columns, 100)).print(table)
+    Console(highlight=False, width=max(shutil.get_terminal_size((120, 24)).columns, 100)).print(
+        table
+    )
     return EXIT_OK
 
 

@@ -106,8 +106,11 @@ def _coerce(kind: str, value: Any, where: str, from_env: bool) -> Any:
         if not isinstance(value, int) or value < low:
             raise bad(f"an integer >= {low}")
         return value
-    ranges = {"positive": (0, None, "a number > 0"), "nonnegative": (0, None, "a number >= 0"),
-              "unit": (0, 1, "a number in (0, 1)")}
+    ranges = {
+        "positive": (0, None, "a number > 0"),
+        "nonnegative": (0, None, "a number >= 0"),
+        "unit": (0, 1, "a number in (0, 1)"),
+    }
     low, high, text = ranges[kind]
     ok = (value > low if kind != "nonnegative" else value >= low) and (high is None or value < high)
     if not ok or not math.isfinite(value):
@@ -151,8 +154,12 @@ def read_config(path: Path) -> tuple[dict[str, Any], str]:
     return data, ""
 
 
-def resolve(explicit: set[str], config_path: Path | None, cwd: Path | None = None,
-            environ: dict[str, str] | None = None) -> Settings:
+def resolve(
+    explicit: set[str],
+    config_path: Path | None,
+    cwd: Path | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
     """Settings for every scan parameter not given on the command line (``explicit``)."""
     environ = os.environ if environ is None else environ
     settings = Settings()
@@ -209,18 +216,25 @@ def _checks_table(table: Any, place, settings: Settings) -> None:
                 try:
                     settings.severities[check.code] = Severity.parse(value)
                 except ValueError:
-                    raise UsageError(f"{where}: expected error, warning or info, got {value!r}") from None
+                    raise UsageError(
+                        f"{where}: expected error, warning or info, got {value!r}"
+                    ) from None
                 continue
             option = next((o for o in check.options if o.name == key), None)
             if option is None:
                 known = ", ".join([o.name for o in check.options] + ["severity"])
                 raise UsageError(f"{where}: unknown option (known: {known})")
             low, high = option.bounds
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (
-                high is not None and value > high
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or value < low
+                or (high is not None and value > high)
             ):
                 span = f"[{low:g}, {high:g}]" if high is not None else f">= {low:g}"
-                raise UsageError(f"{where}: expected a number {'in ' if high else ''}{span}, got {value!r}")
+                raise UsageError(
+                    f"{where}: expected a number {'in ' if high else ''}{span}, got {value!r}"
+                )
             overrides[key] = value
         settings.check_options.setdefault(check.code, {}).update(overrides)
 

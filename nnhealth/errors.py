@@ -21,17 +21,13 @@ class UsageError(NnhealthError):
     """Bad arguments or option values."""
 
 
-
 class LoadError(NnhealthError):
     """The model could not be read, or reading it would be unsafe."""
-
 
 
 class DataError(NnhealthError):
     """The batch could not be read, or does not fit the model or the loss."""
 
 
-
 class CaptureError(NnhealthError):
     """The model raised during the instrumented forward/backward pass."""
-

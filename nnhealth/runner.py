@@ -69,7 +69,10 @@ def _resolve_checks(opts: ScanOptions) -> list[tuple[type[Check], dict[str, Any]
             raise UsageError(f"options for unknown check {key!r}")
     out = []
     for check in checks:
-        overrides = {**opts.check_options.get(check.code, {}), **opts.check_options.get(check.name, {})}
+        overrides = {
+            **opts.check_options.get(check.code, {}),
+            **opts.check_options.get(check.name, {}),
+        }
         if opts.lr is not None and "lr" in check.defaults():
             overrides.setdefault("lr", opts.lr)
         try:
@@ -193,8 +196,16 @@ def layer_rows(
     for module, params in by_module.items():
         if module in covered:
             continue
-        rows.append({"name": module or "(root)", "kind": params[0].kind, "role": "params",
-                     "module": module, **_param_summary(params), **metrics.get(module, {})})
+        rows.append(
+            {
+                "name": module or "(root)",
+                "kind": params[0].kind,
+                "role": "params",
+                "module": module,
+                **_param_summary(params),
+                **metrics.get(module, {}),
+            }
+        )
     return rows
 
 

@@ -1,9 +1,9 @@
 """Gate a test suite on gradient health in one line.
 
-    from nnhealth.testing import assert_healthy
+from nnhealth.testing import assert_healthy
 
-    def test_model_trains():
-        assert_healthy(build_model(), (inputs, targets))
+def test_model_trains():
+    assert_healthy(build_model(), (inputs, targets))
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from torch import nn
 
 from nnhealth.analyzers._advice import RELU_FAMILY
 from nnhealth.baseline import score
+from nnhealth.capture.instrument import call_model
 from nnhealth.findings import Finding, Report, Severity
 from nnhealth.loading.batch import Batch, prepare
 from nnhealth.loading.loss import LossResolver
@@ -106,7 +107,9 @@ class _Context:
         return [n for n, m in model.named_modules() if isinstance(m, JUDGED)]
 
 
-def _all_layers(ctx: _Context, how: Callable[[nn.Module], None]) -> Callable[[nn.Module], str | None]:
+def _all_layers(
+    ctx: _Context, how: Callable[[nn.Module], None]
+) -> Callable[[nn.Module], str | None]:
     def apply(model: nn.Module) -> str | None:
         names = ctx.layer_names(model)
         if not names:
@@ -118,34 +121,56 @@ def _all_layers(ctx: _Context, how: Callable[[nn.Module], None]) -> Callable[[nn
     return apply
 
 
-def candidates(f: Finding, ctx: _Context, opts: Any, curvature: dict | None,
-               sgd: Callable[..., tuple[float, float, str]]) -> list[Fix]:
+def candidates(
+    f: Finding,
+    ctx: _Context,
+    opts: Any,
+    curvature: dict | None,
+    sgd: Callable[..., tuple[float, float, str]],
+) -> list[Fix]:
     nl = ctx.nonlinearity
     if f.code == "NH101" and f.layer:
         fixes = []
         feeder = ctx.feeder(f.layer)
         if feeder is not None and feeder.get("role") == "norm":
+
             def reset_norm(model, m=feeder["module"]):
                 norm = _get(model, m)
                 with torch.no_grad():
                     norm.bias.zero_()
                     norm.weight.fill_(1.0)
-            fixes.append(Fix(f"reset {feeder['module']} shift to 0", lambda mm, g=reset_norm: g(mm)))
+
+            fixes.append(
+                Fix(f"reset {feeder['module']} shift to 0", lambda mm, g=reset_norm: g(mm))
+            )
         elif feeder is not None:
-            fixes.append(Fix(
-                f"He init + bias 0.01 on {feeder['module']}",
-                lambda model, m=feeder["module"]: _reinit(_get(model, m), "relu", 0.01),
-            ))
+            fixes.append(
+                Fix(
+                    f"He init + bias 0.01 on {feeder['module']}",
+                    lambda model, m=feeder["module"]: _reinit(_get(model, m), "relu", 0.01),
+                )
+            )
         row = ctx.row(f.layer) or {}
         if row.get("functional"):
-            fixes.append(Fix("LeakyReLU(0.01)", lambda model, where=row.get("module") or "the model": (
-                f"F.relu is called inside {where}.forward: it cannot be swapped from outside; "
-                "edit the forward to use F.leaky_relu")))
+            fixes.append(
+                Fix(
+                    "LeakyReLU(0.01)",
+                    lambda model, where=row.get("module") or "the model": (
+                        f"F.relu is called inside {where}.forward: it cannot be swapped from outside; "
+                        "edit the forward to use F.leaky_relu"
+                    ),
+                )
+            )
         else:
             where = row.get("module", f.layer)
-            for new, label in ((lambda: nn.LeakyReLU(0.01), "LeakyReLU(0.01)"), (nn.GELU, "GELU()")):
+            for new, label in (
+                (lambda: nn.LeakyReLU(0.01), "LeakyReLU(0.01)"),
+                (nn.GELU, "GELU()"),
+            ):
+
                 def swap(model, m=where, make=new):
                     _set(model, m, make())
+
                 fixes.append(Fix(f"{label} for {where}", lambda mm, g=swap: g(mm)))
         return fixes
     if f.code == "NH102" and f.layer:
@@ -153,15 +178,29 @@ def candidates(f: Finding, ctx: _Context, opts: Any, curvature: dict | None,
         row = ctx.row(f.layer) or {}
         if feeder is None or feeder.get("role") != "layer":
             return []
-        return [Fix(f"xavier_normal_ on {feeder['module']}",
-                    lambda model, m=feeder["module"], k=row.get("kind"): _reinit(_get(model, m), k))]
+        return [
+            Fix(
+                f"xavier_normal_ on {feeder['module']}",
+                lambda model, m=feeder["module"], k=row.get("kind"): _reinit(_get(model, m), k),
+            )
+        ]
     if f.code in ("NH201", "NH202", "NH601"):
-        fixes = [Fix(f"{init_name(nl)} on every Linear/Conv",
-                     _all_layers(ctx, lambda m: _reinit(m, nl)))]
+        fixes = [
+            Fix(f"{init_name(nl)} on every Linear/Conv", _all_layers(ctx, lambda m: _reinit(m, nl)))
+        ]
         if nl in {"tanh", "sigmoid"}:
-            fixes.append(Fix("orthogonal init on every Linear/Conv", _all_layers(
-                ctx, lambda m: (nn.init.orthogonal_(m.weight, nn.init.calculate_gain(nl)),
-                                m.bias is not None and nn.init.zeros_(m.bias)))))
+            fixes.append(
+                Fix(
+                    "orthogonal init on every Linear/Conv",
+                    _all_layers(
+                        ctx,
+                        lambda m: (
+                            nn.init.orthogonal_(m.weight, nn.init.calculate_gain(nl)),
+                            m.bias is not None and nn.init.zeros_(m.bias),
+                        ),
+                    ),
+                )
+            )
 
         def insert_norms(model: nn.Module) -> str | None:
             names = ctx.layer_names(model)[:-1]  # not after the output layer
@@ -174,33 +213,54 @@ def candidates(f: Finding, ctx: _Context, opts: Any, curvature: dict | None,
         fixes.append(Fix("LayerNorm/BatchNorm after each hidden layer", insert_norms))
         return fixes
     if f.code == "NH501" and f.layer and "exact" in f.evidence:  # weight symmetry
+
         def noise(model, m=f.layer):
             layer = _get(model, m)
             with torch.no_grad():
                 scale = float(layer.weight.std()) or math.sqrt(1.0 / layer.weight.shape[1])
                 layer.weight.add_(1e-2 * scale * torch.randn_like(layer.weight))
-        return [Fix(f"{init_name(nl)} on {f.layer}", lambda model, m=f.layer: _reinit(_get(model, m), nl)),
-                Fix(f"1% noise on {f.layer}", lambda mm, g=noise: g(mm))]
+
+        return [
+            Fix(
+                f"{init_name(nl)} on {f.layer}",
+                lambda model, m=f.layer: _reinit(_get(model, m), nl),
+            ),
+            Fix(f"1% noise on {f.layer}", lambda mm, g=noise: g(mm)),
+        ]
     if f.code == "NH401" and curvature and curvature.get("lr_limit") and opts.lr:
         safe = curvature["lr_limit"] / 2
         return [Fix(f"lr {opts.lr:g} -> {safe:.3g}", train=lambda model: sgd(model, safe, opts.lr))]
     if f.code == "NH001" and "parameter" in f.evidence:
         module = str(f.evidence["parameter"]).rpartition(".")[0]
-        return [Fix(f"{init_name(nl)} on {module} (instead of the non-finite values)",
-                    lambda model, m=module: _reinit(_get(model, m), nl))]
+        return [
+            Fix(
+                f"{init_name(nl)} on {module} (instead of the non-finite values)",
+                lambda model, m=module: _reinit(_get(model, m), nl),
+            )
+        ]
     if f.code == "NH301":
         fixes = []
         if "max_layer" in f.evidence:  # the spread: re-initialize the outlying layer
-            ratios = {f.evidence["max_layer"]: f.evidence["max_ratio"],
-                      f.evidence["min_layer"]: f.evidence["min_ratio"]}
+            ratios = {
+                f.evidence["max_layer"]: f.evidence["max_ratio"],
+                f.evidence["min_layer"]: f.evidence["min_ratio"],
+            }
             median = f.evidence.get("median_ratio") or math.sqrt(math.prod(ratios.values()))
             outlier = max(ratios, key=lambda k: abs(math.log(ratios[k] / median)))
             module = outlier.rpartition(".")[0]
-            fixes.append(Fix(f"{init_name(nl)} on {module}",
-                             lambda model, m=module: _reinit(_get(model, m), nl)))
+            fixes.append(
+                Fix(
+                    f"{init_name(nl)} on {module}",
+                    lambda model, m=module: _reinit(_get(model, m), nl),
+                )
+            )
         if opts.lr:
-            fixes.append(Fix("LARS-scaled layer rates",
-                             train=lambda model: sgd(model, opts.lr, opts.lr, lars=True)))
+            fixes.append(
+                Fix(
+                    "LARS-scaled layer rates",
+                    train=lambda model: sgd(model, opts.lr, opts.lr, lars=True),
+                )
+            )
         return fixes
     return []
 
@@ -216,7 +276,11 @@ def _metric(f: Finding | None) -> str:
     if f.code in ("NH201", "NH202"):
         return f"x{e['factor_per_layer']:.3g}/layer" if "factor_per_layer" in e else f.message[:40]
     if f.code == "NH601":
-        return f"x{e['expected_change']:.3g} through depth" if "expected_change" in e else f"x{e.get('ratio', 0):.3g}"
+        return (
+            f"x{e['expected_change']:.3g} through depth"
+            if "expected_change" in e
+            else f"x{e.get('ratio', 0):.3g}"
+        )
     if f.code == "NH501":
         return f"width {e.get('effective_width')}/{e.get('units')}"
     return f.message[:60]
@@ -239,16 +303,24 @@ def explore(
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
 
-    def sgd(model: nn.Module, lr: float, old_lr: float, lars: bool = False) -> tuple[float, float, str]:
+    def sgd(
+        model: nn.Module, lr: float, old_lr: float, lars: bool = False
+    ) -> tuple[float, float, str]:
         return _sgd_check(model, batch, opts, loaded, lr, old_lr, lars)
 
     for f in report.findings:
         if f.severity < Severity.WARNING:
             continue
         for fix in candidates(f, ctx, opts, report.curvature, sgd):
-            entry: dict[str, Any] = {"finding": key(f), "code": f.code, "check": f.check,
-                                     "layer": f.layer, "fix": fix.label, "before": _metric(f),
-                                     "before_score": score(f)}
+            entry: dict[str, Any] = {
+                "finding": key(f),
+                "code": f.code,
+                "check": f.check,
+                "layer": f.layer,
+                "fix": fix.label,
+                "before": _metric(f),
+                "before_score": score(f),
+            }
             if time.perf_counter() - started > budget_seconds:
                 results.append({**entry, "applied": False, "note": "skipped: time budget spent"})
                 continue
@@ -258,8 +330,16 @@ def explore(
             try:
                 if fix.train is not None:
                     before, after, note = fix.train(trial)
-                    results.append({**entry, "applied": True, "after": note, "after_score": after,
-                                    "before_loss_change": before, "resolved": after < 0})
+                    results.append(
+                        {
+                            **entry,
+                            "applied": True,
+                            "after": note,
+                            "after_score": after,
+                            "before_loss_change": before,
+                            "resolved": after < 0,
+                        }
+                    )
                     continue
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(opts.seed)
@@ -267,23 +347,42 @@ def explore(
                 if why_not:
                     results.append({**entry, "applied": False, "note": why_not})
                     continue
-                sub = LoadedModel(model=trial, format=loaded.format, source=loaded.source,
-                                  loss_fn=loaded.loss_fn)
+                sub = LoadedModel(
+                    model=trial, format=loaded.format, source=loaded.source, loss_fn=loaded.loss_fn
+                )
                 rescan = runner.run(sub, batch, replace(opts, select=[f.code], ignore=None))
             except Exception as exc:  # the fix did not fit this model (e.g. a norm layer)
-                results.append({**entry, "applied": False,
-                                "note": f"could not be applied: {type(exc).__name__}: {exc}"[:300]})
+                results.append(
+                    {
+                        **entry,
+                        "applied": False,
+                        "note": f"could not be applied: {type(exc).__name__}: {exc}"[:300],
+                    }
+                )
                 continue
             same = [g for g in rescan.findings if g.code == f.code and g.layer == f.layer]
             after = max(same, key=lambda g: g.severity, default=None)
-            results.append({**entry, "applied": True, "after": _metric(after),
-                            "after_score": score(after) if after else None,
-                            "resolved": after is None or after.severity < Severity.WARNING})
+            results.append(
+                {
+                    **entry,
+                    "applied": True,
+                    "after": _metric(after),
+                    "after_score": score(after) if after else None,
+                    "resolved": after is None or after.severity < Severity.WARNING,
+                }
+            )
     return tuple(results)
 
 
-def _sgd_check(model: nn.Module, batch: Batch, opts: Any, loaded: LoadedModel, lr: float,
-               old_lr: float, lars: bool) -> tuple[float, float, str]:
+def _sgd_check(
+    model: nn.Module,
+    batch: Batch,
+    opts: Any,
+    loaded: LoadedModel,
+    lr: float,
+    old_lr: float,
+    lars: bool,
+) -> tuple[float, float, str]:
     """Loss change over a few full-batch SGD steps at ``old_lr`` and at the fixed rate
     (or with LARS-scaled layer rates); negative is a decrease."""
     device = next(model.parameters()).device
@@ -296,8 +395,6 @@ def _sgd_check(model: nn.Module, batch: Batch, opts: Any, loaded: LoadedModel, l
         params = [p for p in m.parameters() if p.requires_grad]
 
         def loss() -> torch.Tensor:
-            from nnhealth.capture.instrument import call_model
-
             return resolver(call_model(m, prepared.inputs))
 
         with torch.random.fork_rng(devices=[]):
@@ -320,6 +417,8 @@ def _sgd_check(model: nn.Module, batch: Batch, opts: Any, loaded: LoadedModel, l
     change = run(model, lr, lars)
     how = "LARS" if lars else f"lr {lr:.3g}"
     verdict = "loss falls" if change < 0 else "loss rises"
-    note = (f"{SGD_STEPS} SGD steps: lr {old_lr:g} changes the loss by {baseline_change:+.3g}, "
-            f"{how} by {change:+.3g} ({verdict})")
+    note = (
+        f"{SGD_STEPS} SGD steps: lr {old_lr:g} changes the loss by {baseline_change:+.3g}, "
+        f"{how} by {change:+.3g} ({verdict})"
+    )
     return baseline_change, change, note

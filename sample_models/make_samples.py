@@ -32,7 +32,9 @@ def linears(model: nn.Module) -> list[nn.Linear]:
     return [m for m in model.modules() if isinstance(m, nn.Linear)]
 
 
-def batch(n: int, dim: int, classes: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(
+    n: int, dim: int, classes: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, dim, generator=gen), torch.randint(0, classes, (n,), generator=gen)
 
 
@@ -143,14 +145,20 @@ def cnn_bn(gen: torch.Generator):
     layers: list[nn.Module] = []
     channels = [3, 16, 16, 32, 32]
     for a, b in zip(channels[:-1], channels[1:], strict=True):
-        layers += [nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
+        layers += [
+            nn.Conv2d(a, b, 3, padding=1, bias=False),
+            nn.BatchNorm2d(b),
+            nn.ReLU(inplace=True),
+        ]
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)]
     model = nn.Sequential(*layers)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.Conv2d):
                 fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
-                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * math.sqrt(2.0 / fan_out))
+                m.weight.copy_(
+                    torch.randn(m.weight.shape, generator=gen) * math.sqrt(2.0 / fan_out)
+                )
     x = torch.randn(32, 3, 16, 16, generator=gen)
     y = torch.randint(0, 10, (32,), generator=gen)
     return model, (x, y)

@@ -14,7 +14,9 @@ sys.path.insert(0, str(SAMPLES))  # make_samples, to rebuild the samples in memo
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--update-golden", action="store_true", help="rewrite tests/golden/* from the current output"
+        "--update-golden",
+        action="store_true",
+        help="rewrite tests/golden/* from the current output",
     )
 
 

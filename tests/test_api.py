@@ -74,6 +74,11 @@ def test_eval_mode_pass() -> None:
 
 def test_import_does_not_import_torch() -> None:
     code = "import sys, nnhealth; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT)}, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT)},
+        check=True,
+    ).stdout
     assert out.strip() == "False"

@@ -22,7 +22,9 @@ def save(tmp_path: Path, dead_fc2: int, dead_fc4: int = 0) -> Path:
 
 
 def scan(cli, path: Path, *args):
-    res = cli("scan", path, "--input-shape", "64x32", "--fail-on", "warning", "--format", "json", *args)
+    res = cli(
+        "scan", path, "--input-shape", "64x32", "--fail-on", "warning", "--format", "json", *args
+    )
     return res.code, json.loads(res.out) if res.out else None
 
 
@@ -64,12 +66,19 @@ def test_severity_rise_is_worse(cli, tmp_path: Path) -> None:
     assert code == 1 and report["baseline"]["worse"] == ["NH101:3"]
 
 
-@pytest.mark.parametrize("content,needle", [
-    (None, "no such file"), ("{not json", "not a readable baseline"), ('{"a": 1}', "not an nnhealth baseline"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (None, "no such file"),
+        ("{not json", "not a readable baseline"),
+        ('{"a": 1}', "not an nnhealth baseline"),
+    ],
+)
 def test_bad_baseline_files(cli, tmp_path: Path, content: str | None, needle: str) -> None:
     path = tmp_path / "b.json"
     if content is not None:
         path.write_text(content)
     model = save(tmp_path, dead_fc2=0)
-    assert needle in one_line_error(cli("scan", model, "--input-shape", "64x32", "--baseline", path))
+    assert needle in one_line_error(
+        cli("scan", model, "--input-shape", "64x32", "--baseline", path)
+    )

@@ -48,7 +48,10 @@ def test_npz_and_npy(cli, tmp_path: Path, model_file: Path) -> None:
     report = scan_json(cli, model_file, "--data", tmp_path / "b.npz")
     assert report["run"]["batch"]["targets_shape"] == [20]
     assert any("cast from torch.float64" in n for n in report["notes"])
-    assert scan_json(cli, model_file, "--data", tmp_path / "b.npy")["run"]["batch"]["shape"] == [20, 6]
+    assert scan_json(cli, model_file, "--data", tmp_path / "b.npy")["run"]["batch"]["shape"] == [
+        20,
+        6,
+    ]
 
 
 def test_object_arrays_are_not_unpickled(tmp_path: Path) -> None:
@@ -85,8 +88,11 @@ class KeywordModel(nn.Module):
 def test_dict_of_keyword_arguments() -> None:
     import nnhealth
 
-    batch = {"input_ids": torch.randint(0, 20, (16, 5)), "attention_mask": torch.ones(16, 5),
-             "labels": torch.randint(0, 3, (16,))}
+    batch = {
+        "input_ids": torch.randint(0, 20, (16, 5)),
+        "attention_mask": torch.ones(16, 5),
+        "labels": torch.randint(0, 3, (16,)),
+    }
     report = nnhealth.scan(KeywordModel(), batch)
     assert report.run["batch"]["targets_shape"] == [16] and report.run["loss"] == "cross-entropy"
     assert not report.errors
@@ -107,7 +113,9 @@ def test_numpy_dtypes(tmp_path: Path, array: np.ndarray, needle: str | None) -> 
         assert batch.inputs.dtype == torch.float32 and batch.shape == [4, 3]
 
 
-@pytest.mark.parametrize("text,shape", [("64x3x32x32", (64, 3, 32, 32)), ("8,4", (8, 4)), ("16", (16,))])
+@pytest.mark.parametrize(
+    "text,shape", [("64x3x32x32", (64, 3, 32, 32)), ("8,4", (8, 4)), ("16", (16,))]
+)
 def test_parse_shape(text: str, shape: tuple) -> None:
     assert parse_shape(text) == shape
 
@@ -138,6 +146,7 @@ def test_nan_inputs_rejected() -> None:
 
 # ---- loss ---------------------------------------------------------------------------
 
+
 def test_auto_loss_matches_torch() -> None:
     out = torch.randn(10, 4)
     y = torch.randint(0, 4, (10,))
@@ -158,8 +167,9 @@ def test_auto_loss_without_targets() -> None:
     r(torch.randn(10, 7, 16))  # a sequence of features: not logits
     assert r.description == "mse" and "random unit-Gaussian" in r.notes[0]
     # seeded: the same labels every time
-    assert LossResolver("ce", None, 5)(torch.zeros(6, 3, requires_grad=False) + torch.arange(3.0)) == \
-        LossResolver("ce", None, 5)(torch.zeros(6, 3) + torch.arange(3.0))
+    assert LossResolver("ce", None, 5)(
+        torch.zeros(6, 3, requires_grad=False) + torch.arange(3.0)
+    ) == LossResolver("ce", None, 5)(torch.zeros(6, 3) + torch.arange(3.0))
 
 
 def test_segmentation_targets() -> None:
@@ -171,7 +181,11 @@ def test_segmentation_targets() -> None:
 @pytest.mark.parametrize(
     "out,y,needle",
     [
-        (torch.randn(4, 3), torch.tensor([0, 1, 2, 7]), r"range over \[0, 7\] but the model outputs 3"),
+        (
+            torch.randn(4, 3),
+            torch.tensor([0, 1, 2, 7]),
+            r"range over \[0, 7\] but the model outputs 3",
+        ),
         (torch.randn(4, 3), torch.zeros(5, dtype=torch.long), "do not fit outputs of shape"),
         (torch.randn(4, 3), torch.randn(4, 2), "do not fit outputs"),
     ],

@@ -76,7 +76,9 @@ def test_functional_calls_are_seen_and_named_after_their_module() -> None:
 
 def test_inplace_relu_module_reused_twice() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BasicBlock(4), nn.Flatten(), nn.Linear(4 * 25, 3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), BasicBlock(4), nn.Flatten(), nn.Linear(4 * 25, 3)
+    )
     x = torch.randn(6, 3, 5, 5)
     cap = run_pass(model, x, mse, examples=6)
     relus = [s for s in cap.activation_sites() if s.module == "1.relu"]
@@ -97,15 +99,35 @@ def test_inplace_relu_module_reused_twice() -> None:
 
 def test_activation_modules_of_every_family() -> None:
     model = nn.Sequential(
-        nn.Linear(4, 4), nn.ReLU6(), nn.Linear(4, 4), nn.Hardtanh(), nn.Linear(4, 4), nn.GELU(),
-        nn.Linear(4, 4), nn.SiLU(), nn.Linear(4, 4), nn.LeakyReLU(), nn.Linear(4, 4), nn.ELU(),
-        nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 2),
+        nn.Linear(4, 4),
+        nn.ReLU6(),
+        nn.Linear(4, 4),
+        nn.Hardtanh(),
+        nn.Linear(4, 4),
+        nn.GELU(),
+        nn.Linear(4, 4),
+        nn.SiLU(),
+        nn.Linear(4, 4),
+        nn.LeakyReLU(),
+        nn.Linear(4, 4),
+        nn.ELU(),
+        nn.Linear(4, 4),
+        nn.Tanh(),
+        nn.Linear(4, 4),
+        nn.Sigmoid(),
+        nn.Linear(4, 2),
     )
     cap = run_pass(model, torch.randn(8, 4), mse, examples=8)
     kinds = [(s.name, s.kind) for s in cap.activation_sites()]
     assert kinds == [
-        ("1", "relu6"), ("3", "hardtanh"), ("5", "gelu"), ("7", "silu"), ("9", "leaky_relu"),
-        ("11", "elu"), ("13", "tanh"), ("15", "sigmoid"),
+        ("1", "relu6"),
+        ("3", "hardtanh"),
+        ("5", "gelu"),
+        ("7", "silu"),
+        ("9", "leaky_relu"),
+        ("11", "elu"),
+        ("13", "tanh"),
+        ("15", "sigmoid"),
     ]
 
 
@@ -128,7 +150,11 @@ def _state(model: nn.Module):
 def test_model_is_left_exactly_as_found(mode: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), BasicBlock(4), nn.Dropout(0.5), nn.Flatten(), nn.Linear(100, 3)
+        nn.Conv2d(3, 4, 3, padding=1),
+        BasicBlock(4),
+        nn.Dropout(0.5),
+        nn.Flatten(),
+        nn.Linear(100, 3),
     )
     model.eval()
     model[1].train()  # mixed modes must come back mixed
@@ -159,7 +185,9 @@ def test_model_left_as_found_when_it_raises() -> None:
     before = _state(model)
     from nnhealth.errors import CaptureError
 
-    with pytest.raises(CaptureError, match=r"layer '2' \[Linear\(in_features=5\)\] on input of shape \[3, 4\]"):
+    with pytest.raises(
+        CaptureError, match=r"layer '2' \[Linear\(in_features=5\)\] on input of shape \[3, 4\]"
+    ):
         run_pass(model, torch.randn(3, 4), mse, examples=3)
     after = _state(model)
     assert after["hooks"] == before["hooks"] and after["training"] == before["training"]
@@ -168,7 +196,9 @@ def test_model_left_as_found_when_it_raises() -> None:
 def test_deepcopy_equivalence_of_results() -> None:
     """Capturing twice gives the same numbers: nothing leaked from the first pass."""
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.3), nn.Linear(6, 2))
+    model = nn.Sequential(
+        nn.Linear(6, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.3), nn.Linear(6, 2)
+    )
     twin = copy.deepcopy(model)
     x = torch.randn(12, 6)
     a = run_pass(model, x, mse, examples=12, seed=5)

@@ -20,8 +20,14 @@ from nnhealth.findings import Severity
 N = 128  # examples per batch
 
 
-def stack(width: int, depth: int, act: type[nn.Module], std: Callable[[int], float] | None,
-          norm: type[nn.Module] | None = None, seed: int = 0) -> nn.Sequential:
+def stack(
+    width: int,
+    depth: int,
+    act: type[nn.Module],
+    std: Callable[[int], float] | None,
+    norm: type[nn.Module] | None = None,
+    seed: int = 0,
+) -> nn.Sequential:
     """depth hidden Linear(width) layers with act (and norm before it), then a 10-way head.
     std(fan_in) None keeps PyTorch's default init."""
     torch.manual_seed(seed)
@@ -160,46 +166,141 @@ CASES = [
     Case("most-units-dead", "NH101", lambda: dead_bias(0.6), Severity.ERROR, "3"),
     Case("some-units-dead", "NH101", lambda: dead_bias(0.2), Severity.WARNING, "3"),
     Case("few-dead-below-threshold", "NH101", lambda: dead_bias(0.05), None),
-    Case("leaky-relu-never-dead", "NH101", lambda: stack(128, 3, nn.LeakyReLU, lambda n: 0.0), None),
+    Case(
+        "leaky-relu-never-dead", "NH101", lambda: stack(128, 3, nn.LeakyReLU, lambda n: 0.0), None
+    ),
     Case("batch-too-small", "NH101", lambda: dead_bias(0.6), Severity.INFO, None, examples=8),
     # NH102 saturation
     Case("xavier-tanh", "NH102", lambda: stack(128, 5, nn.Tanh, xavier), None),
     Case("tanh-w-randn", "NH102", lambda: stack(128, 5, nn.Tanh, lambda n: 1.0), Severity.ERROR),
-    Case("sigmoid-large", "NH102", lambda: stack(128, 4, nn.Sigmoid, lambda n: 1.0), Severity.ERROR),
-    Case("tanh-mildly-large", "NH102", lambda: stack(128, 3, nn.Tanh, lambda n: 2.2 / math.sqrt(n)), Severity.WARNING),
+    Case(
+        "sigmoid-large", "NH102", lambda: stack(128, 4, nn.Sigmoid, lambda n: 1.0), Severity.ERROR
+    ),
+    Case(
+        "tanh-mildly-large",
+        "NH102",
+        lambda: stack(128, 3, nn.Tanh, lambda n: 2.2 / math.sqrt(n)),
+        Severity.WARNING,
+    ),
     Case("relu-cannot-saturate", "NH102", lambda: stack(128, 4, nn.ReLU, lambda n: 1.0), None),
     # NH201 activation-variance
     Case("healthy-he-relu", "NH201", lambda: stack(128, 6, nn.ReLU, he), None),
-    Case("tanh-0.01-vanishing", "NH201", lambda: stack(128, 5, nn.Tanh, lambda n: 0.01), Severity.ERROR, None),
-    Case("relu-2x-he-exploding", "NH201", lambda: stack(128, 6, nn.ReLU, lambda n: 2 * he(n)), Severity.WARNING, None),
-    Case("default-init-deep-relu", "NH201", lambda: stack(128, 6, nn.ReLU, None), Severity.WARNING, None),
+    Case(
+        "tanh-0.01-vanishing",
+        "NH201",
+        lambda: stack(128, 5, nn.Tanh, lambda n: 0.01),
+        Severity.ERROR,
+        None,
+    ),
+    Case(
+        "relu-2x-he-exploding",
+        "NH201",
+        lambda: stack(128, 6, nn.ReLU, lambda n: 2 * he(n)),
+        Severity.WARNING,
+        None,
+    ),
+    Case(
+        "default-init-deep-relu",
+        "NH201",
+        lambda: stack(128, 6, nn.ReLU, None),
+        Severity.WARNING,
+        None,
+    ),
     Case("default-init-shallow-relu", "NH201", lambda: stack(128, 2, nn.ReLU, None), None),
-    Case("tiny-init-batchnorm", "NH201", lambda: stack(128, 6, nn.Tanh, lambda n: 0.01, nn.BatchNorm1d), None),
-    Case("tiny-init-layernorm", "NH201", lambda: stack(128, 6, nn.ReLU, lambda n: 0.001, nn.LayerNorm), None),
-    Case("zero-init", "NH201", lambda: stack(64, 3, nn.ReLU, lambda n: 0.0), Severity.ERROR, None, width=64),
+    Case(
+        "tiny-init-batchnorm",
+        "NH201",
+        lambda: stack(128, 6, nn.Tanh, lambda n: 0.01, nn.BatchNorm1d),
+        None,
+    ),
+    Case(
+        "tiny-init-layernorm",
+        "NH201",
+        lambda: stack(128, 6, nn.ReLU, lambda n: 0.001, nn.LayerNorm),
+        None,
+    ),
+    Case(
+        "zero-init",
+        "NH201",
+        lambda: stack(64, 3, nn.ReLU, lambda n: 0.0),
+        Severity.ERROR,
+        None,
+        width=64,
+    ),
     # NH202 gradient-variance
     Case("healthy-he-relu", "NH202", lambda: stack(128, 6, nn.ReLU, he), None),
     Case("xavier-tanh", "NH202", lambda: stack(128, 6, nn.Tanh, xavier), None),
-    Case("tanh-0.01-vanishing", "NH202", lambda: stack(128, 5, nn.Tanh, lambda n: 0.01), Severity.ERROR, None),
-    Case("tanh-w-randn-exploding", "NH202", lambda: stack(128, 5, nn.Tanh, lambda n: 1.0), Severity.WARNING, None),
-    Case("tanh-w-randn-deeper", "NH202", lambda: stack(128, 8, nn.Tanh, lambda n: 1.0), Severity.ERROR, None),
-    Case("tiny-init-batchnorm", "NH202", lambda: stack(128, 6, nn.Tanh, lambda n: 0.01, nn.BatchNorm1d), None),
+    Case(
+        "tanh-0.01-vanishing",
+        "NH202",
+        lambda: stack(128, 5, nn.Tanh, lambda n: 0.01),
+        Severity.ERROR,
+        None,
+    ),
+    Case(
+        "tanh-w-randn-exploding",
+        "NH202",
+        lambda: stack(128, 5, nn.Tanh, lambda n: 1.0),
+        Severity.WARNING,
+        None,
+    ),
+    Case(
+        "tanh-w-randn-deeper",
+        "NH202",
+        lambda: stack(128, 8, nn.Tanh, lambda n: 1.0),
+        Severity.ERROR,
+        None,
+    ),
+    Case(
+        "tiny-init-batchnorm",
+        "NH202",
+        lambda: stack(128, 6, nn.Tanh, lambda n: 0.01, nn.BatchNorm1d),
+        None,
+    ),
     # NH301 norm-ratio
     Case("healthy-he-relu", "NH301", lambda: stack(128, 4, nn.ReLU, he), None),
     Case("bn-layer-scaled-100x", "NH301", lambda: bn_scaled_layer(100.0), Severity.WARNING, None),
     Case("bn-layer-scaled-3x", "NH301", lambda: bn_scaled_layer(3.0), None),
     # NH401 curvature (the lr limit itself is checked against the dense Hessian and SGD
     # in test_curvature.py)
-    Case("he-relu-small-lr", "NH401", lambda: stack(64, 2, nn.ReLU, he), None, width=64,
-         kwargs=(("lr", 1e-3),)),
-    Case("he-relu-huge-lr", "NH401", lambda: stack(64, 2, nn.ReLU, he), Severity.ERROR, None,
-         width=64, kwargs=(("lr", 1e3),)),
-    Case("he-relu-no-lr", "NH401", lambda: stack(64, 2, nn.ReLU, he), Severity.INFO, None,
-         width=64),
+    Case(
+        "he-relu-small-lr",
+        "NH401",
+        lambda: stack(64, 2, nn.ReLU, he),
+        None,
+        width=64,
+        kwargs=(("lr", 1e-3),),
+    ),
+    Case(
+        "he-relu-huge-lr",
+        "NH401",
+        lambda: stack(64, 2, nn.ReLU, he),
+        Severity.ERROR,
+        None,
+        width=64,
+        kwargs=(("lr", 1e3),),
+    ),
+    Case(
+        "he-relu-no-lr", "NH401", lambda: stack(64, 2, nn.ReLU, he), Severity.INFO, None, width=64
+    ),
     # NH501 symmetry
     Case("healthy-he-relu", "NH501", lambda: stack(128, 4, nn.ReLU, he), None),
-    Case("zero-init", "NH501", lambda: stack(64, 3, nn.ReLU, lambda n: 0.0), Severity.ERROR, "0", width=64),
-    Case("constant-init", "NH501", lambda: stack(64, 3, nn.Tanh, lambda n: 0.0, seed=1), Severity.ERROR, "2", width=64),
+    Case(
+        "zero-init",
+        "NH501",
+        lambda: stack(64, 3, nn.ReLU, lambda n: 0.0),
+        Severity.ERROR,
+        "0",
+        width=64,
+    ),
+    Case(
+        "constant-init",
+        "NH501",
+        lambda: stack(64, 3, nn.Tanh, lambda n: 0.0, seed=1),
+        Severity.ERROR,
+        "2",
+        width=64,
+    ),
     Case("three-copied-units", "NH501", lambda: duplicated_units(3), Severity.WARNING, "2"),
     Case("symmetry-created-upstream", "NH501", upstream_symmetry, Severity.WARNING, "3"),
     Case("zero-output-layer-only", "NH501", lambda: zero_head(), None),
@@ -207,12 +308,27 @@ CASES = [
     # NH601 init-scale
     Case("healthy-he-relu", "NH601", lambda: stack(128, 8, nn.ReLU, he), None),
     Case("xavier-tanh", "NH601", lambda: stack(128, 8, nn.Tanh, xavier_exact), None),
-    Case("default-init-deep-relu", "NH601", lambda: stack(128, 6, nn.ReLU, None), Severity.ERROR, "0"),
-    Case("default-init-4-relu", "NH601", lambda: stack(128, 4, nn.ReLU, None), Severity.WARNING, "0"),
+    Case(
+        "default-init-deep-relu", "NH601", lambda: stack(128, 6, nn.ReLU, None), Severity.ERROR, "0"
+    ),
+    Case(
+        "default-init-4-relu", "NH601", lambda: stack(128, 4, nn.ReLU, None), Severity.WARNING, "0"
+    ),
     Case("default-init-shallow-relu", "NH601", lambda: stack(128, 1, nn.ReLU, None), None),
-    Case("xavier-scale-deep-relu", "NH601", lambda: stack(128, 8, nn.ReLU, xavier), Severity.WARNING, "0"),
+    Case(
+        "xavier-scale-deep-relu",
+        "NH601",
+        lambda: stack(128, 8, nn.ReLU, xavier),
+        Severity.WARNING,
+        "0",
+    ),
     Case("tanh-0.01", "NH601", lambda: stack(128, 5, nn.Tanh, lambda n: 0.01), Severity.ERROR, "0"),
-    Case("tiny-init-batchnorm", "NH601", lambda: stack(128, 6, nn.Tanh, lambda n: 0.01, nn.BatchNorm1d), None),
+    Case(
+        "tiny-init-batchnorm",
+        "NH601",
+        lambda: stack(128, 6, nn.Tanh, lambda n: 0.01, nn.BatchNorm1d),
+        None,
+    ),
     Case("one-layer-100x", "NH601", lambda: one_layer_scaled(10.0), Severity.WARNING, "2"),
 ]
 
@@ -258,13 +374,16 @@ def test_dead_relu_numbers() -> None:
 
 def test_vanishing_factor_matches_theory() -> None:
     """tanh(s) ~ s for small s, so Var grows by n Var(w) = 128 * 1e-4 per layer."""
-    findings = scan_case(Case("x", "NH201", lambda: stack(128, 5, nn.Tanh, lambda n: 0.01), Severity.ERROR))
+    findings = scan_case(
+        Case("x", "NH201", lambda: stack(128, 5, nn.Tanh, lambda n: 0.01), Severity.ERROR)
+    )
     assert findings[0].evidence["factor_per_layer"] == pytest.approx(128 * 1e-4, rel=0.1)
     assert findings[0].evidence["verdict"] == "vanishing"
     assert "xavier_normal_" in findings[0].fix_snippet
 
 
 # ---- registry ------------------------------------------------------------------------
+
 
 def test_codes_and_names_unique_and_stable() -> None:
     codes = [c.code for c in REGISTRY]
@@ -304,7 +423,11 @@ def test_check_without_docs_is_refused() -> None:
 def test_selection_by_code_prefix_and_name() -> None:
     assert [c.code for c in select_checks(["NH1"], None)] == ["NH101", "NH102"]
     assert [c.code for c in select_checks(None, ["NH2", "nonfinite", "NH3", "NH5"])] == [
-        "NH101", "NH102", "NH401", "NH601"]
+        "NH101",
+        "NH102",
+        "NH401",
+        "NH601",
+    ]
     assert [c.code for c in select_checks(["dead-relu", "NH001"], None)] == ["NH001", "NH101"]
     with pytest.raises(ValueError, match="unknown check 'NH9'"):
         select_checks(["NH9"], None)

@@ -30,7 +30,17 @@ def assert_schema(report: dict) -> None:
     assert report["schema_version"] == 1
     assert report["tool"]["name"] == "nnhealth" and isinstance(report["tool"]["version"], str)
     run = report["run"]
-    for key in ("model", "model_format", "batch", "loss", "mode", "device", "seed", "torch", "seconds"):
+    for key in (
+        "model",
+        "model_format",
+        "batch",
+        "loss",
+        "mode",
+        "device",
+        "seed",
+        "torch",
+        "seconds",
+    ):
         assert key in run, key
     if run["batch"] is not None:
         assert isinstance(run["batch"]["source"], str)
@@ -44,11 +54,15 @@ def assert_schema(report: dict) -> None:
         assert set(f) >= {"code", "check", "severity", "layer", "message", "evidence", "fix"}
         assert f["severity"] in ("error", "warning", "info")
         assert f["code"].startswith("NH") and isinstance(f["message"], str) and f["fix"]
-        assert all(v is None or isinstance(v, (int, float, str, bool)) for v in f["evidence"].values())
+        assert all(
+            v is None or isinstance(v, (int, float, str, bool)) for v in f["evidence"].values()
+        )
     for e in report["errors"]:
         assert set(e) == {"check", "message"}
     summary = report["summary"]
-    counts = {s: sum(f["severity"] == s for f in report["findings"]) for s in ("error", "warning", "info")}
+    counts = {
+        s: sum(f["severity"] == s for f in report["findings"]) for s in ("error", "warning", "info")
+    }
     assert {k: summary[k] for k in counts} == counts
     assert summary["healthy"] == (not report["findings"] and not report["errors"])
 
@@ -95,11 +109,15 @@ def test_select_and_ignore(cli, sample) -> None:
     res = cli("scan", model, "--data", data, "--select", "activation-variance", "--format", "json")
     assert [f["code"] for f in strict_json(res.out)["findings"]] == ["NH201"]
     # the plan: a selection that needs no gradients runs no backward pass
-    only_dead = strict_json(cli("scan", model, "--data", data, "--select", "NH101", "--format", "json").out)
+    only_dead = strict_json(
+        cli("scan", model, "--data", data, "--select", "NH101", "--format", "json").out
+    )
     assert all(layer.get("grad_var") is None for layer in only_dead["layers"])
     everything = strict_json(cli("scan", model, "--data", data, "--format", "json").out)
     assert all(layer["grad_var"] > 0 for layer in everything["layers"])
-    assert "unknown check 'NH999'" in one_line_error(cli("scan", model, "--data", data, "--select", "NH999"))
+    assert "unknown check 'NH999'" in one_line_error(
+        cli("scan", model, "--data", data, "--select", "NH999")
+    )
 
 
 def test_output_file_and_never_overwriting_inputs(cli, sample, tmp_path: Path) -> None:
@@ -135,6 +153,7 @@ def test_nonfinite_json_has_no_nan_literals(cli, sample) -> None:
 
 
 # ---- errors: one line, exit 2 -------------------------------------------------------
+
 
 @pytest.fixture
 def small_model(tmp_path: Path) -> Path:
@@ -219,7 +238,10 @@ def _imports(*args: str) -> set[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "nnhealth", *args],
-        capture_output=True, text=True, env=env, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
@@ -234,8 +256,20 @@ def test_cli_start_does_not_import_torch(args: list[str]) -> None:
 
 def test_python_dash_m(small_model: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "nnhealth", "scan", str(small_model), "--input-shape", "32x10", "-q"],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False,
+        [
+            sys.executable,
+            "-m",
+            "nnhealth",
+            "scan",
+            str(small_model),
+            "--input-shape",
+            "32x10",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert "healthy" in proc.stdout
@@ -245,7 +279,9 @@ def test_report_seconds_and_loss_are_finite_numbers(cli, sample) -> None:
     model, data = sample("healthy_relu_mlp")
     report = strict_json(cli("scan", model, "--data", data, "--format", "json").out)
     assert report["run"]["seconds"] > 0 and math.isfinite(report["run"]["loss_value"])
-    assert report["run"]["params"] == sum(p.numel() for p in torch.load(model, weights_only=False).parameters())
+    assert report["run"]["params"] == sum(
+        p.numel() for p in torch.load(model, weights_only=False).parameters()
+    )
 
 
 def test_progress_appears_only_after_a_moment() -> None:

@@ -30,7 +30,9 @@ def pyproject(project: Path, body: str) -> None:
 
 
 def test_plain_scan_from_pyproject(cli, project: Path) -> None:
-    pyproject(project, 'model = "model.pt"\ndata = "batch.pt"\nfail-on = "warning"\nformat = "json"\n')
+    pyproject(
+        project, 'model = "model.pt"\ndata = "batch.pt"\nfail-on = "warning"\nformat = "json"\n'
+    )
     res = cli("scan")
     assert res.code == 1, res.err
     report = json.loads(res.out)
@@ -45,9 +47,13 @@ def test_precedence_flag_over_env_over_file(cli, project: Path, monkeypatch) -> 
     assert cli("scan", "-q", "--fail-on", "info").code == 1  # the flag beats both
 
 
-def test_nnhealth_toml_wins_and_the_nearest_directory_counts(cli, project: Path, monkeypatch) -> None:
+def test_nnhealth_toml_wins_and_the_nearest_directory_counts(
+    cli, project: Path, monkeypatch
+) -> None:
     pyproject(project, 'model = "model.pt"\ndata = "batch.pt"\nfail-on = "error"\n')
-    (project / "nnhealth.toml").write_text('model = "model.pt"\ndata = "batch.pt"\nfail-on = "warning"\n')
+    (project / "nnhealth.toml").write_text(
+        'model = "model.pt"\ndata = "batch.pt"\nfail-on = "warning"\n'
+    )
     assert cli("scan", "-q").code == 1
     sub = project / "sub"
     sub.mkdir()
@@ -65,7 +71,7 @@ def test_explicit_config_file(cli, project: Path, tmp_path: Path) -> None:
 
 def test_check_thresholds_severities_and_layer_ignores(cli, project: Path) -> None:
     base = 'model = "model.pt"\ndata = "batch.pt"\nfail-on = "warning"\n'
-    pyproject(project, base + '[tool.nnhealth.checks.dead-relu]\nwarn_fraction = 0.3\n')
+    pyproject(project, base + "[tool.nnhealth.checks.dead-relu]\nwarn_fraction = 0.3\n")
     assert cli("scan", "-q").code == 0  # 25% dead is under the raised threshold
     pyproject(project, base + '[tool.nnhealth.checks.NH101]\nseverity = "info"\n')
     res = cli("scan", "--format", "json")
@@ -82,26 +88,44 @@ def test_env_for_every_option(cli, project: Path, monkeypatch) -> None:
     monkeypatch.setenv("NNHEALTH_LR", "0.5")
     res = cli("scan", "--format", "json")
     report = json.loads(res.out)
-    assert res.code == 1 and report["run"]["checks"] == ["NH101", "NH102"] and report["run"]["lr"] == 0.5
+    assert (
+        res.code == 1
+        and report["run"]["checks"] == ["NH101", "NH102"]
+        and report["run"]["lr"] == 0.5
+    )
 
 
 @pytest.mark.parametrize(
     "body,needle",
     [
-        ('[tool.nnhealth.checks.dead-relu]\nwarn_fraction = "high"\n',
-         "pyproject.toml: tool.nnhealth.checks.dead-relu.warn_fraction: expected a number in [0, 1], got 'high'"),
-        ('[tool.nnhealth.checks.dead-relu]\nwarn_fraction = 1.5\n', "expected a number in [0, 1], got 1.5"),
-        ('[tool.nnhealth.checks.dead-relu]\nthreshold = 0.5\n', "dead-relu.threshold: unknown option"),
-        ('[tool.nnhealth.checks.NH999]\nx = 1\n', "tool.nnhealth.checks.NH999: unknown check"),
-        ('[tool.nnhealth.checks.NH101]\nseverity = "fatal"\n', "severity: expected error, warning or info"),
+        (
+            '[tool.nnhealth.checks.dead-relu]\nwarn_fraction = "high"\n',
+            "pyproject.toml: tool.nnhealth.checks.dead-relu.warn_fraction: expected a number in [0, 1], got 'high'",
+        ),
+        (
+            "[tool.nnhealth.checks.dead-relu]\nwarn_fraction = 1.5\n",
+            "expected a number in [0, 1], got 1.5",
+        ),
+        (
+            "[tool.nnhealth.checks.dead-relu]\nthreshold = 0.5\n",
+            "dead-relu.threshold: unknown option",
+        ),
+        ("[tool.nnhealth.checks.NH999]\nx = 1\n", "tool.nnhealth.checks.NH999: unknown check"),
+        (
+            '[tool.nnhealth.checks.NH101]\nseverity = "fatal"\n',
+            "severity: expected error, warning or info",
+        ),
         ('fail_on = "warning"\n', "tool.nnhealth.fail_on: unknown key"),
         ('fail-on = "sometimes"\n', "tool.nnhealth.fail-on: expected one of error, warning, info"),
-        ('lr = -1\n', "tool.nnhealth.lr: expected a number > 0, got -1"),
-        ('seed = 1.5\n', "tool.nnhealth.seed: expected an integer >= 0"),
-        ('trust = true\n', "tool.nnhealth.trust: not allowed in a config file"),
-        ('select = 3\n', "tool.nnhealth.select: expected a list"),
-        ('[tool.nnhealth.per-layer-ignores]\n"x" = ["NH999"]\n', "per-layer-ignores.x: unknown check"),
-        ('model = \n', "invalid TOML"),
+        ("lr = -1\n", "tool.nnhealth.lr: expected a number > 0, got -1"),
+        ("seed = 1.5\n", "tool.nnhealth.seed: expected an integer >= 0"),
+        ("trust = true\n", "tool.nnhealth.trust: not allowed in a config file"),
+        ("select = 3\n", "tool.nnhealth.select: expected a list"),
+        (
+            '[tool.nnhealth.per-layer-ignores]\n"x" = ["NH999"]\n',
+            "per-layer-ignores.x: unknown check",
+        ),
+        ("model = \n", "invalid TOML"),
     ],
 )
 def test_config_errors_name_their_place(cli, project: Path, body: str, needle: str) -> None:
@@ -112,7 +136,8 @@ def test_config_errors_name_their_place(cli, project: Path, body: str, needle: s
 def test_env_errors_name_the_variable(cli, project: Path, monkeypatch) -> None:
     monkeypatch.setenv("NNHEALTH_LR", "fast")
     assert "NNHEALTH_LR: expected a number, got 'fast'" in one_line_error(
-        cli("scan", "model.pt", "--data", "batch.pt"))
+        cli("scan", "model.pt", "--data", "batch.pt")
+    )
 
 
 def test_no_model_anywhere(cli, project: Path) -> None:

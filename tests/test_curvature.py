@@ -26,13 +26,26 @@ from nnhealth.curvature.trace import hutchinson
 
 
 def mlp_norms() -> nn.Module:
-    return nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 6),
-                         nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    return nn.Sequential(
+        nn.Linear(5, 6),
+        nn.LayerNorm(6),
+        nn.Tanh(),
+        nn.Linear(6, 6),
+        nn.BatchNorm1d(6),
+        nn.ReLU(),
+        nn.Linear(6, 3),
+    )
 
 
 def tiny_cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
-                         nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 2, 3),
+        nn.Flatten(),
+        nn.Linear(2 * 3 * 3, 3),
+    )
 
 
 class TinyAttention(nn.Module):
@@ -112,7 +125,8 @@ def test_lanczos_matches_eigvalsh_and_eigsh(name: str) -> None:
         for r, true in zip(res.top, exact[::-1], strict=False):
             assert abs(r.value - true) <= r.residual * (1 + 1e-9)  # the certified bound holds
         operator = sla.LinearOperator(
-            (op.n, op.n), matvec=lambda v: op.matvec(torch.from_numpy(np.asarray(v).ravel())).numpy(),
+            (op.n, op.n),
+            matvec=lambda v: op.matvec(torch.from_numpy(np.asarray(v).ravel())).numpy(),
             dtype=np.float64,
         )
         eigsh = sla.eigsh(operator, k=1, which="LA", tol=1e-10, return_eigenvectors=False)
@@ -121,8 +135,9 @@ def test_lanczos_matches_eigvalsh_and_eigsh(name: str) -> None:
 
 def test_budget_exhausted_is_a_result_not_an_error() -> None:
     model, x, y = setup("mlp-layernorm-batchnorm")
-    report = nnhealth.scan(model, (x, y), select=["NH401"], hessian=True, hessian_budget=2,
-                           hessian_tol=1e-12)
+    report = nnhealth.scan(
+        model, (x, y), select=["NH401"], hessian=True, hessian_budget=2, hessian_tol=1e-12
+    )
     c = report.curvature
     assert c["converged"] is False and c["lanczos_hvps"] == 2 and c["bounds"][0] > 0
     (finding,) = report.findings
@@ -162,10 +177,13 @@ def test_lr_limit_predicts_sgd_divergence() -> None:
     limit = report.curvature["lr_limit"]
     assert _sgd_loss_change(model, x, y, 1.5 * limit) > 0  # diverges
     assert _sgd_loss_change(model, x, y, 0.5 * limit) < 0  # converges
-    (too_high,) = nnhealth.scan(model, (x, y), select=["NH401"], hessian=True, lr=1.5 * limit).findings
+    (too_high,) = nnhealth.scan(
+        model, (x, y), select=["NH401"], hessian=True, lr=1.5 * limit
+    ).findings
     assert too_high.severity is nnhealth.Severity.ERROR and "diverges" in too_high.message
-    (fine,) = nnhealth.scan(model, (x, y), select=["NH401"], hessian=True, lr=0.3 * limit).findings \
-        or (None,)
+    (fine,) = nnhealth.scan(
+        model, (x, y), select=["NH401"], hessian=True, lr=0.3 * limit
+    ).findings or (None,)
     assert fine is None
     (info,) = report.findings
     assert info.severity is nnhealth.Severity.INFO and "2/lambda_max" in info.message
@@ -200,8 +218,20 @@ def test_cli_hessian_json(cli, sample) -> None:
     import json
 
     model, data = sample("tanh_vanishing")
-    res = cli("scan", model, "--data", data, "--hessian", "--hessian-min", "--hessian-trace", "4",
-              "--lr", "100", "--format", "json")
+    res = cli(
+        "scan",
+        model,
+        "--data",
+        data,
+        "--hessian",
+        "--hessian-min",
+        "--hessian-trace",
+        "4",
+        "--lr",
+        "100",
+        "--format",
+        "json",
+    )
     report = json.loads(res.out)
     c = report["curvature"]
     assert c["converged"] and c["lanczos_hvps"] <= 30 and c["hvps"] == c["lanczos_hvps"] + 4

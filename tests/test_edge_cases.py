@@ -39,7 +39,9 @@ def userdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_output_never_overwrites_the_entry_point_source(cli, userdir: Path) -> None:
     before = (userdir / "train.py").read_text()
-    line = one_line_error(cli("scan", "train.py:make_model", "--input-shape", "32x8", "-o", "train.py"))
+    line = one_line_error(
+        cli("scan", "train.py:make_model", "--input-shape", "32x8", "-o", "train.py")
+    )
     assert "refusing to overwrite" in line
     assert (userdir / "train.py").read_text() == before
 
@@ -70,8 +72,18 @@ def test_a_length_field_in_the_file_is_not_trusted(cli, tmp_path: Path, length: 
 
 def test_select_and_ignore_leaving_nothing(cli, tmp_path: Path) -> None:
     torch.save(he_mlp([8, 4]), tmp_path / "m.pt")
-    line = one_line_error(cli("scan", tmp_path / "m.pt", "--input-shape", "32x8",
-                              "--select", "NH101", "--ignore", "dead-relu"))
+    line = one_line_error(
+        cli(
+            "scan",
+            tmp_path / "m.pt",
+            "--input-shape",
+            "32x8",
+            "--select",
+            "NH101",
+            "--ignore",
+            "dead-relu",
+        )
+    )
     assert "no checks left" in line
 
 
@@ -121,7 +133,9 @@ def test_relu6_mean_derivative_counts_the_flat_zero() -> None:
     x = torch.randn(256, 8) * 10
     row = next(r for r in nnhealth.scan(model, x).layers if r["kind"] == "relu6")
     s = model[0](x).detach()
-    assert row["mean_derivative"] == pytest.approx(float(((s > 0) & (s < 6)).double().mean()), rel=1e-6)
+    assert row["mean_derivative"] == pytest.approx(
+        float(((s > 0) & (s < 6)).double().mean()), rel=1e-6
+    )
 
 
 class Checkpointed(nn.Module):
@@ -197,9 +211,15 @@ class SEBlock(nn.Module):
 
 def test_squeeze_excitation_gates_do_not_make_a_variance_trend() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                          *[SEBlock(16) for _ in range(4)], nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(16, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        *[SEBlock(16) for _ in range(4)],
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
     batch = (torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,)))
     report = nnhealth.scan(model, batch, select=["NH201", "NH202"])
     assert report.findings == (), [f.message for f in report.findings]
@@ -224,8 +244,13 @@ def test_lstm_language_model_is_healthy() -> None:
 
 
 def test_dead_relu_after_batchnorm_points_at_the_norm_layer() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(8 * 36, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 36, 2),
+    )
     with torch.no_grad():
         model[1].bias.fill_(-20.0)
     (finding,) = nnhealth.scan(model, torch.randn(16, 3, 8, 8), select=["NH101"]).findings

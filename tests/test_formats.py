@@ -41,7 +41,9 @@ def test_sarif_is_valid_against_the_official_schema(sarif_schema: dict) -> None:
     jsonschema.validate(doc, sarif_schema)
     run = doc["runs"][0]
     rule_ids = [r["id"] for r in run["tool"]["driver"]["rules"]]
-    assert "NH101" in rule_ids and all(r["shortDescription"]["text"] for r in run["tool"]["driver"]["rules"])
+    assert "NH101" in rule_ids and all(
+        r["shortDescription"]["text"] for r in run["tool"]["driver"]["rules"]
+    )
     first = run["results"][0]
     assert first["ruleId"] == "NH101" and first["level"] == "error"
     assert rule_ids[first["ruleIndex"]] == "NH101"
@@ -68,11 +70,17 @@ def test_fingerprints_track_check_and_layer_not_numbers() -> None:
 
 def test_github_annotations() -> None:
     lines = render("github").splitlines()
-    assert lines[0].startswith("::error file=sample_models/relu_dead_bias.pt,line=1,title=NH101 dead-relu (act2)::")
+    assert lines[0].startswith(
+        "::error file=sample_models/relu_dead_bias.pt,line=1,title=NH101 dead-relu (act2)::"
+    )
     assert "60%25 of units dead" in lines[0]  # % escaped per the workflow-command spec
     assert lines[1].startswith("::warning ") and lines[2].startswith("::notice ")
-    report = dataclasses.replace(hand_built(), findings=(
-        Finding("NH001", "nonfinite", Severity.ERROR, "a,b:c", "line1\nline2", {}, "fix"),))
+    report = dataclasses.replace(
+        hand_built(),
+        findings=(
+            Finding("NH001", "nonfinite", Severity.ERROR, "a,b:c", "line1\nline2", {}, "fix"),
+        ),
+    )
     (line,) = render("github", report).splitlines()
     assert "title=NH001 nonfinite (a%2Cb%3Ac)" in line and "line1%0Aline2" in line
 
@@ -118,7 +126,9 @@ def test_formats_end_to_end(cli, sample, fmt: str, tmp_path: Path) -> None:
     assert "NH101" in text
 
 
-def test_sarif_end_to_end_points_at_the_model_class(cli, tmp_path: Path, monkeypatch, sarif_schema) -> None:
+def test_sarif_end_to_end_points_at_the_model_class(
+    cli, tmp_path: Path, monkeypatch, sarif_schema
+) -> None:
     import jsonschema
 
     (tmp_path / "nets.py").write_text(

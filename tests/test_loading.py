@@ -87,7 +87,9 @@ def test_custom_class_loads_with_trust_and_env(cli, project: Path, monkeypatch) 
 
 def test_torch_nn_module_loads_without_trust(cli, tmp_path: Path) -> None:
     model = nn.Sequential(
-        nn.Linear(8, 8), nn.LayerNorm(8), nn.GELU(),
+        nn.Linear(8, 8),
+        nn.LayerNorm(8),
+        nn.GELU(),
         nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1),
         nn.Linear(8, 3),
     )
@@ -126,8 +128,14 @@ def test_bare_weights_run_weight_checks_and_skip_the_rest(cli, tmp_path: Path, k
     if kind == "state_dict":
         torch.save(model.state_dict(), path)
     elif kind == "lightning":
-        torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                    "epoch": 3, "pytorch-lightning_version": "2.4.0"}, path)
+        torch.save(
+            {
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "epoch": 3,
+                "pytorch-lightning_version": "2.4.0",
+            },
+            path,
+        )
     else:
         from safetensors.torch import save_file
 
@@ -180,11 +188,15 @@ def test_entry_point_module_with_input_shape_and_weights(cli, project: Path) -> 
     trained = importlib.import_module("mypkg.models").build()
     with torch.no_grad():
         trained.fc1.bias.fill_(-100.0)  # every hidden unit dead
-    torch.save({"state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()}},
-               project / "trained.ckpt")
+    torch.save(
+        {"state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()}},
+        project / "trained.ckpt",
+    )
     for name in [m for m in sys.modules if m.startswith("mypkg")]:
         del sys.modules[name]
-    res = cli("scan", "mypkg.models:build", "--input-shape", "64x16", "--weights", "trained.ckpt", "-q")
+    res = cli(
+        "scan", "mypkg.models:build", "--input-shape", "64x16", "--weights", "trained.ckpt", "-q"
+    )
     assert res.code == 1, res.err
     assert "NH101" in res.out and "100% of units dead" in res.out
     res = cli("scan", "mypkg.models:build", "--input-shape", "64x16", "-q")
@@ -193,7 +205,9 @@ def test_entry_point_module_with_input_shape_and_weights(cli, project: Path) -> 
 
 def test_weights_that_do_not_fit(cli, project: Path) -> None:
     torch.save(he_mlp([3, 3]).state_dict(), project / "wrong.pt")
-    line = one_line_error(cli("scan", "mynet.py:build", "--input-shape", "8x16", "--weights", "wrong.pt"))
+    line = one_line_error(
+        cli("scan", "mynet.py:build", "--input-shape", "8x16", "--weights", "wrong.pt")
+    )
     assert "does not fit the model" in line and "missing keys" in line
 
 
@@ -261,7 +275,9 @@ def test_format_detected_from_contents_not_extension(cli, tmp_path: Path) -> Non
     model = he_mlp([4, 8, 2])
     torch.jit.script(model).save(str(tmp_path / "model.weights"))
     torch.save(model.state_dict(), tmp_path / "model.ts")
-    res = json.loads(cli("scan", tmp_path / "model.weights", "--input-shape", "8x4", "--format", "json").out)
+    res = json.loads(
+        cli("scan", tmp_path / "model.weights", "--input-shape", "8x4", "--format", "json").out
+    )
     assert res["run"]["model_format"] == "TorchScript"
     res = json.loads(cli("scan", tmp_path / "model.ts", "--format", "json").out)
     assert res["run"]["model_format"] == "state_dict"
@@ -274,7 +290,9 @@ def test_allowlist_holds_only_torch_nn(tmp_path: Path) -> None:
     assert "torch.nn.modules.linear.Linear" in allow
     assert "torch.nn.modules.activation.MultiheadAttention" in allow
     assert all(
-        k.startswith(("torch.nn.modules.", "torch.nn.functional.", "torch._C._nn.", "torch.nn.utils."))
+        k.startswith(
+            ("torch.nn.modules.", "torch.nn.functional.", "torch._C._nn.", "torch.nn.utils.")
+        )
         for k in allow
     )
     assert not any("os." in k or "subprocess" in k or "builtins" in k for k in allow)
@@ -289,7 +307,7 @@ def test_no_code_runs_from_a_malicious_pickle_without_trust(cli, tmp_path: Path)
         class Evil:
             def __reduce__(self):
                 return (os.system, ("touch {marker}",))
-        torch.save({{"w": torch.zeros(2), "x": Evil()}}, r"{tmp_path / 'evil.pt'}")
+        torch.save({{"w": torch.zeros(2), "x": Evil()}}, r"{tmp_path / "evil.pt"}")
         """
     )
     import subprocess
@@ -310,7 +328,7 @@ def test_a_pickle_that_calls_a_module_class_is_refused(cli, tmp_path: Path) -> N
         class Bomb:
             def __reduce__(self):
                 return (nn.Linear, (20000, 20000))
-        torch.save({{"model": Bomb()}}, r"{tmp_path / 'bomb.pt'}")
+        torch.save({{"model": Bomb()}}, r"{tmp_path / "bomb.pt"}")
         """
     )
     import subprocess
@@ -325,8 +343,13 @@ def test_genuine_saves_call_nothing(tmp_path: Path) -> None:
 
     from nnhealth.loading.model import _module_class_calls
 
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                          nn.TransformerEncoderLayer(8, 2, 16), nn.Linear(4, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.TransformerEncoderLayer(8, 2, 16),
+        nn.Linear(4, 2),
+    )
     torch.save(model, tmp_path / "m.pt")
     with zipfile.ZipFile(tmp_path / "m.pt") as zf:
         data = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
@@ -338,9 +361,15 @@ def test_weight_norm_and_spectral_norm_load_without_trust(cli, tmp_path: Path) -
 
     with warnings.catch_warnings():  # the old hook-based API is deprecated, still common
         warnings.simplefilter("ignore")
-        model = nn.Sequential(nn.utils.weight_norm(nn.Linear(8, 16)), nn.ReLU(),
-                              nn.utils.spectral_norm(nn.Linear(16, 3)))
+        model = nn.Sequential(
+            nn.utils.weight_norm(nn.Linear(8, 16)),
+            nn.ReLU(),
+            nn.utils.spectral_norm(nn.Linear(16, 3)),
+        )
     torch.save(model, tmp_path / "m.pt")
     res = cli("scan", tmp_path / "m.pt", "--input-shape", "32x8", "--format", "json")
     assert res.code in (0, 1), res.err
-    assert json.loads(res.out)["run"]["model_format"] == "torch.save module (torch.nn classes, allowlisted)"
+    assert (
+        json.loads(res.out)["run"]["model_format"]
+        == "torch.save module (torch.nn classes, allowlisted)"
+    )

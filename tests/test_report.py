@@ -19,7 +19,12 @@ def hand_built() -> Report:
             "model": "sample_models/relu_dead_bias.pt",
             "model_format": "torch.save module (torch.nn classes, allowlisted)",
             "model_class": "Sequential",
-            "batch": {"source": "batch.pt", "shape": [256, 256], "targets_shape": [256], "examples": 256},
+            "batch": {
+                "source": "batch.pt",
+                "shape": [256, 256],
+                "targets_shape": [256],
+                "examples": 256,
+            },
             "output_shape": [256, 10],
             "loss": "cross-entropy",
             "loss_value": 2.5123,
@@ -33,28 +38,87 @@ def hand_built() -> Report:
             "checks": ["NH001", "NH101", "NH102", "NH201", "NH202"],
         },
         layers=(
-            {"name": "fc1", "kind": "Linear", "role": "layer", "units": 256, "act_var": 2.01,
-             "grad_var": 2e-8, "weight_norm": 22.6, "weight_grad_norm": 0.584, "trust_ratio": 38.7,
-             "init_ratio": 1.02, "init_rule": "He 2/fan_in (relu)", "effective_width": 256},
-            {"name": "fc1:relu", "kind": "relu", "role": "activation", "functional": True,
-             "units": 256, "act_var": 0.686, "grad_var": 4.07e-8, "dead_fraction": 0.0},
-            {"name": "fc2", "kind": "Linear", "role": "layer", "units": 256, "act_var": 10.9,
-             "grad_var": 2.08e-8, "weight_norm": 22.6, "weight_grad_norm": 0.821, "trust_ratio": 27.5,
-             "init_ratio": None, "init_rule": "not judged: followed by a normalization layer",
-             "effective_width": 250},
-            {"name": "act2", "kind": "relu", "role": "activation", "units": 256, "act_var": 0.346,
-             "grad_var": 1.1e-7, "dead_fraction": 0.598},
-            {"name": "head", "kind": "Linear", "role": "layer", "units": 10, "act_var": 0.404,
-             "grad_var": 1.43e-6, "weight_norm": 4.49, "weight_grad_norm": 1.14},
+            {
+                "name": "fc1",
+                "kind": "Linear",
+                "role": "layer",
+                "units": 256,
+                "act_var": 2.01,
+                "grad_var": 2e-8,
+                "weight_norm": 22.6,
+                "weight_grad_norm": 0.584,
+                "trust_ratio": 38.7,
+                "init_ratio": 1.02,
+                "init_rule": "He 2/fan_in (relu)",
+                "effective_width": 256,
+            },
+            {
+                "name": "fc1:relu",
+                "kind": "relu",
+                "role": "activation",
+                "functional": True,
+                "units": 256,
+                "act_var": 0.686,
+                "grad_var": 4.07e-8,
+                "dead_fraction": 0.0,
+            },
+            {
+                "name": "fc2",
+                "kind": "Linear",
+                "role": "layer",
+                "units": 256,
+                "act_var": 10.9,
+                "grad_var": 2.08e-8,
+                "weight_norm": 22.6,
+                "weight_grad_norm": 0.821,
+                "trust_ratio": 27.5,
+                "init_ratio": None,
+                "init_rule": "not judged: followed by a normalization layer",
+                "effective_width": 250,
+            },
+            {
+                "name": "act2",
+                "kind": "relu",
+                "role": "activation",
+                "units": 256,
+                "act_var": 0.346,
+                "grad_var": 1.1e-7,
+                "dead_fraction": 0.598,
+            },
+            {
+                "name": "head",
+                "kind": "Linear",
+                "role": "layer",
+                "units": 10,
+                "act_var": 0.404,
+                "grad_var": 1.43e-6,
+                "weight_norm": 4.49,
+                "weight_grad_norm": 1.14,
+            },
         ),
         findings=(
-            Finding("NH101", "dead-relu", Severity.ERROR, "act2",
-                    "60% of units dead (153 of 256): zero for all 256 examples",
-                    {"dead_units": 153, "units": 256}, "lower the learning rate",
-                    'layer = model.get_submodule("fc2")\nnn.init.constant_(layer.bias, 0.01)'),
-            Finding("NH102", "saturation", Severity.WARNING, "x", "30% of tanh outputs saturated",
-                    {}, "use Xavier init"),
-            Finding("NH101", "dead-relu", Severity.INFO, None, "small batch", {}, "use more examples"),
+            Finding(
+                "NH101",
+                "dead-relu",
+                Severity.ERROR,
+                "act2",
+                "60% of units dead (153 of 256): zero for all 256 examples",
+                {"dead_units": 153, "units": 256},
+                "lower the learning rate",
+                'layer = model.get_submodule("fc2")\nnn.init.constant_(layer.bias, 0.01)',
+            ),
+            Finding(
+                "NH102",
+                "saturation",
+                Severity.WARNING,
+                "x",
+                "30% of tanh outputs saturated",
+                {},
+                "use Xavier init",
+            ),
+            Finding(
+                "NH101", "dead-relu", Severity.INFO, None, "small batch", {}, "use more examples"
+            ),
         ),
         errors=(),
         skipped=(Skipped("NH202", "gradient-variance", "no gradients were captured"),),
@@ -104,9 +168,13 @@ def test_ok_thresholds_and_analyzer_errors() -> None:
 
 
 def test_json_writes_null_for_nonfinite() -> None:
-    report = Report(run={"loss_value": float("nan")}, layers=({"act_var": float("inf")},),
-                    findings=(Finding("NH001", "nonfinite", Severity.ERROR, None, "m",
-                                      {"x": float("-inf")}, "f"),))
+    report = Report(
+        run={"loss_value": float("nan")},
+        layers=({"act_var": float("inf")},),
+        findings=(
+            Finding("NH001", "nonfinite", Severity.ERROR, None, "m", {"x": float("-inf")}, "f"),
+        ),
+    )
     data = report.to_dict()
     assert data["run"]["loss_value"] is None and data["layers"][0]["act_var"] is None
     assert data["findings"][0]["evidence"]["x"] is None
@@ -124,8 +192,16 @@ def test_log_bar(value, bar: str) -> None:
 def test_curvature_line_in_header() -> None:
     import dataclasses
 
-    curvature = {"top_eigenvalues": [12.5], "bounds": [1e-4], "converged": False, "lanczos_hvps": 100,
-                 "mode": "eval", "lr_limit": 0.16, "lambda_min": -0.3, "trace": None}
+    curvature = {
+        "top_eigenvalues": [12.5],
+        "bounds": [1e-4],
+        "converged": False,
+        "lanczos_hvps": 100,
+        "mode": "eval",
+        "lr_limit": 0.16,
+        "lambda_min": -0.3,
+        "trace": None,
+    }
     text = render(dataclasses.replace(hand_built(), curvature=curvature))
     assert "λmax 12.5 (bound 1.0e-04, NOT converged, 100 HVPs, eval mode)" in text
     assert "lr limit 2/λmax = 0.16" in text and "λmin -0.3" in text

@@ -15,18 +15,25 @@ EXPECTED = {
     "cnn_bn": {},
     "tanh_vanishing": {"NH201": ("error", None), "NH202": ("error", None), "NH601": ("error", "0")},
     "tanh_saturated": {
-        "NH102": ("error", "1"), "NH202": ("error", None), "NH601": ("error", "0"),
+        "NH102": ("error", "1"),
+        "NH202": ("error", None),
+        "NH601": ("error", "0"),
     },
     "sigmoid_large": {"NH102": ("error", "1"), "NH601": ("error", "0")},
     "relu_dead_bias": {"NH101": ("error", "3")},
     "zero_init_mlp": {
-        "NH101": ("error", "1"), "NH201": ("error", None), "NH202": ("error", None),
-        "NH501": ("error", "0"), "NH601": ("error", "0"),
+        "NH101": ("error", "1"),
+        "NH201": ("error", None),
+        "NH202": ("error", None),
+        "NH501": ("error", "0"),
+        "NH601": ("error", "0"),
     },
     "nan_weight": {"NH001": ("error", "2")},
     "duplicated_units": {"NH501": ("warning", "2")},
     "xavier_deep_relu": {
-        "NH601": ("warning", "0"), "NH201": ("warning", None), "NH202": ("warning", None),
+        "NH601": ("warning", "0"),
+        "NH201": ("warning", None),
+        "NH202": ("warning", None),
         "NH101": ("warning", "19"),
     },
     "norm_spread_bn": {"NH301": ("warning", None)},
@@ -58,7 +65,13 @@ def test_committed_files_match_the_script(sample, name: str) -> None:
     model, (x, y) = make_samples.build(name)
     saved = torch.load(model_path, weights_only=False)
     assert type(saved) is type(model)
-    for (k1, v1), (k2, v2) in zip(saved.state_dict().items(), model.state_dict().items(), strict=True):
-        assert k1 == k2 and torch.equal(v1, v2) or (torch.isnan(v1).any() and torch.equal(v1.nan_to_num(), v2.nan_to_num()))
+    for (k1, v1), (k2, v2) in zip(
+        saved.state_dict().items(), model.state_dict().items(), strict=True
+    ):
+        assert (
+            k1 == k2
+            and torch.equal(v1, v2)
+            or (torch.isnan(v1).any() and torch.equal(v1.nan_to_num(), v2.nan_to_num()))
+        )
     sx, sy = torch.load(batch_path, weights_only=True)
     assert torch.equal(sx, x) and torch.equal(sy, y)

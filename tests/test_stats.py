@@ -77,7 +77,14 @@ def test_site_names_and_order(captured) -> None:
 
 
 @pytest.mark.parametrize(
-    "name,ref", [("fc1", "fc1"), ("(root):relu", "fc1:relu"), ("fc2", "fc2"), ("(root):tanh", "fc2:relu"), ("fc3", "fc3")]
+    "name,ref",
+    [
+        ("fc1", "fc1"),
+        ("(root):relu", "fc1:relu"),
+        ("fc2", "fc2"),
+        ("(root):tanh", "fc2:relu"),
+        ("fc3", "fc3"),
+    ],
 )
 def test_moments_match_direct_computation(captured, name: str, ref: str) -> None:
     cap, tensors, _, _ = captured
@@ -105,7 +112,9 @@ def test_saturation_counts_and_mean_derivative(captured) -> None:
     threshold = math.sqrt(1 - 0.05)  # derivative 1 - y^2 under 5% of its peak
     expected = (a.abs() >= threshold).sum(0).numpy()
     np.testing.assert_array_equal(s.saturated_count, expected)
-    assert s.saturated_fraction_values == pytest.approx(float((a.abs() >= threshold).double().mean()))
+    assert s.saturated_fraction_values == pytest.approx(
+        float((a.abs() >= threshold).double().mean())
+    )
     assert s.mean_derivative == pytest.approx(float((1 - a**2).mean()), rel=RTOL)
     stuck = int(((a.abs() >= threshold).double().mean(0) >= 0.9).sum())
     assert s.saturated_units(0.9) == stuck
@@ -143,7 +152,9 @@ def test_loss_value(captured) -> None:
 
 def test_conv_statistics_are_per_channel() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 36, 3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 36, 3)
+    )
     with torch.no_grad():
         model[0].bias[1] = -100.0  # channel 1 dead at every position
     x = torch.randn(10, 3, 6, 6)

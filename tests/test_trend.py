@@ -7,7 +7,9 @@ import pytest
 from nnhealth.analyzers._trend import fit, verdict
 
 
-def geometric(start: float, factor: float, n: int, prefix: str = "l") -> list[tuple[str, float, bool]]:
+def geometric(
+    start: float, factor: float, n: int, prefix: str = "l"
+) -> list[tuple[str, float, bool]]:
     return [(f"{prefix}{i}", start * factor**i, False) for i in range(n)]
 
 
@@ -27,7 +29,9 @@ def test_one_outlier_does_not_move_the_fit() -> None:
 
 def test_normalization_resets_runs() -> None:
     # each run shrinks x0.1 per layer, but a norm layer restores the scale between runs
-    pts = geometric(1.0, 0.1, 3, "a") + [(n, v, i == 0) for i, (n, v, _) in enumerate(geometric(1.0, 0.1, 3, "b"))]
+    pts = geometric(1.0, 0.1, 3, "a") + [
+        (n, v, i == 0) for i, (n, v, _) in enumerate(geometric(1.0, 0.1, 3, "b"))
+    ]
     t = fit(pts)
     assert t.factor == pytest.approx(0.1) and t.runs == 2 and t.depth == 3
 

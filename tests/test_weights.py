@@ -69,8 +69,15 @@ def test_random_init_never_groups() -> None:
 
 def test_weight_stats_against_direct_computation() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(8 * 4 * 4, 16), nn.Tanh(), nn.Linear(16, 3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 16),
+        nn.Tanh(),
+        nn.Linear(16, 3),
+    )
     report = nnhealth.scan(model, torch.randn(4, 3, 6, 6))
     w = {r["name"]: r for r in report.layers if "init_var" in r}
     conv = model[0].weight.detach().double()
@@ -79,15 +86,18 @@ def test_weight_stats_against_direct_computation() -> None:
     assert w["0"]["init_rule"].startswith("not judged")  # BatchNorm follows
     lin = model[4].weight.detach().double()
     assert w["4"]["init_rule"].startswith("Xavier")  # tanh follows
-    assert w["4"]["init_ratio"] == pytest.approx(float(lin.var(unbiased=False)) / (2 / (128 + 16)), rel=1e-9)
+    assert w["4"]["init_ratio"] == pytest.approx(
+        float(lin.var(unbiased=False)) / (2 / (128 + 16)), rel=1e-9
+    )
     assert w["6"]["init_rule"].startswith("LeCun")  # the output: linear
     head = model[6].weight.detach().double()
     assert w["6"]["init_ratio"] == pytest.approx(float(head.var(unbiased=False)) * 16, rel=1e-9)
 
 
 def test_followed_by_without_a_pass_and_from_a_state_dict() -> None:
-    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(), nn.ReLU(), nn.Linear(4, 4),
-                          nn.LayerNorm(4), nn.Linear(4, 2))
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.Dropout(), nn.ReLU(), nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)
+    )
     by_module = {w.module: w for w in wstats.from_model(model, (), None)}
     assert [by_module[m].followed_by for m in ("0", "3", "5")] == ["relu", "norm", "none"]
     assert by_module["5"].is_output and not by_module["0"].is_output
@@ -128,8 +138,14 @@ def test_lr_findings() -> None:
 def _resnet_like() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
-        BasicBlock(16), BasicBlock(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(inplace=True),
+        BasicBlock(16),
+        BasicBlock(16),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
     )
     for m in model.modules():  # torchvision's ResNet init
         if isinstance(m, nn.Conv2d):
@@ -138,7 +154,9 @@ def _resnet_like() -> nn.Module:
 
 
 def test_no_finding_on_torchvision_style_resnet() -> None:
-    report = nnhealth.scan(_resnet_like(), (torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))))
+    report = nnhealth.scan(
+        _resnet_like(), (torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,)))
+    )
     assert report.findings == (), [f.message for f in report.findings]
     assert not report.errors
 
@@ -172,7 +190,9 @@ def test_arch_turns_a_state_dict_into_a_full_scan(cli, tmp_path: Path, monkeypat
     with torch.no_grad():
         model[0].bias.fill_(-50.0)
     torch.save(model.state_dict(), tmp_path / "w.pt")
-    res = cli("scan", "w.pt", "--arch", "arch.py:build", "--input-shape", "32x8", "--format", "json")
+    res = cli(
+        "scan", "w.pt", "--arch", "arch.py:build", "--input-shape", "32x8", "--format", "json"
+    )
     report = json.loads(res.out)
     assert res.code == 1 and report["skipped"] == []
     assert any(f["code"] == "NH101" for f in report["findings"])

@@ -76,10 +76,14 @@ def test_lower_learning_rate_is_checked_by_sgd_steps() -> None:
     x = torch.randn(64, 8, dtype=torch.float64) * torch.linspace(0.2, 3.0, 8, dtype=torch.float64)
     y = torch.randn(64, 2, dtype=torch.float64)
     limit = nnhealth.scan(model, (x, y), select=["NH401"], hessian=True).curvature["lr_limit"]
-    report = nnhealth.scan(model, (x, y), select=["NH401"], hessian=True, lr=1.5 * limit, what_if=True)
+    report = nnhealth.scan(
+        model, (x, y), select=["NH401"], hessian=True, lr=1.5 * limit, what_if=True
+    )
     (w,) = report.what_if
     assert w["applied"] and w["resolved"]
-    assert w["before_loss_change"] > 0 > w["after_score"]  # the old rate diverges, the new converges
+    assert (
+        w["before_loss_change"] > 0 > w["after_score"]
+    )  # the old rate diverges, the new converges
     assert "SGD steps" in w["after"]
 
 
@@ -87,7 +91,10 @@ def test_cli_what_if_json_and_text(cli, sample) -> None:
     model, data = sample("relu_dead_bias")
     report = json.loads(cli("scan", model, "--data", data, "--what-if", "--format", "json").out)
     assert {w["fix"] for w in report["what_if"]} == {
-        "He init + bias 0.01 on 2", "LeakyReLU(0.01) for 3", "GELU() for 3"}
+        "He init + bias 0.01 on 2",
+        "LeakyReLU(0.01) for 3",
+        "GELU() for 3",
+    }
     text = cli("scan", model, "--data", data, "--what-if").out
     assert "What if (each fix applied to a copy; the model itself is unchanged)" in text
     assert "dead-relu 3  60% dead  ->  He init + bias 0.01 on 2: no finding (resolved)" in text
@@ -102,7 +109,11 @@ def test_what_if_needs_a_model(cli, tmp_path) -> None:
 
 def test_time_budget_is_respected(cli, sample) -> None:
     model, data = sample("zero_init_mlp")
-    report = json.loads(cli("scan", model, "--data", data, "--what-if", "--what-if-budget", "0",
-                            "--format", "json").out)
+    report = json.loads(
+        cli(
+            "scan", model, "--data", data, "--what-if", "--what-if-budget", "0", "--format", "json"
+        ).out
+    )
     assert report["what_if"] and all(
-        not w["applied"] and "time budget" in w["note"] for w in report["what_if"])
+        not w["applied"] and "time budget" in w["note"] for w in report["what_if"]
+    )

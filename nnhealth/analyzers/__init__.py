@@ -46,7 +46,9 @@ def _matches(token: str) -> list[type[Check]]:
     if token.upper() == "ALL":
         return list(REGISTRY)
     # ruff-style prefixes: NH1 selects NH101, NH102
-    prefix = [c for c in REGISTRY if token.upper().startswith("NH") and c.code.startswith(token.upper())]
+    prefix = [
+        c for c in REGISTRY if token.upper().startswith("NH") and c.code.startswith(token.upper())
+    ]
     if prefix:
         return prefix
     raise ValueError(

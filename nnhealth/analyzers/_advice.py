@@ -6,8 +6,20 @@ from collections import Counter
 
 from nnhealth.capture.stats import Capture
 
-RELU_FAMILY = {"relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "gelu", "silu",
-               "mish", "hardswish", "softplus"}
+RELU_FAMILY = {
+    "relu",
+    "relu6",
+    "leaky_relu",
+    "prelu",
+    "rrelu",
+    "elu",
+    "celu",
+    "gelu",
+    "silu",
+    "mish",
+    "hardswish",
+    "softplus",
+}
 SATURATING = {"tanh", "sigmoid", "hardtanh", "hardsigmoid"}
 
 

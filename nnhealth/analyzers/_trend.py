@@ -53,8 +53,17 @@ def fit(points: list[tuple[str, float, bool]]) -> Trend | None:
     if zeros:
         # the trend through an exact zero is meaningless: report the zeros themselves
         zeros_run = max(runs, key=len)
-        return Trend(0.0, 0.0, len(zeros_run), len(runs), zeros_run[0][1], zeros_run[-1][1],
-                     zeros_run[0][0], zeros_run[-1][0], zeros)
+        return Trend(
+            0.0,
+            0.0,
+            len(zeros_run),
+            len(runs),
+            zeros_run[0][1],
+            zeros_run[-1][1],
+            zeros_run[0][0],
+            zeros_run[-1][0],
+            zeros,
+        )
     # Theil-Sen: the median of the slopes between every pair of layers of the same run.
     # Robust to one odd layer (the output head, whose backward gain depends on the number
     # of classes), and each run keeps its own offset.

@@ -23,8 +23,17 @@ TREND_OPTIONS = (
 
 # layers whose output scale is not a product of the layers before them: an embedding
 # is a lookup (its scale is its init), a recurrent layer has its own gates
-RESETTING_KINDS = {"Embedding", "EmbeddingBag", "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell",
-                   "RNNCell", "MultiheadAttention"}
+RESETTING_KINDS = {
+    "Embedding",
+    "EmbeddingBag",
+    "LSTM",
+    "GRU",
+    "RNN",
+    "LSTMCell",
+    "GRUCell",
+    "RNNCell",
+    "MultiheadAttention",
+}
 
 
 def depth_points(capture: Capture, role: str, value, reverse: bool = False):
@@ -48,7 +57,9 @@ def depth_points(capture: Capture, role: str, value, reverse: bool = False):
     if reverse:
         # walk from the output: a break recorded before site i separates i-1 and i
         flags = [p[2] for p in pts]
-        pts = [(n, v, flags[i + 1] if i + 1 < len(pts) else False) for i, (n, v, _) in enumerate(pts)]
+        pts = [
+            (n, v, flags[i + 1] if i + 1 < len(pts) else False) for i, (n, v, _) in enumerate(pts)
+        ]
         pts.reverse()
     return pts
 
@@ -116,12 +127,14 @@ class ActivationVariance(Check):
                     "factor_per_layer": trend.factor,
                     "total_ratio": trend.total,
                     "depth": trend.depth,
-                    "largest_variance" if verdict == "vanishing" else "smallest_variance": trend.first,
-                    "smallest_variance" if verdict == "vanishing" else "largest_variance": trend.last,
+                    "largest_variance"
+                    if verdict == "vanishing"
+                    else "smallest_variance": trend.first,
+                    "smallest_variance"
+                    if verdict == "vanishing"
+                    else "largest_variance": trend.last,
                 },
                 fix,
                 snippet,
             )
         ]
-
-

@@ -45,11 +45,15 @@ class Curvature(Check):
 
     code = "NH401"
     name = "curvature"
-    summary = "Hessian top eigenvalue(s) by Lanczos; lr vs the 2/lambda_max limit; negative curvature"
+    summary = (
+        "Hessian top eigenvalue(s) by Lanczos; lr vs the 2/lambda_max limit; negative curvature"
+    )
     needs = frozenset({"curvature"})
     options = (
         Option("lr", None, "the learning rate, from --lr"),
-        Option("warn_fraction", 0.5, "above half the limit, noise or a sharper batch can tip it over"),
+        Option(
+            "warn_fraction", 0.5, "above half the limit, noise or a sharper batch can tip it over"
+        ),
         Option(
             "negative_ratio",
             1e-3,
@@ -64,8 +68,10 @@ class Curvature(Check):
         out: list[Finding] = []
         lam = c.lambda_max
         limit = c.lr_limit
-        status = "" if c.converged else (
-            f" (not converged in {c.lanczos_hvps} products: bound {c.bounds[0]:.2g})"
+        status = (
+            ""
+            if c.converged
+            else (f" (not converged in {c.lanczos_hvps} products: bound {c.bounds[0]:.2g})")
         )
         evidence = {
             "lambda_max": lam,
@@ -77,48 +83,67 @@ class Curvature(Check):
         }
         lr = options.get("lr")
         if limit is None:
-            out.append(self.finding(
-                Severity.INFO, None,
-                f"the Hessian has no positive eigenvalue (lambda_max = {lam:.4g}){status}: "
-                "no step-size limit from curvature",
-                evidence, "no action needed from curvature",
-            ))
+            out.append(
+                self.finding(
+                    Severity.INFO,
+                    None,
+                    f"the Hessian has no positive eigenvalue (lambda_max = {lam:.4g}){status}: "
+                    "no step-size limit from curvature",
+                    evidence,
+                    "no action needed from curvature",
+                )
+            )
         elif lr is None:
-            out.append(self.finding(
-                Severity.INFO, None,
-                f"lambda_max = {lam:.4g}{status} in {c.mode} mode: gradient descent is stable "
-                f"for lr < 2/lambda_max = {limit:.4g}",
-                evidence,
-                f"keep the learning rate below {limit:.3g} (1/lambda_max = {limit / 2:.3g} is "
-                "the optimal step on the top eigendirection); pass --lr to check yours",
-            ))
+            out.append(
+                self.finding(
+                    Severity.INFO,
+                    None,
+                    f"lambda_max = {lam:.4g}{status} in {c.mode} mode: gradient descent is stable "
+                    f"for lr < 2/lambda_max = {limit:.4g}",
+                    evidence,
+                    f"keep the learning rate below {limit:.3g} (1/lambda_max = {limit / 2:.3g} is "
+                    "the optimal step on the top eigendirection); pass --lr to check yours",
+                )
+            )
         elif lr >= limit:
-            out.append(self.finding(
-                Severity.ERROR, None,
-                f"lr {lr:g} >= 2/lambda_max = {limit:.4g} (lambda_max = {lam:.4g}{status}, "
-                f"{c.mode} mode): gradient descent diverges along the top eigenvector",
-                {**evidence, "lr": lr, "lr_over_limit": lr / limit},
-                f"lower the learning rate to about {limit / 2:.3g} (1/lambda_max) or below, or "
-                "warm up from a small rate",
-                f"for group in optimizer.param_groups:\n    group['lr'] = {limit / 2:.3g}",
-            ))
+            out.append(
+                self.finding(
+                    Severity.ERROR,
+                    None,
+                    f"lr {lr:g} >= 2/lambda_max = {limit:.4g} (lambda_max = {lam:.4g}{status}, "
+                    f"{c.mode} mode): gradient descent diverges along the top eigenvector",
+                    {**evidence, "lr": lr, "lr_over_limit": lr / limit},
+                    f"lower the learning rate to about {limit / 2:.3g} (1/lambda_max) or below, or "
+                    "warm up from a small rate",
+                    f"for group in optimizer.param_groups:\n    group['lr'] = {limit / 2:.3g}",
+                )
+            )
         elif lr >= options["warn_fraction"] * limit:
-            out.append(self.finding(
-                Severity.WARNING, None,
-                f"lr {lr:g} is {lr / limit:.0%} of the stability limit 2/lambda_max = "
-                f"{limit:.4g} (lambda_max = {lam:.4g}{status})",
-                {**evidence, "lr": lr, "lr_over_limit": lr / limit},
-                f"a rate of about {limit / 2:.3g} (1/lambda_max) leaves room for sharper batches",
-            ))
+            out.append(
+                self.finding(
+                    Severity.WARNING,
+                    None,
+                    f"lr {lr:g} is {lr / limit:.0%} of the stability limit 2/lambda_max = "
+                    f"{limit:.4g} (lambda_max = {lam:.4g}{status})",
+                    {**evidence, "lr": lr, "lr_over_limit": lr / limit},
+                    f"a rate of about {limit / 2:.3g} (1/lambda_max) leaves room for sharper batches",
+                )
+            )
         if c.lambda_min is not None and lam > 0 and c.lambda_min < 0:
             ratio = -c.lambda_min / lam
             if ratio >= options["negative_ratio"]:
-                out.append(self.finding(
-                    Severity.INFO, None,
-                    f"negative curvature: lambda_min = {c.lambda_min:.4g}, {ratio:.2g} of "
-                    "lambda_max: a saddle region (common in deep networks, not a local minimum)",
-                    {"lambda_min": c.lambda_min, "ratio_to_lambda_max": ratio,
-                     "bound": c.lambda_min_bound},
-                    "no action needed; momentum and noise move SGD off saddles",
-                ))
+                out.append(
+                    self.finding(
+                        Severity.INFO,
+                        None,
+                        f"negative curvature: lambda_min = {c.lambda_min:.4g}, {ratio:.2g} of "
+                        "lambda_max: a saddle region (common in deep networks, not a local minimum)",
+                        {
+                            "lambda_min": c.lambda_min,
+                            "ratio_to_lambda_max": ratio,
+                            "bound": c.lambda_min_bound,
+                        },
+                        "no action needed; momentum and noise move SGD off saddles",
+                    )
+                )
         return out

@@ -84,8 +84,10 @@ class DeadRelu(Check):
             if frac < options["warn_fraction"]:
                 continue
             severity = Severity.ERROR if frac >= options["error_fraction"] else Severity.WARNING
-            where = "at every position of every example" if site.per_unit_count > examples else (
-                f"for all {examples} examples"
+            where = (
+                "at every position of every example"
+                if site.per_unit_count > examples
+                else (f"for all {examples} examples")
             )
             unit = "channels" if site.unit_dim == 1 and len(site.shape) >= 3 else "units"
             feeder = preceding_layer(capture, site, (LAYER, NORM))

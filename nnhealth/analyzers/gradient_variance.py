@@ -65,8 +65,12 @@ class GradientVariance(Check):
                     "factor_per_layer": trend.factor,
                     "total_ratio": trend.total,
                     "depth": trend.depth,
-                    "largest_variance" if verdict == "vanishing" else "smallest_variance": trend.first,
-                    "smallest_variance" if verdict == "vanishing" else "largest_variance": trend.last,
+                    "largest_variance"
+                    if verdict == "vanishing"
+                    else "smallest_variance": trend.first,
+                    "smallest_variance"
+                    if verdict == "vanishing"
+                    else "largest_variance": trend.last,
                 },
                 fix,
                 snippet,

@@ -179,7 +179,10 @@ class InitScale(Check):
             f"{w.fan_out}",
             {"var": w.var, "target": lo, "ratio": r, "fan_in": w.fan_in, "fan_out": w.fan_out},
             fix,
-            snippet.replace("for m in model.modules():", "for m in [model.get_submodule(" + repr(w.module) + ")]:"),
+            snippet.replace(
+                "for m in model.modules():",
+                "for m in [model.get_submodule(" + repr(w.module) + ")]:",
+            ),
         )
 
     def metrics(self, capture: Capture, options: dict) -> dict[str, dict]:

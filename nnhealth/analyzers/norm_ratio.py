@@ -75,7 +75,9 @@ class NormRatio(Check):
         Option("lr", None, "the learning rate, from --lr; enables the relative-update findings"),
         Option("update_high", 0.1, "a step that changes a layer by 10% rewrites it in ~10 steps"),
         Option("update_error", 1.0, "a step as large as the weights themselves diverges"),
-        Option("update_low", 1e-6, "1000x below the ~1e-3 of healthy training: the layer is frozen"),
+        Option(
+            "update_low", 1e-6, "1000x below the ~1e-3 of healthy training: the layer is frozen"
+        ),
     )
 
     def _weights(self, capture: Capture) -> list[ParamStats]:
@@ -105,8 +107,12 @@ class NormRatio(Check):
                             f"at lr {lr:g} one SGD step changes {p.name} by {update:.3g} of its "
                             f"norm (||grad w|| = {p.grad_norm:.3g}, ||w|| = {p.norm:.3g}): "
                             "divergence risk",
-                            {"lr": lr, "relative_update": update, "weight_norm": p.norm,
-                             "grad_norm": p.grad_norm},
+                            {
+                                "lr": lr,
+                                "relative_update": update,
+                                "weight_norm": p.norm,
+                                "grad_norm": p.grad_norm,
+                            },
                             f"lower this layer's rate to about {lr * 1e-3 / update:.3g} (a 1e-3 "
                             "relative update), clip gradients, or use LARS/LAMB",
                             _LARS_SNIPPET,
@@ -119,8 +125,12 @@ class NormRatio(Check):
                             p.module or None,
                             f"at lr {lr:g} one SGD step changes {p.name} by {update:.3g} of its "
                             "norm: the layer is effectively frozen",
-                            {"lr": lr, "relative_update": update, "weight_norm": p.norm,
-                             "grad_norm": p.grad_norm},
+                            {
+                                "lr": lr,
+                                "relative_update": update,
+                                "weight_norm": p.norm,
+                                "grad_norm": p.grad_norm,
+                            },
                             "raise this layer's rate (LARS/LAMB do it per layer), or find why "
                             "its gradient is so small (NH202, NH101, NH102)",
                             _LARS_SNIPPET,
@@ -145,8 +155,15 @@ class NormRatio(Check):
             f"the weight-to-gradient norm ratio spans x{spread:.3g} across {n} weight matrices: "
             f"{rlo:.3g} at {plo.name}, {rhi:.3g} at {phi.name}; one global learning rate "
             f"cannot suit both{rates}",
-            {"spread": spread, "min_ratio": rlo, "min_layer": plo.name, "max_ratio": rhi,
-             "max_layer": phi.name, "layers": n, "median_ratio": median},
+            {
+                "spread": spread,
+                "min_ratio": rlo,
+                "min_layer": plo.name,
+                "max_ratio": rhi,
+                "max_layer": phi.name,
+                "layers": n,
+                "median_ratio": median,
+            },
             "use layer-wise adaptive rates: LARS for SGD, LAMB for Adam (local rate "
             f"eta * ||w|| / ||grad w||, eta = {LARS_ETA:g}); or re-initialize the outlying layers",
             _LARS_SNIPPET,
@@ -157,7 +174,9 @@ class NormRatio(Check):
         rows: dict[str, dict] = {}
         for p in capture.params:
             r = trust_ratio(p)
-            key = "trust_ratio" if p.role == "weight" else f"{p.name.rsplit('.', 1)[-1]}_trust_ratio"
+            key = (
+                "trust_ratio" if p.role == "weight" else f"{p.name.rsplit('.', 1)[-1]}_trust_ratio"
+            )
             row = rows.setdefault(p.module, {})
             row[key] = r
             if p.role == "weight":

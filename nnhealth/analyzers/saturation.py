@@ -89,7 +89,9 @@ class Saturation(Check):
                     f"normalize its input (BatchNorm/LayerNorm before the {site.kind})"
                 )
                 gain = "tanh" if site.kind == "tanh" else "sigmoid"
-                call = f'nn.init.xavier_normal_(layer.weight, gain=nn.init.calculate_gain("{gain}"))'
+                call = (
+                    f'nn.init.xavier_normal_(layer.weight, gain=nn.init.calculate_gain("{gain}"))'
+                )
             else:
                 fix = (
                     f"scale down the input of this {site.kind} (smaller init or a "

@@ -84,7 +84,9 @@ class Symmetry(Check):
         out = []
         # layers whose own weights explain identical outputs downstream (reported or not:
         # a frozen constant layer is deliberate) and layers that feed the loss directly
-        explained = {w.module for w in capture.weights if w.groups or not w.trainable or w.is_output}
+        explained = {
+            w.module for w in capture.weights if w.groups or not w.trainable or w.is_output
+        }
         for w in capture.weights:
             if w.is_output or w.units < 2 or not w.trainable or not w.groups:
                 continue
@@ -98,7 +100,9 @@ class Symmetry(Check):
     def _weight_finding(self, w: WeightStats, options: dict) -> Finding:
         grouped, duplicated, effective = _describe(list(w.groups), w.units)
         constant = effective == 1
-        how = "exactly identical" if w.groups_exact else f"identical within rtol {options['rtol']:g}"
+        how = (
+            "exactly identical" if w.groups_exact else f"identical within rtol {options['rtol']:g}"
+        )
         message = (
             f"{grouped} of {w.units} units form {len(w.groups)} group(s) of {how} incoming "
             f"weights: effective width {effective} of {w.units}"

@@ -167,7 +167,9 @@ class _Recorder:
     def on_activation(self, spec: ActivationSpec, out: torch.Tensor) -> None:
         if self.done or out.ndim == 0 or self.examples not in tuple(out.shape):
             return  # after the forward, or a nonlinearity of parameters (a learned gate)
-        channel_first = self.channels is not None and out.ndim >= 3 and out.shape[1] == self.channels
+        channel_first = (
+            self.channels is not None and out.ndim >= 3 and out.shape[1] == self.channels
+        )
         if self.stack:
             top = self.stack[-1]
             owner, module = top.name, top.module
@@ -261,8 +263,9 @@ class _Recorder:
             if like.device not in self._generators:
                 gen = torch.Generator(device=like.device).manual_seed(self.seed)
                 self._generators[like.device] = gen
-            r = torch.randn(shape, generator=self._generators[like.device], device=like.device,
-                            dtype=like.dtype)
+            r = torch.randn(
+                shape, generator=self._generators[like.device], device=like.device, dtype=like.dtype
+            )
             self._probe_cache[key] = r - r.reshape(-1, shape[-1]).mean(dim=0)
         return self._probe_cache[key]
 
@@ -278,6 +281,7 @@ class _Recorder:
             if site.grad_order is None:
                 site.grad_order = self.grad_events
                 self.grad_events += 1
+
         return hook
 
 
@@ -389,7 +393,9 @@ def _freeze(site: _Site, examples: int) -> SiteStats:
         var=site.var,
         nonfinite=site.nonfinite,
         ever_active=None if site.active is None else np_(site.active).reshape(-1),
-        unit_fingerprint=None if site.fingerprint is None else np_(site.fingerprint).astype(np.float64),
+        unit_fingerprint=None
+        if site.fingerprint is None
+        else np_(site.fingerprint).astype(np.float64),
         saturated_count=_counts(np_(site.saturated)),
         spec=site.spec,
         grad_count=site.grad_count,
@@ -437,7 +443,11 @@ def run_pass(
     scripted = isinstance(model, torch.jit.ScriptModule)
     instrument = activations and not scripted
     recorder = _Recorder(
-        model, build_table(saturation_derivative), gradients, fingerprints and instrument, seed,
+        model,
+        build_table(saturation_derivative),
+        gradients,
+        fingerprints and instrument,
+        seed,
         examples,
     )
     handles = []
@@ -459,9 +469,7 @@ def run_pass(
                         not is_activation_module(module)  # PReLU: recorded as a nonlinearity
                     )
                     handles.append(module.register_forward_pre_hook(recorder.pre_hook(mname)))
-                    handles.append(
-                        module.register_forward_hook(recorder.post_hook(mname, tracked))
-                    )
+                    handles.append(module.register_forward_hook(recorder.post_hook(mname, tracked)))
             with torch.enable_grad():
                 try:
                     if instrument:
@@ -529,8 +537,14 @@ def _forward_error(exc: Exception, frame: _Frame | None, inputs: Any) -> Capture
         label = frame.name or "(root)"
         detail = type(frame.module).__name__
         extra = []
-        for attr in ("in_features", "in_channels", "num_features", "normalized_shape",
-                     "embed_dim", "num_embeddings"):
+        for attr in (
+            "in_features",
+            "in_channels",
+            "num_features",
+            "normalized_shape",
+            "embed_dim",
+            "num_embeddings",
+        ):
             if hasattr(frame.module, attr):
                 extra.append(f"{attr}={getattr(frame.module, attr)}")
         if extra:

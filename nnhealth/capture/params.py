@@ -70,7 +70,9 @@ def module_owners(model: nn.Module) -> dict[str, tuple[str, str, str]]:
 
 def capture_weights(state: dict[str, torch.Tensor], owners_hint: dict[str, str]) -> Capture:
     """Weight-only capture for a bare state_dict (no architecture, no pass)."""
-    named = [(k, v) for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    named = [
+        (k, v) for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+    ]
     owners = {}
     for name, t in named:
         module = name.rsplit(".", 1)[0] if "." in name else ""

@@ -20,10 +20,23 @@ JUDGED_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.Bilinea
 
 # activation module class -> the kind name the capture uses
 _ACTIVATION_CLASSES = {
-    "ReLU": "relu", "ReLU6": "relu6", "LeakyReLU": "leaky_relu", "PReLU": "prelu",
-    "RReLU": "rrelu", "ELU": "elu", "CELU": "celu", "SELU": "selu", "GELU": "gelu",
-    "SiLU": "silu", "Mish": "mish", "Softplus": "softplus", "Hardswish": "hardswish",
-    "Tanh": "tanh", "Sigmoid": "sigmoid", "Hardtanh": "hardtanh", "Hardsigmoid": "hardsigmoid",
+    "ReLU": "relu",
+    "ReLU6": "relu6",
+    "LeakyReLU": "leaky_relu",
+    "PReLU": "prelu",
+    "RReLU": "rrelu",
+    "ELU": "elu",
+    "CELU": "celu",
+    "SELU": "selu",
+    "GELU": "gelu",
+    "SiLU": "silu",
+    "Mish": "mish",
+    "Softplus": "softplus",
+    "Hardswish": "hardswish",
+    "Tanh": "tanh",
+    "Sigmoid": "sigmoid",
+    "Hardtanh": "hardtanh",
+    "Hardsigmoid": "hardsigmoid",
 }
 
 
@@ -45,15 +58,21 @@ def _groups(weight: torch.Tensor, bias: torch.Tensor | None, conv_groups: int, r
         block = rows[g * per_group : (g + 1) * per_group]
         for grp in near_duplicate_groups(block, rtol):
             found.append(tuple(i + g * per_group for i in grp))
-    exact = all(
-        (rows[list(grp)] == rows[grp[0]]).all() for grp in found
-    )
+    exact = all((rows[list(grp)] == rows[grp[0]]).all() for grp in found)
     return tuple(found), exact
 
 
 def _stats(
-    module: str, param: str, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
-    trainable: bool, order: int, followed_by: str | None, is_output: bool, conv_groups: int,
+    module: str,
+    param: str,
+    kind: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    trainable: bool,
+    order: int,
+    followed_by: str | None,
+    is_output: bool,
+    conv_groups: int,
     rtol: float | None,
 ) -> WeightStats:
     w = weight.detach()
@@ -121,7 +140,9 @@ def _next_from_modules(model: nn.Module) -> dict[str, str]:
     return follow
 
 
-def from_model(model: nn.Module, sites: tuple[SiteStats, ...], rtol: float | None) -> tuple[WeightStats, ...]:
+def from_model(
+    model: nn.Module, sites: tuple[SiteStats, ...], rtol: float | None
+) -> tuple[WeightStats, ...]:
     """Weight stats of every Linear/Conv layer, in forward order when the pass ran."""
     if sites:
         follow, order = _next_from_sites(sites)
@@ -141,9 +162,17 @@ def from_model(model: nn.Module, sites: tuple[SiteStats, ...], rtol: float | Non
         bias = getattr(mod, "bias", None)
         out.append(
             _stats(
-                name, f"{name}.weight" if name else "weight", type(mod).__name__, weight,
-                bias if isinstance(bias, torch.Tensor) else None, weight.requires_grad, i,
-                follow.get(name), name == output, getattr(mod, "groups", 1), rtol,
+                name,
+                f"{name}.weight" if name else "weight",
+                type(mod).__name__,
+                weight,
+                bias if isinstance(bias, torch.Tensor) else None,
+                weight.requires_grad,
+                i,
+                follow.get(name),
+                name == output,
+                getattr(mod, "groups", 1),
+                rtol,
             )
         )
     return tuple(out)
@@ -162,7 +191,18 @@ def from_state_dict(state: dict[str, torch.Tensor], rtol: float | None) -> tuple
         followed = "norm" if nxt is not None and nxt.ndim == 1 else None
         bias = state.get(f"{name}.bias" if name else "bias")
         out.append(
-            _stats(name, f"{name}.weight" if name else "weight", "?", t, bias, True, rank,
-                   followed, rank == len(layers) - 1, 1, rtol)
+            _stats(
+                name,
+                f"{name}.weight" if name else "weight",
+                "?",
+                t,
+                bias,
+                True,
+                rank,
+                followed,
+                rank == len(layers) - 1,
+                1,
+                rtol,
+            )
         )
     return tuple(out)

@@ -131,7 +131,10 @@ class HessianOperator:
             offset += p.numel()
         try:
             hv = torch.autograd.grad(
-                self._grads, self.params, grad_outputs=pieces, retain_graph=True,
+                self._grads,
+                self.params,
+                grad_outputs=pieces,
+                retain_graph=True,
                 allow_unused=True,
             )
         except RuntimeError as exc:  # found on the first product, not by a wasted probe

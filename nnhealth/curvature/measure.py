@@ -31,13 +31,24 @@ def measure(
 
     def report(it: int, value: float, rel_bound: float) -> None:
         if progress is not None:
-            progress(f"Hessian: Lanczos step {it}/{budget}, lambda_max ~ {value:.6g} "
-                     f"(bound {rel_bound:.1e}, target {tol:.0e})")
+            progress(
+                f"Hessian: Lanczos step {it}/{budget}, lambda_max ~ {value:.6g} "
+                f"(bound {rel_bound:.1e}, target {tol:.0e})"
+            )
 
     with HessianOperator(model, inputs, make_loss, mode=mode, seed=seed) as op:
         device = op.params[0].device
-        result = lanczos(op.matvec, op.n, k=top, smallest=smallest, tol=tol, max_iter=budget,
-                         seed=seed, device=device, progress=report)
+        result = lanczos(
+            op.matvec,
+            op.n,
+            k=top,
+            smallest=smallest,
+            tol=tol,
+            max_iter=budget,
+            seed=seed,
+            device=device,
+            progress=report,
+        )
         lanczos_hvps = op.products
         trace = stderr = None
         if trace_probes:

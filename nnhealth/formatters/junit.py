@@ -17,10 +17,15 @@ class JunitFormatter(Formatter):
         names = {f.code: f.check for f in report.findings}
         from nnhealth.analyzers import lookup
 
-        layers = list(dict.fromkeys(
-            [str(r.get("module", r["name"])) if r.get("role") != "activation" else r["name"]
-             for r in report.layers] + [f.layer for f in report.findings if f.layer]
-        ))
+        layers = list(
+            dict.fromkeys(
+                [
+                    str(r.get("module", r["name"])) if r.get("role") != "activation" else r["name"]
+                    for r in report.layers
+                ]
+                + [f.layer for f in report.findings if f.layer]
+            )
+        )
         skipped = {s.code: s.reason for s in report.skipped}
         suite = ET.Element("testsuite", name="nnhealth", timestamp="", hostname="")
         tests = failures = skips = 0
@@ -32,7 +37,9 @@ class JunitFormatter(Formatter):
                 if layer is not None and not found and code in skipped:
                     continue  # one skipped case per check is enough
                 case = ET.SubElement(
-                    suite, "testcase", classname=f"nnhealth.{code}.{name}",
+                    suite,
+                    "testcase",
+                    classname=f"nnhealth.{code}.{name}",
                     name=f"{code} {name}: {layer or '(model)'}",
                 )
                 tests += 1
@@ -42,7 +49,9 @@ class JunitFormatter(Formatter):
                     continue
                 failing = [f for f in found if f.severity >= threshold]
                 for f in failing:
-                    failure = ET.SubElement(case, "failure", message=f.message, type=f.severity.label)
+                    failure = ET.SubElement(
+                        case, "failure", message=f.message, type=f.severity.label
+                    )
                     failure.text = f"{f.message}\nfix: {f.fix}" + (
                         f"\n{f.fix_snippet}" if f.fix_snippet else ""
                     )
@@ -65,4 +74,8 @@ class JunitFormatter(Formatter):
         root = ET.Element("testsuites", name="nnhealth")
         root.append(suite)
         ET.indent(root)
-        return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+        return (
+            '<?xml version="1.0" encoding="utf-8"?>\n'
+            + ET.tostring(root, encoding="unicode")
+            + "\n"
+        )

@@ -44,9 +44,13 @@ class MarkdownFormatter(Formatter):
         for s in report.skipped:
             out.append(f"- skipped `{s.code}` {s.check}: {_cell(s.reason)}")
         if report.layers:
-            out += ["", "<details><summary>Layers</summary>", "",
-                    "| layer | kind | act var | grad var | dead | ‖w‖/‖∇w‖ |",
-                    "|---|---|---|---|---|---|"]
+            out += [
+                "",
+                "<details><summary>Layers</summary>",
+                "",
+                "| layer | kind | act var | grad var | dead | ‖w‖/‖∇w‖ |",
+                "|---|---|---|---|---|---|",
+            ]
             for r in report.layers:
                 dead = r.get("dead_fraction")
                 out.append(
@@ -56,6 +60,9 @@ class MarkdownFormatter(Formatter):
                 )
             out += ["", "</details>"]
         batch = run.get("batch") or {}
-        out += ["", f"<sub>nnhealth {report.tool_version} · {run.get('model_format')} · batch "
-                    f"{batch.get('shape')} · loss {run.get('loss')} · {run.get('mode')} mode</sub>"]
+        out += [
+            "",
+            f"<sub>nnhealth {report.tool_version} · {run.get('model_format')} · batch "
+            f"{batch.get('shape')} · loss {run.get('loss')} · {run.get('mode')} mode</sub>",
+        ]
         return "\n".join(out) + "\n"

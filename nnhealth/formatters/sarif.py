@@ -51,9 +51,7 @@ class SarifFormatter(Formatter):
                 },
             }
             if f.layer:
-                location["logicalLocations"] = [
-                    {"fullyQualifiedName": f.layer, "kind": "module"}
-                ]
+                location["logicalLocations"] = [{"fullyQualifiedName": f.layer, "kind": "module"}]
             results.append(
                 {
                     "ruleId": f.code,

@@ -76,12 +76,14 @@ class TextFormatter(Formatter):
             self._what_if(console, report)
         if report.baseline is not None:
             b = report.baseline
-            console.print(Text(
-                f"\nbaseline {b['file']}: {len(b['new'])} new, {len(b['worse'])} worse, "
-                f"{len(b['unchanged'])} unchanged, {len(b['fixed'])} fixed"
-                + (f" ({', '.join(b['fixed'][:5])})" if b["fixed"] else ""),
-                style="bold",
-            ))
+            console.print(
+                Text(
+                    f"\nbaseline {b['file']}: {len(b['new'])} new, {len(b['worse'])} worse, "
+                    f"{len(b['unchanged'])} unchanged, {len(b['fixed'])} fixed"
+                    + (f" ({', '.join(b['fixed'][:5])})" if b["fixed"] else ""),
+                    style="bold",
+                )
+            )
             for label in ("new", "worse"):
                 for k in b[label]:
                     console.print(Text(f"  {label}: {k}", style="yellow"))
@@ -125,8 +127,10 @@ class TextFormatter(Formatter):
         if c:
             top = ", ".join(f"{v:.6g}" for v in c["top_eigenvalues"])
             state = "converged" if c["converged"] else "NOT converged"
-            bits = [f"λmax {top} (bound {c['bounds'][0]:.1e}, {state}, {c['lanczos_hvps']} HVPs, "
-                    f"{c['mode']} mode)"]
+            bits = [
+                f"λmax {top} (bound {c['bounds'][0]:.1e}, {state}, {c['lanczos_hvps']} HVPs, "
+                f"{c['mode']} mode)"
+            ]
             if c.get("lr_limit") is not None:
                 bits.append(f"lr limit 2/λmax = {c['lr_limit']:.4g}")
             if c.get("lambda_min") is not None:
@@ -173,12 +177,23 @@ class TextFormatter(Formatter):
         shown = [c for c in columns if c[2] is None or any(r.get(c[2]) is not None for r in rows)]
         if not any(width(r) for r in rows):  # every layer at full width: nothing to show
             shown = [c for c in shown if c[0] != "width"]
-        table = Table(title="Layers (forward order)", title_justify="left", box=None,
-                      header_style="bold", pad_edge=False, padding=(0, 1))
+        table = Table(
+            title="Layers (forward order)",
+            title_justify="left",
+            box=None,
+            header_style="bold",
+            pad_edge=False,
+            padding=(0, 1),
+        )
         for header, _, _ in shown:
             left = header in ("layer", "kind") or header == "log scale"
-            table.add_column(header, justify="left" if left else "right", no_wrap=True,
-                             overflow="ellipsis", max_width=34 if header == "layer" else None)
+            table.add_column(
+                header,
+                justify="left" if left else "right",
+                no_wrap=True,
+                overflow="ellipsis",
+                max_width=34 if header == "layer" else None,
+            )
         for r in rows:
             bad = r.get("nonfinite") or r.get("param_nonfinite")
             table.add_row(*(cell(r) for _, cell, _ in shown), style="red" if bad else None)
@@ -204,11 +219,23 @@ class TextFormatter(Formatter):
                 head.append(f"{f.code} ", style=STYLE[sev])
                 head.append(f"{f.check} ", style="bold")
                 head.append(f.layer or "(model)", style="magenta")
-                parts: list[Any] = [head, Padding(Text(f.message), (0, 0, 0, 2)),
-                                    Padding(Text("fix: " + f.fix, style="green"), (0, 0, 0, 2))]
+                parts: list[Any] = [
+                    head,
+                    Padding(Text(f.message), (0, 0, 0, 2)),
+                    Padding(Text("fix: " + f.fix, style="green"), (0, 0, 0, 2)),
+                ]
                 if f.fix_snippet and not self.options.quiet:
-                    parts.append(Padding(Syntax(f.fix_snippet, "python", theme="ansi_dark",
-                                                background_color="default"), (0, 0, 0, 4)))
+                    parts.append(
+                        Padding(
+                            Syntax(
+                                f.fix_snippet,
+                                "python",
+                                theme="ansi_dark",
+                                background_color="default",
+                            ),
+                            (0, 0, 0, 4),
+                        )
+                    )
                 if self.options.verbose and f.evidence:
                     ev = ", ".join(f"{k}={fmt(v)}" for k, v in f.evidence.items())
                     parts.append(Padding(Text(ev, style="dim"), (0, 0, 0, 2)))
@@ -216,16 +243,24 @@ class TextFormatter(Formatter):
 
     def _what_if(self, console: Console, report: Report) -> None:
         console.print()
-        console.print(Text("What if (each fix applied to a copy; the model itself is unchanged)",
-                           style="bold"))
+        console.print(
+            Text(
+                "What if (each fix applied to a copy; the model itself is unchanged)", style="bold"
+            )
+        )
         last = None
         for w in report.what_if:
             head = f"{w['check']} {w['layer'] or ''}".strip()
-            prefix = f"  {head}  {w['before']}" if head != last else " " * (len(head) + 4 + len(w["before"]))
+            prefix = (
+                f"  {head}  {w['before']}"
+                if head != last
+                else " " * (len(head) + 4 + len(w["before"]))
+            )
             last = head
             if not w.get("applied"):
-                console.print(Text(f"{prefix}  ->  {w['fix']}: not applied ({w.get('note')})",
-                                   style="dim"))
+                console.print(
+                    Text(f"{prefix}  ->  {w['fix']}: not applied ({w.get('note')})", style="dim")
+                )
                 continue
             mark = "resolved" if w.get("resolved") else "not resolved"
             style = "green" if w.get("resolved") else "yellow"
@@ -238,8 +273,9 @@ class TextFormatter(Formatter):
         if report.healthy:
             return Text(f"\n✓ healthy: no findings from {ran} checks", style="bold green")
         if not report.findings and not report.errors:
-            return Text(f"\n✓ no findings from {ran} checks{tail}: not a full verdict",
-                        style="green")
+            return Text(
+                f"\n✓ no findings from {ran} checks{tail}: not a full verdict", style="green"
+            )
         plural = {"error": "errors", "warning": "warnings", "info": "info"}
         summary = ", ".join(f"{n} {k if n == 1 else plural[k]}" for k, n in counts.items())
         if report.errors:

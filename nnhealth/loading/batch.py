@@ -73,14 +73,18 @@ def synthetic(shape: tuple[int, ...], seed: int, model: nn.Module | None) -> Bat
         )
     first = None
     if model is not None:
-        first = next((m for m in model.modules() if next(m.parameters(False), None) is not None), None)
+        first = next(
+            (m for m in model.modules() if next(m.parameters(False), None) is not None), None
+        )
     if isinstance(first, nn.Embedding):
         x = torch.randint(0, first.num_embeddings, shape, generator=gen)
         note = f"synthetic token ids in [0, {first.num_embeddings}) (seed {seed})"
     else:
         x = torch.randn(shape, generator=gen)
         note = f"synthetic unit-Gaussian inputs (seed {seed})"
-    return Batch(inputs=x, targets=None, source="synthetic " + "x".join(map(str, shape)), notes=[note])
+    return Batch(
+        inputs=x, targets=None, source="synthetic " + "x".join(map(str, shape)), notes=[note]
+    )
 
 
 def _pick(d: dict, keys: tuple[str, ...]) -> Any:
@@ -112,7 +116,11 @@ def interpret(obj: Any, source: str) -> Batch:
             return interpret(obj[0], source)
         if len(obj) == 2:
             inputs, targets = obj
-            return Batch(inputs=_as_tensor(inputs, source), targets=_as_target(targets, source), source=source)
+            return Batch(
+                inputs=_as_tensor(inputs, source),
+                targets=_as_target(targets, source),
+                source=source,
+            )
         raise DataError(
             f"{source}: a sequence of {len(obj)} items; expected a tensor or (inputs, targets)"
         )
@@ -121,7 +129,9 @@ def interpret(obj: Any, source: str) -> Batch:
         targets = _pick(obj, TARGET_KEYS)
         if inputs is None:
             kwargs = {k: v for k, v in obj.items() if k not in TARGET_KEYS}
-            if not kwargs or not all(isinstance(v, (torch.Tensor, np.ndarray)) for v in kwargs.values()):
+            if not kwargs or not all(
+                isinstance(v, (torch.Tensor, np.ndarray)) for v in kwargs.values()
+            ):
                 raise DataError(
                     f"{source}: a dict with keys [{', '.join(map(str, obj))}]; name the inputs "
                     "'inputs' (and the targets 'labels' or 'targets'), or give only tensors "
@@ -130,7 +140,9 @@ def interpret(obj: Any, source: str) -> Batch:
             # e.g. {"input_ids", "attention_mask", "labels"}: the model's keyword arguments
             inputs = {str(k): _as_tensor(v, source) for k, v in kwargs.items()}
             return Batch(inputs=inputs, targets=_as_target(targets, source), source=source)
-        return Batch(inputs=_as_tensor(inputs, source), targets=_as_target(targets, source), source=source)
+        return Batch(
+            inputs=_as_tensor(inputs, source), targets=_as_target(targets, source), source=source
+        )
     raise DataError(f"{source}: holds a {type(obj).__name__}; expected tensors")
 
 
@@ -188,7 +200,9 @@ def load_batch(path_text: str) -> Batch:
             "numeric arrays only"
         ) from exc
     except (RuntimeError, EOFError, OSError, KeyError) as exc:
-        raise DataError(f"{path_text}: cannot read ({str(exc).splitlines()[0]}); truncated or corrupt?") from exc
+        raise DataError(
+            f"{path_text}: cannot read ({str(exc).splitlines()[0]}); truncated or corrupt?"
+        ) from exc
     return interpret(obj, path_text)
 
 
@@ -231,4 +245,9 @@ def prepare(batch: Batch, dtype: torch.dtype | None, device: torch.device) -> Ba
 
     inputs = conv(batch.inputs)
     targets = None if batch.targets is None else batch.targets.to(device)
-    return Batch(inputs=inputs, targets=targets, source=batch.source, notes=sorted(set(notes), key=notes.index))
+    return Batch(
+        inputs=inputs,
+        targets=targets,
+        source=batch.source,
+        notes=sorted(set(notes), key=notes.index),
+    )

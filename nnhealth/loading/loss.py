@@ -26,7 +26,9 @@ def primary_output(output: Any) -> torch.Tensor:
         for item in output:
             if isinstance(item, torch.Tensor):
                 return item
-    raise DataError(f"the model returned a {type(output).__name__} with no tensor to take a loss of")
+    raise DataError(
+        f"the model returned a {type(output).__name__} with no tensor to take a loss of"
+    )
 
 
 class LossResolver:
@@ -54,7 +56,9 @@ class LossResolver:
         if self.custom is not None:
             out = primary_output(output) if not isinstance(output, torch.Tensor) else output
             self.output_shape = list(out.shape)
-            self.description = f"custom ({getattr(self.custom, '__name__', type(self.custom).__name__)})"
+            self.description = (
+                f"custom ({getattr(self.custom, '__name__', type(self.custom).__name__)})"
+            )
             try:
                 loss = (
                     self.custom(output, self.targets)
@@ -101,7 +105,9 @@ class LossResolver:
     def _ce(self, out: torch.Tensor) -> torch.Tensor:
         y = self.targets
         if out.ndim < 2:
-            raise DataError(f"cross-entropy needs outputs with a class dimension, got {list(out.shape)}")
+            raise DataError(
+                f"cross-entropy needs outputs with a class dimension, got {list(out.shape)}"
+            )
         if y is None:
             classes = out.shape[1]
             shape = (out.shape[0], *out.shape[2:])
@@ -127,7 +133,9 @@ class LossResolver:
         self.description = "cross-entropy"
         return F.cross_entropy(out, y.long())
 
-    def _float_targets(self, out: torch.Tensor, sampler: Callable[[], torch.Tensor], what: str) -> torch.Tensor:
+    def _float_targets(
+        self, out: torch.Tensor, sampler: Callable[[], torch.Tensor], what: str
+    ) -> torch.Tensor:
         y = self.targets
         if y is None:
             self.notes.append(f"no targets: {what} (seeded)")

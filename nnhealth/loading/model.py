@@ -33,9 +33,25 @@ from nnhealth.loading import detect
 # Activation functions a pickled module may reference (e.g. TransformerEncoderLayer
 # stores F.relu). Pure functions of tensors: harmless to reference while unpickling.
 _SAFE_FUNCTIONS = (
-    "relu", "relu6", "gelu", "silu", "tanh", "sigmoid", "leaky_relu", "elu", "selu", "celu",
-    "mish", "softplus", "hardswish", "hardsigmoid", "hardtanh", "glu", "logsigmoid",
-    "softsign", "tanhshrink",
+    "relu",
+    "relu6",
+    "gelu",
+    "silu",
+    "tanh",
+    "sigmoid",
+    "leaky_relu",
+    "elu",
+    "selu",
+    "celu",
+    "mish",
+    "softplus",
+    "hardswish",
+    "hardsigmoid",
+    "hardtanh",
+    "glu",
+    "logsigmoid",
+    "softsign",
+    "tanhshrink",
 )
 
 
@@ -60,11 +76,7 @@ def nn_allowlist() -> dict[str, Any]:
         if not modname.startswith("torch.nn.modules") or mod is None:
             continue
         for obj in vars(mod).values():
-            if (
-                isinstance(obj, type)
-                and issubclass(obj, nn.Module)
-                and obj.__module__ == modname
-            ):
+            if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == modname:
                 allowed[f"{obj.__module__}.{obj.__qualname__}"] = obj
     # weight_norm / spectral_norm keep their reparametrization as forward pre-hooks: torch
     # objects whose calls are tensor arithmetic on the module's own parameters
@@ -74,15 +86,22 @@ def nn_allowlist() -> dict[str, Any]:
     sn = importlib.import_module("torch.nn.utils.spectral_norm")
     wn = importlib.import_module("torch.nn.utils.weight_norm")
 
-    for obj in (wn.WeightNorm, sn.SpectralNorm, sn.SpectralNormStateDictHook,
-                sn.SpectralNormLoadStateDictPreHook, _WrappedHook):
+    for obj in (
+        wn.WeightNorm,
+        sn.SpectralNorm,
+        sn.SpectralNormStateDictHook,
+        sn.SpectralNormLoadStateDictPreHook,
+        _WrappedHook,
+    ):
         allowed[f"{obj.__module__}.{obj.__qualname__}"] = obj
     for fname in _SAFE_FUNCTIONS:
         fn = getattr(F, fname, None)
         if fn is not None:
             allowed[f"torch.nn.functional.{fname}"] = fn
             # some are C builtins pickled under their own module (torch._C._nn.gelu)
-            allowed[f"{getattr(fn, '__module__', None) or 'torch.nn.functional'}.{fn.__name__}"] = fn
+            allowed[f"{getattr(fn, '__module__', None) or 'torch.nn.functional'}.{fn.__name__}"] = (
+                fn
+            )
     return allowed
 
 
@@ -265,9 +284,7 @@ def unwrap_state_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
             f"{where}: a dict with keys [{keys}] but no state_dict or model in it; save "
             "the model (torch.save(model)) or its state_dict"
         )
-    raise LoadError(
-        f"{where}: holds a {type(obj).__name__}, not a model or a state_dict"
-    )
+    raise LoadError(f"{where}: holds a {type(obj).__name__}, not a model or a state_dict")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -315,7 +332,7 @@ def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) 
     candidates = [state]
     for prefix in ("model.", "module.", "net.", "_orig_mod."):
         if all(k.startswith(prefix) for k in state):
-            candidates.append({k[len(prefix):]: v for k, v in state.items()})
+            candidates.append({k[len(prefix) :]: v for k, v in state.items()})
     for cand in candidates:
         if set(cand) == expected:
             try:
@@ -342,7 +359,9 @@ def _entry_point(spec: str) -> tuple[Any, str]:
             if not file.is_file():
                 raise LoadError(f"{spec}: no such file {target}")
             with _importable_from(str(file.resolve().parent), str(file)):
-                modspec = importlib.util.spec_from_file_location(f"_nnhealth_entry_{file.stem}", file)
+                modspec = importlib.util.spec_from_file_location(
+                    f"_nnhealth_entry_{file.stem}", file
+                )
                 module = importlib.util.module_from_spec(modspec)
                 # registered, as an import would: inspect (the report's source locations)
                 # and dataclasses look classes' modules up in sys.modules
@@ -395,12 +414,16 @@ def _from_factory_result(result: Any, spec: str) -> LoadedModel:
         raise LoadError(f"{spec}: the factory returned a {type(model).__name__}, not an nn.Module")
     if loss_fn is not None and not callable(loss_fn):
         raise LoadError(f"{spec}: the factory's loss is not callable")
-    return LoadedModel(model=model, format="entry point", source=spec, example=example, loss_fn=loss_fn)
+    return LoadedModel(
+        model=model, format="entry point", source=spec, example=example, loss_fn=loss_fn
+    )
 
 
 def is_entry_point(spec: str) -> bool:
-    return ":" in spec and not Path(spec).exists() and bool(
-        re.fullmatch(r"[^:]+:[A-Za-z_][\w.]*", spec)
+    return (
+        ":" in spec
+        and not Path(spec).exists()
+        and bool(re.fullmatch(r"[^:]+:[A-Za-z_][\w.]*", spec))
     )
 
 
@@ -437,8 +460,9 @@ def load_model(spec: str, *, trust: bool = False, weights: str | None = None) ->
         state = unwrap_state_dict(obj, spec)
         return LoadedModel(model=None, format="state_dict", source=spec, state=state)
     if kind == detect.SAFETENSORS:
-        return LoadedModel(model=None, format="safetensors state_dict", source=spec,
-                           state=_read_safetensors(path))
+        return LoadedModel(
+            model=None, format="safetensors state_dict", source=spec, state=_read_safetensors(path)
+        )
     if kind == detect.TORCHSCRIPT:
         try:
             with warnings.catch_warnings():  # torch.jit is deprecated; its files still exist
