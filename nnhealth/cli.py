@@ -4,6 +4,7 @@ the commands, so ``nnhealth --help``, ``checks`` and ``explain`` stay instant.""
 from __future__ import annotations
 
 import enum
+import io
 import os
 import shutil
 import sys
@@ -531,9 +532,10 @@ def list_checks() -> int:
     table.add_column("what it looks at")
     for c in REGISTRY:
         table.add_row(c.code, c.name, ", ".join(sorted(c.needs)), c.summary)
-    Console(highlight=False, width=max(shutil.get_terminal_size((120, 24)).columns, 100)).print(
-        table
-    )
+    width = shutil.get_terminal_size((140, 24)).columns if sys.stdout.isatty() else 140
+    console = Console(highlight=False, width=max(width, 100), record=True, file=io.StringIO())
+    console.print(table)
+    typer.echo("\n".join(line.rstrip() for line in console.export_text().splitlines()))
     return EXIT_OK
 
 
