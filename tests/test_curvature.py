@@ -123,7 +123,8 @@ def test_lanczos_matches_eigvalsh_and_eigsh(name: str) -> None:
         np.testing.assert_allclose(top, exact[::-1][:3], rtol=1e-6)
         assert res.bottom.value == pytest.approx(exact[0], rel=1e-6, abs=1e-6 * exact[-1])
         for r, true in zip(res.top, exact[::-1], strict=False):
-            assert abs(r.value - true) <= r.residual * (1 + 1e-9)  # the certified bound holds
+            # the certified bound holds (up to the dense solver's own rounding)
+            assert abs(r.value - true) <= r.residual + 1e-12 * abs(true)
         operator = sla.LinearOperator(
             (op.n, op.n),
             matvec=lambda v: op.matvec(torch.from_numpy(np.asarray(v).ravel())).numpy(),
@@ -131,6 +132,19 @@ def test_lanczos_matches_eigvalsh_and_eigsh(name: str) -> None:
         )
         eigsh = sla.eigsh(operator, k=1, which="LA", tol=1e-10, return_eigenvectors=False)
         assert top[0] == pytest.approx(float(eigsh[0]), rel=1e-6)
+
+
+def test_close_eigenvalues_are_not_declared_converged_early() -> None:
+    """A diagonal operator with a close top pair: the Ritz gap overstates the true gap
+    early on, so only the residual may certify convergence."""
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        spectrum = np.sort(rng.random(300))[::-1] * 10
+        spectrum[1] = spectrum[0] * (1 - 1e-3)  # a close pair at the top
+        d = torch.from_numpy(spectrum)
+        res = lanczos(lambda v: d * v, 300, tol=1e-3, max_iter=300, seed=trial)
+        if res.converged:
+            assert abs(res.top[0].value - spectrum[0]) <= 1e-3 * spectrum[0]
 
 
 def test_budget_exhausted_is_a_result_not_an_error() -> None:
@@ -234,7 +248,7 @@ def test_cli_hessian_json(cli, sample) -> None:
     )
     report = json.loads(res.out)
     c = report["curvature"]
-    assert c["converged"] and c["lanczos_hvps"] <= 30 and c["hvps"] == c["lanczos_hvps"] + 4
+    assert c["converged"] and c["lanczos_hvps"] <= 60 and c["hvps"] == c["lanczos_hvps"] + 4
     assert c["lr_limit"] == pytest.approx(2 / c["top_eigenvalues"][0])
     assert c["trace"] is not None and c["trace_stderr"] > 0 and c["lambda_min"] < 0
     nh401 = [f for f in report["findings"] if f["code"] == "NH401"]

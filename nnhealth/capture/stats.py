@@ -185,8 +185,8 @@ class CurvatureStats:
     """The Hessian's extreme eigenvalues (Lanczos) and optionally its trace (Hutchinson)."""
 
     top: tuple[float, ...]  # largest first
-    bounds: tuple[float, ...]  # error bound of each (Kato-Temple estimate)
-    residuals: tuple[float, ...]  # certified: an eigenvalue within this distance
+    bounds: tuple[float, ...]  # certified error bound of each (the Ritz residual)
+    estimates: tuple[float, ...]  # residual^2 / Ritz gap: usually nearer the true error
     converged: bool
     hvps: int  # Hessian-vector products in all (Lanczos + trace)
     lanczos_hvps: int
@@ -213,7 +213,7 @@ class CurvatureStats:
         return {
             "top_eigenvalues": list(self.top),
             "bounds": list(self.bounds),
-            "residuals": list(self.residuals),
+            "error_estimates": list(self.estimates),
             "hvps": self.hvps,
             "lanczos_hvps": self.lanczos_hvps,
             "converged": self.converged,

@@ -57,8 +57,8 @@ def measure(
             trace, stderr = hutchinson(op.matvec, op.n, trace_probes, seed, device)
         stats = CurvatureStats(
             top=tuple(r.value for r in result.top),
-            bounds=tuple(r.bound for r in result.top),
-            residuals=tuple(r.residual for r in result.top),
+            bounds=tuple(r.residual for r in result.top),
+            estimates=tuple(r.estimate for r in result.top),
             converged=result.converged,
             hvps=op.products,
             lanczos_hvps=lanczos_hvps,
@@ -67,7 +67,7 @@ def measure(
             backend=op.backend,
             params=op.n,
             lambda_min=None if result.bottom is None else result.bottom.value,
-            lambda_min_bound=None if result.bottom is None else result.bottom.bound,
+            lambda_min_bound=None if result.bottom is None else result.bottom.residual,
             trace=trace,
             trace_stderr=stderr,
             trace_probes=trace_probes,
