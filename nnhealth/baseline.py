@@ -22,7 +22,7 @@ FORMAT_VERSION = 1
 
 
 def key(f: Finding) -> str:
-    return f"{f.code}:{f.layer or '(model)'}"
+    return f.key
 
 
 def _deviation(value: Any, healthy: float = 1.0) -> float | None:
@@ -83,12 +83,30 @@ def read(path: Path) -> dict[str, dict[str, Any]]:
         ) from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"--baseline {path}: not a readable baseline ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("nnhealth_baseline") != FORMAT_VERSION:
+    version = doc.get("nnhealth_baseline") if isinstance(doc, dict) else None
+    if isinstance(version, bool) or version != FORMAT_VERSION:
         raise UsageError(f"--baseline {path}: not an nnhealth baseline (version {FORMAT_VERSION})")
-    try:
-        return {entry["key"]: entry for entry in doc["findings"]}
-    except (KeyError, TypeError):
-        raise UsageError(f"--baseline {path}: malformed findings list") from None
+    entries = doc.get("findings")
+    if not isinstance(entries, list):
+        raise UsageError(f"--baseline {path}: findings: expected a list")
+    out = {}
+    for i, entry in enumerate(entries):
+        where = f"--baseline {path}: findings[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+            raise UsageError(f"{where}: expected an object with a string key")
+        try:
+            Severity.parse(entry.get("severity", ""))
+        except ValueError:
+            raise UsageError(
+                f"{where}.severity: expected error, warning or info, got {entry.get('severity')!r}"
+            ) from None
+        sc = entry.get("score")
+        if sc is not None and (
+            isinstance(sc, bool) or not isinstance(sc, (int, float)) or not math.isfinite(sc)
+        ):
+            raise UsageError(f"{where}.score: expected a finite number or null, got {sc!r}")
+        out[entry["key"]] = entry
+    return out
 
 
 def compare(
@@ -110,7 +128,9 @@ def compare(
         )
         (worse if f.severity > old_sev or grew else unchanged).append(k)
     current = {key(f) for f in report.findings}
-    fixed = [k for k in baseline if k not in current]
+    # only a check that ran can say a finding is gone
+    ran = set(report.run.get("checks") or []) - {s.code for s in report.skipped}
+    fixed = [k for k, old in baseline.items() if k not in current and old.get("code") in ran]
     return {
         "new": new,
         "worse": worse,

@@ -45,10 +45,18 @@ class Finding:
     evidence: dict[str, Number]
     fix: str
     fix_snippet: str | None = None
+    # tells apart findings of one check on one layer (NH401: limit / negative curvature)
+    kind: str = ""
+
+    @property
+    def key(self) -> str:
+        """Stable identity across runs: check, layer, kind; never the numbers."""
+        return ":".join(p for p in (self.code, self.layer or "(model)", self.kind) if p)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "code": self.code,
+            "kind": self.kind or None,
             "check": self.check,
             "severity": self.severity.label,
             "layer": self.layer,

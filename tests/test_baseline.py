@@ -82,3 +82,32 @@ def test_bad_baseline_files(cli, tmp_path: Path, content: str | None, needle: st
     assert needle in one_line_error(
         cli("scan", model, "--input-shape", "64x32", "--baseline", path)
     )
+
+
+def test_two_findings_of_one_check_on_one_layer_have_distinct_keys(cli, tmp_path: Path) -> None:
+    from nnhealth.baseline import key
+    from nnhealth.findings import Finding, Severity
+
+    limit = Finding("NH401", "curvature", Severity.ERROR, None, "lr", {}, "f", kind="")
+    negative = Finding("NH401", "curvature", Severity.INFO, None, "neg", {}, "f", kind="negative")
+    assert key(limit) != key(negative)
+
+
+def test_fixed_only_counts_checks_that_ran(cli, tmp_path: Path) -> None:
+    base = tmp_path / "b.json"
+    model = save(tmp_path, dead_fc2=16)
+    scan(cli, model, "--write-baseline", base)
+    code, report = scan(cli, model, "--baseline", base, "--select", "NH5")
+    assert code == 0 and report["baseline"]["fixed"] == []
+
+
+@pytest.mark.parametrize("entry,needle", [
+    ('{"key": "NH101:3", "severity": "critical"}', "findings[0].severity: expected error, warning or info"),
+    ('{"key": "NH101:3", "severity": "error", "score": "0.5"}', "findings[0].score: expected a finite number"),
+    ('{"severity": "error"}', "findings[0]: expected an object with a string key"),
+])
+def test_hand_edited_baselines(cli, tmp_path: Path, entry: str, needle: str) -> None:
+    path = tmp_path / "b.json"
+    path.write_text('{"nnhealth_baseline": 1, "findings": [' + entry + "]}")
+    model = save(tmp_path, dead_fc2=0)
+    assert needle in one_line_error(cli("scan", model, "--input-shape", "64x32", "--baseline", path))

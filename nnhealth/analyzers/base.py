@@ -94,8 +94,10 @@ class Check:
         evidence: dict[str, Number],
         fix: str,
         snippet: str | None = None,
+        kind: str = "",
     ) -> Finding:
         return Finding(
+            kind=kind,
             code=self.code,
             check=self.name,
             severity=severity,

@@ -144,6 +144,7 @@ class Curvature(Check):
                             "bound": c.lambda_min_bound,
                         },
                         "no action needed; momentum and noise move SGD off saddles",
+                        kind="negative",
                     )
                 )
         return out

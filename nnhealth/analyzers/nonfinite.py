@@ -62,6 +62,7 @@ class Nonfinite(Check):
                         "restore this parameter from the last finite checkpoint, then lower "
                         "the learning rate or clip gradients so the update cannot overflow",
                         "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)",
+                        kind="parameter",
                     )
                 )
         bad = [s for s in capture.sites if s.nonfinite]
@@ -88,6 +89,7 @@ class Nonfinite(Check):
                     "find what overflows in this layer: its input scale, its weights, or an "
                     "unsafe operation (log, division, exp); normalize the input or clamp",
                     _DEBUG_SNIPPET,
+                    kind="activation",
                 )
             )
         if capture.loss is not None and not math.isfinite(capture.loss):
@@ -100,6 +102,7 @@ class Nonfinite(Check):
                     "use a numerically stable loss on logits (F.cross_entropy, "
                     "BCEWithLogitsLoss) and check the targets' range",
                     None,
+                    kind="loss",
                 )
             )
         grad_bad = [s for s in capture.sites if s.grad_nonfinite and s.grad_order is not None]
@@ -116,6 +119,7 @@ class Nonfinite(Check):
                     "clip gradients and look for an operation with an unbounded derivative "
                     "(sqrt at 0, log near 0, division by a small number)",
                     _DEBUG_SNIPPET,
+                    kind="gradient",
                 )
             )
         elif not bad and not grad_bad:
@@ -130,6 +134,7 @@ class Nonfinite(Check):
                         {"parameters": len(worst)},
                         "clip gradients and check the loss for unstable operations",
                         "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)",
+                        kind="gradient",
                     )
                 )
         return out

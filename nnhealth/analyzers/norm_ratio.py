@@ -167,6 +167,7 @@ class NormRatio(Check):
             "use layer-wise adaptive rates: LARS for SGD, LAMB for Adam (local rate "
             f"eta * ||w|| / ||grad w||, eta = {LARS_ETA:g}); or re-initialize the outlying layers",
             _LARS_SNIPPET,
+            kind="spread",
         )
 
     def metrics(self, capture: Capture, options: dict) -> dict[str, dict]:

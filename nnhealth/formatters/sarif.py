@@ -16,7 +16,7 @@ LEVEL = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "n
 
 def fingerprint(f: Finding) -> str:
     """Stable across runs: the check and the layer, nothing that changes with numbers."""
-    return hashlib.sha256(f"{f.code}:{f.layer or '(model)'}".encode()).hexdigest()[:32]
+    return hashlib.sha256(f.key.encode()).hexdigest()[:32]
 
 
 def _rule(check) -> dict[str, Any]:
