@@ -373,3 +373,15 @@ def test_weight_norm_and_spectral_norm_load_without_trust(cli, tmp_path: Path) -
         json.loads(res.out)["run"]["model_format"]
         == "torch.save module (torch.nn classes, allowlisted)"
     )
+
+
+def test_torchscript_layers_get_the_weight_checks(cli, tmp_path: Path) -> None:
+    model = he_mlp([8, 32, 32, 2])
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[2].bias.zero_()
+    torch.jit.script(model).save(str(tmp_path / "ts.pt"))
+    res = cli("scan", tmp_path / "ts.pt", "--input-shape", "32x8", "--select", "NH501,NH601",
+              "--format", "json")
+    report = json.loads(res.out)
+    assert res.code == 1 and ("NH501", "2") in {(f["code"], f["layer"]) for f in report["findings"]}

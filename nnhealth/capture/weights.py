@@ -17,6 +17,21 @@ from nnhealth.capture.stats import ACTIVATION, LAYER, NORM, SiteStats, WeightSta
 from nnhealth.capture.structure import is_norm
 
 JUDGED_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.Bilinear)
+JUDGED_NAMES = {t.__name__ for t in (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                                     nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)}
+
+
+def kind_of(module: nn.Module) -> str:
+    """The module's class name; a scripted module's original one (RecursiveScriptModule
+    hides it)."""
+    return getattr(module, "original_name", None) or type(module).__name__
+
+
+def judged(module: nn.Module) -> bool:
+    return isinstance(module, JUDGED_TYPES) or kind_of(module) in JUDGED_NAMES
+
+_NORM_NAMES = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "RMSNorm",
+               "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"}
 
 # activation module class -> the kind name the capture uses
 _ACTIVATION_CLASSES = {
@@ -124,14 +139,14 @@ def _next_from_modules(model: nn.Module) -> dict[str, str]:
     leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
     follow = {}
     for i, (name, mod) in enumerate(leaves):
-        if not isinstance(mod, JUDGED_TYPES):
+        if not judged(mod):
             continue
         follow[name] = "none"
         for _, nxt in leaves[i + 1 :]:
-            if is_norm(nxt):
+            if is_norm(nxt) or kind_of(nxt) in _NORM_NAMES:
                 follow[name] = "norm"
-            elif type(nxt).__name__ in _ACTIVATION_CLASSES:
-                follow[name] = _ACTIVATION_CLASSES[type(nxt).__name__]
+            elif kind_of(nxt) in _ACTIVATION_CLASSES:
+                follow[name] = _ACTIVATION_CLASSES[kind_of(nxt)]
             elif isinstance(nxt, (nn.Dropout, nn.Identity, nn.Flatten)) or not any(
                 True for _ in nxt.parameters(recurse=False)
             ):
@@ -149,7 +164,7 @@ def from_model(
     else:
         follow, order = _next_from_modules(model), []
     modules = dict(model.named_modules())
-    candidates = [n for n, m in modules.items() if isinstance(m, JUDGED_TYPES)]
+    candidates = [n for n, m in modules.items() if judged(m)]
     seen = [n for n in order if n in candidates]  # forward order of the layers that ran
     ranked = seen + [n for n in candidates if n not in seen]
     output = (seen or ranked or [None])[-1]  # the last layer to run feeds the loss
@@ -164,7 +179,7 @@ def from_model(
             _stats(
                 name,
                 f"{name}.weight" if name else "weight",
-                type(mod).__name__,
+                kind_of(mod),
                 weight,
                 bias if isinstance(bias, torch.Tensor) else None,
                 weight.requires_grad,
