@@ -23,6 +23,7 @@ from nnhealth.capture.instrument import run_pass
 from nnhealth.capture.params import capture_weights
 from nnhealth.capture.stats import Capture
 from nnhealth.config import layer_ignored
+from nnhealth.curvature.hvp import NoCurvature
 from nnhealth.curvature.measure import measure
 from nnhealth.errors import UsageError
 from nnhealth.findings import AnalyzerError, Finding, Report, Severity, Skipped
@@ -143,7 +144,7 @@ def analyze(
         if missing:
             reason = capture.missing_reason or f"no {', '.join(sorted(missing))} were captured"
             if missing == {"curvature"}:
-                reason = "--no-hessian: the Hessian was not measured"
+                reason = capture.curvature_reason or "--no-hessian: the Hessian was not measured"
             skipped.append(Skipped(check.code, check.name, reason))
             continue
         try:
@@ -275,21 +276,24 @@ def _instrumented(
     )
     capture = replace(capture, weights=weight_stats.from_model(model, capture.sites, rtol))
     if opts.hessian is not False and any(c is Curvature for c, _ in checks):
-        curvature, curvature_notes = measure(
-            model,
-            prepared.inputs,
-            resolver,
-            mode=opts.mode,
-            seed=opts.seed,
-            top=opts.hessian_top,
-            smallest=opts.hessian_min,
-            tol=opts.hessian_tol,
-            budget=opts.hessian_budget,
-            trace_probes=opts.hessian_trace,
-            progress=progress,
-        )
-        capture = replace(capture, curvature=curvature)
-        notes += curvature_notes
+        try:
+            curvature, curvature_notes = measure(
+                model,
+                prepared.inputs,
+                resolver,
+                mode=opts.mode,
+                seed=opts.seed,
+                top=opts.hessian_top,
+                smallest=opts.hessian_min,
+                tol=opts.hessian_tol,
+                budget=opts.hessian_budget,
+                trace_probes=opts.hessian_trace,
+                progress=progress,
+            )
+            capture = replace(capture, curvature=curvature)
+            notes += curvature_notes
+        except NoCurvature as exc:
+            capture = replace(capture, curvature_reason=str(exc))
     notes += resolver.notes + list(capture.notes)
     info = {
         "batch": {**prepared.describe(), "examples": prepared.examples},

@@ -259,3 +259,34 @@ def test_cli_hessian_json(cli, sample) -> None:
     assert "Hessian" not in res.err or res.err == ""  # progress only on a terminal
     bad = cli("scan", model, "--data", data, "--hessian", "--hessian-tol", "2")
     assert bad.code == 2 and "--hessian-tol" in bad.err
+
+
+class PartlyUsed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.unused = nn.Linear(4, 4)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x)))
+
+
+def test_unused_parameters_are_left_out_not_fatal() -> None:
+    torch.manual_seed(0)
+    model = PartlyUsed().double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 2, (16,))
+    report = nnhealth.scan(model, (x, y), select=["NH401"], hessian=True, hessian_tol=1e-8,
+                           hessian_budget=200)
+    used = nn.Sequential(model.fc, nn.Tanh(), model.head)
+    exact = np.linalg.eigvalsh(dense_hessian(used, x, y))
+    assert report.curvature["top_eigenvalues"][0] == pytest.approx(exact[-1], rel=1e-6)
+    assert any("left out of the Hessian" in n for n in report.notes)
+
+
+def test_frozen_model_skips_curvature_and_runs_the_rest() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).requires_grad_(False)
+    report = nnhealth.scan(model, torch.randn(16, 4), hessian=True)
+    assert report.curvature is None
+    assert any(s.code == "NH401" and "no trainable parameters" in s.reason for s in report.skipped)
+    assert "NH101" in report.run["checks"]

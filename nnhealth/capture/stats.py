@@ -247,6 +247,7 @@ class Capture:
     # per weight matrix, in depth order (filled after the pass, or from a state_dict)
     weights: tuple[WeightStats, ...] = ()
     curvature: CurvatureStats | None = None
+    curvature_reason: str | None = None  # why no curvature was measured, when asked for
 
     def activation_sites(self) -> list[SiteStats]:
         return [s for s in self.sites if s.role == ACTIVATION]

@@ -36,6 +36,10 @@ def _math_attention(enabled: bool) -> Iterator[None]:
         yield
 
 
+class NoCurvature(CaptureError):
+    """There is no Hessian to measure here (nothing trainable, or the loss is linear)."""
+
+
 class HessianOperator:
     """``matvec(v)`` = H v for the flat float64 vector ``v`` over the trainable params.
 
@@ -67,7 +71,7 @@ class HessianOperator:
 
     def __enter__(self) -> HessianOperator:
         if not self.params:
-            raise CaptureError("no trainable parameters: there is no Hessian to take")
+            raise NoCurvature("the model has no trainable parameters: there is no Hessian")
         self._stack = contextlib.ExitStack()
         try:
             self._stack.enter_context(preserved_state(self.model, self.mode))
@@ -102,7 +106,24 @@ class HessianOperator:
         with torch.enable_grad(), _math_attention(math_attention):
             loss = self.make_loss(call_model(self.model, self.inputs))
             self.loss = float(loss.detach())
-            self._grads = torch.autograd.grad(loss, self.params, create_graph=True)
+            if not loss.requires_grad:
+                raise NoCurvature("the loss does not depend on any trainable parameter")
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            # parameters the loss does not use, or uses only linearly, have zero Hessian
+            # rows: leave them out of the operator (and say how many)
+            kept = [(p, g) for p, g in zip(self.params, grads, strict=True)
+                    if g is not None and g.requires_grad]
+            if not kept:
+                raise NoCurvature("the loss is linear in every trainable parameter: H = 0")
+            dropped = len(self.params) - len(kept)
+            if dropped:
+                self.notes.append(
+                    f"{dropped} parameter tensor(s) have no second derivative here (unused "
+                    "by the loss, or linear in it) and are left out of the Hessian"
+                )
+            self.params = [p for p, _ in kept]
+            self.n = sum(p.numel() for p in self.params)
+            self._grads = tuple(g for _, g in kept)
 
     def _fall_back_to_math_attention(self, exc: RuntimeError) -> None:
         """A kernel without a second derivative (fused scaled-dot-product attention on
