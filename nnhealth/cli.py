@@ -353,6 +353,8 @@ def scan(
     )
     output = Path(p["output"]) if p["output"] is not None else None
     baseline = Path(p["baseline"]) if p["baseline"] is not None else None
+    write_baseline = Path(p["write_baseline"]) if p["write_baseline"] is not None else None
+    what_if, what_if_budget = p["what_if"], p["what_if_budget"]
     baseline_tolerance, fail_on, fmt = p["baseline_tolerance"], p["fail_on"], p["fmt"]
     if model is None:
         raise UsageError(

@@ -49,8 +49,26 @@ KEYS: dict[str, tuple[str, str]] = {
     "hessian-trace": ("hessian_trace", "count"),
     "hessian-tol": ("hessian_tol", "unit"),
     "hessian-budget": ("hessian_budget", "count1"),
+    "what-if": ("what_if", "bool"),
+    "what-if-budget": ("what_if_budget", "nonnegative"),
+    "write-baseline": ("write_baseline", "str"),
 }
 TABLES = ("checks", "per-layer-ignores")
+# paths in a config file are relative to the file's directory, not the current one
+PATH_KEYS = {"model", "data", "weights", "arch", "output", "baseline", "write-baseline"}
+
+
+def _from_config_dir(directory: Path, value: str) -> str:
+    """``value`` relative to ``directory``: a path, or the .py file of file.py:factory.
+    Module entry points (pkg.module:factory) are left alone."""
+    path, colon, attr = value.rpartition(":") if ":" in value else (value, "", "")
+    if colon and not path.endswith(".py"):
+        return value
+    if Path(path).is_absolute():
+        return value
+    return str(directory / path) + (colon + attr)
+
+
 # never from a file: a repository must not be able to turn on unpickling for its users
 NOT_IN_FILES = {"trust": "pass --trust or set NNHEALTH_TRUST=1 instead"}
 
@@ -187,15 +205,30 @@ def resolve(
             raise UsageError(f"{place(key)}: unknown key (known: {', '.join([*KEYS, *TABLES])})")
         param, kind = KEYS[key]
         coerced = _coerce(kind, value, place(key), from_env=False)
+        if key in PATH_KEYS and settings.source is not None:
+            coerced = _from_config_dir(settings.source.parent, coerced)
+        if key in ("select", "ignore"):
+            _check_codes(coerced, place(key))
         if param not in explicit:
             settings.values[param] = coerced
     for key, (param, kind) in KEYS.items():
         env = "NNHEALTH_" + key.upper().replace("-", "_")
         if env in environ and param not in explicit:
             settings.values[param] = _coerce(kind, environ[env], env, from_env=True)
+            if key in ("select", "ignore"):
+                _check_codes(settings.values[param], env)
     _checks_table(table.get("checks", {}), place, settings)
     _ignores_table(table.get("per-layer-ignores", {}), place, settings)
     return settings
+
+
+def _check_codes(codes: list[str], where: str) -> None:
+    from nnhealth.analyzers import select_checks
+
+    try:
+        select_checks(codes, None)
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}") from None
 
 
 def _checks_table(table: Any, place, settings: Settings) -> None:
@@ -228,6 +261,7 @@ def _checks_table(table: Any, place, settings: Settings) -> None:
             if (
                 isinstance(value, bool)
                 or not isinstance(value, (int, float))
+                or not math.isfinite(value)
                 or value < low
                 or (high is not None and value > high)
             ):

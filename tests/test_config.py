@@ -142,3 +142,25 @@ def test_env_errors_name_the_variable(cli, project: Path, monkeypatch) -> None:
 
 def test_no_model_anywhere(cli, project: Path) -> None:
     assert "no MODEL" in one_line_error(cli("scan"))
+
+
+def test_paths_in_a_config_file_are_relative_to_it(cli, project: Path, monkeypatch) -> None:
+    (project / "nnhealth.toml").write_text('model = "model.pt"\ndata = "batch.pt"\nfail-on = "warning"\n')
+    sub = project / "deeper" / "still"
+    sub.mkdir(parents=True)
+    monkeypatch.chdir(sub)
+    assert cli("scan", "-q").code == 1  # found ../../model.pt through the file's directory
+
+
+def test_select_codes_are_checked_where_they_are_written(cli, project: Path, monkeypatch) -> None:
+    (project / "nnhealth.toml").write_text('model = "model.pt"\ndata = "batch.pt"\nselect = ["NH999"]\n')
+    assert "nnhealth.toml: select: unknown check 'NH999'" in one_line_error(cli("scan"))
+    (project / "nnhealth.toml").write_text('model = "model.pt"\ndata = "batch.pt"\n')
+    monkeypatch.setenv("NNHEALTH_IGNORE", "bogus")
+    assert "NNHEALTH_IGNORE: unknown check 'bogus'" in one_line_error(cli("scan"))
+
+
+def test_what_if_from_the_environment(cli, project: Path, monkeypatch) -> None:
+    (project / "nnhealth.toml").write_text('model = "model.pt"\ndata = "batch.pt"\nformat = "json"\n')
+    monkeypatch.setenv("NNHEALTH_WHAT_IF", "1")
+    assert json.loads(cli("scan").out)["what_if"]

@@ -152,11 +152,15 @@ class InitScale(Check):
                 f"x{ratio(worst):.3g} of {rule}): expected variance {direction} x{total:.3g} "
                 "through depth"
             )
+        # the layer to look at: the first with no variance at all, else where the stack starts
+        zero = next((w for w in stack if ratio(w) == 0), None)
         return self.finding(
             severity,
-            stack[0].module,
+            (zero or stack[0]).module,
             message,
             {
+                "first_layer": stack[0].module,
+                "last_layer": stack[-1].module,
                 "layers": len(stack),
                 "mean_ratio": geo,
                 "expected_change": total,
