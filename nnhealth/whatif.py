@@ -330,6 +330,10 @@ def explore(
             try:
                 if fix.train is not None:
                     before, after, note = fix.train(trial)
+                    lars = fix.label.startswith("LARS")
+                    # a lower rate is confirmed when the old one raised the loss and the new
+                    # one lowers it; LARS when its steps lower the loss at least as much
+                    confirmed = after < 0 and (after <= before if lars else before > 0)
                     results.append(
                         {
                             **entry,
@@ -337,7 +341,7 @@ def explore(
                             "after": note,
                             "after_score": after,
                             "before_loss_change": before,
-                            "resolved": after < 0,
+                            "resolved": confirmed,
                         }
                     )
                     continue
@@ -350,7 +354,9 @@ def explore(
                 sub = LoadedModel(
                     model=trial, format=loaded.format, source=loaded.source, loss_fn=loaded.loss_fn
                 )
-                rescan = runner.run(sub, batch, replace(opts, select=[f.code], ignore=None))
+                # every check again, not just this one: a fix can hide one problem behind
+                # another (a norm layer makes NH601 look away from a zero layer)
+                rescan = runner.run(sub, batch, replace(opts, hessian=False))
             except Exception as exc:  # the fix did not fit this model (e.g. a norm layer)
                 results.append(
                     {
@@ -362,6 +368,12 @@ def explore(
                 continue
             same = [g for g in rescan.findings if g.code == f.code and g.layer == f.layer]
             after = max(same, key=lambda g: g.severity, default=None)
+            before_keys = {g.key for g in report.findings if g.severity >= Severity.WARNING}
+            new = sorted(
+                g.key for g in rescan.findings
+                if g.severity >= Severity.WARNING and g.key not in before_keys
+            )
+            remaining = sum(g.severity >= Severity.WARNING for g in rescan.findings)
             results.append(
                 {
                     **entry,
@@ -369,6 +381,8 @@ def explore(
                     "after": _metric(after),
                     "after_score": score(after) if after else None,
                     "resolved": after is None or after.severity < Severity.WARNING,
+                    "remaining_findings": remaining,
+                    "new_findings": new,
                 }
             )
     return tuple(results)

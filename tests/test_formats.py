@@ -144,3 +144,27 @@ def test_sarif_end_to_end_points_at_the_model_class(
     jsonschema.validate(doc, sarif_schema)
     loc = doc["runs"][0]["results"][0]["locations"][0]["physicalLocation"]
     assert loc["artifactLocation"]["uri"] == "nets.py" and loc["region"]["startLine"] == 5
+
+
+def test_sarif_uri_is_encoded_and_relative_to_the_source_root(sarif_schema) -> None:
+    import jsonschema
+
+    run = {**hand_built().run, "model_source": {"file": "dir with space#/nets.py", "line": 3}}
+    doc = json.loads(render("sarif", dataclasses.replace(hand_built(), run=run)))
+    jsonschema.validate(doc, sarif_schema)
+    art = doc["runs"][0]["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]
+    assert art == {"uri": "dir%20with%20space%23/nets.py", "uriBaseId": "%SRCROOT%"}
+
+
+def test_formats_respect_a_baseline(tmp_path: Path) -> None:
+    report = hand_built()
+    keys = [f.key for f in report.findings]
+    accepted = dataclasses.replace(report, baseline={
+        "file": "b.json", "new": [], "worse": [], "unchanged": keys, "fixed": []})
+    states = {r["baselineState"] for r in json.loads(render("sarif", accepted))["runs"][0]["results"]}
+    assert states == {"unchanged"}
+    assert "::error" not in render("github", accepted)
+    path = tmp_path / "r.xml"
+    path.write_text(render("junit", accepted))
+    suite = next(iter(JUnitXml.fromfile(str(path))))
+    assert not any(isinstance(r, Failure) for c in suite for r in c.result)

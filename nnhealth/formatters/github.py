@@ -24,10 +24,12 @@ class GithubFormatter(Formatter):
     def render(self, report: Report) -> str:
         where = report.run.get("model_source") or {"file": str(report.run.get("model")), "line": 1}
         lines = []
+        gating = {id(f) for f in report.gating()}  # findings a baseline accepted become notices
         for f in report.findings:
             title = f"{f.code} {f.check}" + (f" ({f.layer})" if f.layer else "")
             props = f"file={_prop(where['file'])},line={where['line']},title={_prop(title)}"
-            lines.append(f"::{COMMAND[f.severity]} {props}::{_data(f.message + '. Fix: ' + f.fix)}")
+            command = COMMAND[f.severity] if id(f) in gating else "notice"
+            lines.append(f"::{command} {props}::{_data(f.message + '. Fix: ' + f.fix)}")
         for e in report.errors:
             lines.append(f"::error title={_prop('nnhealth ' + e.check)}::{_data(e.message)}")
         return "".join(line + "\n" for line in lines)

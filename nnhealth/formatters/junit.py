@@ -27,6 +27,7 @@ class JunitFormatter(Formatter):
             )
         )
         skipped = {s.code: s.reason for s in report.skipped}
+        gating = {id(f) for f in report.gating()}  # with a baseline: only new or worse ones
         suite = ET.Element("testsuite", name="nnhealth", timestamp="", hostname="")
         tests = failures = skips = 0
         for code in checks:
@@ -47,7 +48,7 @@ class JunitFormatter(Formatter):
                     ET.SubElement(case, "skipped", message=skipped[code])
                     skips += 1
                     continue
-                failing = [f for f in found if f.severity >= threshold]
+                failing = [f for f in found if f.severity >= threshold and id(f) in gating]
                 for f in failing:
                     failure = ET.SubElement(
                         case, "failure", message=f.message, type=f.severity.label
@@ -56,7 +57,7 @@ class JunitFormatter(Formatter):
                         f"\n{f.fix_snippet}" if f.fix_snippet else ""
                     )
                 failures += bool(failing)
-                below = [f for f in found if f.severity < threshold]
+                below = [f for f in found if f not in failing]
                 if below:
                     out = ET.SubElement(case, "system-out")
                     out.text = "\n".join(f"{f.severity.label}: {f.message}" for f in below)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
+from urllib.parse import quote
 from typing import Any
 
 from nnhealth.analyzers import REGISTRY
@@ -46,14 +48,23 @@ class SarifFormatter(Formatter):
             text = f"{f.layer or 'model'}: {f.message}. Fix: {f.fix}"
             location: dict[str, Any] = {
                 "physicalLocation": {
-                    "artifactLocation": {"uri": where["file"]},
+                    "artifactLocation": {
+                        "uri": quote(Path(where["file"]).as_posix()),
+                        **({} if Path(where["file"]).is_absolute() else {"uriBaseId": "%SRCROOT%"}),
+                    },
                     "region": {"startLine": int(where["line"])},
                 },
             }
             if f.layer:
                 location["logicalLocations"] = [{"fullyQualifiedName": f.layer, "kind": "module"}]
+            state = {}
+            if report.baseline is not None:  # new / unchanged / updated, as SARIF says it
+                k = f.key
+                state = {"baselineState": "new" if k in report.baseline["new"] else
+                         "updated" if k in report.baseline["worse"] else "unchanged"}
             results.append(
                 {
+                    **state,
                     "ruleId": f.code,
                     "ruleIndex": index[f.code],
                     "level": LEVEL[f.severity],

@@ -263,6 +263,10 @@ class TextFormatter(Formatter):
                 )
                 continue
             mark = "resolved" if w.get("resolved") else "not resolved"
+            if w.get("new_findings"):
+                mark += f"; new: {', '.join(w['new_findings'][:3])}"
+            elif "remaining_findings" in w:
+                mark += f"; {w['remaining_findings']} finding(s) left in all"
             style = "green" if w.get("resolved") else "yellow"
             console.print(Text(f"{prefix}  ->  {w['fix']}: {w['after']} ({mark})", style=style))
 
