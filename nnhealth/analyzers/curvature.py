@@ -14,7 +14,7 @@ class Curvature(Check):
     What it detects:
         The largest eigenvalues of the loss Hessian (mean loss over the batch, all
         trainable parameters) by Lanczos with full reorthogonalization, stopped when the
-        error bound of each wanted eigenvalue is within ``--hessian-tol`` (default 1e-3
+        Ritz residual (a certified bound) of each wanted eigenvalue is within ``--hessian-tol`` (default 1e-3
         relative), or when the budget of Hessian-vector products runs out (then reported
         as not converged, with the bound reached). From lambda_max it gives the step-size
         limit 2/lambda_max. With ``--lr``: an error when lr >= 2/lambda_max, a warning
