@@ -123,3 +123,16 @@ def describe(trend: Trend, what: str, unit: str) -> str:
         f"x{trend.total:.3g} in all (largest {largest[0]:.3g} at {largest[1]}, smallest "
         f"{smallest[0]:.3g} at {smallest[1]})"
     )
+
+
+def evidence(trend: Trend, verdict: str) -> dict[str, float | int | str]:
+    """The numbers of a trend finding: per-layer factor, total change, and its ends."""
+    big, small = ("largest", "smallest") if verdict == "vanishing" else ("smallest", "largest")
+    return {
+        "verdict": verdict,
+        "factor_per_layer": trend.factor,
+        "total_ratio": trend.total,
+        "depth": trend.depth,
+        f"{big}_variance": trend.first,
+        f"{small}_variance": trend.last,
+    }

@@ -122,18 +122,7 @@ class ActivationVariance(Check):
                 trend_severity(trend, options),
                 None,
                 f"{verdict}: " + _trend.describe(trend, f"the variance of {what}", "layer"),
-                {
-                    "verdict": verdict,
-                    "factor_per_layer": trend.factor,
-                    "total_ratio": trend.total,
-                    "depth": trend.depth,
-                    "largest_variance"
-                    if verdict == "vanishing"
-                    else "smallest_variance": trend.first,
-                    "smallest_variance"
-                    if verdict == "vanishing"
-                    else "largest_variance": trend.last,
-                },
+                _trend.evidence(trend, verdict),
                 fix,
                 snippet,
             )

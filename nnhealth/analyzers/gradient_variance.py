@@ -60,18 +60,7 @@ class GradientVariance(Check):
                 None,
                 f"{verdict} towards the input: "
                 + _trend.describe(trend, "the gradient variance, from the output back,", "layer"),
-                {
-                    "verdict": verdict,
-                    "factor_per_layer": trend.factor,
-                    "total_ratio": trend.total,
-                    "depth": trend.depth,
-                    "largest_variance"
-                    if verdict == "vanishing"
-                    else "smallest_variance": trend.first,
-                    "smallest_variance"
-                    if verdict == "vanishing"
-                    else "largest_variance": trend.last,
-                },
+                _trend.evidence(trend, verdict),
                 fix,
                 snippet,
             )
