@@ -20,7 +20,6 @@ RELU_FAMILY = {
     "hardswish",
     "softplus",
 }
-SATURATING = {"tanh", "sigmoid", "hardtanh", "hardsigmoid"}
 
 
 def dominant_nonlinearity(capture: Capture) -> str | None:

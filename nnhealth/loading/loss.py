@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from nnhealth.errors import DataError
 
-CHOICES = ("auto", "ce", "mse", "bce")
 NAMES = {"ce": "cross-entropy", "mse": "mse", "bce": "bce-with-logits"}
 
 
