@@ -161,6 +161,51 @@ def test_budget_exhausted_is_a_result_not_an_error() -> None:
     assert "not converged in 2 products" in finding.message
 
 
+def _diagonal(spectrum: np.ndarray):
+    d = torch.from_numpy(spectrum)
+    return lambda v: d * v
+
+
+def test_a_seed_orthogonal_to_the_top_eigenvector_still_finds_it() -> None:
+    """The scan seeds Lanczos with the gradient; by a symmetry of the model the gradient
+    can be orthogonal to the top eigenvector. A seed alone would then never see it (here
+    the Krylov space of e_2 is e_2 itself); the random part that is always mixed in does."""
+    spectrum = np.linspace(10.0, 1.0, 200)
+    seed_vector = torch.zeros(200, dtype=torch.float64)
+    seed_vector[1] = 1.0  # the eigenvector of lambda_2 = spectrum[1]
+    res = lanczos(_diagonal(spectrum), 200, tol=1e-8, max_iter=200, start=seed_vector)
+    assert res.converged
+    assert res.top[0].value == pytest.approx(spectrum[0], rel=1e-8)
+
+
+def test_a_seed_near_the_top_eigenvector_is_used() -> None:
+    spectrum = np.linspace(10.0, 1.0, 500)
+    spectrum[0] = 10.5
+    op = _diagonal(spectrum)
+    near = torch.full((500,), 1e-3, dtype=torch.float64)
+    near[0] = 1.0
+    random = lanczos(op, 500, tol=1e-6, max_iter=500)
+    seeded = lanczos(op, 500, tol=1e-6, max_iter=500, start=near)
+    assert random.converged and seeded.converged
+    assert seeded.top[0].value == pytest.approx(10.5, rel=1e-6)
+    assert seeded.iterations < random.iterations
+    # a zero or non-finite seed is ignored (a purely random start), a wrong size refused
+    for bad in (torch.zeros(500, dtype=torch.float64), torch.full((500,), float("nan"))):
+        res = lanczos(op, 500, tol=1e-6, max_iter=500, start=bad)
+        assert res.top[0].value == random.top[0].value
+    with pytest.raises(ValueError, match="499 entries"):
+        lanczos(op, 500, start=torch.ones(499))
+
+
+def test_no_ghost_copies_over_many_steps() -> None:
+    """Without full reorthogonalization Lanczos repeats converged eigenvalues ("ghosts")
+    once it runs long past their convergence; with it the top-k are the distinct top-k."""
+    spectrum = np.concatenate([[100.0, 50.0, 25.0], np.geomspace(10.0, 1e-6, 397)])
+    res = lanczos(_diagonal(spectrum), 400, k=6, tol=1e-12, max_iter=400)
+    assert res.converged
+    np.testing.assert_allclose([r.value for r in res.top], spectrum[:6], rtol=1e-10)
+
+
 def test_hutchinson_trace_against_exact() -> None:
     model, x, y = setup("cnn-batchnorm")
     exact = float(np.trace(dense_hessian(model, x, y)))

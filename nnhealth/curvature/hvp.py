@@ -142,6 +142,13 @@ class HessianOperator:
         if self._stack is not None:
             self._stack.close()
 
+    def gradient(self) -> torch.Tensor:
+        """The loss gradient over the operator's parameters, flat float64 (a start
+        vector for Lanczos: no product needed, the graph already holds it)."""
+        if self._grads is None:
+            raise RuntimeError("HessianOperator.gradient outside its context")
+        return torch.cat([g.detach().reshape(-1).to(torch.float64) for g in self._grads])
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """H v, computed in the parameters' dtype, returned as float64."""
         if self._grads is None:

@@ -9,6 +9,13 @@ k-step factorization, the residual r = |beta_k * y_k| certifies an eigenvalue in
 is at most r^2 / gap (Kato-Temple). The gap is only known through the neighbouring Ritz
 value, which can overstate it (a close pair not yet resolved), so that quadratic figure
 is reported as an estimate and Lanczos stops on the certified residual alone.
+
+The start vector can be seeded (the scan passes the loss gradient, which in practice lies
+close to the top eigenspace: Gur-Ari, Roberts & Dyer 2018); an equal-norm random part is
+always added, so an eigenvector the seed is orthogonal to (by a symmetry of the model,
+say) is still in the Krylov space. Each new vector is orthogonalized against the whole
+basis by classical Gram-Schmidt, with a second pass only when the first removed most of
+it (the Daniel-Gragg-Kaufman-Stewart test): one pass over the basis per step, usually.
 """
 
 from __future__ import annotations
@@ -62,6 +69,44 @@ def _pair(theta: np.ndarray, vecs: np.ndarray, i: int, beta_next: float) -> Ritz
     return RitzValue(float(theta[i]), float(residual), float(estimate))
 
 
+_DGKS = 0.5**0.5  # reorthogonalize again when a pass leaves less than this of the norm
+
+
+def _start_vector(
+    n: int, start: torch.Tensor | None, gen: torch.Generator, device: torch.device | str
+) -> torch.Tensor:
+    q = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
+    q /= torch.linalg.vector_norm(q)
+    if start is not None:
+        s = start.detach().reshape(-1).to(device=device, dtype=torch.float64)
+        norm = torch.linalg.vector_norm(s)
+        if s.numel() != n:
+            raise ValueError(f"start vector has {s.numel()} entries, the operator {n}")
+        if torch.isfinite(norm) and norm > 0:
+            q += s / norm
+    return q / torch.linalg.vector_norm(q)
+
+
+def _lanczos_step(w: torch.Tensor, q_all: torch.Tensor, beta_prev: float | None) -> float:
+    """Turn ``w = A q_k`` (in place) into the next residual: the three-term recurrence,
+    then full reorthogonalization against the basis rows ``q_all``. Returns alpha_k."""
+    current = q_all[-1]
+    alpha = float(torch.dot(current, w))
+    w.sub_(current, alpha=alpha)
+    if beta_prev is not None:
+        w.sub_(q_all[-2], alpha=beta_prev)
+    # one classical Gram-Schmidt pass removes what rounding left on the basis; a second
+    # only when that pass cancelled most of w (DGKS), since then rounding in it matters
+    for _ in range(2):  # "twice is enough" (Parlett)
+        before = torch.linalg.vector_norm(w)
+        coef = q_all @ w
+        w.addmv_(q_all.T, coef, alpha=-1)
+        alpha += float(coef[-1])
+        if torch.linalg.vector_norm(w) >= _DGKS * before:
+            break
+    return alpha
+
+
 def lanczos(
     matvec: Matvec,
     n: int,
@@ -71,21 +116,22 @@ def lanczos(
     tol: float = 1e-3,
     max_iter: int = 100,
     seed: int = 0,
+    start: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int, float, float], None] | None = None,
 ) -> LanczosResult:
     """Top-``k`` eigenvalues (and the smallest when ``smallest``) of the operator.
 
+    ``start`` seeds the first vector (a random part is always mixed in, see above).
     Stops when every wanted Ritz value has ``bound <= tol * |value|``, when the Krylov
     space is exhausted (exact), or after ``max_iter`` products (``converged`` False,
     the last estimates and their bounds returned, never an exception).
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
     # the Krylov basis as rows of one matrix, grown by doubling: reorthogonalization is
     # then two matrix-vector products over the basis, not a Python loop of small ones
     basis = torch.empty((min(max_iter, n, 16) + 1, n), dtype=torch.float64, device=device)
-    basis[0] = q / torch.linalg.vector_norm(q)
+    basis[0] = _start_vector(n, start, gen, device)
     size = 1
     alpha: list[float] = []
     beta: list[float] = []
@@ -94,16 +140,8 @@ def lanczos(
     bottom = None
     converged = False
     for it in range(1, min(max_iter, n) + 1):
-        current = basis[size - 1]
-        w = matvec(current).to(torch.float64)
-        a = float(torch.dot(current, w))
-        alpha.append(a)
-        w -= a * current
-        if size > 1:
-            w -= beta[-1] * basis[size - 2]
-        q_all = basis[:size]
-        for _ in range(2):  # full reorthogonalization, twice ("twice is enough", Parlett)
-            w -= q_all.T @ (q_all @ w)
+        w = matvec(basis[size - 1]).to(torch.float64)
+        alpha.append(_lanczos_step(w, basis[:size], beta[-1] if beta else None))
         b = float(torch.linalg.vector_norm(w))
         theta, vecs = _ritz(alpha, beta + [b])
         order = np.argsort(theta)[::-1]

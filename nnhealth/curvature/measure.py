@@ -46,6 +46,7 @@ def measure(
             tol=tol,
             max_iter=budget,
             seed=seed,
+            start=op.gradient(),  # plus a random part: see lanczos
             device=device,
             progress=report,
         )
