@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
+
+
+class Progress(Protocol):
+    """Where a long stage reports: a message, and (done, total) when it has steps."""
+
+    def __call__(self, message: str, steps: tuple[int, int] | None = None) -> None: ...
 
 
 def first_line(exc: BaseException) -> str:

@@ -87,19 +87,22 @@ def _split(values: list[str] | None) -> list[str] | None:
 
 
 class _DelayedStatus:
-    """A spinner on stderr, shown only if the work takes more than a moment and
-    stderr is a terminal."""
+    """Progress on stderr, shown only if the work takes more than a moment and stderr is
+    a terminal: a spinner and the current stage, plus a bar when the stage has steps
+    (Lanczos: step k of the product budget, the current estimate and its bound)."""
 
     def __init__(self, enabled: bool, delay: float = 0.4) -> None:
         self.enabled = enabled
         self.delay = delay
         self.message = "loading"
-        self._status = None
+        self.steps: tuple[int, int] | None = None
+        self._status = None  # the rich Progress, once shown
+        self._task = None
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
         self._closed = False
 
-    def __enter__(self) -> _DelayedStatus:
+    def __enter__(self) -> _DelayedStatus:  # noqa: PYI034 (Self needs 3.11 typing import)
         if self.enabled:
             self._timer = threading.Timer(self.delay, self._start)
             self._timer.daemon = True
@@ -108,18 +111,44 @@ class _DelayedStatus:
 
     def _start(self) -> None:
         from rich.console import Console
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+
+        class StepsBar(BarColumn):  # a bar only for a stage with steps
+            def render(self, task):  # noqa: ANN001, ANN202 (rich's column interface)
+                return super().render(task) if task.total is not None else ""
+
+        class StepsCount(TextColumn):
+            def render(self, task):  # noqa: ANN001, ANN202
+                return super().render(task) if task.total is not None else ""
 
         with self._lock:
             if self._closed:
                 return
-            self._status = Console(stderr=True).status(f"nnhealth: {self.message}…")
+            self._status = Progress(
+                SpinnerColumn(),
+                TextColumn("nnhealth: {task.description}"),
+                StepsBar(bar_width=12),
+                StepsCount("{task.completed}/{task.total}"),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._task = self._status.add_task(self.message, total=None)
+            self._show()
             self._status.start()
 
-    def update(self, message: str) -> None:
+    def _show(self) -> None:
+        completed, total = self.steps if self.steps else (0, None)
+        self._status.update(
+            self._task, description=f"{self.message}…", completed=completed, total=total
+        )
+
+    def update(self, message: str, steps: tuple[int, int] | None = None) -> None:
+        """Show ``message``; ``steps`` = (done, total) draws a bar."""
         with self._lock:
             self.message = message
+            self.steps = steps
             if self._status is not None:
-                self._status.update(f"nnhealth: {message}…")
+                self._show()
 
     def __exit__(self, *exc: object) -> None:
         with self._lock:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from nnhealth import __version__
+from nnhealth._util import Progress
 from nnhealth.analyzers import REGISTRY, select_checks
 from nnhealth.analyzers.base import Check
 from nnhealth.analyzers.curvature import Curvature
@@ -244,7 +244,7 @@ def _instrumented(
     sat_opts: dict[str, Any],
     rtol: float | None,
     fingerprints: bool,
-    progress: Callable[[str], None] | None,
+    progress: Progress | None,
 ) -> tuple[Capture, dict[str, Any], list[str]]:
     """The instrumented pass (and the curvature when asked): capture, run info, notes."""
     model = loaded.model
@@ -313,7 +313,7 @@ def run(
     batch: Batch | None,
     opts: ScanOptions,
     *,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> Report:
     """Scan a loaded model on a batch. Raises NnhealthError for what the user must fix."""
     started = time.perf_counter()

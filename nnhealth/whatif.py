@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nnhealth._util import Progress
 from nnhealth.analyzers._advice import RELU_FAMILY
 from nnhealth.baseline import score
 from nnhealth.capture.instrument import call_model
@@ -293,7 +294,7 @@ def explore(
     report: Report,
     *,
     budget_seconds: float = 120.0,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[dict[str, Any], ...]:
     """Before/after for each applicable fix of each warning or error in ``report``."""
     from nnhealth import runner
@@ -370,7 +371,8 @@ def explore(
             after = max(same, key=lambda g: g.severity, default=None)
             before_keys = {g.key for g in report.findings if g.severity >= Severity.WARNING}
             new = sorted(
-                g.key for g in rescan.findings
+                g.key
+                for g in rescan.findings
                 if g.severity >= Severity.WARNING and g.key not in before_keys
             )
             remaining = sum(g.severity >= Severity.WARNING for g in rescan.findings)

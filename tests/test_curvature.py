@@ -321,8 +321,9 @@ def test_unused_parameters_are_left_out_not_fatal() -> None:
     torch.manual_seed(0)
     model = PartlyUsed().double()
     x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 2, (16,))
-    report = nnhealth.scan(model, (x, y), select=["NH401"], hessian=True, hessian_tol=1e-8,
-                           hessian_budget=200)
+    report = nnhealth.scan(
+        model, (x, y), select=["NH401"], hessian=True, hessian_tol=1e-8, hessian_budget=200
+    )
     used = nn.Sequential(model.fc, nn.Tanh(), model.head)
     exact = np.linalg.eigvalsh(dense_hessian(used, x, y))
     assert report.curvature["top_eigenvalues"][0] == pytest.approx(exact[-1], rel=1e-6)
@@ -335,3 +336,21 @@ def test_frozen_model_skips_curvature_and_runs_the_rest() -> None:
     assert report.curvature is None
     assert any(s.code == "NH401" and "no trainable parameters" in s.reason for s in report.skipped)
     assert "NH101" in report.run["checks"]
+
+
+def test_progress_reports_steps_estimate_and_bound() -> None:
+    from nnhealth.curvature.measure import measure
+
+    model, x, y = setup("mlp-layernorm-batchnorm")
+    seen: list[tuple[str, tuple[int, int] | None]] = []
+    stats, _ = measure(
+        model,
+        x,
+        lambda out: F.cross_entropy(out, y),
+        budget=40,
+        progress=lambda message, steps=None: seen.append((message, steps)),
+    )
+    steps = [s for _, s in seen if s is not None]
+    assert steps == [(i, 40) for i in range(1, stats.lanczos_hvps + 1)]
+    last = seen[-1][0]
+    assert f"{stats.top[0]:.6g}" in last and f"{stats.bounds[0] / stats.top[0]:.1e}" in last

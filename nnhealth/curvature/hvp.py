@@ -111,8 +111,11 @@ class HessianOperator:
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
             # parameters the loss does not use, or uses only linearly, have zero Hessian
             # rows: leave them out of the operator (and say how many)
-            kept = [(p, g) for p, g in zip(self.params, grads, strict=True)
-                    if g is not None and g.requires_grad]
+            kept = [
+                (p, g)
+                for p, g in zip(self.params, grads, strict=True)
+                if g is not None and g.requires_grad
+            ]
             if not kept:
                 raise NoCurvature("the loss is linear in every trainable parameter: H = 0")
             dropped = len(self.params) - len(kept)

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from nnhealth._util import Progress
 from nnhealth.capture.stats import CurvatureStats
 from nnhealth.curvature.hvp import HessianOperator
 from nnhealth.curvature.lanczos import lanczos
@@ -25,15 +26,15 @@ def measure(
     tol: float = 1e-3,
     budget: int = 100,
     trace_probes: int = 0,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[CurvatureStats, list[str]]:
     """Top-``top`` Hessian eigenvalues (and the smallest), within ``budget`` products."""
 
     def report(it: int, value: float, rel_bound: float) -> None:
         if progress is not None:
             progress(
-                f"Hessian: Lanczos step {it}/{budget}, lambda_max ~ {value:.6g} "
-                f"(bound {rel_bound:.1e}, target {tol:.0e})"
+                f"Hessian λmax ≈ {value:.6g}, bound {rel_bound:.1e} → {tol:.0e}",
+                steps=(it, budget),
             )
 
     with HessianOperator(model, inputs, make_loss, mode=mode, seed=seed) as op:
