@@ -11,7 +11,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Self
 
 import typer
 
@@ -102,7 +102,7 @@ class _DelayedStatus:
         self._timer: threading.Timer | None = None
         self._closed = False
 
-    def __enter__(self) -> _DelayedStatus:  # noqa: PYI034 (Self needs 3.11 typing import)
+    def __enter__(self) -> Self:
         if self.enabled:
             self._timer = threading.Timer(self.delay, self._start)
             self._timer.daemon = True
@@ -114,11 +114,11 @@ class _DelayedStatus:
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 
         class StepsBar(BarColumn):  # a bar only for a stage with steps
-            def render(self, task):  # noqa: ANN001, ANN202 (rich's column interface)
+            def render(self, task):  # rich's column interface
                 return super().render(task) if task.total is not None else ""
 
         class StepsCount(TextColumn):
-            def render(self, task):  # noqa: ANN001, ANN202
+            def render(self, task):
                 return super().render(task) if task.total is not None else ""
 
         with self._lock:
@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail("interrupted")
         code = EXIT_ERROR
-    except Exception as exc:  # a bug in nnhealth, not in the user's input
+    except Exception as exc:  # noqa: BLE001 (a bug in nnhealth, not in the user's input)
         if debug:
             traceback.print_exc()
         _fail(

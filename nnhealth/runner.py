@@ -152,7 +152,7 @@ def analyze(
             findings.extend(instance.run(capture, options))
             for module, values in instance.metrics(capture, options).items():
                 metrics.setdefault(module, {}).update(values)
-        except Exception as exc:  # one broken check must not hide the others
+        except Exception as exc:  # noqa: BLE001 (one broken check must not hide the others)
             errors.append(AnalyzerError(check.name, f"{type(exc).__name__}: {exc}"))
     return findings, errors, skipped, metrics
 

@@ -153,10 +153,11 @@ def candidates(
             )
         row = ctx.row(f.layer) or {}
         if row.get("functional"):
+            inside = row.get("module") or "the model"
             fixes.append(
                 Fix(
                     "LeakyReLU(0.01)",
-                    lambda model, where=row.get("module") or "the model": (
+                    lambda model, where=inside: (
                         f"F.relu is called inside {where}.forward: it cannot be swapped from outside; "
                         "edit the forward to use F.leaky_relu"
                     ),
@@ -179,10 +180,11 @@ def candidates(
         row = ctx.row(f.layer) or {}
         if feeder is None or feeder.get("role") != "layer":
             return []
+        kind = row.get("kind")
         return [
             Fix(
                 f"xavier_normal_ on {feeder['module']}",
-                lambda model, m=feeder["module"], k=row.get("kind"): _reinit(_get(model, m), k),
+                lambda model, m=feeder["module"], k=kind: _reinit(_get(model, m), k),
             )
         ]
     if f.code in ("NH201", "NH202", "NH601"):
@@ -358,7 +360,7 @@ def explore(
                 # every check again, not just this one: a fix can hide one problem behind
                 # another (a norm layer makes NH601 look away from a zero layer)
                 rescan = runner.run(sub, batch, replace(opts, hessian=False))
-            except Exception as exc:  # the fix did not fit this model (e.g. a norm layer)
+            except Exception as exc:  # noqa: BLE001 (the fix did not fit this model (e.g. a norm layer)
                 results.append(
                     {
                         **entry,

@@ -9,6 +9,7 @@ Deterministic (seeded). Every model is built only from torch.nn classes, so
 
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
 from pathlib import Path
@@ -21,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 
 def mlp(sizes: list[int], act: type[nn.Module]) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(act())
@@ -144,7 +145,7 @@ def cnn_bn(gen: torch.Generator):
     """Conv-BatchNorm-ReLU stack (He init, torchvision style): healthy, normalized."""
     layers: list[nn.Module] = []
     channels = [3, 16, 16, 32, 32]
-    for a, b in zip(channels[:-1], channels[1:], strict=True):
+    for a, b in itertools.pairwise(channels):
         layers += [
             nn.Conv2d(a, b, 3, padding=1, bias=False),
             nn.BatchNorm2d(b),

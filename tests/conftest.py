@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def cli(capsys: pytest.CaptureFixture[str]):
 def he_mlp(sizes: list[int], act: type[nn.Module] = nn.ReLU, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         lin = nn.Linear(a, b)
         nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
         nn.init.zeros_(lin.bias)

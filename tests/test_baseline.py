@@ -101,13 +101,24 @@ def test_fixed_only_counts_checks_that_ran(cli, tmp_path: Path) -> None:
     assert code == 0 and report["baseline"]["fixed"] == []
 
 
-@pytest.mark.parametrize("entry,needle", [
-    ('{"key": "NH101:3", "severity": "critical"}', "findings[0].severity: expected error, warning or info"),
-    ('{"key": "NH101:3", "severity": "error", "score": "0.5"}', "findings[0].score: expected a finite number"),
-    ('{"severity": "error"}', "findings[0]: expected an object with a string key"),
-])
+@pytest.mark.parametrize(
+    "entry,needle",
+    [
+        (
+            '{"key": "NH101:3", "severity": "critical"}',
+            "findings[0].severity: expected error, warning or info",
+        ),
+        (
+            '{"key": "NH101:3", "severity": "error", "score": "0.5"}',
+            "findings[0].score: expected a finite number",
+        ),
+        ('{"severity": "error"}', "findings[0]: expected an object with a string key"),
+    ],
+)
 def test_hand_edited_baselines(cli, tmp_path: Path, entry: str, needle: str) -> None:
     path = tmp_path / "b.json"
     path.write_text('{"nnhealth_baseline": 1, "findings": [' + entry + "]}")
     model = save(tmp_path, dead_fc2=0)
-    assert needle in one_line_error(cli("scan", model, "--input-shape", "64x32", "--baseline", path))
+    assert needle in one_line_error(
+        cli("scan", model, "--input-shape", "64x32", "--baseline", path)
+    )

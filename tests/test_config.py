@@ -145,7 +145,9 @@ def test_no_model_anywhere(cli, project: Path) -> None:
 
 
 def test_paths_in_a_config_file_are_relative_to_it(cli, project: Path, monkeypatch) -> None:
-    (project / "nnhealth.toml").write_text('model = "model.pt"\ndata = "batch.pt"\nfail-on = "warning"\n')
+    (project / "nnhealth.toml").write_text(
+        'model = "model.pt"\ndata = "batch.pt"\nfail-on = "warning"\n'
+    )
     sub = project / "deeper" / "still"
     sub.mkdir(parents=True)
     monkeypatch.chdir(sub)
@@ -153,7 +155,9 @@ def test_paths_in_a_config_file_are_relative_to_it(cli, project: Path, monkeypat
 
 
 def test_select_codes_are_checked_where_they_are_written(cli, project: Path, monkeypatch) -> None:
-    (project / "nnhealth.toml").write_text('model = "model.pt"\ndata = "batch.pt"\nselect = ["NH999"]\n')
+    (project / "nnhealth.toml").write_text(
+        'model = "model.pt"\ndata = "batch.pt"\nselect = ["NH999"]\n'
+    )
     assert "nnhealth.toml: select: unknown check 'NH999'" in one_line_error(cli("scan"))
     (project / "nnhealth.toml").write_text('model = "model.pt"\ndata = "batch.pt"\n')
     monkeypatch.setenv("NNHEALTH_IGNORE", "bogus")
@@ -161,6 +165,8 @@ def test_select_codes_are_checked_where_they_are_written(cli, project: Path, mon
 
 
 def test_what_if_from_the_environment(cli, project: Path, monkeypatch) -> None:
-    (project / "nnhealth.toml").write_text('model = "model.pt"\ndata = "batch.pt"\nformat = "json"\n')
+    (project / "nnhealth.toml").write_text(
+        'model = "model.pt"\ndata = "batch.pt"\nformat = "json"\n'
+    )
     monkeypatch.setenv("NNHEALTH_WHAT_IF", "1")
     assert json.loads(cli("scan").out)["what_if"]

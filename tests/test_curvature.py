@@ -134,6 +134,11 @@ def test_lanczos_matches_eigvalsh_and_eigsh(name: str) -> None:
         assert top[0] == pytest.approx(float(eigsh[0]), rel=1e-6)
 
 
+def _diagonal(spectrum: np.ndarray):
+    d = torch.from_numpy(spectrum)
+    return lambda v: d * v
+
+
 def test_close_eigenvalues_are_not_declared_converged_early() -> None:
     """A diagonal operator with a close top pair: the Ritz gap overstates the true gap
     early on, so only the residual may certify convergence."""
@@ -141,8 +146,7 @@ def test_close_eigenvalues_are_not_declared_converged_early() -> None:
     for trial in range(40):
         spectrum = np.sort(rng.random(300))[::-1] * 10
         spectrum[1] = spectrum[0] * (1 - 1e-3)  # a close pair at the top
-        d = torch.from_numpy(spectrum)
-        res = lanczos(lambda v: d * v, 300, tol=1e-3, max_iter=300, seed=trial)
+        res = lanczos(_diagonal(spectrum), 300, tol=1e-3, max_iter=300, seed=trial)
         top = res.top[0]
         # the certificate: some eigenvalue lies within the residual of the estimate...
         assert np.min(np.abs(spectrum - top.value)) <= top.residual * (1 + 1e-9)
@@ -159,11 +163,6 @@ def test_budget_exhausted_is_a_result_not_an_error() -> None:
     assert c["converged"] is False and c["lanczos_hvps"] == 2 and c["bounds"][0] > 0
     (finding,) = report.findings
     assert "not converged in 2 products" in finding.message
-
-
-def _diagonal(spectrum: np.ndarray):
-    d = torch.from_numpy(spectrum)
-    return lambda v: d * v
 
 
 def test_a_seed_orthogonal_to_the_top_eigenvector_still_finds_it() -> None:

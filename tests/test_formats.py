@@ -159,9 +159,12 @@ def test_sarif_uri_is_encoded_and_relative_to_the_source_root(sarif_schema) -> N
 def test_formats_respect_a_baseline(tmp_path: Path) -> None:
     report = hand_built()
     keys = [f.key for f in report.findings]
-    accepted = dataclasses.replace(report, baseline={
-        "file": "b.json", "new": [], "worse": [], "unchanged": keys, "fixed": []})
-    states = {r["baselineState"] for r in json.loads(render("sarif", accepted))["runs"][0]["results"]}
+    accepted = dataclasses.replace(
+        report, baseline={"file": "b.json", "new": [], "worse": [], "unchanged": keys, "fixed": []}
+    )
+    states = {
+        r["baselineState"] for r in json.loads(render("sarif", accepted))["runs"][0]["results"]
+    }
     assert states == {"unchanged"}
     assert "::error" not in render("github", accepted)
     path = tmp_path / "r.xml"

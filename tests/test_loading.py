@@ -381,7 +381,15 @@ def test_torchscript_layers_get_the_weight_checks(cli, tmp_path: Path) -> None:
         model[2].weight.zero_()
         model[2].bias.zero_()
     torch.jit.script(model).save(str(tmp_path / "ts.pt"))
-    res = cli("scan", tmp_path / "ts.pt", "--input-shape", "32x8", "--select", "NH501,NH601",
-              "--format", "json")
+    res = cli(
+        "scan",
+        tmp_path / "ts.pt",
+        "--input-shape",
+        "32x8",
+        "--select",
+        "NH501,NH601",
+        "--format",
+        "json",
+    )
     report = json.loads(res.out)
     assert res.code == 1 and ("NH501", "2") in {(f["code"], f["layer"]) for f in report["findings"]}

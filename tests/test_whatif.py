@@ -56,8 +56,11 @@ def test_side_effects_are_reported() -> None:
     constant: the full re-scan still reports the symmetry."""
     model, batch = make_samples.build("zero_init_mlp")
     report = nnhealth.scan(model, batch, what_if=True)
-    norm = next(w for w in report.what_if
-                if w["code"] == "NH601" and w["fix"].startswith("LayerNorm/BatchNorm"))
+    norm = next(
+        w
+        for w in report.what_if
+        if w["code"] == "NH601" and w["fix"].startswith("LayerNorm/BatchNorm")
+    )
     assert norm["resolved"] and norm["remaining_findings"] > 0
 
 
@@ -107,8 +110,10 @@ def test_cli_what_if_json_and_text(cli, sample) -> None:
     }
     text = cli("scan", model, "--data", data, "--what-if").out
     assert "What if (each fix applied to a copy; the model itself is unchanged)" in text
-    assert ("dead-relu 3  60% dead  ->  He init + bias 0.01 on 2: no finding "
-            "(resolved; 0 finding(s) left in all)") in text
+    assert (
+        "dead-relu 3  60% dead  ->  He init + bias 0.01 on 2: no finding "
+        "(resolved; 0 finding(s) left in all)"
+    ) in text
     assert cli("scan", model, "--data", data).out.count("What if") == 0
 
 

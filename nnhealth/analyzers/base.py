@@ -75,7 +75,8 @@ class Check:
             if value is None and opts[key] is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{cls.name}.{key}: expected a number, got {value!r}")
+                # ValueError: config and --option errors are all reported as bad values
+                raise ValueError(f"{cls.name}.{key}: expected a number, got {value!r}")  # noqa: TRY004
             opts[key] = value
         return opts
 

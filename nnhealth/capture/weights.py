@@ -17,8 +17,19 @@ from nnhealth.capture.stats import ACTIVATION, LAYER, NORM, SiteStats, WeightSta
 from nnhealth.capture.structure import is_norm
 
 JUDGED_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.Bilinear)
-JUDGED_NAMES = {t.__name__ for t in (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
-                                     nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)}
+JUDGED_NAMES = {
+    t.__name__
+    for t in (
+        nn.Linear,
+        nn.Bilinear,
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+    )
+}
 
 
 def kind_of(module: nn.Module) -> str:
@@ -30,8 +41,18 @@ def kind_of(module: nn.Module) -> str:
 def judged(module: nn.Module) -> bool:
     return isinstance(module, JUDGED_TYPES) or kind_of(module) in JUDGED_NAMES
 
-_NORM_NAMES = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "RMSNorm",
-               "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"}
+
+_NORM_NAMES = {
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LayerNorm",
+    "GroupNorm",
+    "RMSNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+}
 
 # activation module class -> the kind name the capture uses
 _ACTIVATION_CLASSES = {

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -69,7 +69,7 @@ class HessianOperator:
         self._grads: tuple[torch.Tensor, ...] | None = None
         self._stack: contextlib.ExitStack | None = None
 
-    def __enter__(self) -> HessianOperator:
+    def __enter__(self) -> Self:
         if not self.params:
             raise NoCurvature("the model has no trainable parameters: there is no Hessian")
         self._stack = contextlib.ExitStack()

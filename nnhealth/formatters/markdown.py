@@ -62,7 +62,9 @@ class MarkdownFormatter(Formatter):
         batch = run.get("batch") or {}
         out += [
             "",
-            f"<sub>nnhealth {report.tool_version} · {run.get('model_format')} · batch "
-            f"{batch.get('shape')} · loss {run.get('loss')} · {run.get('mode')} mode</sub>",
+            (
+                f"<sub>nnhealth {report.tool_version} · {run.get('model_format')} · batch "
+                f"{batch.get('shape')} · loss {run.get('loss')} · {run.get('mode')} mode</sub>"
+            ),
         ]
         return "\n".join(out) + "\n"

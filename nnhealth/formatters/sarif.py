@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from urllib.parse import quote
 from typing import Any
+from urllib.parse import quote
 
 from nnhealth.analyzers import REGISTRY
 from nnhealth.findings import Finding, Report, Severity
@@ -60,8 +60,13 @@ class SarifFormatter(Formatter):
             state = {}
             if report.baseline is not None:  # new / unchanged / updated, as SARIF says it
                 k = f.key
-                state = {"baselineState": "new" if k in report.baseline["new"] else
-                         "updated" if k in report.baseline["worse"] else "unchanged"}
+                state = {
+                    "baselineState": "new"
+                    if k in report.baseline["new"]
+                    else "updated"
+                    if k in report.baseline["worse"]
+                    else "unchanged"
+                }
             results.append(
                 {
                     **state,

@@ -128,8 +128,10 @@ class TextFormatter(Formatter):
             top = ", ".join(f"{v:.6g}" for v in c["top_eigenvalues"])
             state = "converged" if c["converged"] else "NOT converged"
             bits = [
-                f"λmax {top} (bound {c['bounds'][0]:.1e}, {state}, {c['lanczos_hvps']} HVPs, "
-                f"{c['mode']} mode)"
+                (
+                    f"λmax {top} (bound {c['bounds'][0]:.1e}, {state}, "
+                    f"{c['lanczos_hvps']} HVPs, {c['mode']} mode)"
+                )
             ]
             if c.get("lr_limit") is not None:
                 bits.append(f"lr limit 2/λmax = {c['lr_limit']:.4g}")

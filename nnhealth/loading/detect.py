@@ -26,7 +26,7 @@ def sniff(path: Path) -> str:
         head = fh.read(16)
     if not head:
         return UNKNOWN
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         if not zipfile.is_zipfile(path):
             return TRUNCATED_ZIP
         try:

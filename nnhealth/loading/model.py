@@ -124,7 +124,7 @@ def _importable_from(directory: str, argv0: str = "nnhealth") -> Iterator[None]:
 def _unsafe_globals(path: Path) -> list[str]:
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    except Exception:  # legacy (non-zip) format: found while loading instead
+    except Exception:  # noqa: BLE001 (a legacy, non-zip format: found while loading instead)
         return []
 
 
