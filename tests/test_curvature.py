@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import nnhealth
 from nnhealth.curvature.hvp import HessianOperator
-from nnhealth.curvature.lanczos import lanczos
+from nnhealth.curvature.lanczos import lanczos, min_basis
 from nnhealth.curvature.trace import hutchinson
 
 
@@ -135,7 +135,7 @@ def test_lanczos_matches_eigvalsh_and_eigsh(name: str) -> None:
 
 
 def _diagonal(spectrum: np.ndarray):
-    d = torch.from_numpy(spectrum)
+    d = torch.from_numpy(np.ascontiguousarray(spectrum))
     return lambda v: d * v
 
 
@@ -353,3 +353,57 @@ def test_progress_reports_steps_estimate_and_bound() -> None:
     assert steps == [(i, 40) for i in range(1, stats.lanczos_hvps + 1)]
     last = seen[-1][0]
     assert f"{stats.top[0]:.6g}" in last and f"{stats.bounds[0] / stats.top[0]:.1e}" in last
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_restarted_lanczos_matches_eigvalsh(name: str) -> None:
+    """With the basis capped at its minimum, thick restarts keep the answer (top-3 and
+    lambda_min within 1e-6 of the dense Hessian's) and the certified bound."""
+    model, x, y = setup(name)
+    exact = np.linalg.eigvalsh(dense_hessian(model, x, y))
+    cap = min_basis(3, True)
+    with HessianOperator(model, x, lambda out: F.cross_entropy(out, y)) as op:
+        res = lanczos(op.matvec, op.n, k=3, smallest=True, tol=1e-8, max_iter=2000, max_basis=cap)
+    assert res.converged and res.restarts > 0 and res.basis == cap
+    np.testing.assert_allclose([r.value for r in res.top], exact[::-1][:3], rtol=1e-6)
+    assert res.bottom.value == pytest.approx(exact[0], rel=1e-6, abs=1e-6 * exact[-1])
+    for r in (*res.top, res.bottom):
+        assert np.min(np.abs(exact - r.value)) <= r.residual + 1e-12 * abs(exact[-1])
+
+
+def test_restarts_keep_the_bound_on_a_clustered_spectrum() -> None:
+    rng = np.random.default_rng(3)
+    for trial in range(10):
+        spectrum = np.sort(rng.standard_normal(400) ** 3)[::-1]
+        plain = lanczos(_diagonal(spectrum), 400, tol=1e-6, max_iter=400, seed=trial)
+        capped = lanczos(_diagonal(spectrum), 400, tol=1e-6, max_iter=400, seed=trial, max_basis=8)
+        assert plain.converged and capped.converged and capped.basis == 8
+        assert capped.iterations >= plain.iterations  # restarts cost products, never accuracy
+        top = capped.top[0]
+        assert np.min(np.abs(spectrum - top.value)) <= top.residual * (1 + 1e-9)
+        assert abs(top.value - spectrum[0]) <= 1e-6 * spectrum[0]
+
+
+def test_memory_caps_the_basis(monkeypatch) -> None:
+    """The scan sizes the Lanczos basis to half the free memory: little memory means
+    restarts (said in a note) and the same answer; too little skips NH401 with the
+    reason, and the other checks still run."""
+    import nnhealth.curvature.measure as measure_module
+
+    model, x, y = setup("mlp-layernorm-batchnorm")
+    exact = np.linalg.eigvalsh(dense_hessian(model, x, y))
+    n = sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(measure_module, "available_memory", lambda device: 2 * 8 * n * 6)
+    report = nnhealth.scan(
+        model, (x, y), select=["NH401", "NH101"], hessian=True, hessian_tol=1e-8, hessian_budget=500
+    )
+    c = report.curvature
+    assert c["basis_vectors"] == 6 and c["restarts"] > 0
+    assert c["top_eigenvalues"][0] == pytest.approx(exact[-1], rel=1e-6)
+    assert any("restarted" in note for note in report.notes)
+    monkeypatch.setattr(measure_module, "available_memory", lambda device: 8 * n)
+    starved = nnhealth.scan(model, (x, y), select=["NH401", "NH101"], hessian=True)
+    assert starved.curvature is None and "NH101" in starved.run["checks"]
+    (skip,) = [s for s in starved.skipped if s.code == "NH401"]
+    assert "not enough memory for Lanczos" in skip.reason and "GB" in skip.reason
+    assert measure_module.available_memory(torch.device("cpu")) > 0  # this machine's own

@@ -199,6 +199,8 @@ class CurvatureStats:
     trace: float | None = None
     trace_stderr: float | None = None
     trace_probes: int = 0
+    basis_vectors: int = 0  # the most Lanczos vectors held at once (8 bytes x params each)
+    restarts: int = 0  # thick restarts forced by the memory cap
 
     @property
     def lambda_max(self) -> float:
@@ -227,6 +229,8 @@ class CurvatureStats:
             "mode": self.mode,
             "backend": self.backend,
             "params": self.params,
+            "basis_vectors": self.basis_vectors,
+            "restarts": self.restarts,
         }
 
 

@@ -14,9 +14,15 @@ The start vector can be seeded (the scan passes the loss gradient, which in prac
 close to the top eigenspace: Gur-Ari, Roberts & Dyer 2018); an equal-norm random part is
 always added, so an eigenvector the seed is orthogonal to (by a symmetry of the model,
 say) is still in the Krylov space, with at least 1/sqrt(2) of the weight a purely random
-start would give it: the seeded start is never much worse than a random one. Each new vector is orthogonalized against the whole
-basis by classical Gram-Schmidt, with a second pass only when the first removed most of
-it (the Daniel-Gragg-Kaufman-Stewart test): one pass over the basis per step, usually.
+start would give it: the seeded start is never much worse than a random one. Each new
+vector is orthogonalized against the whole basis by classical Gram-Schmidt, with a second
+pass only when the first removed most of it (the Daniel-Gragg-Kaufman-Stewart test): one pass over the basis per step, usually.
+
+The basis costs 8 bytes per parameter per step. With ``max_basis`` it is capped: when it
+is full, Lanczos restarts thickly (Wu & Simon 2000), keeping the best Ritz vectors (the
+wanted end of the spectrum, about half the basis) and the residual, so the factorization
+H V = V T + r e^T, and with it the certified residual bound, carries on; T is then no
+longer tridiagonal and is solved densely.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.linalg import eigh_tridiagonal
+from scipy.linalg import eigh, eigh_tridiagonal
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
@@ -52,12 +58,16 @@ class LanczosResult:
     bottom: RitzValue | None  # the smallest eigenvalue, when asked for
     iterations: int  # = operator products
     converged: bool
+    restarts: int = 0  # thick restarts forced by max_basis
+    basis: int = 0  # the most vectors held at once (the memory: basis * n * 8 bytes)
 
 
-def _ritz(alpha: list[float], beta: list[float]) -> tuple[np.ndarray, np.ndarray]:
-    if len(alpha) == 1:
-        return np.array(alpha), np.ones((1, 1))
-    return eigh_tridiagonal(np.array(alpha), np.array(beta[: len(alpha) - 1]))
+def _ritz(t: np.ndarray, tridiagonal: bool) -> tuple[np.ndarray, np.ndarray]:
+    if len(t) == 1:
+        return t.diagonal().copy(), np.ones((1, 1))
+    if tridiagonal:
+        return eigh_tridiagonal(t.diagonal().copy(), t.diagonal(1).copy())
+    return eigh(t, check_finite=False)
 
 
 def _pair(theta: np.ndarray, vecs: np.ndarray, i: int, beta_next: float) -> RitzValue:
@@ -88,14 +98,20 @@ def _start_vector(
     return q / torch.linalg.vector_norm(q)
 
 
-def _lanczos_step(w: torch.Tensor, q_all: torch.Tensor, beta_prev: float | None) -> float:
-    """Turn ``w = A q_k`` (in place) into the next residual: the three-term recurrence,
-    then full reorthogonalization against the basis rows ``q_all``. Returns alpha_k."""
+def _lanczos_step(w: torch.Tensor, q_all: torch.Tensor, known: np.ndarray) -> float:
+    """Turn ``w = A q_j`` (in place) into the next residual: remove the components the
+    recurrence already knows (``known``: the couplings of q_j to the earlier rows, only
+    beta_{j-1} except just after a restart), then reorthogonalize against the whole
+    basis ``q_all`` (rows, q_j last). Returns alpha_j."""
     current = q_all[-1]
     alpha = float(torch.dot(current, w))
     w.sub_(current, alpha=alpha)
-    if beta_prev is not None:
-        w.sub_(q_all[-2], alpha=beta_prev)
+    nonzero = np.flatnonzero(known)
+    if nonzero.size == 1 and nonzero[0] == len(known) - 1:
+        w.sub_(q_all[-2], alpha=float(known[-1]))  # the plain three-term recurrence
+    elif nonzero.size:
+        coupling = torch.as_tensor(known, dtype=w.dtype, device=w.device)
+        w.addmv_(q_all[:-1].T, coupling, alpha=-1)
     # one classical Gram-Schmidt pass removes what rounding left on the basis; a second
     # only when that pass cancelled most of w (DGKS), since then rounding in it matters
     for _ in range(2):  # "twice is enough" (Parlett)
@@ -108,6 +124,30 @@ def _lanczos_step(w: torch.Tensor, q_all: torch.Tensor, beta_prev: float | None)
     return alpha
 
 
+def _kept(theta: np.ndarray, size: int, k: int, smallest: bool) -> np.ndarray:
+    """Which Ritz vectors a thick restart keeps: about half the basis, from the wanted
+    end(s) of the spectrum (at least the k wanted, and the smallest when asked)."""
+    order = np.argsort(theta)[::-1]
+    keep = max(k + 1, size // 2)
+    bottom = max(1, keep // 4) if smallest else 0
+    return np.concatenate([order[: keep - bottom], order[len(order) - bottom :]])
+
+
+def _compress(basis: torch.Tensor, size: int, s_keep: np.ndarray, chunk: int = 1 << 20) -> None:
+    """basis[:p] = S_keep^T basis[:size], in place, a column block at a time (so the
+    restart needs no second basis-sized buffer)."""
+    s_t = torch.as_tensor(s_keep.T.copy(), dtype=basis.dtype, device=basis.device)
+    p = s_t.shape[0]
+    for lo in range(0, basis.shape[1], chunk):
+        block = s_t @ basis[:size, lo : lo + chunk]
+        basis[:p, lo : lo + chunk] = block
+
+
+def min_basis(k: int, smallest: bool) -> int:
+    """The fewest vectors a restarted run can work with."""
+    return 2 * (k + 1) + (4 if smallest else 2)
+
+
 def lanczos(
     matvec: Matvec,
     n: int,
@@ -118,33 +158,44 @@ def lanczos(
     max_iter: int = 100,
     seed: int = 0,
     start: torch.Tensor | None = None,
+    max_basis: int | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int, float, float], None] | None = None,
 ) -> LanczosResult:
     """Top-``k`` eigenvalues (and the smallest when ``smallest``) of the operator.
 
     ``start`` seeds the first vector (a random part is always mixed in, see above).
-    Stops when every wanted Ritz value has ``bound <= tol * |value|``, when the Krylov
-    space is exhausted (exact), or after ``max_iter`` products (``converged`` False,
-    the last estimates and their bounds returned, never an exception).
+    ``max_basis`` caps the vectors held at once (thick restarts; at least
+    ``min_basis(k, smallest)``). Stops when every wanted Ritz value has ``bound <= tol *
+    |value|``, when the Krylov space is exhausted (exact), or after ``max_iter`` products
+    (``converged`` False, the last estimates and their bounds returned, never an
+    exception).
     """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    # the Krylov basis as rows of one matrix, grown by doubling: reorthogonalization is
-    # then two matrix-vector products over the basis, not a Python loop of small ones
-    basis = torch.empty((min(max_iter, n, 16) + 1, n), dtype=torch.float64, device=device)
-    basis[0] = _start_vector(n, start, gen, device)
-    size = 1
-    alpha: list[float] = []
-    beta: list[float] = []
     k = max(1, min(k, n))
+    steps = min(max_iter, n)
+    cap = steps + 1
+    if max_basis is not None:
+        cap = min(cap, max(max_basis, min_basis(k, smallest)))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # the Krylov basis as rows of one matrix, grown by doubling up to the cap:
+    # reorthogonalization is then two matrix-vector products over it, not a Python loop
+    basis = torch.empty((min(cap, 16), n), dtype=torch.float64, device=device)
+    basis[0] = _start_vector(n, start, gen, device)
+    t = np.zeros((cap, cap))  # the projected matrix V^T H V
+    size = 1
+    known = np.zeros(0)  # couplings of the newest vector to the earlier ones
+    restarts = 0
     top: tuple[RitzValue, ...] = ()
     bottom = None
     converged = False
-    for it in range(1, min(max_iter, n) + 1):
-        w = matvec(basis[size - 1]).to(torch.float64)
-        alpha.append(_lanczos_step(w, basis[:size], beta[-1] if beta else None))
+    it = 0
+    for it in range(1, steps + 1):
+        j = size - 1
+        w = matvec(basis[j]).to(torch.float64)
+        t[j, j] = _lanczos_step(w, basis[:size], known)
+        t[j, :j] = t[:j, j] = known
         b = float(torch.linalg.vector_norm(w))
-        theta, vecs = _ritz(alpha, beta + [b])
+        theta, vecs = _ritz(t[:size, :size], tridiagonal=restarts == 0)
         order = np.argsort(theta)[::-1]
         wanted = min(k, len(theta))
         top = tuple(_pair(theta, vecs, int(i), b) for i in order[:wanted])
@@ -160,11 +211,30 @@ def lanczos(
         if exhausted or done:
             converged = True
             break
-        beta.append(b)
+        if it == steps:
+            break
+        if size == cap:  # thick restart: the kept Ritz vectors, then the residual
+            keep = _kept(theta, size, k, smallest)
+            _compress(basis, size, vecs[:, keep])
+            t[:] = 0.0
+            size = len(keep)
+            t[np.arange(size), np.arange(size)] = theta[keep]
+            known = b * vecs[-1, keep]
+            restarts += 1
+        else:
+            known = np.zeros(size)
+            known[-1] = b
         if size == basis.shape[0]:
-            grown = torch.empty((min(2 * size, n + 1), n), dtype=torch.float64, device=device)
-            grown[:size] = basis
+            grown = torch.empty((min(2 * size, cap), n), dtype=torch.float64, device=device)
+            grown[:size] = basis[:size]
             basis = grown
         basis[size] = w / b
         size += 1
-    return LanczosResult(top=top, bottom=bottom, iterations=len(alpha), converged=converged)
+    return LanczosResult(
+        top=top,
+        bottom=bottom,
+        iterations=it,
+        converged=converged,
+        restarts=restarts,
+        basis=basis.shape[0],
+    )
