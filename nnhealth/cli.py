@@ -113,13 +113,15 @@ class _DelayedStatus:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 
-        class StepsBar(BarColumn):  # a bar only for a stage with steps
+        # a bar and a count only while the stage has steps (a task field: rich's update
+        # cannot set total back to None, so total alone would keep a stale bar)
+        class StepsBar(BarColumn):
             def render(self, task):  # rich's column interface
-                return super().render(task) if task.total is not None else ""
+                return super().render(task) if task.fields.get("has_steps") else ""
 
         class StepsCount(TextColumn):
             def render(self, task):
-                return super().render(task) if task.total is not None else ""
+                return super().render(task) if task.fields.get("has_steps") else ""
 
         with self._lock:
             if self._closed:
@@ -132,14 +134,18 @@ class _DelayedStatus:
                 console=Console(stderr=True),
                 transient=True,
             )
-            self._task = self._status.add_task(self.message, total=None)
+            self._task = self._status.add_task(self.message, total=None, has_steps=False)
             self._show()
             self._status.start()
 
     def _show(self) -> None:
         completed, total = self.steps if self.steps else (0, None)
         self._status.update(
-            self._task, description=f"{self.message}…", completed=completed, total=total
+            self._task,
+            description=f"{self.message}…",
+            completed=completed,
+            total=total,
+            has_steps=self.steps is not None,
         )
 
     def update(self, message: str, steps: tuple[int, int] | None = None) -> None:

@@ -299,10 +299,18 @@ def test_progress_appears_only_after_a_moment() -> None:
         slow.update("analyzing")
         assert slow._status is not None
         (task,) = slow._status.tasks
-        assert task.total is None  # a stage without steps: spinner and text, no bar
+        bar, count = slow._status.columns[2:]
+
+        def drawn() -> tuple[bool, str]:
+            return bar.render(task) != "", str(count.render(task))
+
+        assert drawn() == (False, "")  # a stage without steps: spinner and text, no bar
         slow.update("Hessian λmax ≈ 1.5, bound 2.0e-02 → 1e-03", steps=(3, 100))
         assert (task.completed, task.total) == (3, 100)
         assert task.description.startswith("Hessian λmax ≈ 1.5")
+        assert drawn() == (True, "3/100")
+        slow.update("Hessian: trace, 10 Hutchinson probes")  # steps, then none: bar gone
+        assert drawn() == (False, "")
     assert slow._closed
     with _DelayedStatus(enabled=False, delay=0.0) as off:
         time.sleep(0.05)
