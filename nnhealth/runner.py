@@ -32,6 +32,7 @@ from nnhealth.loading.loss import LossResolver
 from nnhealth.loading.model import LoadedModel
 
 MODES = ("train", "eval")
+LOSSES = ("auto", "ce", "mse", "bce")
 
 
 @dataclass
@@ -319,6 +320,8 @@ def run(
     started = time.perf_counter()
     if opts.mode not in MODES:
         raise UsageError(f"--mode {opts.mode!r}: expected train or eval")
+    if opts.loss not in LOSSES:
+        raise UsageError(f"--loss {opts.loss!r}: expected one of {', '.join(LOSSES)}")
     if opts.hessian_top < 1 or opts.hessian_budget < 1 or opts.hessian_trace < 0:
         raise UsageError("--hessian-top and --hessian-budget must be >= 1, --hessian-trace >= 0")
     if not 0 < opts.hessian_tol < 1:
