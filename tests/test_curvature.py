@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import nnhealth
 from nnhealth.curvature.hvp import HessianOperator
-from nnhealth.curvature.lanczos import lanczos, min_basis
+from nnhealth.curvature.lanczos import NonFiniteProduct, _kept, lanczos, min_basis
 from nnhealth.curvature.trace import hutchinson
 
 
@@ -378,6 +378,7 @@ def test_restarts_keep_the_bound_on_a_clustered_spectrum() -> None:
         plain = lanczos(_diagonal(spectrum), 400, tol=1e-6, max_iter=400, seed=trial)
         capped = lanczos(_diagonal(spectrum), 400, tol=1e-6, max_iter=400, seed=trial, max_basis=8)
         assert plain.converged and capped.converged and capped.basis == 8
+        assert capped.restarts > 0 and plain.restarts == 0
         assert capped.iterations >= plain.iterations  # restarts cost products, never accuracy
         top = capped.top[0]
         assert np.min(np.abs(spectrum - top.value)) <= top.residual * (1 + 1e-9)
@@ -407,3 +408,164 @@ def test_memory_caps_the_basis(monkeypatch) -> None:
     (skip,) = [s for s in starved.skipped if s.code == "NH401"]
     assert "not enough memory for Lanczos" in skip.reason and "GB" in skip.reason
     assert measure_module.available_memory(torch.device("cpu")) > 0  # this machine's own
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 13, 14, 30])
+def test_a_restart_at_the_minimum_basis_keeps_every_wanted_vector(k: int) -> None:
+    """At the smallest cap a restart keeps the k wanted top Ritz vectors and one more,
+    at least two from the bottom when the smallest is wanted, and leaves room for two
+    new vectors; top and bottom never overlap."""
+    for smallest in (False, True):
+        size = min_basis(k, smallest)
+        theta = np.random.default_rng(k).standard_normal(size)
+        kept = _kept(theta, size, k, smallest)
+        order = np.argsort(theta)[::-1]
+        assert set(order[: k + 1]) <= set(kept)
+        if smallest:
+            assert set(order[-2:]) <= set(kept)
+        assert len(set(kept)) == len(kept) <= size - 2
+
+
+def test_many_wanted_values_and_the_smallest_under_the_minimum_cap() -> None:
+    spectrum = np.sort(np.random.default_rng(3).standard_normal(300) ** 3)[::-1].copy()
+    k = 14
+    res = lanczos(
+        _diagonal(spectrum),
+        300,
+        k=k,
+        smallest=True,
+        tol=1e-8,
+        max_iter=5000,
+        max_basis=min_basis(k, True),
+    )
+    assert res.converged and res.restarts > 0 and res.basis == min_basis(k, True)
+    np.testing.assert_allclose([r.value for r in res.top], spectrum[:k], rtol=1e-8)
+    assert res.bottom.value == pytest.approx(spectrum[-1], rel=1e-8)
+
+
+def test_a_restarted_run_may_take_more_products_than_the_dimension() -> None:
+    """n steps exhaust an unrestarted Krylov space, not a restarted one: the budget, not
+    n, bounds a capped run."""
+    spectrum = np.linspace(1.0, 0.0, 40)
+    spectrum[0] = 1.001
+    plain = lanczos(_diagonal(spectrum), 40, tol=1e-10, max_iter=1000)
+    capped = lanczos(_diagonal(spectrum), 40, tol=1e-10, max_iter=1000, max_basis=6)
+    assert plain.converged and plain.iterations <= 40
+    assert capped.converged and capped.iterations > 40
+    assert capped.top[0].value == pytest.approx(1.001, rel=1e-10)
+
+
+def test_basis_reports_the_vectors_in_use_and_a_cap_is_the_peak(monkeypatch) -> None:
+    """``basis`` is the most vectors held, not what was allocated; under a cap the basis
+    is allocated once (growing by copies would briefly hold old + new)."""
+    spectrum = np.linspace(10.0, 1.0, 500)
+    spectrum[0] = 20.0  # a wide gap: converges in a few steps
+    res = lanczos(_diagonal(spectrum), 500, tol=1e-6, max_iter=300)
+    assert res.converged and res.restarts == 0 and res.basis == res.iterations < 16
+    allocations = []
+    real_empty = torch.empty
+
+    def recording_empty(*shape, **kwargs):
+        out = real_empty(*shape, **kwargs)
+        if out.dim() == 2 and out.shape[1] == 500:
+            allocations.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    spectrum = np.linspace(1.0, 0.0, 500)
+    spectrum[0] = 1.001  # a close pair: needs restarts under a cap of 24
+    capped = lanczos(_diagonal(spectrum), 500, tol=1e-10, max_iter=2000, max_basis=24)
+    assert capped.converged and capped.restarts > 0 and capped.basis == 24
+    assert allocations == [24]  # one allocation of the cap, never a larger peak
+
+
+@pytest.mark.parametrize("bad_at", [1, 30])
+def test_a_non_finite_product_raises_before_and_after_a_restart(bad_at: int) -> None:
+    spectrum = np.linspace(1.0, 0.0, 200)
+    d = torch.from_numpy(spectrum.copy())
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        out = d * v
+        if len(calls) >= bad_at:
+            out[3] = float("inf") if bad_at == 1 else float("nan")
+        return out
+
+    with pytest.raises(NonFiniteProduct, match=f"product {bad_at} "):
+        lanczos(matvec, 200, tol=1e-12, max_iter=500, max_basis=8)
+    assert bad_at == 1 or len(calls) > 8  # the second case fails after restarting
+
+
+def test_a_non_finite_hessian_skips_nh401_with_the_reason(monkeypatch) -> None:
+    model, x, y = setup("mlp-layernorm-batchnorm")
+    real = HessianOperator.matvec
+    monkeypatch.setattr(HessianOperator, "matvec", lambda self, v: real(self, v) * float("nan"))
+    report = nnhealth.scan(model, (x, y), select=["NH401", "NH101"], hessian=True)
+    assert report.curvature is None and "NH101" in report.run["checks"]
+    (skip,) = [s for s in report.skipped if s.code == "NH401"]
+    assert "Hessian-vector products are not finite" in skip.reason
+
+
+def test_the_scan_seeds_lanczos_with_the_loss_gradient(monkeypatch) -> None:
+    """measure passes the loss gradient as Lanczos's start (checked against autograd)."""
+    import nnhealth.curvature.measure as measure_module
+
+    model, x, y = setup("mlp-layernorm-batchnorm")
+    reference = copy.deepcopy(model)
+    loss = F.cross_entropy(reference(x), y)
+    expected = torch.cat(
+        [g.reshape(-1) for g in torch.autograd.grad(loss, list(reference.parameters()))]
+    )
+    seen = {}
+    real = measure_module.lanczos
+
+    def spy(*args, **kwargs):
+        seen["start"] = kwargs["start"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(measure_module, "lanczos", spy)
+    nnhealth.scan(model, (x, y), select=["NH401"], hessian=True, loss="ce")
+    torch.testing.assert_close(seen["start"], expected.detach(), rtol=1e-9, atol=1e-12)
+
+
+def test_free_memory_respects_a_cgroup_limit(tmp_path, monkeypatch) -> None:
+    """In a container /proc/meminfo shows the host; the cgroup limit (v2 or v1), less
+    usage net of reclaimable page cache, is what the process can really take."""
+    import nnhealth.curvature.measure as measure_module
+
+    own = tmp_path / "cgroup"
+    v2 = tmp_path / "v2"
+    (v2 / "job").mkdir(parents=True)
+    own.write_text("0::/job\n")
+    (v2 / "job" / "memory.max").write_text("1000000\n")
+    (v2 / "job" / "memory.current").write_text("600000\n")
+    (v2 / "job" / "memory.stat").write_text("anon 400000\ninactive_file 100000\n")
+    assert measure_module.cgroup_free(v2, own) == 1000000 - (600000 - 100000)
+    (v2 / "job" / "memory.max").write_text("max\n")
+    assert measure_module.cgroup_free(v2, own) is None  # no limit
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "box").mkdir(parents=True)
+    own.write_text("4:memory:/box\n0::/\n")
+    (v1 / "memory" / "box" / "memory.limit_in_bytes").write_text("2000000\n")
+    (v1 / "memory" / "box" / "memory.usage_in_bytes").write_text("500000\n")
+    (v1 / "memory" / "box" / "memory.stat").write_text("cache 9\ntotal_inactive_file 50000\n")
+    assert measure_module.cgroup_free(v1, own) == 2000000 - 450000
+    (v1 / "memory" / "box" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))
+    assert measure_module.cgroup_free(v1, own) is None
+    assert measure_module.cgroup_free(tmp_path / "absent", own) is None
+    # the scan takes the lesser of the system's and the cgroup's figure
+    monkeypatch.setattr(measure_module, "cgroup_free", lambda: 12345)
+    assert measure_module.available_memory(torch.device("cpu")) == 12345
+
+
+def test_a_run_that_fits_whole_needs_no_restart_minimum(monkeypatch) -> None:
+    """Memory for fewer vectors than a restarted run needs is still enough when the
+    whole budget fits: no restart will happen."""
+    import nnhealth.curvature.measure as measure_module
+
+    monkeypatch.setattr(measure_module, "available_memory", lambda device: 2 * 8 * 1000 * 5)
+    cpu = torch.device("cpu")
+    assert measure_module.basis_cap(1000, cpu, top=3, smallest=True, budget=4) == 5
+    with pytest.raises(measure_module.NoCurvature, match="not enough memory"):
+        measure_module.basis_cap(1000, cpu, top=3, smallest=True, budget=100)

@@ -13,16 +13,21 @@ is reported as an estimate and Lanczos stops on the certified residual alone.
 The start vector can be seeded (the scan passes the loss gradient, which in practice lies
 close to the top eigenspace: Gur-Ari, Roberts & Dyer 2018); an equal-norm random part is
 always added, so an eigenvector the seed is orthogonal to (by a symmetry of the model,
-say) is still in the Krylov space, with at least 1/sqrt(2) of the weight a purely random
-start would give it: the seeded start is never much worse than a random one. Each new
+say) is still in the Krylov space, with (typically) about 1/sqrt(2) of the weight a purely
+random start would give it, and at least half of it unless the random part happens to
+point against the seed: the seeded start is never much worse than a random one. Each new
 vector is orthogonalized against the whole basis by classical Gram-Schmidt, with a second
 pass only when the first removed most of it (the Daniel-Gragg-Kaufman-Stewart test): one pass over the basis per step, usually.
 
-The basis costs 8 bytes per parameter per step. With ``max_basis`` it is capped: when it
-is full, Lanczos restarts thickly (Wu & Simon 2000), keeping the best Ritz vectors (the
-wanted end of the spectrum, about half the basis) and the residual, so the factorization
-H V = V T + r e^T, and with it the certified residual bound, carries on; T is then no
-longer tridiagonal and is solved densely.
+The basis costs 8 bytes per parameter per step. With ``max_basis`` it is capped (the
+whole of it, allocated once, so that is also the peak): when it is full, Lanczos restarts
+thickly (Wu & Simon 2000), keeping the best Ritz vectors (the wanted end of the spectrum,
+about half the basis) and the residual, so the factorization H V = V T + r e^T, and with
+it the certified residual bound, carries on; T is then no longer tridiagonal and is
+solved densely.
+
+A product that is not finite (the loss overflows its second derivative at this point)
+raises NonFiniteProduct: no estimate built on it means anything.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ import torch
 from scipy.linalg import eigh, eigh_tridiagonal
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+
+class NonFiniteProduct(ArithmeticError):
+    """The operator returned Inf or NaN: there is no eigenvalue estimate to give."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,7 @@ class LanczosResult:
     iterations: int  # = operator products
     converged: bool
     restarts: int = 0  # thick restarts forced by max_basis
-    basis: int = 0  # the most vectors held at once (the memory: basis * n * 8 bytes)
+    basis: int = 0  # the most vectors in use at once (their memory: basis * n * 8 bytes)
 
 
 def _ritz(t: np.ndarray, tridiagonal: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -125,12 +134,13 @@ def _lanczos_step(w: torch.Tensor, q_all: torch.Tensor, known: np.ndarray) -> fl
 
 
 def _kept(theta: np.ndarray, size: int, k: int, smallest: bool) -> np.ndarray:
-    """Which Ritz vectors a thick restart keeps: about half the basis, from the wanted
-    end(s) of the spectrum (at least the k wanted, and the smallest when asked)."""
+    """Which Ritz vectors a thick restart keeps: about half the basis from the top (at
+    least the k wanted and one more), and when the smallest is wanted too, a third as
+    many from the bottom (at least two); at least two slots are left for new vectors."""
     order = np.argsort(theta)[::-1]
-    keep = max(k + 1, size // 2)
-    bottom = max(1, keep // 4) if smallest else 0
-    return np.concatenate([order[: keep - bottom], order[len(order) - bottom :]])
+    n_top = max(k + 1, size // 2)
+    n_bottom = max(2, min(n_top // 3, size - n_top - 2)) if smallest else 0
+    return np.concatenate([order[:n_top], order[len(order) - n_bottom :]])
 
 
 def _compress(basis: torch.Tensor, size: int, s_keep: np.ndarray, chunk: int = 1 << 20) -> None:
@@ -144,7 +154,8 @@ def _compress(basis: torch.Tensor, size: int, s_keep: np.ndarray, chunk: int = 1
 
 
 def min_basis(k: int, smallest: bool) -> int:
-    """The fewest vectors a restarted run can work with."""
+    """The fewest vectors a restarted run can work with: what a restart keeps (see
+    _kept) and room for as many new ones."""
     return 2 * (k + 1) + (4 if smallest else 2)
 
 
@@ -172,14 +183,18 @@ def lanczos(
     exception).
     """
     k = max(1, min(k, n))
-    steps = min(max_iter, n)
+    steps = min(max_iter, n)  # n steps exhaust the Krylov space of an unrestarted run
     cap = steps + 1
-    if max_basis is not None:
+    if max_basis is not None and max_basis < cap:
         cap = min(cap, max(max_basis, min_basis(k, smallest)))
+        steps = max_iter  # restarted: n steps no longer exhaust anything
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    # the Krylov basis as rows of one matrix, grown by doubling up to the cap:
-    # reorthogonalization is then two matrix-vector products over it, not a Python loop
-    basis = torch.empty((min(cap, 16), n), dtype=torch.float64, device=device)
+    # the Krylov basis as rows of one matrix: reorthogonalization is then two
+    # matrix-vector products over it, not a Python loop. Under a cap, all of it at once
+    # (pages are only touched as rows fill, and growing would briefly need old + new);
+    # otherwise grown by doubling
+    rows = cap if max_basis is not None else min(cap, 16)
+    basis = torch.empty((rows, n), dtype=torch.float64, device=device)
     basis[0] = _start_vector(n, start, gen, device)
     t = np.zeros((cap, cap))  # the projected matrix V^T H V
     size = 1
@@ -188,6 +203,7 @@ def lanczos(
     top: tuple[RitzValue, ...] = ()
     bottom = None
     converged = False
+    used = 1
     it = 0
     for it in range(1, steps + 1):
         j = size - 1
@@ -195,6 +211,8 @@ def lanczos(
         t[j, j] = _lanczos_step(w, basis[:size], known)
         t[j, :j] = t[:j, j] = known
         b = float(torch.linalg.vector_norm(w))
+        if not (np.isfinite(t[j, j]) and np.isfinite(b)):
+            raise NonFiniteProduct(f"product {it} of the operator is not finite")
         theta, vecs = _ritz(t[:size, :size], tridiagonal=restarts == 0)
         order = np.argsort(theta)[::-1]
         wanted = min(k, len(theta))
@@ -230,11 +248,12 @@ def lanczos(
             basis = grown
         basis[size] = w / b
         size += 1
+        used = max(used, size)
     return LanczosResult(
         top=top,
         bottom=bottom,
         iterations=it,
         converged=converged,
         restarts=restarts,
-        basis=basis.shape[0],
+        basis=used,
     )

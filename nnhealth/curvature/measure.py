@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,44 +13,112 @@ from torch import nn
 from nnhealth._util import Progress
 from nnhealth.capture.stats import CurvatureStats
 from nnhealth.curvature.hvp import HessianOperator, NoCurvature
-from nnhealth.curvature.lanczos import lanczos, min_basis
+from nnhealth.curvature.lanczos import NonFiniteProduct, lanczos, min_basis
 from nnhealth.curvature.trace import hutchinson
 
 MEMORY_SHARE = 0.5  # of the memory available once the gradient graph is built
 
 
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _inactive_file(stat: Path, key: str) -> int:
+    """Reclaimable page cache in a cgroup's memory.stat (it counts as used, but is not)."""
+    try:
+        for line in stat.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def cgroup_free(
+    root: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")
+) -> int | None:
+    """Bytes left under this process's cgroup memory limit (v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``), less usage net of reclaimable page cache; None when
+    there is no limit. A container's limit is invisible to /proc/meminfo."""
+    try:
+        lines = own.read_text().splitlines()
+    except OSError:
+        lines = []
+    v2 = v1 = "/"
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            v2 = path
+        elif "memory" in controllers.split(","):
+            v1 = path
+    candidates = [  # the process's own group, then the namespace's root
+        (root / v2.lstrip("/"), "memory.max", "memory.current", "inactive_file"),
+        (root, "memory.max", "memory.current", "inactive_file"),
+        (
+            root / "memory" / v1.lstrip("/"),
+            "memory.limit_in_bytes",
+            "memory.usage_in_bytes",
+            "total_inactive_file",
+        ),
+        (root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+    ]
+    for directory, limit_file, usage_file, cache_key in candidates:
+        limit = _read_int(directory / limit_file)
+        usage = _read_int(directory / usage_file)
+        if limit is None or usage is None:
+            continue
+        if limit >= 1 << 60:  # v1 writes "no limit" as a huge number
+            return None
+        used = max(0, usage - _inactive_file(directory / "memory.stat", cache_key))
+        return max(0, limit - used)
+    return None
+
+
 def available_memory(device: torch.device) -> int | None:
-    """Bytes free for the Lanczos vectors on ``device`` (None: unknown, no cap)."""
+    """Bytes free for the Lanczos vectors on ``device`` (None: unknown, no cap): on
+    the CPU the lesser of the system's MemAvailable and what the cgroup limit leaves."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     if device.type != "cpu":
         return None
+    system = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    system = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    if system is None:
+        try:
+            system = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+    limited = cgroup_free()
+    known = [m for m in (system, limited) if m is not None]
+    return min(known) if known else None
 
 
 def _gb(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2g} GB"
 
 
-def basis_cap(n: int, device: torch.device, top: int, smallest: bool) -> int | None:
+def basis_cap(n: int, device: torch.device, top: int, smallest: bool, budget: int) -> int | None:
     """How many float64 Lanczos vectors of length ``n`` fit in MEMORY_SHARE of the free
-    memory; NoCurvature when not even the fewest a restarted run needs do."""
+    memory; NoCurvature when not even the fewest a restarted run needs do (unless the
+    whole run, ``budget`` products, fits anyway)."""
     free = available_memory(device)
     if free is None:
         return None
     cap = int(MEMORY_SHARE * free) // (8 * n)
     least = min_basis(top, smallest)
-    if cap < least:
+    if cap < least and cap < min(budget, n) + 1:
         raise NoCurvature(
             f"not enough memory for Lanczos: {least} vectors of {n:,} float64 values need "
             f"{_gb(least * 8 * n)}, {_gb(free)} is free; free memory, lower --hessian-top, "
@@ -83,20 +152,27 @@ def measure(
 
     with HessianOperator(model, inputs, make_loss, mode=mode, seed=seed) as op:
         device = op.params[0].device
-        cap = basis_cap(op.n, device, top, smallest)
-        result = lanczos(
-            op.matvec,
-            op.n,
-            k=top,
-            smallest=smallest,
-            tol=tol,
-            max_iter=budget,
-            seed=seed,
-            start=op.gradient(),  # plus a random part: see lanczos
-            max_basis=cap,
-            device=device,
-            progress=report,
-        )
+        cap = basis_cap(op.n, device, top, smallest, budget)
+        try:
+            result = lanczos(
+                op.matvec,
+                op.n,
+                k=top,
+                smallest=smallest,
+                tol=tol,
+                max_iter=budget,
+                seed=seed,
+                start=op.gradient(),  # plus a random part: see lanczos
+                max_basis=cap,
+                device=device,
+                progress=report,
+            )
+        except NonFiniteProduct as exc:
+            raise NoCurvature(
+                f"Hessian-vector products are not finite ({exc}): the loss's second "
+                "derivatives overflow at these weights; fix the NaN/Inf findings (NH001) "
+                "first, or scan in float64"
+            ) from exc
         lanczos_hvps = op.products
         trace = stderr = None
         if trace_probes:
