@@ -170,8 +170,8 @@ def measure(
         except NonFiniteProduct as exc:
             raise NoCurvature(
                 f"Hessian-vector products are not finite ({exc}): the loss's second "
-                "derivatives overflow at these weights; fix the NaN/Inf findings (NH001) "
-                "first, or scan in float64"
+                "derivatives overflow at these weights; see NH001's findings, and scan a "
+                "half-precision model in float32"
             ) from exc
         lanczos_hvps = op.products
         trace = stderr = None
