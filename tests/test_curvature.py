@@ -477,6 +477,9 @@ def test_basis_reports_the_vectors_in_use_and_a_cap_is_the_peak(monkeypatch) -> 
     capped = lanczos(_diagonal(spectrum), 500, tol=1e-10, max_iter=2000, max_basis=24)
     assert capped.converged and capped.restarts > 0 and capped.basis == 24
     assert allocations == [24]  # one allocation of the cap, never a larger peak
+    allocations.clear()  # a cap the run never reaches: the rows it can write, once
+    lanczos(_diagonal(spectrum), 500, tol=1e-10, max_iter=30, max_basis=1000)
+    assert allocations == [30]
 
 
 @pytest.mark.parametrize("bad_at", [1, 30])
@@ -554,6 +557,22 @@ def test_free_memory_respects_a_cgroup_limit(tmp_path, monkeypatch) -> None:
     (v1 / "memory" / "box" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))
     assert measure_module.cgroup_free(v1, own) is None
     assert measure_module.cgroup_free(tmp_path / "absent", own) is None
+    # a limit set on an ancestor (a systemd slice, a pod) binds a group that has none;
+    # the tightest over the chain wins
+    (v2 / "slice" / "svc").mkdir(parents=True)
+    (v2 / "slice" / "memory.max").write_text("1000000\n")
+    (v2 / "slice" / "memory.current").write_text("900000\n")
+    (v2 / "slice" / "svc" / "memory.max").write_text("max\n")
+    (v2 / "slice" / "svc" / "memory.current").write_text("800000\n")
+    own.write_text("0::/slice/svc\n")
+    assert measure_module.cgroup_free(v2, own) == 100000
+    (v2 / "slice" / "svc" / "memory.max").write_text("850000\n")
+    assert measure_module.cgroup_free(v2, own) == 50000
+    # a malformed or undecodable cgroup file costs the cap, never the scan
+    own.write_bytes(b"garbage\n\n\xff\xfe:x\n0::/slice/svc\n")
+    assert measure_module.cgroup_free(v2, own) == 50000
+    (v2 / "slice" / "svc" / "memory.stat").write_bytes(b"\xff\xfe\ninactive_file x\n")
+    assert measure_module.cgroup_free(v2, own) == 50000
     # the scan takes the lesser of the system's and the cgroup's figure
     monkeypatch.setattr(measure_module, "cgroup_free", lambda: 12345)
     assert measure_module.available_memory(torch.device("cpu")) == 12345
@@ -567,5 +586,9 @@ def test_a_run_that_fits_whole_needs_no_restart_minimum(monkeypatch) -> None:
     monkeypatch.setattr(measure_module, "available_memory", lambda device: 2 * 8 * 1000 * 5)
     cpu = torch.device("cpu")
     assert measure_module.basis_cap(1000, cpu, top=3, smallest=True, budget=4) == 5
+    # nor when the operator is so small that n + 1 vectors span its whole space
+    monkeypatch.setattr(measure_module, "available_memory", lambda device: 2 * 8 * 4 * 5)
+    assert measure_module.basis_cap(4, cpu, top=3, smallest=True, budget=100) == 5
+    monkeypatch.setattr(measure_module, "available_memory", lambda device: 2 * 8 * 1000 * 5)
     with pytest.raises(measure_module.NoCurvature, match="not enough memory"):
         measure_module.basis_cap(1000, cpu, top=3, smallest=True, budget=100)

@@ -190,10 +190,12 @@ def lanczos(
         steps = max_iter  # restarted: n steps no longer exhaust anything
     gen = torch.Generator(device="cpu").manual_seed(seed)
     # the Krylov basis as rows of one matrix: reorthogonalization is then two
-    # matrix-vector products over it, not a Python loop. Under a cap, all of it at once
-    # (pages are only touched as rows fill, and growing would briefly need old + new);
-    # otherwise grown by doubling
-    rows = cap if max_basis is not None else min(cap, 16)
+    # matrix-vector products over it, not a Python loop. Under a cap, all of it at once,
+    # so the cap is the peak (growing would briefly hold old + new; on the CPU pages are
+    # only touched as rows fill, on a GPU the cap is reserved at once); otherwise grown
+    # by doubling. An unrestarted run writes at most ``steps`` rows.
+    full = min(cap, steps)
+    rows = full if max_basis is not None else min(full, 16)
     basis = torch.empty((rows, n), dtype=torch.float64, device=device)
     basis[0] = _start_vector(n, start, gen, device)
     t = np.zeros((cap, cap))  # the projected matrix V^T H V
@@ -243,7 +245,7 @@ def lanczos(
             known = np.zeros(size)
             known[-1] = b
         if size == basis.shape[0]:
-            grown = torch.empty((min(2 * size, cap), n), dtype=torch.float64, device=device)
+            grown = torch.empty((min(2 * size, full), n), dtype=torch.float64, device=device)
             grown[:size] = basis[:size]
             basis = grown
         basis[size] = w / b

@@ -19,64 +19,61 @@ from nnhealth.curvature.trace import hutchinson
 MEMORY_SHARE = 0.5  # of the memory available once the gradient graph is built
 
 
-def _read_int(path: Path) -> int | None:
+def _read_text(path: Path) -> str | None:
     try:
-        text = path.read_text().strip()
+        return path.read_text(errors="replace")
     except OSError:
         return None
-    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _read_int(path: Path) -> int | None:
+    text = (_read_text(path) or "").strip()
+    return int(text) if text.isdigit() else None  # "max", or no file: no limit here
 
 
 def _inactive_file(stat: Path, key: str) -> int:
     """Reclaimable page cache in a cgroup's memory.stat (it counts as used, but is not)."""
-    try:
-        for line in stat.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key and value.strip().isdigit():
-                return int(value)
-    except OSError:
-        pass
+    for line in (_read_text(stat) or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
     return 0
+
+
+_CGROUP_FILES = {  # version: (subdirectory, limit, usage, reclaimable cache in memory.stat)
+    "v2": ("", "memory.max", "memory.current", "inactive_file"),
+    "v1": ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+}
 
 
 def cgroup_free(
     root: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")
 ) -> int | None:
-    """Bytes left under this process's cgroup memory limit (v2 ``memory.max``, v1
-    ``memory.limit_in_bytes``), less usage net of reclaimable page cache; None when
-    there is no limit. A container's limit is invisible to /proc/meminfo."""
-    try:
-        lines = own.read_text().splitlines()
-    except OSError:
-        lines = []
-    v2 = v1 = "/"
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            v2 = path
-        elif "memory" in controllers.split(","):
-            v1 = path
-    candidates = [  # the process's own group, then the namespace's root
-        (root / v2.lstrip("/"), "memory.max", "memory.current", "inactive_file"),
-        (root, "memory.max", "memory.current", "inactive_file"),
-        (
-            root / "memory" / v1.lstrip("/"),
-            "memory.limit_in_bytes",
-            "memory.usage_in_bytes",
-            "total_inactive_file",
-        ),
-        (root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
-    ]
-    for directory, limit_file, usage_file, cache_key in candidates:
-        limit = _read_int(directory / limit_file)
-        usage = _read_int(directory / usage_file)
-        if limit is None or usage is None:
+    """Bytes left under the tightest cgroup memory limit over this process's group and
+    its ancestors (v2 ``memory.max``, v1 ``memory.limit_in_bytes``), less usage net of
+    reclaimable page cache; None when no limit is set. A container's limit is invisible
+    to /proc/meminfo."""
+    groups = {"v2": "/", "v1": "/"}
+    for line in (_read_text(own) or "").splitlines():
+        fields = line.split(":", 2)
+        if len(fields) != 3:
             continue
-        if limit >= 1 << 60:  # v1 writes "no limit" as a huge number
-            return None
-        used = max(0, usage - _inactive_file(directory / "memory.stat", cache_key))
-        return max(0, limit - used)
-    return None
+        if fields[1] == "":
+            groups["v2"] = fields[2]
+        elif "memory" in fields[1].split(","):
+            groups["v1"] = fields[2]
+    free = []
+    for version, (sub, limit_file, usage_file, cache_key) in _CGROUP_FILES.items():
+        parts = [p for p in groups[version].split("/") if p and p not in (".", "..")]
+        for depth in range(len(parts), -1, -1):  # the own group, then each ancestor
+            directory = root.joinpath(sub, *parts[:depth])
+            limit = _read_int(directory / limit_file)
+            usage = _read_int(directory / usage_file)
+            if limit is None or usage is None or limit >= 1 << 60:  # v1's "no limit"
+                continue
+            used = max(0, usage - _inactive_file(directory / "memory.stat", cache_key))
+            free.append(max(0, limit - used))
+    return min(free) if free else None
 
 
 def available_memory(device: torch.device) -> int | None:
