@@ -13,9 +13,9 @@ is reported as an estimate and Lanczos stops on the certified residual alone.
 The start vector can be seeded (the scan passes the loss gradient, which in practice lies
 close to the top eigenspace: Gur-Ari, Roberts & Dyer 2018); an equal-norm random part is
 always added, so an eigenvector the seed is orthogonal to (by a symmetry of the model,
-say) is still in the Krylov space, with (typically) about 1/sqrt(2) of the weight a purely
-random start would give it, and at least half of it unless the random part happens to
-point against the seed: the seeded start is never much worse than a random one. Each new
+say) is still in the Krylov space, with typically about 1/sqrt(2) of the weight a purely
+random start would give it and never less than half (the sum of two unit vectors has
+norm at most 2): the seeded start is never much worse than a random one. Each new
 vector is orthogonalized against the whole basis by classical Gram-Schmidt, with a second
 pass only when the first removed most of it (the Daniel-Gragg-Kaufman-Stewart test): one pass over the basis per step, usually.
 
