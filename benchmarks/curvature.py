@@ -15,7 +15,8 @@ the median wall time of ``--repeats`` runs:
   start vector; run until its true error is as small as ours turned out to be (the
   accuracy we deliver, but never below twice the float32 floor, see below); and
   stopped on the same certified bound as ours (residual <= 1e-3). Power iteration
-  stops at 2000 products; a row that got there is marked "(limit)";
+  stops at 2000 products; a row that got there (or ours, out of its budget) is marked
+  "(limit)";
 * PyHessian: ``hessian(model, criterion, data).eigenvalues()`` with its defaults (power
   iteration stopping when successive estimates change by < 1e-3, at most 100 products),
   and with tol=1e-5 and maxIter=1000;
@@ -58,7 +59,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nnhealth.curvature.hvp import HessianOperator
 from nnhealth.curvature.lanczos import lanczos
-from nnhealth.curvature.measure import basis_cap
+from nnhealth.curvature.measure import scan_lanczos
 from nnhealth.runner import ScanOptions
 
 TOL = 1e-3
@@ -112,16 +113,17 @@ def transformer() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 MODELS = {"mlp": mlp, "cnn": cnn, "transformer": transformer}
 
 
-def timed(fn: Callable[[], tuple], repeats: int) -> tuple[float, int, float, bool]:
+def timed(
+    fn: Callable[[], tuple[float, int, bool]], repeats: int
+) -> tuple[float, int, float, bool]:
     """(estimate, products, median seconds, stopped as meant) of ``fn`` over ``repeats``
-    runs; the last is False for a power iteration that hit its limit."""
-    times, result = [], (0.0, 0)
+    runs; the last is False for a run that hit its product limit."""
+    times, result = [], (0.0, 0, True)
     for _ in range(repeats):
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
-    reached = result[2] if len(result) > 2 and isinstance(result[2], bool) else True
-    return result[0], result[1], statistics.median(times), reached
+    return result[0], result[1], statistics.median(times), result[2]
 
 
 def long_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -144,27 +146,19 @@ def truth(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, fl
     return true, abs(own - true) / abs(true)
 
 
-def ours(model, x, y, random_start: bool = False, true: float | None = None):
-    """(estimate, products, first step within TOL of ``true`` or None)."""
-    first: list[int] = []
+def ours(
+    model, x, y, random_start: bool = False, true: float | None = None, first: list | None = None
+) -> tuple[float, int, bool]:
+    """(estimate, products, converged) of Lanczos as a scan runs it; the first step
+    within TOL of ``true`` is appended to ``first``."""
 
     def watch(it: int, value: float, _bound: float) -> None:
-        if true is not None and not first and abs(value - true) <= TOL * abs(true):
+        if first is not None and not first and abs(value - true) <= TOL * abs(true):
             first.append(it)
 
     with HessianOperator(model, x, lambda o: F.cross_entropy(o, y), mode="eval") as op:
-        start = None if random_start else op.gradient()
-        cap = basis_cap(op.n, op.params[0].device, 1, False, BUDGET)
-        res = lanczos(
-            op.matvec,
-            op.n,
-            tol=TOL,
-            max_iter=BUDGET,
-            start=start,
-            max_basis=cap,
-            progress=watch,
-        )
-        return res.top[0].value, op.products, (first[0] if first else None)
+        res = scan_lanczos(op, tol=TOL, budget=BUDGET, seeded=not random_start, progress=watch)
+        return res.top[0].value, op.products, res.converged
 
 
 def power(
@@ -193,7 +187,7 @@ def power(
         return est, op.products, False
 
 
-def scipy_eigsh(model, x, y) -> tuple[float, int]:
+def scipy_eigsh(model, x, y) -> tuple[float, int, bool]:
     with HessianOperator(model, x, lambda o: F.cross_entropy(o, y), mode="eval") as op:
         operator = sla.LinearOperator(
             (op.n, op.n),
@@ -202,7 +196,7 @@ def scipy_eigsh(model, x, y) -> tuple[float, int]:
         )
         v0 = np.random.default_rng(0).standard_normal(op.n)
         value = sla.eigsh(operator, k=1, which="LA", tol=TOL, v0=v0, return_eigenvectors=False)
-        return float(value[0]), op.products
+        return float(value[0]), op.products, True
 
 
 def pyhessian_module():
@@ -216,7 +210,7 @@ def pyhessian_module():
         return None
 
 
-def pyhessian(model, x, y, tol: float = 1e-3, max_iter: int = 100) -> tuple[float, int]:
+def pyhessian(model, x, y, tol: float = 1e-3, max_iter: int = 100) -> tuple[float, int, bool]:
     ph = pyhessian_module()
     calls = {"n": 0}
     original = ph.hessian_vector_product
@@ -232,7 +226,7 @@ def pyhessian(model, x, y, tol: float = 1e-3, max_iter: int = 100) -> tuple[floa
             m = copy.deepcopy(model)
             h = ph.hessian(m, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
             values, _ = h.eigenvalues(maxIter=max_iter, tol=tol)
-        return float(values[0]), calls["n"]
+        return float(values[0]), calls["n"], True
     finally:
         ph.hessian_vector_product = original
 
@@ -257,7 +251,8 @@ def main() -> None:
         run = functools.partial
         with sdpa_kernel(SDPBackend.MATH):
             true, floor = truth(model, x, y)
-            ours_est, _, first = ours(model, x, y, true=true)
+            first: list[int] = []
+            ours_est, _, _ = ours(model, x, y, true=true, first=first)
             # power iteration in float32 cannot get closer than the floor: ask for at
             # least twice it
             achieved = max(abs(ours_est - true) / abs(true), 2 * floor)
@@ -292,7 +287,7 @@ def main() -> None:
         p_cert = rows["power, certified 1e-3"]
         p_same = rows[f"power to {achieved:.0e} (ours)"]
         print(
-            f"ours first within 1e-3 at step {first}; HVPs, ours / power to 1e-3: "
+            f"ours first within 1e-3 at step {first[0] if first else None}; HVPs, ours / power to 1e-3: "
             f"{o[1] / p_rand[1]:.2f}x (random start), {o[1] / p_ours[1]:.2f}x (our start); "
             f"ours / power to our accuracy: {o[1] / p_same[1]:.2f}x; "
             f"ours / power at the same certified bound: {o[1] / p_cert[1]:.2f}x"

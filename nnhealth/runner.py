@@ -28,11 +28,12 @@ from nnhealth.curvature.measure import measure
 from nnhealth.errors import UsageError
 from nnhealth.findings import AnalyzerError, Finding, Report, Severity, Skipped
 from nnhealth.loading.batch import Batch, prepare
+from nnhealth.loading.loss import NAMES as LOSS_NAMES
 from nnhealth.loading.loss import LossResolver
 from nnhealth.loading.model import LoadedModel
 
 MODES = ("train", "eval")
-LOSSES = ("auto", "ce", "mse", "bce")
+LOSSES = ("auto", *LOSS_NAMES)
 
 
 @dataclass

@@ -205,7 +205,6 @@ def lanczos(
     top: tuple[RitzValue, ...] = ()
     bottom = None
     converged = False
-    used = 1
     it = 0
     for it in range(1, steps + 1):
         j = size - 1
@@ -250,12 +249,11 @@ def lanczos(
             basis = grown
         basis[size] = w / b
         size += 1
-        used = max(used, size)
     return LanczosResult(
         top=top,
         bottom=bottom,
         iterations=it,
         converged=converged,
         restarts=restarts,
-        basis=used,
+        basis=cap if restarts else size,  # size only shrinks at a restart, from cap
     )

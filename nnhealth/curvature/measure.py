@@ -13,7 +13,7 @@ from torch import nn
 from nnhealth._util import Progress
 from nnhealth.capture.stats import CurvatureStats
 from nnhealth.curvature.hvp import HessianOperator, NoCurvature
-from nnhealth.curvature.lanczos import NonFiniteProduct, lanczos, min_basis
+from nnhealth.curvature.lanczos import LanczosResult, NonFiniteProduct, lanczos, min_basis
 from nnhealth.curvature.trace import hutchinson
 
 MEMORY_SHARE = 0.5  # of the memory available once the gradient graph is built
@@ -124,6 +124,43 @@ def basis_cap(n: int, device: torch.device, top: int, smallest: bool, budget: in
     return cap
 
 
+def scan_lanczos(
+    op: HessianOperator,
+    *,
+    top: int = 1,
+    smallest: bool = False,
+    tol: float = 1e-3,
+    budget: int = 100,
+    seed: int = 0,
+    seeded: bool = True,
+    progress: Callable[[int, float, float], None] | None = None,
+) -> LanczosResult:
+    """Lanczos on ``op`` as a scan runs it: the basis capped by free memory, started
+    from the loss gradient (plus a random part; ``seeded=False``: random alone), a
+    non-finite product reported as NoCurvature."""
+    device = op.params[0].device
+    try:
+        return lanczos(
+            op.matvec,
+            op.n,
+            k=top,
+            smallest=smallest,
+            tol=tol,
+            max_iter=budget,
+            seed=seed,
+            start=op.gradient() if seeded else None,
+            max_basis=basis_cap(op.n, device, top, smallest, budget),
+            device=device,
+            progress=progress,
+        )
+    except NonFiniteProduct as exc:
+        raise NoCurvature(
+            f"Hessian-vector products are not finite ({exc}): the loss's second "
+            "derivatives overflow at these weights; see NH001's findings, and scan a "
+            "half-precision model in float32"
+        ) from exc
+
+
 def measure(
     model: nn.Module,
     inputs: Any,
@@ -148,34 +185,21 @@ def measure(
             )
 
     with HessianOperator(model, inputs, make_loss, mode=mode, seed=seed) as op:
-        device = op.params[0].device
-        cap = basis_cap(op.n, device, top, smallest, budget)
-        try:
-            result = lanczos(
-                op.matvec,
-                op.n,
-                k=top,
-                smallest=smallest,
-                tol=tol,
-                max_iter=budget,
-                seed=seed,
-                start=op.gradient(),  # plus a random part: see lanczos
-                max_basis=cap,
-                device=device,
-                progress=report,
-            )
-        except NonFiniteProduct as exc:
-            raise NoCurvature(
-                f"Hessian-vector products are not finite ({exc}): the loss's second "
-                "derivatives overflow at these weights; see NH001's findings, and scan a "
-                "half-precision model in float32"
-            ) from exc
+        result = scan_lanczos(
+            op,
+            top=top,
+            smallest=smallest,
+            tol=tol,
+            budget=budget,
+            seed=seed,
+            progress=report,
+        )
         lanczos_hvps = op.products
         trace = stderr = None
         if trace_probes:
             if progress is not None:
                 progress(f"Hessian: trace, {trace_probes} Hutchinson probes")
-            trace, stderr = hutchinson(op.matvec, op.n, trace_probes, seed, device)
+            trace, stderr = hutchinson(op.matvec, op.n, trace_probes, seed, op.params[0].device)
         stats = CurvatureStats(
             top=tuple(r.value for r in result.top),
             bounds=tuple(r.residual for r in result.top),
