@@ -20,6 +20,7 @@ from torch.func import functional_call, grad, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import nnhealth
+from nnhealth import memory as memory_module
 from nnhealth.curvature.hvp import HessianOperator
 from nnhealth.curvature.lanczos import NonFiniteProduct, _kept, lanczos, min_basis
 from nnhealth.curvature.trace import hutchinson
@@ -94,7 +95,7 @@ def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndar
         return F.cross_entropy(functional_call(ref, params, (x,)), y)
 
     with sdpa_kernel(SDPBackend.MATH):
-        return jacrev(grad(loss))(flat0).numpy()
+        return jacrev(grad(loss))(flat0).detach().numpy()
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -544,19 +545,19 @@ def test_free_memory_respects_a_cgroup_limit(tmp_path, monkeypatch) -> None:
     (v2 / "job" / "memory.max").write_text("1000000\n")
     (v2 / "job" / "memory.current").write_text("600000\n")
     (v2 / "job" / "memory.stat").write_text("anon 400000\ninactive_file 100000\n")
-    assert measure_module.cgroup_free(v2, own) == 1000000 - (600000 - 100000)
+    assert memory_module.cgroup_free(v2, own) == 1000000 - (600000 - 100000)
     (v2 / "job" / "memory.max").write_text("max\n")
-    assert measure_module.cgroup_free(v2, own) is None  # no limit
+    assert memory_module.cgroup_free(v2, own) is None  # no limit
     v1 = tmp_path / "v1"
     (v1 / "memory" / "box").mkdir(parents=True)
     own.write_text("4:memory:/box\n0::/\n")
     (v1 / "memory" / "box" / "memory.limit_in_bytes").write_text("2000000\n")
     (v1 / "memory" / "box" / "memory.usage_in_bytes").write_text("500000\n")
     (v1 / "memory" / "box" / "memory.stat").write_text("cache 9\ntotal_inactive_file 50000\n")
-    assert measure_module.cgroup_free(v1, own) == 2000000 - 450000
+    assert memory_module.cgroup_free(v1, own) == 2000000 - 450000
     (v1 / "memory" / "box" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))
-    assert measure_module.cgroup_free(v1, own) is None
-    assert measure_module.cgroup_free(tmp_path / "absent", own) is None
+    assert memory_module.cgroup_free(v1, own) is None
+    assert memory_module.cgroup_free(tmp_path / "absent", own) is None
     # a limit set on an ancestor (a systemd slice, a pod) binds a group that has none;
     # the tightest over the chain wins
     (v2 / "slice" / "svc").mkdir(parents=True)
@@ -565,16 +566,16 @@ def test_free_memory_respects_a_cgroup_limit(tmp_path, monkeypatch) -> None:
     (v2 / "slice" / "svc" / "memory.max").write_text("max\n")
     (v2 / "slice" / "svc" / "memory.current").write_text("800000\n")
     own.write_text("0::/slice/svc\n")
-    assert measure_module.cgroup_free(v2, own) == 100000
+    assert memory_module.cgroup_free(v2, own) == 100000
     (v2 / "slice" / "svc" / "memory.max").write_text("850000\n")
-    assert measure_module.cgroup_free(v2, own) == 50000
+    assert memory_module.cgroup_free(v2, own) == 50000
     # a malformed or undecodable cgroup file costs the cap, never the scan
     own.write_bytes(b"garbage\n\n\xff\xfe:x\n0::/slice/svc\n")
-    assert measure_module.cgroup_free(v2, own) == 50000
+    assert memory_module.cgroup_free(v2, own) == 50000
     (v2 / "slice" / "svc" / "memory.stat").write_bytes(b"\xff\xfe\ninactive_file x\n")
-    assert measure_module.cgroup_free(v2, own) == 50000
+    assert memory_module.cgroup_free(v2, own) == 50000
     # the scan takes the lesser of the system's and the cgroup's figure
-    monkeypatch.setattr(measure_module, "cgroup_free", lambda: 12345)
+    monkeypatch.setattr(memory_module, "cgroup_free", lambda: 12345)
     assert measure_module.available_memory(torch.device("cpu")) == 12345
 
 
