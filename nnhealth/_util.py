@@ -17,6 +17,14 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def escaped(exc: BaseException) -> str:
+    """What user code did, for a message: ``raised ValueError: bad shape``, or
+    ``called sys.exit(0)`` (a SystemExit from user code is a failure, not an exit)."""
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({exc.code!r})"
+    return f"raised {type(exc).__name__}: {first_line(exc)}"
+
+
 def tensors_in(obj: Any) -> list:
     """Every tensor in a tensor / tuple / list / dict structure, depth first."""
     import torch
@@ -28,3 +36,37 @@ def tensors_in(obj: Any) -> list:
     if isinstance(obj, dict):
         return [t for item in obj.values() for t in tensors_in(item)]
     return []
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words (for 'is a FIFO, not a regular file')."""
+    import stat
+
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def regular_file(path: Any, what: str, error: type[Exception]) -> None:
+    """Raise ``error`` unless ``path`` is a regular file (following symlinks). Checked
+    before opening: reading a FIFO blocks for ever, /dev/zero never ends."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise error(
+            f"{path}: is {file_kind(mode)}, not a regular file; save the {what} to a file and give its path"
+        ) from None

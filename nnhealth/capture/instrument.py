@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from nnhealth._util import first_line, tensors_in
+from nnhealth._util import escaped, tensors_in
 from nnhealth.capture.activations import build_table
 from nnhealth.capture.params import module_owners, param_stats
 from nnhealth.capture.state import preserved_state
@@ -479,7 +479,9 @@ def run_pass(
                         output = call_model(model, inputs)
                     recorder.done = True
                     recorder.mark_output(_first_tensor(output))
-                except (Exception, SystemExit) as exc:  # the user's model raised
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:  # the user's model: sys.exit and BaseException too
                     recorder.record_failure()
                     raise _forward_error(exc, recorder.failure, inputs) from exc
                 loss = make_loss(output)
@@ -490,8 +492,13 @@ def run_pass(
                         got = torch.autograd.grad(
                             loss, [p for _, p in trainable], allow_unused=True
                         )
-                    except RuntimeError as exc:
-                        raise CaptureError(f"the backward pass failed: {first_line(exc)}") from exc
+                    except KeyboardInterrupt:
+                        raise
+                    except BaseException as exc:  # a custom backward or tensor hook: user code
+                        raise CaptureError(
+                            f"the backward pass failed: {escaped(exc)} (a custom autograd "
+                            "Function's backward or a tensor hook)"
+                        ) from exc
                     grads = {n: g for (n, _), g in zip(trainable, got, strict=True)}
                 elif gradients:
                     notes.append(
@@ -529,7 +536,7 @@ def _tensors_of(model: nn.Module) -> Iterator[torch.Tensor]:
     yield from model.buffers()
 
 
-def _forward_error(exc: Exception, frame: _Frame | None, inputs: Any) -> CaptureError:
+def _forward_error(exc: BaseException, frame: _Frame | None, inputs: Any) -> CaptureError:
     got = _shapes(inputs)
     shape_txt = ", ".join(str(s) for s in got) if got else "no tensors"
     where = "in the model's forward"
@@ -552,6 +559,6 @@ def _forward_error(exc: Exception, frame: _Frame | None, inputs: Any) -> Capture
         fs = ", ".join(str(s) for s in frame.input_shapes) or "no tensors"
         where = f"in layer '{label}' [{detail}] on input of shape {fs}"
     return CaptureError(
-        f"the model raised {type(exc).__name__} {where}: {first_line(exc)} "
+        f"the model {escaped(exc)} ({where}) "
         f"(batch inputs had shape {shape_txt}; check that --data/--input-shape fit the model)"
     )

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nnhealth._util import escaped
 from nnhealth.errors import DataError
 
 NAMES = {"ce": "cross-entropy", "mse": "mse", "bce": "bce-with-logits"}
@@ -64,11 +65,12 @@ class LossResolver:
                     if self.targets is not None
                     else self.custom(output)
                 )
-            except Exception as exc:  # the user's loss function
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # the user's loss: sys.exit and BaseException too
                 raise DataError(
-                    f"the loss function {self.description[8:-1]} raised {type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}; check it against the "
-                    f"model's output {self.output_shape} and the targets"
+                    f"the loss function {self.description[8:-1]} {escaped(exc)}; check it "
+                    f"against the model's output {self.output_shape} and the targets"
                 ) from exc
             return self._scalar(loss)
         out = primary_output(output)
