@@ -15,10 +15,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from nnhealth._util import first_line, regular_file
 from nnhealth.errors import UsageError
 from nnhealth.findings import Finding, Report, Severity, json_number
 
 FORMAT_VERSION = 1
+MAX_BYTES = 64 * 2**20  # read whole into memory; real baselines are kilobytes
 
 
 def key(f: Finding) -> str:
@@ -75,14 +77,25 @@ def write(report: Report, path: Path) -> None:
 
 
 def read(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.exists():
+        raise UsageError(f"--baseline {path}: no such file (write one with --write-baseline)")
+    regular_file(path, "baseline file", UsageError)  # a FIFO would block, /dev/zero never end
     try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise UsageError(
+                f"--baseline {path}: {size:,} bytes is too large for a baseline (at most "
+                f"{MAX_BYTES:,})"
+            )
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
         raise UsageError(
-            f"--baseline {path}: no such file (write one with --write-baseline)"
+            f"--baseline {path}: not a readable baseline (JSON nested too deeply)"
         ) from None
     except (OSError, ValueError) as exc:
-        raise UsageError(f"--baseline {path}: not a readable baseline ({exc})") from None
+        raise UsageError(
+            f"--baseline {path}: not a readable baseline ({first_line(exc)})"
+        ) from None
     version = doc.get("nnhealth_baseline") if isinstance(doc, dict) else None
     if isinstance(version, bool) or version != FORMAT_VERSION:
         raise UsageError(f"--baseline {path}: not an nnhealth baseline (version {FORMAT_VERSION})")
@@ -94,6 +107,12 @@ def read(path: Path) -> dict[str, dict[str, Any]]:
         where = f"--baseline {path}: findings[{i}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
             raise UsageError(f"{where}: expected an object with a string key")
+        for field in ("code", "check", "layer", "message"):
+            value = entry.get(field)
+            if value is not None and not isinstance(value, str):
+                raise UsageError(
+                    f"{where}.{field}: expected a string or null, got {type(value).__name__}"
+                )
         try:
             Severity.parse(entry.get("severity", ""))
         except ValueError:

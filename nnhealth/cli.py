@@ -3,8 +3,10 @@ the commands, so ``nnhealth --help``, ``checks`` and ``explain`` stay instant.""
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import io
+import math
 import os
 import shutil
 import sys
@@ -21,6 +23,7 @@ except ImportError:  # older typer on top of click
     from click import ClickException as _CliError
 
 from nnhealth import __version__
+from nnhealth._util import escaped, first_line
 from nnhealth.errors import NnhealthError, UsageError
 
 app = typer.Typer(
@@ -81,6 +84,8 @@ def _root(
 
 
 def _split(values: list[str] | None) -> list[str] | None:
+    """Comma-separated tokens; None when the option was not given at all (typer gives
+    an empty tuple); ``--select ''`` gives [], which the runner refuses (not "all")."""
     if not values:
         return None
     return [t.strip() for v in values for t in v.split(",") if t.strip()]
@@ -165,16 +170,59 @@ class _DelayedStatus:
                 self._status.stop()
 
 
+def _module_files(target: str) -> list[Path]:
+    """The source files ``import target`` would run (each package's ``__init__`` and the
+    module itself), found on sys.path and the current directory without importing."""
+    import importlib.machinery
+
+    search = [os.getcwd(), *sys.path]
+    out: list[Path] = []
+    for part in target.split("."):
+        if not part.isidentifier():
+            return out
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(part, search)
+        except (ImportError, ValueError, OSError):
+            return out
+        if spec is None:
+            return out
+        if spec.origin and spec.has_location:
+            out.append(Path(spec.origin))
+        if not spec.submodule_search_locations:
+            return out
+        search = list(spec.submodule_search_locations)
+    return out
+
+
 def _user_files(*specs: str | None) -> list[Path]:
-    """The files a scan reads: model/data/weights paths and entry points' .py files."""
+    """The files a scan reads: model/data/weights paths, entry points' .py files and the
+    module files a pkg.module:factory entry point resolves to."""
     out = []
     for spec in specs:
         if not spec:
             continue
         out.append(Path(spec))
         if ":" in spec:
-            out.append(Path(spec.rpartition(":")[0]))
+            target = spec.rpartition(":")[0]
+            out.append(Path(target))
+            if not target.endswith(".py"):
+                out.extend(_module_files(target))
     return out
+
+
+def _loaded_sources() -> list[Path]:
+    """Every Python source file imported so far (the model's own code among them)."""
+    out = []
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if isinstance(file, str):
+            out.append(Path(file))
+    return out
+
+
+def _refuse_overwrite(flag: str, target: Path | None, files: list[Path]) -> None:
+    if target is not None and any(_same_file(target, f) for f in files):
+        raise UsageError(f"{flag} {target}: refusing to overwrite the model, data or source file")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -182,6 +230,65 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def _fileno(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.StringIO, pytest's capture
+        return None
+
+
+def _flush_c_stdio() -> None:
+    """Flush the C library's stdout buffer (printf from an extension) before the file
+    descriptor under it changes."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """While the scan runs (user code included), send what is written to stdout, from
+    Python (sys.stdout) and C (file descriptor 1), to stderr; yield a stream on the real
+    stdout for the report. Restored afterwards."""
+    real = sys.stdout
+    out_fd, err_fd = _fileno(real), _fileno(sys.stderr)
+    saved = None
+    report_stream = real
+    if out_fd is not None and err_fd is not None and out_fd != err_fd:
+        real.flush()
+        _flush_c_stdio()
+        saved = os.dup(out_fd)
+        os.dup2(err_fd, out_fd)
+        report_stream = open(  # noqa: SIM115 (closed in finally)
+            saved, "w", encoding=real.encoding or "utf-8", closefd=False
+        )
+    sys.stdout = sys.stderr
+    try:
+        yield report_stream
+    finally:
+        sys.stdout = real
+        if saved is not None:
+            with contextlib.suppress(OSError):
+                report_stream.flush()
+            _flush_c_stdio()
+            os.dup2(saved, out_fd)
+            os.close(saved)
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so that the interpreter's final
+    flush does not raise again."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        fd = _fileno(sys.stdout)
+        if fd is not None:
+            os.dup2(devnull, fd)
+        os.close(devnull)
 
 
 def _write(stream, text: str) -> None:
@@ -377,7 +484,7 @@ def scan(
         if (source := ctx.get_parameter_source(name)) is not None
         and source.name in ("COMMANDLINE", "ENVIRONMENT")
     }
-    settings = config_mod.resolve(given, config)
+    settings = config_mod.resolve(given, config, trust=bool(ctx.params.get("trust")))
     p = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in ctx.params.items()}
     p.update(settings.values)
     model, data, input_shape, weights, arch = (
@@ -398,48 +505,32 @@ def scan(
         )
     if data and input_shape:
         raise UsageError("give either --data or --input-shape, not both")
-    if seed < 0:
-        raise UsageError(f"--seed {seed}: must be a non-negative integer")
-    if lr is not None and not (lr > 0 and lr != float("inf")):
-        raise UsageError(f"--lr {lr}: must be a positive, finite number")
-    if baseline_tolerance < 0:
-        raise UsageError(f"--baseline-tolerance {baseline_tolerance}: must be >= 0")
+    if not 0 <= baseline_tolerance < math.inf:  # nan fails this too
+        raise UsageError(f"--baseline-tolerance {baseline_tolerance}: expected a number >= 0")
+    if not 0 <= what_if_budget < math.inf:
+        raise UsageError(f"--what-if-budget {what_if_budget}: expected a number of seconds >= 0")
     if arch and weights:
         raise UsageError("give either --arch (MODEL is the weights) or --weights, not both")
+    user_files = _user_files(model, data, weights, arch)
     for flag, target in (("-o", output), ("--write-baseline", write_baseline)):
-        if target is not None and any(
-            _same_file(target, f) for f in _user_files(model, data, weights, arch)
-        ):
+        _refuse_overwrite(flag, target, user_files)
+        if target is not None and target.exists() and not target.is_file():
             raise UsageError(
-                f"{flag} {target}: refusing to overwrite the model, data or source file"
+                f"{flag} {target}: is not a regular file (a directory, FIFO or device); "
+                "give a file path"
             )
-    if output is not None and output.is_dir():
-        raise UsageError(f"-o {output}: is a directory; give a file path")
 
     from nnhealth.findings import Severity
     from nnhealth.formatters import RenderOptions, get_formatter
 
     interactive = sys.stderr.isatty() and not quiet
-    with _DelayedStatus(interactive) as status:
+    with _DelayedStatus(interactive) as status, _stdout_to_stderr() as report_stream:
+        # user code (factories, forward, TorchScript print) may print: while it runs,
+        # stdout goes to stderr, so the report on stdout stays well-formed JSON/SARIF
         from nnhealth import runner
         from nnhealth.loading.batch import interpret, load_batch, parse_shape, synthetic
         from nnhealth.loading.model import load_model
 
-        shape = parse_shape(input_shape) if input_shape else None
-        status.update("loading the model")
-        loaded = (
-            load_model(arch, weights=model)
-            if arch
-            else load_model(model, trust=trust, weights=weights)
-        )
-        batch = None
-        if data:
-            status.update("loading the batch")
-            batch = load_batch(data)
-        elif shape is not None:
-            batch = synthetic(shape, seed, loaded.model)
-        elif loaded.example is not None:
-            batch = interpret(loaded.example, f"{model} (example batch)")
         opts = runner.ScanOptions(
             select=_split(p["select"]),
             ignore=_split(p["ignore"]),
@@ -458,6 +549,22 @@ def scan(
             severities=settings.severities,
             layer_ignores=settings.layer_ignores,
         )
+        runner.validate(opts)
+        shape = parse_shape(input_shape) if input_shape else None
+        status.update("loading the model")
+        loaded = (
+            load_model(arch, weights=model)
+            if arch
+            else load_model(model, trust=trust, weights=weights)
+        )
+        batch = None
+        if data:
+            status.update("loading the batch")
+            batch = load_batch(data)
+        elif shape is not None:
+            batch = synthetic(shape, seed, loaded.model)
+        elif loaded.example is not None:
+            batch = interpret(loaded.example, f"{model} (example batch)")
         report = runner.run(loaded, batch, opts, progress=status.update)
         if what_if:
             if loaded.model is None or batch is None:
@@ -477,37 +584,49 @@ def scan(
                     progress=status.update,
                 ),
             )
-    if baseline is not None:
-        from dataclasses import replace as _replace
+        if baseline is not None:
+            from dataclasses import replace as _replace
 
-        from nnhealth import baseline as baselines
+            from nnhealth import baseline as baselines
 
-        report = _replace(
-            report,
-            baseline={
-                "file": str(baseline),
-                **baselines.compare(report, baselines.read(baseline), baseline_tolerance),
-            },
+            report = _replace(
+                report,
+                baseline={
+                    "file": str(baseline),
+                    **baselines.compare(report, baselines.read(baseline), baseline_tolerance),
+                },
+            )
+
+        # the code the scan imported (an entry point's modules) is never overwritten
+        sources = _loaded_sources()
+        _refuse_overwrite("-o", output, sources)
+        _refuse_overwrite("--write-baseline", write_baseline, sources)
+        to_terminal = output is None and report_stream.isatty()
+        # a terminal's own width; files, pipes and CI logs get room for the whole table
+        width = shutil.get_terminal_size((120, 24)).columns if to_terminal else 140
+        render = RenderOptions(
+            color=to_terminal and "NO_COLOR" not in os.environ,
+            width=max(width, 80),
+            verbose=verbose,
+            quiet=quiet,
+            fail_on=fail_on,
         )
-
-    to_terminal = output is None and sys.stdout.isatty()
-    # a terminal's own width; files, pipes and CI logs get room for the whole table
-    width = shutil.get_terminal_size((120, 24)).columns if to_terminal else 140
-    render = RenderOptions(
-        color=to_terminal and "NO_COLOR" not in os.environ,
-        width=max(width, 80),
-        verbose=verbose,
-        quiet=quiet,
-        fail_on=fail_on,
-    )
-    text = get_formatter(fmt, render).render(report)
-    if output is not None:
-        try:
-            output.write_text(text, encoding="utf-8", errors="backslashreplace")
-        except OSError as exc:
-            raise UsageError(f"-o {output}: cannot write ({exc.strerror})") from exc
-    else:
-        _write(sys.stdout, text)
+        text = get_formatter(fmt, render).render(report)
+        if output is not None:
+            try:
+                output.write_text(text, encoding="utf-8", errors="backslashreplace")
+            except OSError as exc:
+                raise UsageError(f"-o {output}: cannot write ({exc.strerror})") from exc
+        else:
+            try:
+                _write(report_stream, text)
+            except BrokenPipeError:
+                _silence_stdout()  # `nnhealth scan ... | head`: the reader left; not an error
+            except OSError as exc:
+                raise UsageError(
+                    f"cannot write the report to standard output ({exc.strerror}); "
+                    "write it to a file with -o FILE"
+                ) from exc
     if write_baseline is not None:
         from nnhealth import baseline as baselines
 
@@ -584,6 +703,41 @@ def _fail(message: str) -> None:
     _write(sys.stderr, f"nnhealth: error: {message}\n")
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()
+    )
+
+
+def _unexpected(exc: BaseException) -> str:
+    """One line for what no stage turned into an NnhealthError."""
+    if _out_of_memory(exc):
+        return (
+            f"out of memory ({first_line(exc)[:160]}); use a smaller batch (--input-shape, "
+            "--data), fewer checks (--select), or a machine with more memory"
+        )
+    if isinstance(exc, RecursionError):
+        return (
+            "an input is nested too deeply to process (Python's recursion limit was "
+            "reached); check the model, batch, config and baseline files"
+        )
+    if not isinstance(exc, Exception):  # SystemExit or another BaseException: user code
+        return (
+            f"code run by the scan (the model, its loss or its factory) {escaped(exc)}; "
+            "rerun with --debug to see where"
+        )
+    return (
+        f"internal error ({type(exc).__name__}: {first_line(exc)}); this is a bug in "
+        "nnhealth: rerun with --debug and report the traceback"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point. Returns (and exits with) 0, 1 or 2."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -612,13 +766,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail("interrupted")
         code = EXIT_ERROR
-    except Exception as exc:  # noqa: BLE001 (a bug in nnhealth, not in the user's input)
+    except BaseException as exc:  # noqa: BLE001 (every escape ends in one line and exit 2)
         if debug:
             traceback.print_exc()
-        _fail(
-            f"internal error ({type(exc).__name__}: {exc}); this is a bug in nnhealth: rerun "
-            "with --debug and report the traceback"
-        )
+        _fail(_unexpected(exc))
         code = EXIT_ERROR
     if argv is None:
         sys.exit(code)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nnhealth._util import regular_file
 from nnhealth.errors import UsageError
 from nnhealth.findings import Severity
 
@@ -40,7 +42,7 @@ KEYS: dict[str, tuple[str, str]] = {
     "baseline": ("baseline", "str"),
     "baseline-tolerance": ("baseline_tolerance", "nonnegative"),
     "device": ("device", "choice:cpu,cuda"),
-    "seed": ("seed", "count"),
+    "seed": ("seed", "count:seed"),
     "quiet": ("quiet", "bool"),
     "verbose": ("verbose", "bool"),
     "hessian": ("hessian", "bool"),
@@ -53,6 +55,7 @@ KEYS: dict[str, tuple[str, str]] = {
     "what-if-budget": ("what_if_budget", "nonnegative"),
     "write-baseline": ("write_baseline", "str"),
 }
+MAX_SEED = 2**63 - 1  # as runner.MAX_SEED (no torch here)
 TABLES = ("checks", "per-layer-ignores")
 # paths in a config file are relative to the file's directory, not the current one
 PATH_KEYS = {"model", "data", "weights", "arch", "output", "baseline", "write-baseline"}
@@ -71,6 +74,29 @@ def _from_config_dir(directory: Path, value: str) -> str:
 
 # never from a file: a repository must not be able to turn on unpickling for its users
 NOT_IN_FILES = {"trust": "pass --trust or set NNHEALTH_TRUST=1 instead"}
+# keys whose value can name code to import (an entry point): from a file only with
+# --trust, or a cloned repository would run its own code for whoever scans in it
+CODE_KEYS = ("model", "arch")
+# keys naming files nnhealth writes: from a file, only inside the file's directory tree
+WRITE_KEYS = ("output", "write-baseline")
+_ENTRY_POINT = re.compile(r"[^:]+:[A-Za-z_][\w.]*")
+
+
+def names_code(value: str, directory: Path) -> bool:
+    """Whether a model/arch value is an entry point (pkg.module:factory, file.py:factory)
+    rather than a file to read (an existing file wins, as on the command line)."""
+    return bool(_ENTRY_POINT.fullmatch(value)) and not (directory / value).exists()
+
+
+def _inside(directory: Path, value: str, where: str) -> None:
+    target = (directory / value).resolve()
+    try:
+        target.relative_to(directory.resolve())
+    except ValueError:
+        raise UsageError(
+            f"{where}: {value!r} is outside the config file's directory; a config file may "
+            "only write inside its own tree (give the path with -o or --write-baseline)"
+        ) from None
 
 
 @dataclass
@@ -121,8 +147,11 @@ def _coerce(kind: str, value: Any, where: str, from_env: bool) -> Any:
         raise bad("a number")
     if kind.startswith("count"):
         low = 1 if kind == "count1" else 0
+        kind = kind.removeprefix("count:")
         if not isinstance(value, int) or value < low:
             raise bad(f"an integer >= {low}")
+        if kind == "seed" and value > MAX_SEED:
+            raise bad("an integer in [0, 2**63 - 1]")
         return value
     ranges = {
         "positive": (0, None, "a number > 0"),
@@ -140,29 +169,43 @@ def find_config(start: Path) -> tuple[Path, dict[str, Any], str] | None:
     """(file, its nnhealth table, the table's dotted prefix) of the nearest config."""
     for directory in [start, *start.parents]:
         own = directory / "nnhealth.toml"
-        if own.is_file():
+        if own.exists():
             return own, _load(own), ""
         project = directory / "pyproject.toml"
-        if project.is_file():
-            table = _load(project).get("tool", {}).get("nnhealth")
+        if project.exists():
+            tool = _load(project).get("tool")
+            table = tool.get("nnhealth") if isinstance(tool, dict) else None
             if table is not None:
                 return project, table, "tool.nnhealth"
     return None
 
 
+MAX_CONFIG_BYTES = 16 * 2**20  # far beyond any real pyproject.toml; read whole into memory
+
+
 def _load(path: Path) -> dict[str, Any]:
+    regular_file(path, "config file", UsageError)  # a FIFO would block, /dev/zero never end
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise UsageError(
+                f"{path}: {path.stat().st_size:,} bytes is too large for a config file "
+                f"(at most {MAX_CONFIG_BYTES:,})"
+            )
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: invalid TOML ({exc})") from None
+    except RecursionError:
+        raise UsageError(f"{path}: invalid TOML (nested too deeply to read)") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: invalid TOML (not UTF-8: {exc.reason})") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
 
 
 def read_config(path: Path) -> tuple[dict[str, Any], str]:
     """An explicit --config FILE: a pyproject.toml ([tool.nnhealth]) or an nnhealth.toml."""
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"--config {path}: no such file")
     data = _load(path)
     if "tool" in data and isinstance(data["tool"], dict) and "nnhealth" in data["tool"]:
@@ -177,8 +220,13 @@ def resolve(
     config_path: Path | None,
     cwd: Path | None = None,
     environ: dict[str, str] | None = None,
+    *,
+    trust: bool = False,
 ) -> Settings:
-    """Settings for every scan parameter not given on the command line (``explicit``)."""
+    """Settings for every scan parameter not given on the command line (``explicit``).
+
+    A file may not name code to import (``model``/``arch`` as an entry point) unless
+    ``trust``, nor write outside its own directory tree."""
     environ = os.environ if environ is None else environ
     settings = Settings()
     if config_path is not None:
@@ -205,6 +253,16 @@ def resolve(
             raise UsageError(f"{place(key)}: unknown key (known: {', '.join([*KEYS, *TABLES])})")
         param, kind = KEYS[key]
         coerced = _coerce(kind, value, place(key), from_env=False)
+        if settings.source is not None:
+            directory = settings.source.parent
+            if key in CODE_KEYS and not trust and names_code(coerced, directory):
+                raise UsageError(
+                    f"{place(key)}: {coerced!r} is code to import, and a config file may not "
+                    "run code for whoever scans here; pass it on the command line, or add "
+                    "--trust (NNHEALTH_TRUST=1) if you trust this repository"
+                )
+            if key in WRITE_KEYS:
+                _inside(directory, coerced, place(key))
         if key in PATH_KEYS and settings.source is not None:
             coerced = _from_config_dir(settings.source.parent, coerced)
         if key in ("select", "ignore"):
@@ -224,6 +282,9 @@ def resolve(
 
 def _check_codes(codes: list[str], where: str) -> None:
     from nnhealth.analyzers import select_checks
+
+    if not codes:
+        raise UsageError(f"{where}: names no check (an empty list); leave it out instead")
 
     try:
         select_checks(codes, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -54,6 +55,46 @@ class ScanOptions:
     check_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     severities: dict[str, Severity] = field(default_factory=dict)  # per check code
     layer_ignores: list[tuple[str, frozenset[str]]] = field(default_factory=list)
+
+
+MAX_SEED = 2**63 - 1  # torch generators take 64 bits; room for the small offsets added
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate(opts: ScanOptions) -> None:
+    """Refuse option values the way the config file and NNHEALTH_* refuse them, whether
+    they came from the command line or the Python API (one line, UsageError)."""
+    if opts.mode not in MODES:
+        raise UsageError(f"--mode {opts.mode!r}: expected train or eval")
+    if opts.loss not in LOSSES:
+        raise UsageError(f"--loss {opts.loss!r}: expected one of {', '.join(LOSSES)}")
+    if not _is_int(opts.seed) or not 0 <= opts.seed <= MAX_SEED:
+        raise UsageError(f"--seed {opts.seed!r}: expected an integer in [0, 2**63 - 1]")
+    if opts.lr is not None and (
+        isinstance(opts.lr, bool)
+        or not isinstance(opts.lr, (int, float))
+        or not (0 < opts.lr < math.inf)
+    ):
+        raise UsageError(f"--lr {opts.lr!r}: must be a positive, finite number")
+    for name, value, low in (
+        ("--hessian-top", opts.hessian_top, 1),
+        ("--hessian-budget", opts.hessian_budget, 1),
+        ("--hessian-trace", opts.hessian_trace, 0),
+    ):
+        if not _is_int(value) or value < low:
+            raise UsageError(f"{name} {value!r}: expected an integer >= {low}")
+    tol = opts.hessian_tol
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
+        raise UsageError(f"--hessian-tol {tol!r}: expected a number in (0, 1)")
+    for name, tokens in (("--select", opts.select), ("--ignore", opts.ignore)):
+        if tokens is not None and not [t for t in tokens if str(t).strip()]:
+            raise UsageError(
+                f"{name} names no check (an empty list); leave it out for the default "
+                "checks, or give codes, prefixes or names (NH101, NH1, dead-relu)"
+            )
 
 
 def _resolve_checks(opts: ScanOptions) -> list[tuple[type[Check], dict[str, Any]]]:
@@ -319,14 +360,7 @@ def run(
 ) -> Report:
     """Scan a loaded model on a batch. Raises NnhealthError for what the user must fix."""
     started = time.perf_counter()
-    if opts.mode not in MODES:
-        raise UsageError(f"--mode {opts.mode!r}: expected train or eval")
-    if opts.loss not in LOSSES:
-        raise UsageError(f"--loss {opts.loss!r}: expected one of {', '.join(LOSSES)}")
-    if opts.hessian_top < 1 or opts.hessian_budget < 1 or opts.hessian_trace < 0:
-        raise UsageError("--hessian-top and --hessian-budget must be >= 1, --hessian-trace >= 0")
-    if not 0 < opts.hessian_tol < 1:
-        raise UsageError(f"--hessian-tol {opts.hessian_tol}: expected a number in (0, 1)")
+    validate(opts)
     checks = _resolve_checks(opts)
     # the plan: what the selected checks need or can use; nothing more is captured
     needs = set().union(*(c.needs | c.uses for c, _ in checks)) if checks else set()

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnhealth._util import Progress
+from nnhealth._util import Progress, escaped
 from nnhealth.analyzers._advice import RELU_FAMILY
 from nnhealth.baseline import score
 from nnhealth.capture.instrument import call_model
@@ -329,7 +329,14 @@ def explore(
                 continue
             if progress:
                 progress(f"what-if: {f.check} {f.layer or ''} <- {fix.label}")
-            trial = copy.deepcopy(loaded.model)
+            try:
+                trial = copy.deepcopy(loaded.model)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 (a module that refuses copying: user code)
+                note = f"the model cannot be copied for a trial: deepcopy {escaped(exc)}"
+                results.append({**entry, "applied": False, "note": note[:300]})
+                continue
             try:
                 if fix.train is not None:
                     before, after, note = fix.train(trial)
@@ -360,14 +367,11 @@ def explore(
                 # every check again, not just this one: a fix can hide one problem behind
                 # another (a norm layer makes NH601 look away from a zero layer)
                 rescan = runner.run(sub, batch, replace(opts, hessian=False))
-            except Exception as exc:  # noqa: BLE001 (the fix did not fit this model (e.g. a norm layer)
-                results.append(
-                    {
-                        **entry,
-                        "applied": False,
-                        "note": f"could not be applied: {type(exc).__name__}: {exc}"[:300],
-                    }
-                )
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 (the fix did not fit the model, e.g. a norm layer)
+                note = f"could not be applied: the trial {escaped(exc)}"
+                results.append({**entry, "applied": False, "note": note[:300]})
                 continue
             same = [g for g in rescan.findings if g.code == f.code and g.layer == f.layer]
             after = max(same, key=lambda g: g.severity, default=None)
