@@ -260,7 +260,8 @@ def _stdout_to_stderr():
     saved = None
     report_stream = real
     if out_fd is not None and err_fd is not None and out_fd != err_fd:
-        real.flush()
+        with contextlib.suppress(OSError):
+            real.flush()
         _flush_c_stdio()
         saved = os.dup(out_fd)
         os.dup2(err_fd, out_fd)
@@ -601,7 +602,7 @@ def scan(
         sources = _loaded_sources()
         _refuse_overwrite("-o", output, sources)
         _refuse_overwrite("--write-baseline", write_baseline, sources)
-        to_terminal = output is None and report_stream.isatty()
+        to_terminal = output is None and report_stream is not None and report_stream.isatty()
         # a terminal's own width; files, pipes and CI logs get room for the whole table
         width = shutil.get_terminal_size((120, 24)).columns if to_terminal else 140
         render = RenderOptions(
@@ -619,6 +620,8 @@ def scan(
                 raise UsageError(f"-o {output}: cannot write ({exc.strerror})") from exc
         else:
             try:
+                if report_stream is None:  # started with stdout closed (>&-)
+                    raise OSError(9, "standard output is closed")
                 _write(report_stream, text)
             except BrokenPipeError:
                 _silence_stdout()  # `nnhealth scan ... | head`: the reader left; not an error
