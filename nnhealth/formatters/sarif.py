@@ -18,7 +18,19 @@ LEVEL = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "n
 
 def fingerprint(f: Finding) -> str:
     """Stable across runs: the check and the layer, nothing that changes with numbers."""
-    return hashlib.sha256(f.key.encode()).hexdigest()[:32]
+    # surrogatepass: a lone surrogate in a layer name (pickle keeps one) still hashes
+    return hashlib.sha256(f.key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _uri(path: str) -> str:
+    """A file path as a URI reference. A path Python decoded with surrogate escapes (bytes
+    that are not UTF-8) gets its original bytes back; any other lone surrogate, which no
+    encoding holds, is written out as ``\\udXXX`` rather than crash the report."""
+    posix = Path(path).as_posix()
+    try:
+        return quote(posix, errors="surrogateescape")
+    except UnicodeEncodeError:
+        return quote(posix, errors="backslashreplace")
 
 
 def _rule(check) -> dict[str, Any]:
@@ -49,7 +61,7 @@ class SarifFormatter(Formatter):
             location: dict[str, Any] = {
                 "physicalLocation": {
                     "artifactLocation": {
-                        "uri": quote(Path(where["file"]).as_posix()),
+                        "uri": _uri(where["file"]),
                         **({} if Path(where["file"]).is_absolute() else {"uriBaseId": "%SRCROOT%"}),
                     },
                     "region": {"startLine": int(where["line"])},

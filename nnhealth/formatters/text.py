@@ -1,5 +1,9 @@
 """The terminal report: header, per-layer table with log-scale variance bars, findings
-grouped by severity with their fixes, and a one-line verdict."""
+grouped by severity with their fixes, and a one-line verdict.
+
+Every string from the report goes to rich as a ``Text`` (never markup: a layer named
+``[bold red]x[/]`` prints as it is) and through ``visible`` (no control character or
+escape sequence from the scanned file reaches the terminal)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nnhealth.findings import Report, Severity
-from nnhealth.formatters.base import Formatter
+from nnhealth.formatters.base import Formatter, visible
 
 BAR_WIDTH = 8
 STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
@@ -28,7 +32,12 @@ def fmt(x: Any) -> str:
         if not math.isfinite(x):
             return str(x)
         return "0" if x == 0 else f"{x:.3g}"
-    return str(x)
+    return visible(x)
+
+
+def safe(text: object, style: str = "") -> Text:
+    """A report string as rich text: printed literally, control characters made visible."""
+    return Text(visible(text), style=style)
 
 
 def log_bar(value: float | None, lo: float, hi: float) -> str:
@@ -76,9 +85,10 @@ class TextFormatter(Formatter):
             self._what_if(console, report)
         if report.baseline is not None:
             b = report.baseline
+            console.print()
             console.print(
-                Text(
-                    f"\nbaseline {b['file']}: {len(b['new'])} new, {len(b['worse'])} worse, "
+                safe(
+                    f"baseline {b['file']}: {len(b['new'])} new, {len(b['worse'])} worse, "
                     f"{len(b['unchanged'])} unchanged, {len(b['fixed'])} fixed"
                     + (f" ({', '.join(b['fixed'][:5])})" if b["fixed"] else ""),
                     style="bold",
@@ -86,7 +96,7 @@ class TextFormatter(Formatter):
             )
             for label in ("new", "worse"):
                 for k in b[label]:
-                    console.print(Text(f"  {label}: {k}", style="yellow"))
+                    console.print(safe(f"  {label}: {k}", style="yellow"))
         console.print(self._verdict(report))
         return "".join(line.rstrip() + "\n" for line in buf.getvalue().splitlines())
 
@@ -94,9 +104,8 @@ class TextFormatter(Formatter):
     def _header(self, report: Report) -> Table:
         run = report.run
         grid = Table.grid(padding=(0, 2))
-        grid.title = f"nnhealth {report.tool_version}: {run.get('model')}"
+        grid.title = safe(f"nnhealth {report.tool_version}: {run.get('model')}", style="bold")
         grid.title_justify = "left"
-        grid.title_style = "bold"
         grid.add_column(style="bold")
         grid.add_column()
         params = run.get("params")
@@ -105,7 +114,7 @@ class TextFormatter(Formatter):
             trainable = run.get("trainable_params")
             extra = f" ({trainable:,} trainable)" if trainable not in (None, params) else ""
             model_bits.append(f"{params:,} params{extra}")
-        grid.add_row("model", " · ".join(str(b) for b in model_bits if b))
+        grid.add_row("model", safe(" · ".join(str(b) for b in model_bits if b)))
         batch = run.get("batch")
         if batch:
             bits = [str(batch.get("source")), f"inputs {batch.get('shape')}"]
@@ -113,16 +122,20 @@ class TextFormatter(Formatter):
                 bits.append(f"targets {batch['targets_shape']}")
             if run.get("output_shape") is not None:
                 bits.append(f"output {run['output_shape']}")
-            grid.add_row("batch", " · ".join(bits))
+            grid.add_row("batch", safe(" · ".join(bits)))
         if run.get("loss"):
             lv = run.get("loss_value")
             grid.add_row(
                 "pass",
-                f"loss {run['loss']} = {fmt(lv)} · mode {run.get('mode')} · {run.get('device')} "
-                f"· seed {run.get('seed')} · {fmt(run.get('seconds'))} s",
+                safe(
+                    f"loss {run['loss']} = {fmt(lv)} · mode {run.get('mode')} · "
+                    f"{run.get('device')} · seed {run.get('seed')} · {fmt(run.get('seconds'))} s"
+                ),
             )
         else:
-            grid.add_row("pass", f"weights only, no forward pass · {fmt(run.get('seconds'))} s")
+            grid.add_row(
+                "pass", safe(f"weights only, no forward pass · {fmt(run.get('seconds'))} s")
+            )
         c = report.curvature
         if c:
             top = ", ".join(f"{v:.6g}" for v in c["top_eigenvalues"])
@@ -139,7 +152,7 @@ class TextFormatter(Formatter):
                 bits.append(f"λmin {c['lambda_min']:.4g}")
             if c.get("trace") is not None:
                 bits.append(f"trace {c['trace']:.4g} ± {c['trace_stderr']:.2g}")
-            grid.add_row("hessian", " · ".join(bits))
+            grid.add_row("hessian", safe(" · ".join(bits)))
         return grid
 
     def _table(self, report: Report) -> Table:
@@ -198,16 +211,16 @@ class TextFormatter(Formatter):
             )
         for r in rows:
             bad = r.get("nonfinite") or r.get("param_nonfinite")
-            table.add_row(*(cell(r) for _, cell, _ in shown), style="red" if bad else None)
+            table.add_row(*(safe(cell(r)) for _, cell, _ in shown), style="red" if bad else None)
         return table
 
     def _notes(self, console: Console, report: Report) -> None:
         for note in report.notes:
-            console.print(Text(f"note: {note}", style="dim"))
+            console.print(safe(f"note: {note}", style="dim"))
         for s in report.skipped:
-            console.print(Text(f"skipped {s.code} {s.check}: {s.reason}", style="dim"))
+            console.print(safe(f"skipped {s.code} {s.check}: {s.reason}", style="dim"))
         for e in report.errors:
-            console.print(Text(f"analyzer error in {e.check}: {e.message}", style="red"))
+            console.print(safe(f"analyzer error in {e.check}: {e.message}", style="red"))
 
     def _findings(self, console: Console, report: Report) -> None:
         for sev in sorted(Severity, reverse=True):
@@ -218,19 +231,19 @@ class TextFormatter(Formatter):
             console.print(Text(f"{TITLE[sev]} ({len(group)})", style=STYLE[sev]))
             for f in group:
                 head = Text()
-                head.append(f"{f.code} ", style=STYLE[sev])
-                head.append(f"{f.check} ", style="bold")
-                head.append(f.layer or "(model)", style="magenta")
+                head.append(f"{visible(f.code)} ", style=STYLE[sev])
+                head.append(f"{visible(f.check)} ", style="bold")
+                head.append(visible(f.layer or "(model)"), style="magenta")
                 parts: list[Any] = [
                     head,
-                    Padding(Text(f.message), (0, 0, 0, 2)),
-                    Padding(Text("fix: " + f.fix, style="green"), (0, 0, 0, 2)),
+                    Padding(safe(f.message), (0, 0, 0, 2)),
+                    Padding(safe("fix: " + f.fix, style="green"), (0, 0, 0, 2)),
                 ]
                 if f.fix_snippet and not self.options.quiet:
                     parts.append(
                         Padding(
                             Syntax(
-                                f.fix_snippet,
+                                visible(f.fix_snippet, keep="\n"),
                                 "python",
                                 theme="ansi_dark",
                                 background_color="default",
@@ -240,7 +253,7 @@ class TextFormatter(Formatter):
                     )
                 if self.options.verbose and f.evidence:
                     ev = ", ".join(f"{k}={fmt(v)}" for k, v in f.evidence.items())
-                    parts.append(Padding(Text(ev, style="dim"), (0, 0, 0, 2)))
+                    parts.append(Padding(safe(ev, style="dim"), (0, 0, 0, 2)))
                 console.print(Group(*parts))
 
     def _what_if(self, console: Console, report: Report) -> None:
@@ -252,16 +265,16 @@ class TextFormatter(Formatter):
         )
         last = None
         for w in report.what_if:
-            head = f"{w['check']} {w['layer'] or ''}".strip()
-            prefix = (
-                f"  {head}  {w['before']}"
-                if head != last
-                else " " * (len(head) + 4 + len(w["before"]))
-            )
+            head = visible(f"{w['check']} {w['layer'] or ''}".strip())
+            before = visible(w["before"])
+            prefix = f"  {head}  {before}" if head != last else " " * (len(head) + 4 + len(before))
             last = head
             if not w.get("applied"):
                 console.print(
-                    Text(f"{prefix}  ->  {w['fix']}: not applied ({w.get('note')})", style="dim")
+                    Text(
+                        prefix + visible(f"  ->  {w['fix']}: not applied ({w.get('note')})"),
+                        style="dim",
+                    )
                 )
                 continue
             mark = "resolved" if w.get("resolved") else "not resolved"
@@ -270,7 +283,9 @@ class TextFormatter(Formatter):
             elif "remaining_findings" in w:
                 mark += f"; {w['remaining_findings']} finding(s) left in all"
             style = "green" if w.get("resolved") else "yellow"
-            console.print(Text(f"{prefix}  ->  {w['fix']}: {w['after']} ({mark})", style=style))
+            console.print(
+                Text(prefix + visible(f"  ->  {w['fix']}: {w['after']} ({mark})"), style=style)
+            )
 
     def _verdict(self, report: Report) -> Text:
         counts = report.counts()
