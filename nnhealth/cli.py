@@ -703,7 +703,11 @@ def _wants_debug(argv: list[str]) -> bool:
 
 
 def _fail(message: str) -> None:
-    _write(sys.stderr, f"nnhealth: error: {message}\n")
+    """One line on stderr. Messages quote paths and layer names from the file: control
+    characters (ESC, CR, newlines) are written out, never sent to the terminal raw."""
+    from nnhealth.formatters.base import visible
+
+    _write(sys.stderr, f"nnhealth: error: {visible(message)}\n")
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -481,3 +481,16 @@ def test_readme_no_longer_calls_torchscript_safe() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "cannot call arbitrary Python" not in readme
     assert "TorchScript" in readme and "--trust" in readme
+
+
+def test_error_line_shows_control_characters_from_names(cli, tmp_path: Path) -> None:
+    model = torch.nn.Sequential()
+    model.add_module("\x1b[2J\rfake", torch.nn.Linear(8, 4))
+    path = tmp_path / "evil\x1b[31m.pt"
+    torch.save(model, path)
+    line = one_line_error(cli("scan", path, "--input-shape", "4x5"))  # does not fit: raises
+    assert "\x1b" not in line and "\r" not in line
+    assert "\\x1b[2J\\rfake" in line
+    path.write_bytes(b"not a model")
+    line = one_line_error(cli("scan", path, "--input-shape", "4x5"))
+    assert "\x1b" not in line and "evil\\x1b[31m.pt" in line
