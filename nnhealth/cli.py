@@ -445,7 +445,7 @@ def scan(
         typer.Option(
             "--trust",
             envvar="NNHEALTH_TRUST",
-            help="Allow unpickling classes outside torch.nn (runs code from the file).",
+            help="Allow what runs code from a file: unpickling classes outside torch.nn, TorchScript, a config file's entry points.",
         ),
     ] = False,
     device: Annotated[
