@@ -26,6 +26,13 @@ class Curvature(Check):
         each about two passes.
         Dropout is off while taking products; BatchNorm keeps the scan's mode, which
         the report states (the mode changes lambda_max tenfold on some networks).
+        Nothing is certified on a wrong operator: the backward of every custom autograd
+        Function on the loss's graph must itself be differentiable (not
+        @once_differentiable, no torch.no_grad() or .detach() inside), and u.Hv must
+        equal v.Hu on random pairs up to the products' rounding (two products more
+        than Lanczos takes, counted in hvps). Otherwise, or when user code fails or
+        memory runs out while products are taken, NH401 is skipped with the reason and
+        the other checks stand.
 
     Why it matters:
         On a quadratic with curvature lambda, gradient descent converges for

@@ -7,6 +7,13 @@ a fresh double backward and 2.7-5.8x for torch.func forward-over-reverse). The g
 also fixes the operator: the batch, and the mode BatchNorm ran in, are those of that one
 forward. Dropout is switched off for it (a product must not resample masks); the model's
 modes, buffers and RNG are restored afterwards.
+
+While that graph is built, the backward of every custom autograd Function on it is
+audited (trust.py): one that the double backward cannot differentiate refuses the
+operator before any product; the scan also tests the products' symmetry before Lanczos
+trusts them. User code that fails (the forward, the loss, a backward, once or on the
+Nth product) or memory that runs out becomes a NoCurvature reason, never a crash;
+KeyboardInterrupt propagates.
 """
 
 from __future__ import annotations
@@ -18,11 +25,21 @@ from typing import Any, Self
 import torch
 from torch import nn
 
+from nnhealth._util import first_line
 from nnhealth.capture.instrument import call_model
 from nnhealth.capture.state import preserved_state
-from nnhealth.errors import CaptureError
+from nnhealth.curvature import trust
+from nnhealth.errors import CaptureError, NnhealthError
 
 _NO_DOUBLE_BACKWARD = ("not implemented", "does not support double backward", "derivative for")
+_DIFFERENTIABLE = (
+    "Hessian-vector products differentiate every backward once more: make that code "
+    "differentiable to measure curvature"
+)
+
+
+def _no_second_derivative(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _NO_DOUBLE_BACKWARD)
 
 
 @contextlib.contextmanager
@@ -37,7 +54,9 @@ def _math_attention(enabled: bool) -> Iterator[None]:
 
 
 class NoCurvature(CaptureError):
-    """There is no Hessian to measure here (nothing trainable, or the loss is linear)."""
+    """No Hessian to measure or none to trust here (nothing trainable, a linear loss, a
+    backward that cannot be differentiated, a failure while taking products): NH401 is
+    skipped with this reason, the other checks stand."""
 
 
 class HessianOperator:
@@ -66,6 +85,7 @@ class HessianOperator:
         self.products = 0
         self.backend = "default"
         self.notes: list[str] = []
+        self.functions: list[trust.CustomFunction] = []  # custom autograd Functions on the graph
         self._grads: tuple[torch.Tensor, ...] | None = None
         self._stack: contextlib.ExitStack | None = None
 
@@ -91,24 +111,64 @@ class HessianOperator:
                 self.notes.append(
                     f"dropout off while taking Hessian products ({len(dropouts)} modules)"
                 )
-            try:
-                self._build(math_attention=False)
-            except Exception as exc:  # the user's model, with create_graph
-                raise CaptureError(
-                    f"the forward for Hessian products failed: {str(exc).splitlines()[0]}"
-                ) from exc
+            self._build(math_attention=False)
         except BaseException:
             self._stack.close()
             raise
         return self
 
     def _build(self, math_attention: bool) -> None:
+        spans = trust.ModuleSpans(self.model)
         with torch.enable_grad(), _math_attention(math_attention):
-            loss = self.make_loss(call_model(self.model, self.inputs))
+            try:
+                with spans:
+                    output = call_model(self.model, self.inputs)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # the user's model, with sys.exit and BaseException
+                raise self._failure(
+                    "the model's forward for Hessian products",
+                    exc,
+                    "it ran in the scan's first pass: does the model keep state between calls?",
+                ) from exc
+            try:
+                loss = self.make_loss(output)
+            except KeyboardInterrupt:
+                raise
+            except NnhealthError as exc:  # the loss's own one-line reason
+                raise NoCurvature(f"the loss for Hessian products failed: {exc}") from exc
+            except BaseException as exc:
+                raise self._failure("the loss for Hessian products", exc, "") from exc
+            del output
             self.loss = float(loss.detach())
             if not loss.requires_grad:
-                raise NoCurvature("the loss does not depend on any trainable parameter")
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+                raise NoCurvature(
+                    "the loss does not depend on any trainable parameter through autograd (a "
+                    "detached output, or one computed under torch.no_grad()?): there is no "
+                    "Hessian to measure"
+                )
+            forward, custom = trust.forward_graph(loss)
+            audit = trust.BackwardAudit(custom)
+            try:
+                with audit:
+                    grads = torch.autograd.grad(
+                        loss, self.params, create_graph=True, allow_unused=True
+                    )
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # a custom backward or a tensor hook: user code
+                self.functions = audit.report(forward, spans, rerun=False)  # for names
+                raise self._failure(
+                    "the backward for Hessian products (with create_graph)", exc, _DIFFERENTIABLE
+                ) from exc
+            self.functions = audit.report(forward, spans, self.seed)
+            del forward, audit
+            reason = trust.refusal(self.functions)
+            if reason:
+                raise NoCurvature(reason)
+            note = trust.linear_note(self.functions)
+            if note and note not in self.notes:
+                self.notes.append(note)
             # parameters the loss does not use, or uses only linearly, have zero Hessian
             # rows: leave them out of the operator (and say how many)
             kept = [
@@ -128,11 +188,31 @@ class HessianOperator:
             self.n = sum(p.numel() for p in self.params)
             self._grads = tuple(g for _, g in kept)
 
-    def _fall_back_to_math_attention(self, exc: RuntimeError) -> None:
+    def _failure(
+        self, what: str, exc: BaseException, hint: str, *, building: bool = True
+    ) -> NoCurvature:
+        """User code (or memory) failed while building (or, not ``building``, using) the
+        operator."""
+        if trust.out_of_memory(exc):
+            return NoCurvature(trust.oom_reason(f"in {what}", exc, lanczos=not building))
+        if isinstance(exc, RuntimeError) and "once_differentiable" in str(exc):
+            once = [f for f in self.functions if f.once_differentiable] or self.functions
+            named = f" ({trust.listing(once)})" if once else ""
+            return NoCurvature(
+                f"{what} failed: {first_line(exc)}: a custom autograd Function's backward"
+                f"{named} has no second derivative; {trust.FIX}"
+            )
+        if _no_second_derivative(exc):
+            return NoCurvature(
+                f"{what} failed: an operation on the loss's graph has no second derivative "
+                f"({first_line(exc)}); Hessian-vector products need one for every operation: "
+                "use one that has it (a smooth activation, say) to measure curvature"
+            )
+        return NoCurvature(trust.user_failure(what, exc, self.functions, hint))
+
+    def _fall_back_to_math_attention(self) -> None:
         """A kernel without a second derivative (fused scaled-dot-product attention on
         CPU): rebuild the graph under the math attention backend, once."""
-        if self.backend != "default" or not any(s in str(exc) for s in _NO_DOUBLE_BACKWARD):
-            raise CaptureError(f"cannot take Hessian products: {str(exc).splitlines()[0]}") from exc
         self._build(math_attention=True)
         self.backend = "math attention"
         self.notes.append(
@@ -168,9 +248,19 @@ class HessianOperator:
                 retain_graph=True,
                 allow_unused=True,
             )
-        except RuntimeError as exc:  # found on the first product, not by a wasted probe
-            self._fall_back_to_math_attention(exc)
-            return self.matvec(v)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # user code (a custom backward, twice), an op, memory
+            if self.backend == "default" and _no_second_derivative(exc):
+                # found on the first product, not by a wasted probe
+                self._fall_back_to_math_attention()
+                return self.matvec(v)
+            raise self._failure(
+                f"Hessian-vector product {self.products + 1}",
+                exc,
+                _DIFFERENTIABLE,
+                building=False,
+            ) from exc
         self.products += 1
         return torch.cat(
             [

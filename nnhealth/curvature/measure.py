@@ -11,8 +11,15 @@ from torch import nn
 from nnhealth import memory
 from nnhealth._util import Progress
 from nnhealth.capture.stats import CurvatureStats
+from nnhealth.curvature import trust
 from nnhealth.curvature.hvp import HessianOperator, NoCurvature
-from nnhealth.curvature.lanczos import LanczosResult, NonFiniteProduct, lanczos, min_basis
+from nnhealth.curvature.lanczos import (
+    LanczosResult,
+    NonFiniteProduct,
+    _start_vector,
+    lanczos,
+    min_basis,
+)
 from nnhealth.curvature.trace import hutchinson
 
 MEMORY_SHARE = 0.5  # of the memory available once the gradient graph is built
@@ -50,6 +57,21 @@ def basis_cap(n: int, device: torch.device, top: int, smallest: bool, budget: in
     return cap
 
 
+class _Reuse:
+    """``matvec``, except that a first call on ``v`` itself returns the product already
+    taken (the symmetry test's, on Lanczos's start vector)."""
+
+    def __init__(self, matvec: Callable[[torch.Tensor], torch.Tensor], v, hv) -> None:
+        self.matvec = matvec
+        self.known: tuple[torch.Tensor, torch.Tensor] | None = (v, hv)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        known, self.known = self.known, None
+        if known is not None and x.shape == known[0].shape and torch.equal(x, known[0]):
+            return known[1]
+        return self.matvec(x)
+
+
 def scan_lanczos(
     op: HessianOperator,
     *,
@@ -62,20 +84,36 @@ def scan_lanczos(
     progress: Callable[[int, float, float], None] | None = None,
 ) -> LanczosResult:
     """Lanczos on ``op`` as a scan runs it: the basis capped by free memory, started
-    from the loss gradient (plus a random part; ``seeded=False``: random alone), a
-    non-finite product reported as NoCurvature."""
+    from the loss gradient (plus a random part; ``seeded=False``: random alone), after
+    the operator passed the symmetry test (trust.py: two products beyond Lanczos's,
+    three when rounding must be measured; Lanczos reuses the test's product of its start
+    vector). A non-finite product, an asymmetric operator or running out of memory is
+    reported as NoCurvature."""
     device = op.params[0].device
+    cap = basis_cap(op.n, device, top, smallest, budget)  # refuses before any product
     try:
+        start = op.gradient() if seeded else None
+        q0 = _start_vector(op.n, start, torch.Generator(device="cpu").manual_seed(seed), device)
+        hq0 = op.matvec(q0)
+        if not bool(torch.isfinite(hq0).all()):
+            raise NonFiniteProduct("product 1 of the operator is not finite")
+        sym = trust.check_symmetry(
+            op.matvec, op.n, q0, hq0, dtypes=[p.dtype for p in op.params], seed=seed
+        )
+        if not sym.symmetric:
+            raise NoCurvature(trust.asymmetry_reason(sym, op.functions))
+        reuse = _Reuse(op.matvec, q0, hq0)
+        del q0, hq0  # held by reuse until Lanczos's first product only
         return lanczos(
-            op.matvec,
+            reuse,
             op.n,
             k=top,
             smallest=smallest,
             tol=tol,
             max_iter=budget,
             seed=seed,
-            start=op.gradient() if seeded else None,
-            max_basis=basis_cap(op.n, device, top, smallest, budget),
+            start=start,
+            max_basis=cap,
             device=device,
             progress=progress,
         )
@@ -85,6 +123,10 @@ def scan_lanczos(
             "derivatives overflow at these weights; see NH001's findings, and scan a "
             "half-precision model in float32"
         ) from exc
+    except (MemoryError, RuntimeError) as exc:  # the basis, or the vectors of the test
+        if not trust.out_of_memory(exc):
+            raise
+        raise NoCurvature(trust.oom_reason("during Lanczos", exc)) from exc
 
 
 def measure(
@@ -120,12 +162,17 @@ def measure(
             seed=seed,
             progress=report,
         )
-        lanczos_hvps = op.products
+        lanczos_hvps = result.iterations  # the symmetry test's products are in hvps only
         trace = stderr = None
         if trace_probes:
             if progress is not None:
                 progress(f"Hessian: trace, {trace_probes} Hutchinson probes")
-            trace, stderr = hutchinson(op.matvec, op.n, trace_probes, seed, op.params[0].device)
+            try:
+                trace, stderr = hutchinson(op.matvec, op.n, trace_probes, seed, op.params[0].device)
+            except (MemoryError, RuntimeError) as exc:
+                if not trust.out_of_memory(exc):
+                    raise
+                raise NoCurvature(trust.oom_reason("during the Hessian trace", exc)) from exc
         stats = CurvatureStats(
             top=tuple(r.value for r in result.top),
             bounds=tuple(r.residual for r in result.top),
