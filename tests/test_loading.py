@@ -155,7 +155,7 @@ def test_bare_weights_run_weight_checks_and_skip_the_rest(cli, tmp_path: Path, k
 def test_torchscript_gives_weights_and_gradients_only(cli, tmp_path: Path) -> None:
     model = he_mlp([8, 16, 4])
     torch.jit.script(model).save(str(tmp_path / "ts.pt"))
-    res = cli("scan", tmp_path / "ts.pt", "--input-shape", "32x8", "--format", "json")
+    res = cli("scan", tmp_path / "ts.pt", "--input-shape", "32x8", "--format", "json", "--trust")
     assert res.code == 0, res.err
     report = json.loads(res.out)
     assert report["run"]["model_format"] == "TorchScript"
@@ -276,7 +276,15 @@ def test_format_detected_from_contents_not_extension(cli, tmp_path: Path) -> Non
     torch.jit.script(model).save(str(tmp_path / "model.weights"))
     torch.save(model.state_dict(), tmp_path / "model.ts")
     res = json.loads(
-        cli("scan", tmp_path / "model.weights", "--input-shape", "8x4", "--format", "json").out
+        cli(
+            "scan",
+            tmp_path / "model.weights",
+            "--input-shape",
+            "8x4",
+            "--format",
+            "json",
+            "--trust",
+        ).out
     )
     assert res["run"]["model_format"] == "TorchScript"
     res = json.loads(cli("scan", tmp_path / "model.ts", "--format", "json").out)
@@ -390,6 +398,7 @@ def test_torchscript_layers_get_the_weight_checks(cli, tmp_path: Path) -> None:
         "NH501,NH601",
         "--format",
         "json",
+        "--trust",
     )
     report = json.loads(res.out)
     assert res.code == 1 and ("NH501", "2") in {(f["code"], f["layer"]) for f in report["findings"]}

@@ -14,11 +14,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnhealth._util import tensors_in
+from nnhealth._util import first_line, regular_file, tensors_in
 from nnhealth.errors import DataError, UsageError
-from nnhealth.loading import detect
+from nnhealth.loading import detect, limits
 
 _MAX_SYNTHETIC = 2**31 - 1  # values in a synthetic batch (8 GiB of float32)
+# The pass holds several tensors the size of its input: the input itself, its cast to the
+# model's dtype (prepare), and at least the first layer's output and its nonlinearity's,
+# kept for the backward pass. An estimate, for a first layer that does not widen its
+# input (a wider one, or an Embedding's vectors, needs more): enough to refuse at once a
+# shape that cannot fit, rather than be killed by the kernel halfway through.
+PASS_INPUT_MULTIPLE = 4
+_MAX_NESTING = 16  # levels of tuples/lists/dicts in a batch (real ones have 1 or 2)
+_MAX_ITEMS = 10_000  # tensors and containers in a batch (real ones have a handful)
 INPUT_KEYS = ("inputs", "input", "x", "data", "images", "features", "arr_0")
 TARGET_KEYS = ("targets", "target", "labels", "label", "y", "arr_1")
 
@@ -64,11 +72,11 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 def synthetic(shape: tuple[int, ...], seed: int, model: nn.Module | None) -> Batch:
     """Unit-Gaussian inputs from a seeded generator (integer ids for an Embedding model)."""
-    gen = torch.Generator().manual_seed(seed)
     values = math.prod(shape)
+    text = "x".join(map(str, shape))
     if values > _MAX_SYNTHETIC:
         raise UsageError(
-            f"--input-shape {'x'.join(map(str, shape))}: {values:.3g} values is more than this "
+            f"--input-shape {text}: {values:.3g} values is more than this "
             f"tool will allocate ({_MAX_SYNTHETIC:.0e}); use a smaller batch"
         )
     first = None
@@ -76,15 +84,24 @@ def synthetic(shape: tuple[int, ...], seed: int, model: nn.Module | None) -> Bat
         first = next(
             (m for m in model.modules() if next(m.parameters(False), None) is not None), None
         )
+    dtype = torch.int64 if isinstance(first, nn.Embedding) else torch.float32
+    nbytes = values * dtype.itemsize
+    free = limits.free_memory()
+    if free is not None and nbytes * PASS_INPUT_MULTIPLE > free:
+        raise UsageError(
+            f"--input-shape {text}: {values:,} {str(dtype).removeprefix('torch.')} values are "
+            f"{limits.size_text(nbytes)}, and the pass needs about {PASS_INPUT_MULTIPLE}x its "
+            f"input ({limits.size_text(nbytes * PASS_INPUT_MULTIPLE)}), more than the "
+            f"{limits.size_text(free)} of free memory; use a smaller batch"
+        )
+    gen = torch.Generator().manual_seed(seed)
     if isinstance(first, nn.Embedding):
         x = torch.randint(0, first.num_embeddings, shape, generator=gen)
         note = f"synthetic token ids in [0, {first.num_embeddings}) (seed {seed})"
     else:
         x = torch.randn(shape, generator=gen)
         note = f"synthetic unit-Gaussian inputs (seed {seed})"
-    return Batch(
-        inputs=x, targets=None, source="synthetic " + "x".join(map(str, shape)), notes=[note]
-    )
+    return Batch(inputs=x, targets=None, source="synthetic " + text, notes=[note])
 
 
 def _pick(d: dict, keys: tuple[str, ...]) -> Any:
@@ -107,13 +124,19 @@ def _from_numpy(arr: np.ndarray, source: str) -> torch.Tensor:
 def interpret(obj: Any, source: str) -> Batch:
     """(inputs, targets), a dict with inputs/labels (or a dict of model keyword
     arguments with the targets under labels/targets), or a bare tensor."""
+    while isinstance(obj, (tuple, list)) and len(obj) == 1:  # [[[x]]]: a loop, at any depth
+        obj = obj[0]
+    batch = _interpret(obj, source)
+    validate(batch)
+    return batch
+
+
+def _interpret(obj: Any, source: str) -> Batch:
     if isinstance(obj, np.ndarray):
         obj = _from_numpy(obj, source)
     if isinstance(obj, torch.Tensor):
         return Batch(inputs=obj, targets=None, source=source)
     if isinstance(obj, (tuple, list)):
-        if len(obj) == 1:
-            return interpret(obj[0], source)
         if len(obj) == 2:
             inputs, targets = obj
             return Batch(
@@ -163,24 +186,75 @@ def _as_target(y: Any, source: str) -> torch.Tensor | None:
     return y
 
 
+def _walk(obj: Any, source: str, role: str) -> list[torch.Tensor]:
+    """The tensors in a batch structure, depth first. Refuses one nested deeper, or with
+    more items, than any real batch: a few hundred bytes of pickle can nest 100000
+    levels (recursion would overflow the stack) or share one list 1000 times per level
+    (10 levels: 10^30 paths)."""
+    found: list[torch.Tensor] = []
+    stack: list[tuple[Any, int]] = [(obj, 0)]
+    visited = 0
+    while stack:
+        item, depth = stack.pop()
+        visited += 1
+        if visited > _MAX_ITEMS:
+            raise DataError(
+                f"{source}: the batch {role} hold more than {_MAX_ITEMS:,} tensors and "
+                "containers; give a tensor, (inputs, targets) or a dict of tensors"
+            )
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, (tuple, list, dict)):
+            if depth >= _MAX_NESTING:
+                raise DataError(
+                    f"{source}: the batch {role} are nested more than {_MAX_NESTING} levels "
+                    "deep; give a tensor, (inputs, targets) or a dict of tensors"
+                )
+            items = list(item.values() if isinstance(item, dict) else item)
+            stack.extend((child, depth + 1) for child in reversed(items))
+    return found
+
+
+def validate(batch: Batch) -> None:
+    """Refuse tensors nnhealth cannot compute on (sparse, nested, meta, quantized) and
+    structures nested deeper than any real batch, with one line each."""
+    for role, obj in (("inputs", batch.inputs), ("targets", batch.targets)):
+        for t in _walk(obj, batch.source, role):
+            why = limits.unusable(t)
+            if why:
+                raise DataError(f"{batch.source}: the batch {role} hold {why}")
+
+
 def load_batch(path_text: str) -> Batch:
     path = Path(path_text)
     if path.is_dir():
         raise DataError(f"{path_text}: is a directory; give a .pt, .npz or .npy file")
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path_text}: no such data file")
+    regular_file(path, "batch", DataError)  # a FIFO blocks, /dev/zero never ends
     try:
-        kind = detect.sniff(path)
+        kind = detect.sniff(path, DataError)
     except OSError as exc:
-        raise DataError(f"{path_text}: cannot read ({exc.strerror})") from exc
+        raise DataError(f"{path_text}: cannot read ({exc.strerror or first_line(exc)})") from exc
     try:
         if kind == detect.NPY:
-            obj: Any = np.load(path, allow_pickle=False)
+            limits.check_npy(path, path_text, DataError)
+            with limits.quiet_readers():
+                obj: Any = np.load(path, allow_pickle=False)
         elif kind == detect.NPZ:
-            with np.load(path, allow_pickle=False) as npz:
+            limits.check_npz(path, path_text, DataError)
+            with limits.quiet_readers(), np.load(path, allow_pickle=False) as npz:
                 obj = {k: npz[k] for k in npz.files}
         elif kind == detect.TORCH_PICKLE:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            limits.torch_pickles(
+                path,
+                path_text,
+                DataError,
+                trusted=False,
+                hint="Save plain tensors: torch.save((inputs, targets), path)",
+            )
+            with limits.quiet_readers():
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         elif kind in (detect.TRUNCATED_ZIP, detect.CORRUPT_ZIP):
             raise DataError(f"{path_text}: a truncated or corrupt archive; save the batch again")
         else:
@@ -194,20 +268,71 @@ def load_batch(path_text: str) -> Batch:
             f"{path_text}: holds Python objects beyond tensors; save plain tensors "
             "(torch.save((inputs, targets), path))"
         ) from exc
+    except RecursionError as exc:
+        raise DataError(
+            f"{path_text}: nests objects too deeply to read (a damaged or hostile file); "
+            "save plain tensors again"
+        ) from exc
+    except MemoryError as exc:
+        raise DataError(
+            f"{path_text}: ran out of memory while loading it; save a smaller batch"
+        ) from exc
     except ValueError as exc:
         raise DataError(
-            f"{path_text}: cannot read without unpickling ({str(exc).splitlines()[0]}); save "
+            f"{path_text}: cannot read without unpickling ({first_line(exc)}); save "
             "numeric arrays only"
         ) from exc
     except (RuntimeError, EOFError, OSError, KeyError) as exc:
         raise DataError(
-            f"{path_text}: cannot read ({str(exc).splitlines()[0]}); truncated or corrupt?"
+            f"{path_text}: cannot read ({first_line(exc)}); truncated or corrupt?"
         ) from exc
-    return interpret(obj, path_text)
+    except Exception as exc:  # a damaged file makes the readers raise anything
+        raise DataError(
+            f"{path_text}: cannot read ({type(exc).__name__}: {first_line(exc)}); truncated "
+            "or corrupt?"
+        ) from exc
+    batch = interpret(obj, path_text)
+    limits.check_tensors(
+        [
+            (f"{role}", t)
+            for role, obj in (("inputs", batch.inputs), ("targets", batch.targets))
+            for t in _walk(obj, path_text, role)
+        ],
+        path_text,
+        DataError,
+        "the batch tensor",
+    )
+    return batch
+
+
+_FINITE_KERNELS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _overflowed(
+    source: str, role: str, before: torch.Tensor, after: torch.Tensor
+) -> DataError | None:
+    """Finite values that a cast to the model's dtype turned into +-inf (float64 1e300 to
+    float32, float32 70000 to float16): a DataError saying how many and what to do."""
+    if not after.is_floating_point():
+        return None
+    # float8 has no isfinite kernel; widening keeps its NaN/inf
+    wide = after if after.dtype in _FINITE_KERNELS else after.to(torch.float32)
+    bad = int((~torch.isfinite(wide)).sum())
+    if not bad:
+        return None
+    largest = float(before.detach().abs().max().to(torch.float64))
+    return DataError(
+        f"{source}: {bad} of {before.numel()} batch {role} values overflow to +-inf when "
+        f"cast from {before.dtype} to the model's {after.dtype} (largest magnitude "
+        f"{largest:.3g}; {after.dtype} holds up to {torch.finfo(after.dtype).max:.3g}); "
+        f"rescale or normalize the {role} (e.g. to mean 0, std 1) before scanning"
+    )
 
 
 def prepare(batch: Batch, dtype: torch.dtype | None, device: torch.device) -> Batch:
-    """Validate (finite, non-empty), cast floating inputs to the model's dtype, move to device."""
+    """Validate (finite, non-empty, dense), cast floating inputs to the model's dtype (no
+    value may overflow on the way), move to device."""
+    validate(batch)
     tensors = tensors_in(batch.inputs)
     if not tensors:
         raise DataError(f"{batch.source}: no input tensors in the batch")
@@ -233,7 +358,11 @@ def prepare(batch: Batch, dtype: torch.dtype | None, device: torch.device) -> Ba
         if isinstance(obj, torch.Tensor):
             if dtype is not None and obj.is_floating_point() and obj.dtype != dtype:
                 notes.append(f"inputs cast from {obj.dtype} to the model's {dtype}")
-                obj = obj.to(dtype)
+                cast = obj.to(dtype)
+                error = _overflowed(batch.source, "inputs", obj, cast)
+                if error:
+                    raise error
+                obj = cast
             return obj.to(device)
         if isinstance(obj, tuple):
             return tuple(conv(o) for o in obj)
@@ -244,7 +373,19 @@ def prepare(batch: Batch, dtype: torch.dtype | None, device: torch.device) -> Ba
         return obj
 
     inputs = conv(batch.inputs)
-    targets = None if batch.targets is None else batch.targets.to(device)
+    targets = batch.targets
+    if (
+        targets is not None
+        and dtype is not None
+        and dtype.is_floating_point
+        and targets.is_floating_point()
+        and targets.dtype != dtype
+    ):
+        # the loss casts float targets to the output's dtype (the model's)
+        error = _overflowed(batch.source, "targets", targets, targets.to(dtype))
+        if error:
+            raise error
+    targets = None if targets is None else targets.to(device)
     return Batch(
         inputs=inputs,
         targets=targets,

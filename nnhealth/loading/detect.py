@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import struct
 import zipfile
-import zlib
 from pathlib import Path
+
+from nnhealth.errors import LoadError
+from nnhealth.loading import limits
 
 TORCH_PICKLE = "torch.save"
 TORCHSCRIPT = "torchscript"
@@ -17,27 +19,36 @@ NPZ = "npz"
 ZIP_OTHER = "zip"
 TRUNCATED_ZIP = "truncated zip"
 CORRUPT_ZIP = "corrupt zip"
+BAD_SAFETENSORS = "malformed safetensors"
 UNKNOWN = "unknown"
 _MAX_HEADER = 100 * 2**20  # safetensors caps its JSON header at 100 MB
 
 
-def sniff(path: Path) -> str:
+def sniff(path: Path, error: type[Exception] = LoadError) -> str:
+    """The format of the (regular) file at ``path``. Raises ``error`` for a zip whose
+    declared sizes do not fit (a zip bomb), before anything inflates."""
     with path.open("rb") as fh:
         head = fh.read(16)
     if not head:
         return UNKNOWN
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        if not zipfile.is_zipfile(path):
-            return TRUNCATED_ZIP
         try:
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
+            if not zipfile.is_zipfile(path):
+                return TRUNCATED_ZIP
+            zf = zipfile.ZipFile(path)
+        except Exception:  # noqa: BLE001 (any failure to parse the directory: unreadable)
+            return TRUNCATED_ZIP
+        with zf:
+            names = zf.namelist()
+            limits.check_zip(zf, path.stat().st_size, str(path), error)
+            try:
                 # torch.load does not check the zip CRCs: a flipped bit in the tensor data
-                # would load silently as wrong weights. testzip reads every member once.
+                # would load silently as wrong weights. testzip reads every member once
+                # (check_zip bounded how much that inflates).
                 if zf.testzip() is not None:
                     return CORRUPT_ZIP
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error):
-            return TRUNCATED_ZIP
+            except Exception:  # noqa: BLE001 (bad deflate data, unknown method, encryption...)
+                return TRUNCATED_ZIP
         if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
             return TORCHSCRIPT
         if any("serialized_exported_program" in n or n.endswith("archive_format") for n in names):
@@ -60,6 +71,8 @@ def sniff(path: Path) -> str:
                 fh.seek(8)
                 json.loads(fh.read(n))
             return SAFETENSORS
+        except RecursionError:  # {"a":[[[[...]]]]} nested deeper than Python's stack
+            return BAD_SAFETENSORS
         except (ValueError, OSError):
             return UNKNOWN
     return UNKNOWN
@@ -72,4 +85,12 @@ DESCRIPTIONS = {
     SAFETENSORS: "safetensors file",
     NPY: "NumPy .npy array",
     NPZ: "NumPy .npz archive",
+    BAD_SAFETENSORS: "safetensors file with a malformed header",
 }
+
+
+def malformed_safetensors(where: str) -> str:
+    return (
+        f"{where}: a safetensors file whose JSON header is nested too deeply to read (a "
+        "malformed or hostile header; real ones are 3 levels deep); save the weights again"
+    )

@@ -12,11 +12,9 @@ import importlib
 import importlib.util
 import os
 import pickle
-import pickletools
 import re
 import sys
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -26,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnhealth._util import first_line
+from nnhealth._util import escaped, first_line, regular_file
 from nnhealth.errors import LoadError, UsageError
-from nnhealth.loading import detect
+from nnhealth.loading import detect, limits
 
 # Activation functions a pickled module may reference (e.g. TransformerEncoderLayer
 # stores F.relu). Pure functions of tensors: harmless to reference while unpickling.
@@ -131,81 +129,137 @@ def _unsafe_globals(path: Path) -> list[str]:
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
 
 
-_MARK = object()
+_TRUST_HINT = "If you trust the file, rerun with --trust (or NNHEALTH_TRUST=1)"
 
 
 def _module_class_calls(pickle_bytes: bytes) -> list[str]:
-    """Allowlisted classes the pickle *calls* (REDUCE) rather than re-creates (NEWOBJ).
+    """Allowlisted classes and functions the pickle *calls* (REDUCE, INST, OBJ) rather
+    than re-creates (NEWOBJ) or merely references (GLOBAL).
 
     torch.save pickles a module as NEWOBJ (cls.__new__) plus BUILD (its state); calling
-    the class, Linear(50000, 50000), only happens in a crafted file and allocates at
-    will. A symbolic run of the opcodes finds the callable under each REDUCE.
+    the class, Linear(50000, 50000), or an activation function on a stride-0 view only
+    happens in a crafted file and allocates at will. A symbolic run of the opcodes
+    (:func:`limits.walk_pickle`, STACK_GLOBAL included) finds the callable under each call.
     """
-    classes = {n for n, obj in nn_allowlist().items() if isinstance(obj, type)}
-    stack: list[Any] = []
-    memo: dict[Any, Any] = {}
-    called: list[str] = []
-    for op, arg, _ in pickletools.genops(pickle_bytes):
-        name = op.name
-        if name in ("GLOBAL", "STACK_GLOBAL"):
-            if name == "STACK_GLOBAL":
-                del stack[-2:]
-                arg = "?"
-            stack.append(("global", arg.replace(" ", ".")))
-            continue
-        if name in ("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):
-            memo[arg if name != "MEMOIZE" else len(memo)] = stack[-1] if stack else None
-            continue
-        if name in ("BINGET", "LONG_BINGET", "GET"):
-            stack.append(memo.get(arg))
-            continue
-        if name == "REDUCE" and len(stack) >= 2:
-            func = stack[-2]
-            if isinstance(func, tuple) and func[0] == "global" and func[1] in classes:
-                called.append(func[1])
-        before = op.stack_before
-        if pickletools.markobject in before:
-            while stack and stack.pop() is not _MARK:
-                pass
-            for _ in range(before.index(pickletools.markobject)):
-                if stack:
-                    stack.pop()
-        else:
-            for _ in before:
-                if stack:
-                    stack.pop()
-        for item in op.stack_after:
-            stack.append(_MARK if item is pickletools.markobject else None)
-    return called
+    facts = limits.PickleFacts()
+    limits.walk_pickle(pickle_bytes, facts)
+    return _allowlisted(facts.calls)
 
 
-def _refuse_class_calls(path: Path) -> None:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
-            data = zf.read(member) if member else b""
-        called = _module_class_calls(data)
-    except (zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError):
-        return  # torch.load reports unreadable files itself
+def _allowlisted(calls: list[str]) -> list[str]:
+    allow = nn_allowlist()
+    return [name for name in calls if name in allow]
+
+
+def _refuse_class_calls(path: Path, facts: limits.PickleFacts) -> None:
+    called = _allowlisted(facts.calls)
     if called:
         raise LoadError(
             f"{path}: the pickle calls {', '.join(sorted(set(called)))} with its own arguments "
             "(torch.save never does: it re-creates modules without calling them); refusing "
-            "to load it. If you trust the file, rerun with --trust"
+            f"to load it. {_TRUST_HINT}"
         )
+
+
+_MAX_MODULE_DEPTH = 100  # submodule nesting (real models: under 20; torch recurses per level)
+
+
+def _check_module(model: nn.Module, where: str) -> None:
+    """A pickled module's skeleton, before anything walks it: ``_modules``,
+    ``_parameters`` and ``_buffers`` are dicts of modules / tensors, without cycles and
+    nested no deeper than ``_MAX_MODULE_DEPTH`` (torch's own walks recurse once per
+    level). A crafted or damaged file can break any of these, and every later step would
+    crash on it."""
+    # iterative depth-first walk; "open" modules are on the current path (a cycle)
+    stack: list[tuple[nn.Module, int, bool]] = [(model, 0, False)]
+    open_: set[int] = set()
+    done: set[int] = set()
+    while stack:
+        module, depth, leaving = stack.pop()
+        if leaving:
+            open_.discard(id(module))
+            done.add(id(module))
+            continue
+        if id(module) in open_:
+            raise LoadError(
+                f"{where}: a {type(module).__name__} module contains itself (a cycle of "
+                "submodules: a damaged or crafted file); save the model again"
+            )
+        if id(module) in done:
+            continue
+        if depth > _MAX_MODULE_DEPTH:
+            raise LoadError(
+                f"{where}: submodules nested more than {_MAX_MODULE_DEPTH} levels deep (a "
+                "damaged or crafted file); save the model again, or use an entry point"
+            )
+        state = vars(module)
+        for attr, kind in (
+            ("_modules", nn.Module),
+            ("_parameters", torch.Tensor),
+            ("_buffers", torch.Tensor),
+        ):
+            table = state.get(attr)
+            if not isinstance(table, dict) or not all(
+                isinstance(k, str) and (v is None or isinstance(v, kind)) for k, v in table.items()
+            ):
+                raise LoadError(
+                    f"{where}: a {type(module).__name__} module whose {attr} is malformed (a "
+                    "damaged or crafted file); save the model again"
+                )
+        open_.add(id(module))
+        stack.append((module, depth, True))
+        stack.extend(
+            (child, depth + 1, False) for child in state["_modules"].values() if child is not None
+        )
+
+
+def _materialize_views(model: nn.Module) -> int:
+    """Make parameters and buffers that overlap themselves (stride-0 ``expand`` views,
+    already checked to fit in memory) contiguous: the scan writes into them (restoring
+    buffers, what-if steps), which torch refuses on overlapping memory. Tied tensors stay
+    tied. Returns how many were materialized."""
+    done: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is None or t.layout != torch.strided or t.is_meta or t.numel() < 2:
+                    continue
+                if limits.overlapping_bytes(t) <= 0 and id(t) not in done:
+                    continue
+                if isinstance(t, nn.Parameter):
+                    if id(t) not in done:
+                        t.data = t.data.contiguous()
+                        done[id(t)] = t
+                else:
+                    if id(t) not in done:
+                        done[id(t)] = t.contiguous()
+                    table[name] = done[id(t)]
+    return len(done)
+
+
+def _check_weights(named: Any, where: str, what: str) -> None:
+    """Tensors the weight checks can compute on, and whose views fit in memory."""
+    named = list(named)
+    limits.check_usable(named, where, LoadError, what)
+    limits.check_tensors(named, where, LoadError, what)
+
+
+def _module_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(), *model.named_buffers()]
 
 
 def _load_pickle(path: Path, trust: bool) -> tuple[Any, str]:
     allow = nn_allowlist()
+    facts = limits.torch_pickles(path, str(path), LoadError, trusted=trust, hint=_TRUST_HINT)
     if not trust:
-        _refuse_class_calls(path)
+        _refuse_class_calls(path, facts)
     needed = _unsafe_globals(path)
     refused = [n for n in needed if n not in allow]
     if refused and not trust:
         raise _refusal(path, refused)
     try:
         if trust:
-            with _importable_from(os.getcwd()):
+            with _importable_from(os.getcwd()), limits.quiet_readers():
                 obj = torch.load(path, map_location="cpu", weights_only=False)
             return obj, "trusted (--trust)"
         granted = [n for n in needed if n in allow]
@@ -213,7 +267,10 @@ def _load_pickle(path: Path, trust: bool) -> tuple[Any, str]:
         # shows up as an UnpicklingError; grant it if it is on the allowlist and retry.
         for _ in range(len(allow) + 1):
             try:
-                with torch.serialization.safe_globals([allow[n] for n in granted]):
+                with (
+                    torch.serialization.safe_globals([allow[n] for n in granted]),
+                    limits.quiet_readers(),
+                ):
                     obj = torch.load(path, map_location="cpu", weights_only=True)
                 break
             except pickle.UnpicklingError as exc:
@@ -235,11 +292,32 @@ def _load_pickle(path: Path, trust: bool) -> tuple[Any, str]:
             f"{path}: the pickle needs code that is not importable ({first_line(exc)}); "
             "run from the directory that holds the model's package, or use an entry point"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise LoadError(
-            f"{path}: cannot read this torch.save file ({first_line(exc)}); it looks "
-            "truncated or corrupt: save it again"
-        ) from exc
+    except LoadError:
+        raise
+    except (Exception, SystemExit) as exc:  # torch.load on a damaged file raises anything
+        raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: Path | str, exc: BaseException) -> LoadError:
+    if isinstance(exc, RecursionError):
+        return LoadError(
+            f"{path}: its pickle nests objects too deeply to read (a damaged or hostile "
+            "file); save it again"
+        )
+    if isinstance(exc, MemoryError):
+        return LoadError(
+            f"{path}: ran out of memory while loading it; free memory or save a smaller model"
+        )
+    if isinstance(exc, SystemExit):
+        reason = escaped(exc)  # code run with --trust called sys.exit
+    elif isinstance(exc, (RuntimeError, EOFError, OSError, ValueError)):
+        reason = first_line(exc)
+    else:
+        reason = f"{type(exc).__name__}: {first_line(exc)}"
+    return LoadError(
+        f"{path}: cannot read this torch.save file ({reason}); it looks truncated or "
+        "corrupt: save it again"
+    )
 
 
 def _unpickler_reason(exc: BaseException) -> str:
@@ -295,19 +373,29 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: a safetensors file; install the extra to read it: "
             "pip install 'nnhealth[safetensors]'"
         ) from exc
+    # safetensors checks that the header's offsets cover the file exactly: what it
+    # copies out is the file's size
+    limits.fits_memory(
+        path.stat().st_size, "loading its tensors", str(path), LoadError, "free memory"
+    )
     try:
         return load_file(str(path), device="cpu")
-    except Exception as exc:
+    except Exception as exc:  # its errors, RecursionError, MemoryError
         raise LoadError(f"{path}: cannot read safetensors ({first_line(exc)})") from exc
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A state_dict from FILE (torch.save, Lightning .ckpt, safetensors), never unpickling code."""
-    if not path.is_file():
+    if not path.exists():
         raise LoadError(f"{path}: no such weights file")
-    kind = detect.sniff(path)
+    regular_file(path, "weights", LoadError)  # a FIFO blocks, /dev/zero never ends
+    kind = _sniff(path, str(path), LoadError)
     if kind == detect.SAFETENSORS:
-        return _read_safetensors(path)
+        state = _read_safetensors(path)
+        _check_weights(state.items(), str(path), "tensor")
+        return state
+    if kind == detect.BAD_SAFETENSORS:
+        raise LoadError(detect.malformed_safetensors(str(path)))
     if kind in (detect.CORRUPT_ZIP, detect.TRUNCATED_ZIP):
         raise LoadError(f"{path}: a truncated or corrupt archive; save the weights again")
     if kind != detect.TORCH_PICKLE:
@@ -315,15 +403,28 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: not a weights file ({detect.DESCRIPTIONS.get(kind, kind)}); expected "
             "a torch.save state_dict, a Lightning .ckpt or a safetensors file"
         )
+    limits.torch_pickles(
+        path, str(path), LoadError, trusted=False, hint="save model.state_dict() with torch.save"
+    )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with limits.quiet_readers():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise LoadError(
             f"{path}: holds more than weights ({_unpickler_reason(exc)}); save model.state_dict()"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise LoadError(f"{path}: cannot read ({first_line(exc)}); truncated or corrupt?") from exc
-    return unwrap_state_dict(obj, str(path))
+    except (Exception, SystemExit) as exc:  # torch.load on a damaged file raises anything
+        raise _unreadable(path, exc) from exc
+    state = unwrap_state_dict(obj, str(path))
+    _check_weights(state.items(), str(path), "tensor")
+    return state
+
+
+def _sniff(path: Path, where: str, error: type[Exception]) -> str:
+    try:
+        return detect.sniff(path, error)
+    except OSError as exc:
+        raise error(f"{where}: cannot read ({exc.strerror or first_line(exc)})") from exc
 
 
 def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -445,28 +546,48 @@ def load_model(spec: str, *, trust: bool = False, weights: str | None = None) ->
         )
     if path.is_dir():
         raise LoadError(f"{spec}: is a directory; give a model file or an entry point")
+    regular_file(path, "model", LoadError)  # a FIFO blocks, /dev/zero never ends
     if weights:
         raise UsageError("--weights applies to entry points (pkg.module:factory); MODEL is a file")
-    try:
-        kind = detect.sniff(path)
-    except OSError as exc:
-        raise LoadError(f"{spec}: cannot read ({exc.strerror})") from exc
+    kind = _sniff(path, spec, LoadError)
     if kind == detect.TORCH_PICKLE:
         obj, how = _load_pickle(path, trust)
-        if isinstance(obj, nn.Module):
-            return LoadedModel(model=obj, format=f"torch.save module ({how})", source=spec)
         if isinstance(obj, dict) and isinstance(obj.get("model"), nn.Module):
-            return LoadedModel(model=obj["model"], format=f"torch.save module ({how})", source=spec)
+            obj = obj["model"]
+        if isinstance(obj, nn.Module):
+            _check_module(obj, spec)
+            _check_weights(_module_tensors(obj), spec, "parameter or buffer")
+            loaded = LoadedModel(model=obj, format=f"torch.save module ({how})", source=spec)
+            views = _materialize_views(obj)
+            if views:
+                loaded.notes.append(
+                    f"{views} expanded (stride-0) parameters or buffers made contiguous"
+                )
+            return loaded
         state = unwrap_state_dict(obj, spec)
+        _check_weights(state.items(), spec, "tensor")
         return LoadedModel(model=None, format="state_dict", source=spec, state=state)
     if kind == detect.SAFETENSORS:
-        return LoadedModel(
-            model=None, format="safetensors state_dict", source=spec, state=_read_safetensors(path)
-        )
+        state = _read_safetensors(path)
+        _check_weights(state.items(), spec, "tensor")
+        return LoadedModel(model=None, format="safetensors state_dict", source=spec, state=state)
+    if kind == detect.BAD_SAFETENSORS:
+        raise LoadError(detect.malformed_safetensors(spec))
     if kind == detect.TORCHSCRIPT:
+        if not trust:
+            # TorchScript is code: its forward or __setstate__ may call torch.from_file
+            # (which creates and writes files), torch.save, or other I/O ops, and
+            # torch.jit.load runs __setstate__ while loading
+            raise LoadError(
+                f"{spec}: a TorchScript archive is code that can read and write files (e.g. "
+                "torch.from_file), run while loading and scanning; refusing to load it. If "
+                "you trust it, rerun with --trust (or NNHEALTH_TRUST=1); or scan the Python "
+                "model through an entry point (pkg.module:factory)"
+            )
         try:
             with warnings.catch_warnings():  # torch.jit is deprecated; its files still exist
                 warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", FutureWarning)  # torch 2.14's wording
                 model = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise LoadError(f"{spec}: cannot load TorchScript ({first_line(exc)})") from exc

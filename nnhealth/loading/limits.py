@@ -1,0 +1,744 @@
+"""What a file declares, checked before anything is allocated.
+
+A few kilobytes can declare gigabytes: a zip member that inflates a thousandfold, a
+pickled storage of 10^12 elements, an ``.npy`` header with a huge shape, a call such as
+``bytearray(10**11)`` inside a pickle, a tensor expanded with stride 0 that the weight
+checks would materialize. Each loader compares what the file declares with the file's
+own size and with the memory this process may still allocate
+(:func:`nnhealth.memory.available`) and refuses, in one line, what does not fit.
+
+Nothing here executes a pickle: :func:`walk_pickle` runs its opcodes symbolically
+(``pickletools.genops``), tracking constants, tuples, globals and persistent ids.
+
+The limits (documented in the README):
+
+- ``MAX_INFLATION`` / ``INFLATION_FLOOR``: a zip (``.pt``, ``.npz``) may declare at most
+  100x its file size uncompressed, once that exceeds 256 MiB (a zip bomb otherwise);
+- every size a file declares (zip members, pickled storages, ``.npy`` arrays, calls in a
+  pickle, tensors expanded beyond their storage) must fit the free memory;
+- a legacy ``torch.save`` file or an ``.npy`` array must hold the bytes it declares;
+- ``MAX_CALL_BYTES``: a pickle may not allocate from numbers written in it (e.g.
+  ``bytearray(n)``, ``torch.FloatTensor(n, m)``) more than its file size or 16 MiB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickletools
+import struct
+import tarfile
+import warnings
+import zipfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from nnhealth import memory
+
+MAX_INFLATION = 100  # uncompressed bytes a zip may declare per byte of file (above the floor)
+# real data compresses 2-10x; a 256 MiB all-zero array saved with np.savez_compressed would
+# trip the ratio, so below this much any ratio is allowed: inflating it is cheap.
+INFLATION_FLOOR = 256 * 2**20
+MAX_CALL_BYTES = 16 * 2**20  # allocated by calls in a pickle beyond its own file size
+LEGACY_PICKLES = 5  # magic number, protocol, system info, the object, the storage keys
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_NPY_HEADER_MAX = 10000  # numpy's own max_header_size default
+
+
+@contextlib.contextmanager
+def quiet_readers() -> Iterator[None]:
+    """torch.load's and numpy's own warnings (TypedStorage deprecation, sparse CSR beta)
+    are not the user's to act on, and would break the one-line error contract."""
+    with warnings.catch_warnings():
+        for category in (UserWarning, DeprecationWarning, FutureWarning):
+            warnings.simplefilter("ignore", category)
+        yield
+
+
+def size_text(nbytes: float) -> str:
+    """1.49 GiB, 12 MiB, 300 bytes."""
+    if nbytes >= 2**70:  # sizes read from a file can be astronomical
+        return "more than 2^70 bytes"
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
+def free_memory() -> int | None:
+    return memory.available()
+
+
+def fits_memory(nbytes: int, what: str, where: str, error: type[Exception], fix: str) -> None:
+    """Raise ``error`` when ``nbytes`` is more than this process may still allocate."""
+    free = free_memory()
+    if free is not None and nbytes > free:
+        raise error(
+            f"{where}: {what} needs {size_text(nbytes)}, more than the {size_text(free)} of "
+            f"free memory; {fix}"
+        )
+
+
+# --- zip archives: declared member sizes, before anything inflates ------------------------
+
+
+def check_zip(zf: zipfile.ZipFile, file_size: int, where: str, error: type[Exception]) -> None:
+    """The members' declared uncompressed sizes against the file size and free memory.
+
+    The declared size bounds what any reader inflates (Python's zipfile and torch's
+    miniz both stop there), so this runs before ``testzip``, ``np.load`` or
+    ``torch.load`` inflate anything."""
+    infos = zf.infolist()
+    declared = sum(info.file_size for info in infos)
+    if declared > INFLATION_FLOOR and declared > MAX_INFLATION * max(file_size, 1):
+        biggest = max(infos, key=lambda info: info.file_size)
+        raise error(
+            f"{where}: a {size_text(file_size)} archive that inflates to {size_text(declared)} "
+            f"({declared / max(file_size, 1):,.0f}x; member {biggest.filename!r} alone "
+            f"{size_text(biggest.file_size)}): a zip bomb, or data far more compressible than "
+            f"real tensors; refusing to inflate it. Save it uncompressed (torch.save, np.savez)"
+        )
+    fits_memory(declared, "reading its members", where, error, "free memory, or use a smaller file")
+
+
+# --- .npy / .npz: the header's shape and dtype against the bytes present ------------------
+
+
+def npy_declared(fh: IO[bytes]) -> tuple[int, int]:
+    """(header bytes, array bytes) an ``.npy`` stream declares; ValueError when malformed."""
+    import numpy as np
+    from numpy.lib import format as npformat
+
+    version = npformat.read_magic(fh)
+    if version == (1, 0):
+        shape, _, dtype = npformat.read_array_header_1_0(fh, max_header_size=_NPY_HEADER_MAX)
+    elif version in ((2, 0), (3, 0)):  # 3.0 differs only in encoding the dtype's names
+        shape, _, dtype = npformat.read_array_header_2_0(fh, max_header_size=_NPY_HEADER_MAX)
+    else:
+        raise ValueError(f"unknown .npy format version {version}")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"negative dimension in shape {shape}")
+    dtype = np.dtype(dtype)
+    header = fh.tell()
+    return header, (0 if dtype.hasobject else _prod(shape) * dtype.itemsize)
+
+
+def check_npy(path: Path, where: str, error: type[Exception]) -> None:
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        try:
+            header, nbytes = npy_declared(fh)
+        except Exception as exc:  # numpy's header parser raises many kinds on bad text
+            raise error(
+                f"{where}: not a readable .npy file ({_first(exc)}); save it again"
+            ) from exc
+    if header + nbytes > size:
+        raise error(
+            f"{where}: its header declares {size_text(nbytes)} of array data but the file "
+            f"holds {size_text(max(size - header, 0))}: truncated or corrupt; save it again"
+        )
+    fits_memory(nbytes, "the array", where, error, "save a smaller batch")
+
+
+def check_npz(path: Path, where: str, error: type[Exception]) -> None:
+    """Each member's header against that member's declared uncompressed size (bounded
+    already by :func:`check_zip`); the arrays' total against free memory."""
+    total = 0
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            with zf.open(info) as fh:
+                try:
+                    header, nbytes = npy_declared(fh)
+                except Exception as exc:  # numpy's header parser raises many kinds
+                    raise error(
+                        f"{where}: member {info.filename!r} is not a readable .npy array "
+                        f"({_first(exc)}); save the batch again"
+                    ) from exc
+            if header + nbytes > info.file_size:
+                raise error(
+                    f"{where}: member {info.filename!r} declares {size_text(nbytes)} of array "
+                    f"data but holds {size_text(max(info.file_size - header, 0))}: truncated "
+                    "or corrupt; save the batch again"
+                )
+            total += nbytes
+    fits_memory(total, "its arrays", where, error, "save a smaller batch")
+
+
+# --- pickles, run symbolically -------------------------------------------------------------
+
+
+class _Opaque:
+    """A value the symbolic run does not follow (a dict, an object, a call's result)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "?"
+
+
+OPAQUE = _Opaque()
+_MARK = object()
+
+
+@dataclass(frozen=True)
+class Global:
+    name: str  # module.qualname, with Python 2 module names mapped as pickle does
+
+
+@dataclass(frozen=True)
+class Storage:
+    key: str
+    itemsize: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor a rebuild function returns: its logical bytes (numel x itemsize)."""
+
+    nbytes: int | None
+    itemsize: int
+
+
+@dataclass(frozen=True)
+class EncodedBytes:
+    """``_codecs.encode(text, "latin1")``: how protocol 2 pickles bytes."""
+
+
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+_ITEMSIZE = {
+    "Double": 8,
+    "Float": 4,
+    "Half": 2,
+    "BFloat16": 2,
+    "Long": 8,
+    "Int": 4,
+    "Short": 2,
+    "Char": 1,
+    "Byte": 1,
+    "Bool": 1,
+    "ComplexDouble": 16,
+    "ComplexFloat": 8,
+    "QUInt8": 1,
+    "QInt8": 1,
+    "QInt32": 4,
+    "QUInt4x2": 1,
+    "QUInt2x4": 1,
+    "Untyped": 1,
+    "Typed": 1,
+}
+
+
+def _itemsize(name: str, suffix: str) -> int:
+    """Bytes per element of ``torch.FloatStorage`` / ``torch.cuda.HalfTensor`` / dtypes."""
+    last = name.rsplit(".", 1)[-1]
+    if last.endswith(suffix):
+        return _ITEMSIZE.get(last[: -len(suffix)], 8)
+    import torch
+
+    dtype = getattr(torch, last, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype.itemsize
+    return 8  # unknown: the widest common element, so a size is never underestimated
+
+
+def _allocating_class(name: str) -> bool:
+    """Tensor and storage classes: calling them with sizes allocates (torch.save never
+    calls them: it rebuilds tensors from storages)."""
+    if not name.startswith("torch."):
+        return False
+    last = name.rsplit(".", 1)[-1]
+    return last == "Tensor" or last.endswith(("Tensor", "Storage"))
+
+
+@dataclass
+class PickleFacts:
+    """What one or more pickles would do, found without running them."""
+
+    calls: list[str] = field(default_factory=list)  # names called via REDUCE / INST / OBJ
+    suspicious: list[tuple[str, int | None]] = field(default_factory=list)  # (call, bytes)
+    storages: dict[str, int] = field(default_factory=dict)  # key -> declared bytes
+    allocations: int = 0  # bytes that calls would allocate (materialized views, qtensors)
+
+
+_SATURATE = 1 << 100  # beyond any memory: products stop growing here (no bigint blow-up)
+
+
+def _prod(values: Iterable[int]) -> int:
+    """The product of sizes (negative ones as 0), saturating at 2^100: a pickle can hold
+    a tuple of a million 2^63 sizes, whose exact product would take minutes."""
+    result = 1
+    for v in values:
+        result = min(result * max(v, 0), _SATURATE)
+        if result == 0:
+            return 0
+    return result
+
+
+def _ints(value: Any) -> tuple[int, ...] | None:
+    if isinstance(value, (tuple, list)) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return tuple(value)
+    return None
+
+
+def _describe_call(name: str, args: Any) -> str:
+    shown = args if isinstance(args, tuple) else (args,)
+    text = ", ".join(
+        repr(a)
+        if isinstance(a, (float, str)) or (isinstance(a, int) and abs(a) < 10**30)
+        else "..."
+        for a in shown[:4]
+    )
+    return f"{name}({text}{', ...' if len(shown) > 4 else ''})"
+
+
+def _call(func: Any, args: Any, facts: PickleFacts) -> Any:
+    """The symbolic result of ``func(*args)``; records calls and what they allocate."""
+    if not isinstance(func, Global):
+        return OPAQUE
+    name = func.name
+    facts.calls.append(name)
+    args = args if isinstance(args, tuple) else ()
+    if name == "builtins.bytearray":
+        # torch.save writes bytearray(_codecs.encode(text, "latin1")); a number (or a
+        # one-element tensor, which has __index__) is an allocation of that many bytes
+        if args and not isinstance(args[0], (str, bytes, EncodedBytes)):
+            n = min(max(args[0], 0), _SATURATE) if isinstance(args[0], int) else None
+            facts.suspicious.append((_describe_call("bytearray", args), n))
+        return OPAQUE
+    if name == "_codecs.encode":
+        return EncodedBytes()
+    if _allocating_class(name):
+        numbers = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
+        if args and (numbers or not all(isinstance(a, TensorRef) for a in args)):
+            size = _prod(numbers) * _itemsize(name, "Tensor")
+            facts.suspicious.append((_describe_call(name, args), size if numbers else None))
+        return TensorRef(None, 4)
+    if name in (
+        "torch._utils._rebuild_tensor",
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_tensor_v3",
+    ):
+        storage = args[0] if args else None
+        size = _ints(args[2]) if len(args) > 2 else None
+        itemsize = storage.itemsize if isinstance(storage, Storage) else 8
+        if name.endswith("_v3") and len(args) > 6 and isinstance(args[6], Global):
+            itemsize = _itemsize(args[6].name, "")
+        return TensorRef(None if size is None else _prod(size) * itemsize, itemsize)
+    if name == "torch._utils._rebuild_qtensor":
+        # torch._empty_affine_quantized(size) allocates before the storage is attached
+        storage = args[0] if args else None
+        size = _ints(args[2]) if len(args) > 2 else None
+        held = storage.nbytes if isinstance(storage, Storage) else 0
+        itemsize = storage.itemsize if isinstance(storage, Storage) else 1
+        need = None if size is None else _prod(size) * itemsize
+        if need is None or need > held:
+            facts.suspicious.append((_describe_call("_rebuild_qtensor", args[1:3]), need))
+        else:
+            facts.allocations += need
+        return TensorRef(need, itemsize)
+    if name in (
+        "torch._utils._rebuild_device_tensor_from_cpu_tensor",
+        "torch._utils._rebuild_device_tensor_from_numpy",
+    ):
+        # data.to(dtype, device): materializes a view, at the target dtype's width
+        data = args[0] if args else None
+        itemsize = (
+            _itemsize(args[1].name, "") if len(args) > 1 and isinstance(args[1], Global) else 8
+        )
+        if isinstance(data, TensorRef) and data.nbytes is not None:
+            need = data.nbytes // max(data.itemsize, 1) * itemsize
+            facts.allocations += need
+            return TensorRef(need, itemsize)
+        facts.suspicious.append((_describe_call(name.rsplit(".", 1)[-1], args), None))
+        return OPAQUE
+    if name in ("torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state"):
+        return args[0] if args else OPAQUE
+    if name == "torch._tensor._rebuild_from_type_v2":
+        # (func, new_type, args, state): the unpickler lets it call func(*args)
+        if len(args) > 2:
+            facts.calls.pop()
+            return _call(args[0], args[2], facts)
+        return OPAQUE
+    if name == "torch.Size":
+        return args[0] if args and isinstance(args[0], (tuple, list)) else OPAQUE
+    return OPAQUE
+
+
+def _persistent(pid: Any, facts: PickleFacts) -> Any:
+    """torch.save's storage ids: ('storage', type, key, location, numel[, view]); the
+    legacy format also pickles module classes as ('module', class, file, source)."""
+    if isinstance(pid, tuple) and len(pid) >= 2 and pid[0] == "module":
+        return pid[1]  # the class: a call on it is a call of the class
+    if (
+        isinstance(pid, tuple)
+        and len(pid) >= 5
+        and pid[0] == "storage"
+        and isinstance(pid[1], Global)
+        and isinstance(pid[4], int)
+    ):
+        itemsize = _itemsize(pid[1].name, "Storage")
+        nbytes = min(max(pid[4], 0), _SATURATE) * itemsize  # negative: torch refuses it
+        key = str(pid[2])
+        facts.storages[key] = max(nbytes, facts.storages.get(key, 0))
+        return Storage(key, itemsize, nbytes)
+    return OPAQUE
+
+
+_CONSTANTS = {
+    "INT",
+    "BININT",
+    "BININT1",
+    "BININT2",
+    "LONG",
+    "LONG1",
+    "LONG4",
+    "STRING",
+    "BINSTRING",
+    "SHORT_BINSTRING",
+    "BINBYTES",
+    "SHORT_BINBYTES",
+    "BINBYTES8",
+    "BYTEARRAY8",
+    "UNICODE",
+    "BINUNICODE",
+    "SHORT_BINUNICODE",
+    "BINUNICODE8",
+    "FLOAT",
+    "BINFLOAT",
+}
+
+
+def walk_pickle(stream: Any, facts: PickleFacts) -> Any:
+    """Run one pickle's opcodes symbolically up to its STOP; return the value it builds.
+
+    ``stream`` is bytes or a file-like object (read, readline) left just after the
+    STOP. Raises ValueError for a malformed pickle."""
+    stack: list[Any] = []
+    memo: dict[Any, Any] = {}
+
+    def pop() -> Any:
+        return stack.pop() if stack else OPAQUE
+
+    def pop_mark() -> list[Any]:
+        items: list[Any] = []
+        while stack:
+            item = stack.pop()
+            if item is _MARK:
+                break
+            items.append(item)
+        items.reverse()
+        return items
+
+    try:
+        ops: Iterator = pickletools.genops(stream)
+        for op, arg, _ in ops:
+            name = op.name
+            if name in _CONSTANTS:
+                stack.append(arg)
+            elif name == "NONE":
+                stack.append(None)
+            elif name in ("NEWTRUE", "NEWFALSE"):
+                stack.append(name == "NEWTRUE")
+            elif name == "MARK":
+                stack.append(_MARK)
+            elif name == "TUPLE":
+                stack.append(tuple(pop_mark()))
+            elif name == "EMPTY_TUPLE":
+                stack.append(())
+            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                n = int(name[-1])
+                items = [pop() for _ in range(n)]
+                stack.append(tuple(reversed(items)))
+            elif name == "EMPTY_LIST":
+                stack.append([])
+            elif name == "LIST":
+                stack.append(pop_mark())
+            elif name == "APPEND":
+                item = pop()
+                if stack and isinstance(stack[-1], list):
+                    stack[-1].append(item)
+            elif name == "APPENDS":
+                items = pop_mark()
+                if stack and isinstance(stack[-1], list):
+                    stack[-1].extend(items)
+            elif name in ("EMPTY_DICT", "EMPTY_SET"):
+                stack.append(OPAQUE)
+            elif name in ("DICT", "FROZENSET"):
+                pop_mark()
+                stack.append(OPAQUE)
+            elif name == "SETITEM":
+                pop()
+                pop()
+            elif name in ("SETITEMS", "ADDITEMS"):
+                pop_mark()
+            elif name in ("GLOBAL", "INST"):
+                module, _, qualname = str(arg).partition(" ")
+                glob = Global(f"{_PY2_MODULES.get(module, module)}.{qualname}")
+                if name == "GLOBAL":
+                    stack.append(glob)
+                else:  # INST calls the class with the arguments after the mark
+                    stack.append(_call(glob, tuple(pop_mark()), facts))
+            elif name == "STACK_GLOBAL":
+                qualname, module = pop(), pop()
+                if isinstance(module, str) and isinstance(qualname, str):
+                    stack.append(Global(f"{_PY2_MODULES.get(module, module)}.{qualname}"))
+                else:
+                    stack.append(Global("?"))
+            elif name == "OBJ":  # cls(*args), the class first after the mark
+                items = pop_mark()
+                stack.append(_call(items[0], tuple(items[1:]), facts) if items else OPAQUE)
+            elif name == "REDUCE":
+                call_args, func = pop(), pop()
+                stack.append(_call(func, call_args, facts))
+            elif name in ("NEWOBJ", "NEWOBJ_EX"):
+                if name == "NEWOBJ_EX":
+                    pop()  # kwargs
+                call_args, cls = pop(), pop()
+                if (
+                    isinstance(cls, Global)
+                    and _allocating_class(cls.name)
+                    and call_args not in ((), OPAQUE)
+                ):
+                    facts.suspicious.append(
+                        (_describe_call(cls.name + ".__new__", call_args), None)
+                    )
+                stack.append(OPAQUE)
+            elif name == "BUILD":
+                pop()
+            elif name in ("BINPERSID", "PERSID"):
+                pid = pop() if name == "BINPERSID" else arg
+                stack.append(_persistent(pid, facts))
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack[-1] if stack else OPAQUE
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1] if stack else OPAQUE
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(arg, OPAQUE))
+            elif name == "POP":
+                pop()
+            elif name == "POP_MARK":
+                pop_mark()
+            elif name == "DUP":
+                stack.append(stack[-1] if stack else OPAQUE)
+            elif name == "STOP":
+                return stack[-1] if stack else None
+            elif name in ("PROTO", "FRAME"):
+                pass
+            else:  # EXT1/2/4, NEXT_BUFFER, READONLY_BUFFER: opaque values
+                before = op.stack_before
+                if pickletools.markobject in before:
+                    pop_mark()
+                else:
+                    for _ in before:
+                        pop()
+                for item in op.stack_after:
+                    stack.append(_MARK if item is pickletools.markobject else OPAQUE)
+    except (struct.error, OverflowError, EOFError, IndexError, TypeError, KeyError) as exc:
+        raise ValueError(str(exc) or type(exc).__name__) from None
+    raise ValueError("pickle exhausted before seeing STOP")
+
+
+def _first(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def _zip_pickles(path: Path, facts: PickleFacts) -> None:
+    with zipfile.ZipFile(path) as zf:
+        # every .pkl member: torch reads <archive>/data.pkl, so a decoy must not hide it
+        for info in zf.infolist():
+            if info.filename.endswith(".pkl"):
+                walk_pickle(zf.read(info), facts)
+
+
+class _Clamped:
+    """A file for ``pickletools.genops`` that never reads past the end: a file object's
+    read(n) allocates n bytes up front, and n comes from the pickle (BINBYTES8 can say
+    2^63); readline stops after ``_MAX_LINE`` (torch.save's lines are GLOBAL names)."""
+
+    _MAX_LINE = 2**20
+
+    def __init__(self, fh: IO[bytes], size: int) -> None:
+        self.fh, self.size = fh, size
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(self.size - self.fh.tell(), 0)
+        return self.fh.read(left if n < 0 or n > left else n)
+
+    def readline(self) -> bytes:
+        return self.fh.readline(self._MAX_LINE)
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+
+def _legacy_pickles(path: Path, facts: PickleFacts, where: str, error: type[Exception]) -> None:
+    """The legacy (non-zip) torch.save layout: five pickles, then for each storage key
+    (in the order the fifth pickle lists them) an 8-byte element count and the raw bytes.
+    torch allocates each storage from the pickled element count before reading it."""
+    size = path.stat().st_size
+    if tarfile.is_tarfile(path):
+        # torch.load tries the oldest (tar) format first; it allocates storages from
+        # sizes in the file that this walk does not follow
+        raise ValueError("a tar archive (the pre-1.0 torch.save format is not read)")
+    with path.open("rb") as fh:
+        stream = _Clamped(fh, size)
+        magic = walk_pickle(stream, facts)
+        if magic != _LEGACY_MAGIC:
+            raise ValueError("no torch.save magic number")
+        for _ in range(LEGACY_PICKLES - 1):
+            keys = walk_pickle(stream, facts)
+        data_start = stream.tell()
+    declared = 0
+    if isinstance(keys, list):
+        declared = sum(8 + facts.storages.get(str(k), 0) for k in keys)
+    declared = max(declared, sum(facts.storages.values()))
+    if data_start + declared > size:
+        raise error(
+            f"{where}: its pickle declares {size_text(declared)} of tensor data but the file "
+            f"holds {size_text(size - data_start)} after it: truncated or corrupt; save it again"
+        )
+
+
+def torch_pickles(
+    path: Path, where: str, error: type[Exception], trusted: bool, hint: str
+) -> PickleFacts:
+    """Walk every pickle of a torch.save file (zip: each ``.pkl`` member; legacy: the
+    pickle sequence up to the raw storage bytes) and check what it declares: storages
+    against the file and free memory, calls that would allocate from numbers in the
+    file. Returns the facts; the caller judges ``calls`` against its allowlist.
+
+    ``trusted``: the user vouched for the file; a pickle this walker cannot follow is
+    left to torch.load, and only sizes are checked."""
+    facts = PickleFacts()
+    with path.open("rb") as fh:
+        is_zip = fh.read(4) == b"PK\x03\x04"  # how torch.load tells the two formats apart
+    try:
+        if is_zip:
+            _zip_pickles(path, facts)
+        else:
+            _legacy_pickles(path, facts, where, error)
+    except (ValueError, zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:
+        if trusted:
+            return PickleFacts()
+        raise error(
+            f"{where}: cannot read this torch.save file (its pickle is malformed: "
+            f"{_first(exc)}); it looks truncated or corrupt: save it again"
+        ) from None
+    if not trusted and facts.suspicious:
+        unknown = [call for call, n in facts.suspicious if n is None]
+        total = sum(n for _, n in facts.suspicious if n is not None)
+        if unknown or total > max(path.stat().st_size, MAX_CALL_BYTES):
+            call = unknown[0] if unknown else max(facts.suspicious, key=lambda c: c[1] or 0)[0]
+            amount = "" if unknown else f" ({size_text(total)})"
+            raise error(
+                f"{where}: the pickle calls {call}, which allocates from numbers written in "
+                f"the file{amount} (torch.save never does); refusing to load it. {hint}"
+            )
+        facts.allocations += total
+    # a zip's storages are its members, already weighed by check_zip
+    declared = 0 if is_zip else sum(facts.storages.values())
+    fits_memory(
+        declared + facts.allocations,
+        "the tensors its pickle declares",
+        where,
+        error,
+        "free memory, or use a smaller file",
+    )
+    return facts
+
+
+# --- loaded tensors: views that would be materialized --------------------------------------
+
+
+def _span(t: Any) -> int:
+    """Bytes of storage a strided tensor actually covers."""
+    if t.numel() == 0:
+        return 0
+    last = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True))
+    return (last + 1) * t.element_size()
+
+
+def overlapping_bytes(t: Any) -> int:
+    """Bytes by which a strided tensor's logical size exceeds the storage it covers (a
+    stride-0 ``expand`` or overlapping ``as_strided``); 0 for ordinary tensors."""
+    return t.numel() * t.element_size() - _span(t)
+
+
+def check_tensors(
+    named: Iterable[tuple[str, Any]], where: str, error: type[Exception], what: str
+) -> None:
+    """Tensors whose logical size (numel x element size) exceeds the storage they cover
+    (stride-0 ``expand``, overlapping ``as_strided``) cost their logical size once any
+    check materializes them; refuse when that extra does not fit the free memory."""
+    import torch
+
+    extra = 0
+    worst: tuple[int, str, Any] | None = None
+    for name, t in named:
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_meta:
+            continue
+        more = overlapping_bytes(t)
+        if more > 0:
+            extra += more
+            if worst is None or more > worst[0]:
+                worst = (more, name, t)
+    free = free_memory()
+    if worst is None or free is None or extra <= free:
+        return
+    _, name, t = worst
+    raise error(
+        f"{where}: {what} {name!r} is a {'x'.join(map(str, t.shape))} view of "
+        f"{size_text(_span(t))} of storage (strides {list(t.stride())}); materializing the "
+        f"expanded tensors needs {size_text(extra)}, more than the {size_text(free)} of free "
+        "memory; save them contiguous (.contiguous()) or smaller"
+    )
+
+
+# --- tensors nnhealth cannot compute on ------------------------------------------------------
+
+
+def unusable(t: Any, quantized_ok: bool = False) -> str | None:
+    """Why nnhealth cannot compute on this tensor and what to do (sparse, nested, meta,
+    quantized); None when it can."""
+    import torch
+
+    sparse = {
+        torch.sparse_coo: "sparse COO",
+        torch.sparse_csr: "sparse CSR",
+        torch.sparse_csc: "sparse CSC",
+        torch.sparse_bsr: "sparse BSR",
+        torch.sparse_bsc: "sparse BSC",
+    }
+    if t.layout in sparse:
+        return f"a {sparse[t.layout]} tensor; nnhealth needs dense tensors: save tensor.to_dense()"
+    if t.is_nested:
+        return (
+            "a nested (ragged) tensor; pad it to a dense one "
+            "(torch.nested.to_padded_tensor(t, 0.0)) and save that"
+        )
+    if t.layout != torch.strided:
+        return f"a tensor with layout {t.layout}; save tensor.to_dense()"
+    if t.is_meta:
+        return (
+            "a tensor on the meta device, which holds no values (built under "
+            "torch.device('meta')?); save the real tensor"
+        )
+    if t.is_quantized and not quantized_ok:
+        return f"a quantized ({t.dtype}) tensor; save tensor.dequantize()"
+    return None
+
+
+def check_usable(
+    named: Iterable[tuple[str, Any]], where: str, error: type[Exception], what: str
+) -> None:
+    """Weights: refuse sparse, nested and meta tensors (quantized ones are read)."""
+    for name, t in named:
+        why = unusable(t, quantized_ok=True)
+        if why:
+            raise error(f"{where}: {what} {name!r} is {why}")
