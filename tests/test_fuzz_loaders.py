@@ -271,3 +271,39 @@ def test_unmutated_seeds_load_where_they_should(name: str) -> None:
         else:
             with pytest.raises(NnhealthError, match="TorchScript"):
                 load_model(str(path))
+
+
+@settings(FUZZ, max_examples=max(EXAMPLES // 3, 6))
+@given(data=st.data(), name=st.sampled_from(SEED_NAMES))
+def test_mutated_files_through_the_command_line(data: st.DataObject, name: str) -> None:
+    """The whole scan on a mutated file, as model and as batch: exit 0 or 1 with a
+    report, or exit 2 with one line on stderr that is never an internal error."""
+    import contextlib
+
+    from nnhealth.cli import main
+
+    content = data.draw(byte_mutation(seeds()[name]), label="mutated")
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mock.patch.object(memory, "available", lambda: LIMIT),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / name
+        path.write_bytes(content)
+        torch.save(nn.Linear(4, 3), Path(tmp) / "good.pt")
+        before = sorted(os.listdir(tmp))
+        for args in (
+            ["scan", str(path), "--input-shape", "6x4", "--format", "json"],
+            ["scan", str(Path(tmp) / "good.pt"), "--data", str(path), "--format", "json"],
+        ):
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main(args)
+            if code == 2:
+                lines = err.getvalue().strip().splitlines()
+                assert len(lines) == 1 and "internal error" not in lines[0], err.getvalue()
+                assert "Traceback" not in err.getvalue()
+            else:
+                assert code in (0, 1), (code, err.getvalue())
+        assert sorted(os.listdir(tmp)) == before
