@@ -15,6 +15,20 @@ _DEBUG_SNIPPET = (
 )
 
 
+# the largest finite value of the narrow-range dtypes: an overflow there is the dtype's
+NARROW_RANGE = {"float16": 65504.0, "float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}
+
+
+def _range_note(dtype: str) -> str:
+    top = NARROW_RANGE.get(dtype)
+    if top is None:
+        return ""
+    return (
+        f" (this layer computes in {dtype}, whose largest finite value is {top:g}: "
+        "bfloat16 has float32's range)"
+    )
+
+
 class Nonfinite(Check):
     """NaN or Inf in the weights, the loss, a layer's output or a gradient.
 
@@ -41,6 +55,8 @@ class Nonfinite(Check):
         logs and divisions, or use a numerically stable loss (``cross_entropy`` on
         logits, ``BCEWithLogitsLoss`` instead of sigmoid + BCE).
         ``torch.autograd.detect_anomaly()`` names the backward operation that made it.
+        A float16 model overflows above 65504 (float8 e4m3 above 448): the message says
+        so when the layer ran in such a dtype; bfloat16 has float32's range.
     """
 
     code = "NH001"
@@ -80,7 +96,7 @@ class Nonfinite(Check):
                     first.name,
                     f"first non-finite activation: {first.nonfinite} of {first.total} values "
                     f"in the output of {first.name} ({first.kind}) are NaN/Inf; {cause}; "
-                    f"{len(bad)} layer(s) in all",
+                    f"{len(bad)} layer(s) in all{_range_note(first.dtype)}",
                     {
                         "nonfinite": first.nonfinite,
                         "values": first.total,
@@ -114,7 +130,7 @@ class Nonfinite(Check):
                     first.name,
                     f"the gradient turns non-finite in the backward pass at {first.name}: "
                     f"{first.grad_nonfinite} of {first.grad_count} values NaN/Inf, while the "
-                    "forward pass was finite",
+                    f"forward pass was finite{_range_note(first.dtype)}",
                     {"nonfinite": first.grad_nonfinite, "values": first.grad_count},
                     "clip gradients and look for an operation with an unbounded derivative "
                     "(sqrt at 0, log near 0, division by a small number)",

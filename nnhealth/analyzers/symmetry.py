@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from nnhealth.analyzers.base import Check, Option
 from nnhealth.analyzers.dead_relu import preceding_layer
 from nnhealth.capture.groups import near_duplicate_groups
-from nnhealth.capture.stats import Capture, SiteStats, WeightStats
+from nnhealth.capture.stats import LAYER, NORM, Capture, SiteStats, WeightStats
 from nnhealth.findings import Finding, Severity
 
 _REINIT = (
@@ -21,6 +23,31 @@ _NOISE = (
     "with torch.no_grad():  # keep the copied function, break the tie\n"
     "    layer.weight.add_(1e-3 * layer.weight.std() * torch.randn_like(layer.weight))"
 )
+
+
+def _pairs(groups) -> int:
+    return sum(len(g) * (len(g) - 1) // 2 for g in groups)
+
+
+def chance_probability(pairs: int, expected: float) -> float:
+    """P(at least ``pairs`` equal pairs) when chance alone gives ``expected`` on average
+    (Poisson): how well chance explains what was found."""
+    if pairs <= 0:
+        return 1.0
+    if not expected > 0:
+        return 0.0
+    from scipy.special import pdtrc
+
+    return float(pdtrc(pairs - 1, expected))
+
+
+def weight_groups(w: WeightStats, options: dict) -> tuple[tuple[int, ...], ...]:
+    """The layer's groups of equal units, or none when chance explains them: a layer
+    stored in float8 (or bfloat16) with only a few inputs per unit has few distinct rows,
+    so random units land on equal ones."""
+    if not w.groups or chance_probability(_pairs(w.groups), w.chance_pairs) >= options["chance"]:
+        return ()
+    return w.groups
 
 
 def _describe(groups: list, units: int) -> tuple[int, int, int]:
@@ -43,6 +70,14 @@ class Symmetry(Check):
         Not findings: the output layer (each output gets its own gradient from the loss),
         a layer of one unit, a frozen layer, and constant units (dead or saturated, which
         NH101/NH102 report).
+        Precision: bfloat16 keeps 8 significant bits and float8 e4m3 4, so values that
+        differ in float32 often round to the same one. Rows of a few hundred random
+        inputs still never coincide, but a float8 layer with two or three inputs per unit
+        has few distinct rows, and two ReLU units that fire on one example of a small
+        batch agree in bfloat16 on that one value about 1 time in 300. Equal units are
+        reported only when chance coincidences (a random init at the layer's own scale,
+        stored in its dtype; for outputs, the values that can tell units apart at the
+        outputs' precision) would explain them with probability below ``chance``.
 
     Why it matters:
         Units with identical incoming weights compute the same activation and receive
@@ -73,6 +108,12 @@ class Symmetry(Check):
             "differ on a single example differ by far more",
         ),
         Option("error_fraction", 0.5, "half a layer duplicated: most of its width is gone"),
+        Option(
+            "chance",
+            1e-6,
+            "equal units that a random init would give with this probability or more, at "
+            "the values' precision, are not reported (float8 rows of 2 inputs collide often)",
+        ),
     )
 
     def _severity(self, duplicated: int, units: int, effective: int, options: dict) -> Severity:
@@ -85,10 +126,12 @@ class Symmetry(Check):
         # layers whose own weights explain identical outputs downstream (reported or not:
         # a frozen constant layer is deliberate) and layers that feed the loss directly
         explained = {
-            w.module for w in capture.weights if w.groups or not w.trainable or w.is_output
+            w.module
+            for w in capture.weights
+            if weight_groups(w, options) or not w.trainable or w.is_output
         }
         for w in capture.weights:
-            if w.is_output or w.units < 2 or not w.trainable or not w.groups:
+            if w.is_output or w.units < 2 or not w.trainable or not weight_groups(w, options):
                 continue
             out.append(self._weight_finding(w, options))
         for site in capture.activation_sites():
@@ -132,6 +175,8 @@ class Symmetry(Check):
                 "largest_group": max(len(g) for g in w.groups),
                 "exact": w.groups_exact,
                 "first_group": ",".join(map(str, w.groups[0][:8])),
+                "dtype": w.dtype,
+                "chance_pairs": w.chance_pairs,
             },
             fix,
             snippet,
@@ -158,6 +203,9 @@ class Symmetry(Check):
                 key = tuple(np.round(fp[i, 2:] / (rtol * max(np.abs(fp[i, 2:]).max(), 1e-30))))
                 by_range.setdefault(key, []).append(int(i))
             groups += [sorted(v) for v in by_range.values() if len(v) > 1]
+        source = preceding_layer(capture, site, (LAYER, NORM))
+        pinned = 2 if source is not None and source.role == NORM else 0
+        groups = [g for g in groups if self._beyond_chance(site, g, live.size, pinned, options)]
         if not groups:
             return None
         grouped, duplicated, effective = _describe(groups, site.units)
@@ -180,11 +228,35 @@ class Symmetry(Check):
             None if feeder is None else _REINIT.format(name=feeder.module),
         )
 
+    @staticmethod
+    def _beyond_chance(
+        site: SiteStats, group: list[int], live: int, pinned: int, options: dict
+    ) -> bool:
+        """Whether chance explains a group of units with equal outputs.
+
+        The values that can tell two units apart are those strictly inside the unit's
+        range and its top (a ReLU's zeros, a bound, are shared by many units), less the
+        ``pinned`` ones that a normalization layer feeding it fixes (location and scale:
+        BatchNorm over 2 values outputs -1 and +1 in every channel). Each agrees by
+        chance with probability q = max(eps/2, activation_rtol) at the outputs'
+        precision (eps: bfloat16 2**-7, float32 2**-23); among C(live, 2) pairs,
+        q ** values of them.
+        """
+        counts = None if site.unit_interior is None else site.unit_interior[group]
+        if counts is None or (counts < 0).any():
+            return True  # not counted (a tolerance above the capture's 1e-4): no discount
+        values = max(int(counts.min()) + 1 - pinned, 0)
+        q = min(max(site.eps / 2, options["activation_rtol"]), 1.0)
+        log_expected = math.log(live * (live - 1) / 2) + values * math.log(q)
+        expected = math.exp(min(log_expected, 700.0))
+        return chance_probability(_pairs([group]), expected) < options["chance"]
+
     def metrics(self, capture: Capture, options: dict) -> dict[str, dict]:
-        return {
-            w.module: {
-                "symmetry_groups": len(w.groups),
-                "effective_width": w.effective_width,
+        rows = {}
+        for w in capture.weights:
+            groups = weight_groups(w, options)
+            rows[w.module] = {
+                "symmetry_groups": len(groups),
+                "effective_width": w.units - sum(len(g) - 1 for g in groups),
             }
-            for w in capture.weights
-        }
+        return rows

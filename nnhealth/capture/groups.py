@@ -37,8 +37,14 @@ def near_duplicate_groups(rows: np.ndarray, rtol: float, seed: int = 0) -> list[
         block = rows[start : start + 2048].astype(np.float64)
         norms[start : start + 2048] = np.sqrt(np.einsum("ij,ij->i", block, block))
         proj[start : start + 2048] = block @ direction
+    # a row holding NaN/Inf is no one's copy (its distances are NaN or Inf, and an Inf
+    # norm would make every row "within rtol" of it): NH001 reports it
+    finite = np.isfinite(norms) & np.isfinite(proj)
+    if finite.sum() < 2:
+        return []
     order = np.argsort(proj, kind="stable")
-    window = (rtol + 1e-12) * float(norms.max())
+    order = order[finite[order]]
+    window = (rtol + 1e-12) * float(norms[finite].max())
     leaders: deque[int] = deque()
     members: dict[int, list[int]] = {}
     for idx in order:

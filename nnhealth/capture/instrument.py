@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 from nnhealth._util import escaped, tensors_in
 from nnhealth.capture.activations import build_table
 from nnhealth.capture.params import module_owners, param_stats
+from nnhealth.capture.precision import dtype_name, exact32, readable
 from nnhealth.capture.state import preserved_state
 from nnhealth.capture.stats import (
     ACTIVATION,
@@ -77,6 +78,7 @@ class _Site:
     active: torch.Tensor | None = None
     saturated: torch.Tensor | None = None
     fingerprint: torch.Tensor | None = None
+    interior: torch.Tensor | None = None
     positive_fraction: float | None = None
     ptr: int = 0
     is_output: bool = False
@@ -85,6 +87,8 @@ class _Site:
     grad_m2: float | None = None
     grad_nonfinite: int = 0
     grad_order: int | None = None
+    dtype: str = "float32"
+    eps: float = 2.0**-23
 
 
 @dataclass
@@ -193,7 +197,7 @@ class _Recorder:
         channel_first: bool,
         spec: ActivationSpec | None = None,
     ) -> None:
-        if not out.is_floating_point() or out.numel() == 0:
+        if not readable(out) or out.numel() == 0:
             return
         self.calls[base] += 1
         n_call = self.calls[base]
@@ -202,9 +206,10 @@ class _Recorder:
         self.busy = True
         try:
             with torch.no_grad():
-                x = out.detach()
-                if x.dtype in (torch.float16, torch.bfloat16):
-                    x = x.float()  # half-precision sums lose the small variances we report
+                # bfloat16/float16/float8 values, exactly, in float32: half-precision
+                # sums lose the small variances we report, comparisons against the
+                # saturation bounds must see the stored values
+                x = exact32(out.detach())
                 if x.ndim <= 1:
                     x = x.reshape(-1, 1)
                 unit_dim = 1 if (channel_first and x.ndim >= 3) else x.ndim - 1
@@ -231,6 +236,8 @@ class _Recorder:
                     var=max(var, 0.0) if math.isfinite(var) else var,
                     nonfinite=nonfinite,
                     ptr=out.data_ptr(),
+                    dtype=dtype_name(out.dtype),
+                    eps=float(torch.finfo(out.dtype).eps),
                 )
                 exact_f32 = site.per_unit_count < 2**24  # float32 counts are exact below
                 umax = None
@@ -243,10 +250,10 @@ class _Recorder:
                         site.positive_fraction = float(torch.sign(x).sum()) / x.numel()
                 if self.fingerprints and role == ACTIVATION:
                     umax = x.amax(dim=dims) if umax is None else umax
+                    umin = x.amin(dim=dims)
                     proj = _unit_projection(x, unit_dim, self._probes)
-                    site.fingerprint = torch.cat(
-                        [proj, x.amin(dim=dims)[:, None], umax[:, None]], dim=1
-                    )
+                    site.fingerprint = torch.cat([proj, umin[:, None], umax[:, None]], dim=1)
+                    site.interior = _interior(x, unit_dim, dims, umin, umax, proj)
                 if spec is not None and (spec.sat_lo is not None or spec.sat_hi is not None):
                     site.saturated = _count_saturated(x, spec, dims, exact_f32)
             self.sites.append(site)
@@ -271,7 +278,7 @@ class _Recorder:
 
     def _grad_hook(self, site: _Site) -> Callable:
         def hook(grad: torch.Tensor) -> None:
-            g = grad.detach()
+            g = exact32(grad.detach())  # a bfloat16 sum of squares is badly wrong
             n = g.numel()
             mean, var = _moments(g)
             m2 = var * n
@@ -285,25 +292,102 @@ class _Recorder:
         return hook
 
 
-# One-pass E[x^2] - E[x]^2 in float32 loses relative accuracy ~ eps * mean^2 / var;
-# beyond this ratio the (slower) centered two-pass formula is used instead.
-_CANCELLATION_RATIO = 1e3
+# Values per row of the sum of squares: a float32 accumulation over 1024 values loses
+# ~1e-7 relative; one vector norm over millions of them loses 1e-4 (4M) to 4e-3 (32M).
+_ROW = 1024
+# E[x^2] - E[x]^2 loses about 1e-7 * (1 + mean^2 / var) relative; beyond this ratio
+# (1e-7 * 31: a few 1e-6 at worst) the centered two-pass formula is used instead.
+_CANCELLATION_RATIO = 30.0
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """Every element of ``x`` as a 1-D view in memory order (a copy only if ``x`` has
+    gaps or overlaps)."""
+    if not x.is_contiguous():
+        order = sorted(range(x.ndim), key=lambda d: -x.stride(d))
+        permuted = x.permute(order)
+        if permuted.is_contiguous():
+            x = permuted
+    return x.reshape(-1)
+
+
+def _sum_squares(x: torch.Tensor) -> float:
+    """Sum of x^2 over every element of a float32/float64 tensor: a vector norm per row of
+    ``_ROW`` values (one reduction call, no temporary the size of ``x``), rows summed
+    in float64."""
+    flat = _flat(x)
+    n = flat.numel()
+    rows = n // _ROW
+    total = 0.0
+    if rows:
+        norms = torch.linalg.vector_norm(flat[: rows * _ROW].view(rows, _ROW), dim=1)
+        total = float(norms.double().square().sum())
+    if n > rows * _ROW:
+        total += float(torch.linalg.vector_norm(flat[rows * _ROW :].double())) ** 2
+    return total
 
 
 def _moments(x: torch.Tensor) -> tuple[float, float]:
-    """Mean and population variance of every element of ``x``.
+    """Mean and population variance of every element of ``x`` (float32 or float64).
 
-    One pass of float32 reductions (cheap: no float64 copy of the activation), falling
-    back to the centered two-pass formula where the mean is so large against the spread
-    that the one-pass difference E[x^2] - E[x]^2 would cancel.
+    One pass of reductions (cheap: no float64 copy of the activation; the sum is
+    cascaded, the sum of squares taken by rows), falling back to the centered two-pass
+    formula where the mean is so large against the spread that the one-pass difference
+    E[x^2] - E[x]^2 would cancel.
     """
     n = x.numel()
     mean = float(x.sum()) / n
-    second = float(torch.linalg.vector_norm(x)) ** 2 / n
+    second = _sum_squares(x) / n
     var = second - mean * mean
     if mean * mean > _CANCELLATION_RATIO * var:
         var = float((x - mean).square_().sum()) / n
     return mean, var
+
+
+# Units whose fingerprints lie within this (relative) of another's get their values
+# counted; the symmetry check's tolerance is 1e-6, this leaves it room up to 1e-4.
+CANDIDATE_RTOL = 1e-4
+
+
+def _interior(
+    x: torch.Tensor,
+    unit_dim: int,
+    dims: tuple[int, ...],
+    umin: torch.Tensor,
+    umax: torch.Tensor,
+    proj: torch.Tensor,
+) -> torch.Tensor:
+    """Per unit, the values strictly between its min and max, #(x > min) - #(x == max),
+    for the units that may have a twin; -1 for the others (not counted).
+
+    A ReLU's zeros and a saturated unit's bound are shared by many units; what can tell
+    two units apart is the rest. The symmetry check weighs a group of equal units by it.
+    Counting every unit would cost two comparisons and two boolean reductions over the
+    whole activation; twins have near-equal projections, so only the units whose nearest
+    neighbour in the sorted first projection lies within ``CANDIDATE_RTOL`` of the
+    largest projection norm are counted (usually none).
+    """
+    count = torch.full(umin.shape, -1, dtype=torch.int64, device=x.device)
+    live = torch.nonzero(umax > umin).reshape(-1)
+    if live.numel() < 2:
+        return count
+    p = proj[live].double()
+    window = CANDIDATE_RTOL * float(torch.linalg.vector_norm(p, dim=1).max())
+    order = torch.argsort(p[:, 0])
+    close = (p[order[1:], 0] - p[order[:-1], 0]).abs() <= window
+    near = torch.zeros(order.numel(), dtype=torch.bool, device=x.device)
+    near[1:] |= close
+    near[:-1] |= close
+    chosen = live[order[near]]
+    if chosen.numel() == 0:
+        return count
+    xs = x.index_select(unit_dim, chosen)
+    shape = [1] * x.ndim
+    shape[unit_dim] = -1
+    inside = (xs > umin[chosen].reshape(shape)).sum(dim=dims)
+    inside -= (xs >= umax[chosen].reshape(shape)).sum(dim=dims)
+    count[chosen] = inside.clamp_(min=0)
+    return count
 
 
 def _unit_projection(
@@ -396,6 +480,7 @@ def _freeze(site: _Site, examples: int) -> SiteStats:
         unit_fingerprint=None
         if site.fingerprint is None
         else np_(site.fingerprint).astype(np.float64),
+        unit_interior=_counts(np_(site.interior)),
         saturated_count=_counts(np_(site.saturated)),
         spec=site.spec,
         grad_count=site.grad_count,
@@ -405,6 +490,8 @@ def _freeze(site: _Site, examples: int) -> SiteStats:
         grad_order=site.grad_order,
         positive_fraction=site.positive_fraction,
         is_output=site.is_output,
+        dtype=site.dtype,
+        eps=site.eps,
     )
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from nnhealth.capture.precision import dtype_name, nonfinite_count, norm64, readable
 from nnhealth.capture.stats import Capture, ParamStats
 from nnhealth.capture.structure import is_norm
 
@@ -31,15 +32,15 @@ def param_stats(
     with torch.no_grad():
         for name, p in named:
             t = p.detach()
-            norm = float(torch.linalg.vector_norm(t, dtype=torch.float64))
-            nonfinite = 0 if math.isfinite(norm) else int((~torch.isfinite(t)).sum())
+            norm = norm64(t)  # float64 whatever the dtype (float8 has no such reduction)
+            nonfinite = 0 if math.isfinite(norm) else nonfinite_count(t)
             module, kind, role = owners[name]
             gnorm, gbad = None, 0
             g = grads.get(name) if grads is not None else None
             if g is not None:
-                gnorm = float(torch.linalg.vector_norm(g.detach(), dtype=torch.float64))
+                gnorm = norm64(g)
                 if not math.isfinite(gnorm):
-                    gbad = int((~torch.isfinite(g)).sum())
+                    gbad = nonfinite_count(g)
             elif grads is not None and p.requires_grad:
                 gnorm = 0.0  # trainable but unused by this loss: its gradient is zero
             out.append(
@@ -70,9 +71,18 @@ def module_owners(model: nn.Module) -> dict[str, tuple[str, str, str]]:
 
 def capture_weights(state: dict[str, torch.Tensor], owners_hint: dict[str, str]) -> Capture:
     """Weight-only capture for a bare state_dict (no architecture, no pass)."""
-    named = [
-        (k, v) for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
-    ]
+    floats = [(k, v) for k, v in state.items() if isinstance(v, torch.Tensor)]
+    floats = [(k, v) for k, v in floats if v.is_floating_point()]
+    named = [(k, v) for k, v in floats if readable(v)]
+    packed = sorted({dtype_name(v.dtype) for _, v in floats if not readable(v)})
+    notes = ()
+    if packed:
+        skipped = len(floats) - len(named)
+        note = (
+            f"{skipped} tensor(s) in {', '.join(packed)} skipped: packed sub-byte floats "
+            "cannot be read element by element"
+        )
+        notes = (note,)
     owners = {}
     for name, t in named:
         module = name.rsplit(".", 1)[0] if "." in name else ""
@@ -88,6 +98,7 @@ def capture_weights(state: dict[str, torch.Tensor], owners_hint: dict[str, str])
         loss=None,
         mode=None,
         examples=None,
+        notes=notes,
         missing_reason=(
             "bare state_dict: there is no architecture to run; give one with --arch "
             "pkg.module:factory (or scan the entry point with --weights FILE)"

@@ -61,6 +61,10 @@ class SiteStats:
     # per unit: (two random zero-sum projections of its outputs over the batch, min, max);
     # units with equal fingerprints computed the same function of this batch
     unit_fingerprint: np.ndarray | None = None
+    # per unit, with the fingerprint: values strictly between the unit's min and max (the
+    # values that can tell two units apart; a ReLU's zeros and a saturated unit's bound
+    # are shared by chance); counted only for units with a near twin, -1 elsewhere
+    unit_interior: np.ndarray | None = None
     spec: ActivationSpec | None = None
     positive_fraction: float | None = None  # ReLU6-like: share of values above the flat 0
     is_output: bool = False  # its output is the model's output (it feeds the loss)
@@ -69,6 +73,9 @@ class SiteStats:
     grad_m2: float | None = None
     grad_nonfinite: int = 0
     grad_order: int | None = None
+    dtype: str = "float32"  # the output's dtype (statistics are in float32 whatever it is)
+    # its relative spacing (2**-mantissa bits): bfloat16 0.0078, float16 0.00098
+    eps: float = 2.0**-23
 
     @property
     def total(self) -> int:
@@ -165,6 +172,10 @@ class WeightStats:
     is_output: bool
     groups: tuple[tuple[int, ...], ...] = ()
     groups_exact: bool = True
+    dtype: str = "float32"  # as stored; mean and var are computed in float64 whatever it is
+    # pairs of units expected to be equal by chance if the layer were randomly initialized
+    # at its own scale and stored in ``dtype`` (float8 rows of a few inputs collide often)
+    chance_pairs: float = 0.0
 
     @property
     def units(self) -> int:

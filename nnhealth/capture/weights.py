@@ -13,6 +13,13 @@ import torch
 from torch import nn
 
 from nnhealth.capture.groups import near_duplicate_groups
+from nnhealth.capture.precision import (
+    collision_probability,
+    dtype_name,
+    exact32,
+    moments64,
+    readable,
+)
 from nnhealth.capture.stats import ACTIVATION, LAYER, NORM, SiteStats, WeightStats
 from nnhealth.capture.structure import is_norm
 
@@ -83,10 +90,14 @@ def fans(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def _groups(weight: torch.Tensor, bias: torch.Tensor | None, conv_groups: int, rtol: float):
-    """Duplicate units: rows of [weight | bias], compared within each conv group."""
-    rows = weight.detach().reshape(weight.shape[0], -1)
+    """Duplicate units: rows of [weight | bias], compared within each conv group.
+
+    Narrow dtypes (bfloat16, float16, float8) are read as float32, which holds their
+    values exactly: equal stored rows stay equal, distinct ones distinct.
+    """
+    rows = exact32(weight.detach()).reshape(weight.shape[0], -1)
     if bias is not None:
-        rows = torch.cat([rows, bias.detach().reshape(-1, 1).to(rows.dtype)], dim=1)
+        rows = torch.cat([rows, exact32(bias.detach()).reshape(-1, 1).to(rows.dtype)], dim=1)
     rows = rows.cpu().numpy()
     per_group = rows.shape[0] // max(conv_groups, 1)
     found: list[tuple[int, ...]] = []
@@ -96,6 +107,48 @@ def _groups(weight: torch.Tensor, bias: torch.Tensor | None, conv_groups: int, r
             found.append(tuple(i + g * per_group for i in grp))
     exact = all((rows[list(grp)] == rows[grp[0]]).all() for grp in found)
     return tuple(found), exact
+
+
+def chance_pairs(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_groups: int,
+    rtol: float,
+    weight_var: float,
+) -> float:
+    """Pairs of units expected to be equal by chance under a random init of the layer's
+    own scale, stored in its dtype: C(units per group, 2) * groups * P(two rows equal),
+    P = q_w ** row_length * q_b with q the dtype's collision probability.
+
+    Weights with no spread at all are not random (a constant layer is what the symmetry
+    check exists for): 0. A bias with no spread (all zero) cannot tell units apart: q_b 1.
+    """
+    if not weight_var > 0:
+        return 0.0
+    groups = max(conv_groups, 1)
+    per_group = weight.shape[0] // groups
+    if per_group < 2:
+        return 0.0
+    length = weight[0].numel()
+    log_p = length * math.log(collision_probability(weight.dtype, math.sqrt(weight_var), rtol))
+    if bias is not None and bias.numel() > 1:
+        _, bias_var = moments64(bias)
+        q_b = collision_probability(bias.dtype, math.sqrt(max(bias_var, 0.0)), rtol)
+        log_p += math.log(q_b)
+    log_pairs = math.log(groups * per_group * (per_group - 1) / 2)
+    return math.exp(min(log_pairs + log_p, 700.0))
+
+
+def _usable_bias(bias: object, weight: torch.Tensor) -> torch.Tensor | None:
+    """The bias to compare units with: one readable float per unit, else none."""
+    if (
+        isinstance(bias, torch.Tensor)
+        and readable(bias)
+        and bias.numel() == weight.shape[0]
+        and bias.device == weight.device
+    ):
+        return bias
+    return None
 
 
 def _stats(
@@ -113,10 +166,12 @@ def _stats(
 ) -> WeightStats:
     w = weight.detach()
     fan_in, fan_out = fans(tuple(w.shape))
-    wd = w.double()
-    groups, exact = ((), True)
+    mean, var = moments64(w)  # float64 whatever the dtype: a bfloat16 sum drifts
+    groups, exact, chance = ((), True, 0.0)
     if rtol is not None and w.shape[0] > 1:
         groups, exact = _groups(w, bias, conv_groups, rtol)
+        if groups:
+            chance = chance_pairs(w, bias, conv_groups, rtol, var)
     return WeightStats(
         module=module,
         param=param,
@@ -124,14 +179,16 @@ def _stats(
         shape=tuple(w.shape),
         fan_in=fan_in,
         fan_out=fan_out,
-        mean=float(wd.mean()),
-        var=float(wd.var(unbiased=False)),
+        mean=mean,
+        var=var,
         trainable=trainable,
         order=order,
         followed_by=followed_by,
         is_output=is_output,
         groups=groups,
         groups_exact=exact,
+        dtype=dtype_name(w.dtype),
+        chance_pairs=chance,
     )
 
 
@@ -193,7 +250,7 @@ def from_model(
     for i, name in enumerate(ranked):
         mod = modules[name]
         weight = getattr(mod, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
+        if not isinstance(weight, torch.Tensor) or weight.ndim < 2 or not readable(weight):
             continue
         bias = getattr(mod, "bias", None)
         out.append(
@@ -202,7 +259,7 @@ def from_model(
                 f"{name}.weight" if name else "weight",
                 kind_of(mod),
                 weight,
-                bias if isinstance(bias, torch.Tensor) else None,
+                _usable_bias(bias, weight),
                 weight.requires_grad,
                 i,
                 follow.get(name),
@@ -218,14 +275,14 @@ def from_state_dict(state: dict[str, torch.Tensor], rtol: float | None) -> tuple
     """Weight stats of every >= 2-D ``*.weight`` in key order; nonlinearities unknown."""
     modules: list[tuple[str, torch.Tensor]] = []
     for key, t in state.items():
-        if key.endswith("weight") and isinstance(t, torch.Tensor) and t.is_floating_point():
+        if key.endswith("weight") and isinstance(t, torch.Tensor) and readable(t):
             modules.append((key[: -len("weight")].rstrip("."), t))
     layers = [(i, name, t) for i, (name, t) in enumerate(modules) if t.ndim >= 2]
     out = []
     for rank, (i, name, t) in enumerate(layers):
         nxt = modules[i + 1][1] if i + 1 < len(modules) else None
         followed = "norm" if nxt is not None and nxt.ndim == 1 else None
-        bias = state.get(f"{name}.bias" if name else "bias")
+        bias = _usable_bias(state.get(f"{name}.bias" if name else "bias"), t)
         out.append(
             _stats(
                 name,
