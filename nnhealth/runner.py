@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import time
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from nnhealth import __version__
-from nnhealth._util import Progress
+from nnhealth._util import Progress, escaped
 from nnhealth.analyzers import REGISTRY, select_checks
 from nnhealth.analyzers.base import Check
 from nnhealth.analyzers.curvature import Curvature
@@ -263,8 +264,11 @@ def _param_summary(params: list) -> dict[str, Any]:
     }
 
 
-def _weights_only(loaded: LoadedModel, rtol: float | None) -> Capture:
-    """No pass: a bare state_dict, or a model when only weight checks were selected."""
+def _weights_only(
+    loaded: LoadedModel, rtol: float | None, reason: str = "only weight checks were selected"
+) -> Capture:
+    """No pass: a bare state_dict, or a model when only weight checks were selected (or
+    when its forward cannot run here: ``reason``)."""
     model = loaded.model
     if model is None:
         capture = capture_weights(loaded.state, {})
@@ -273,9 +277,50 @@ def _weights_only(loaded: LoadedModel, rtol: float | None) -> Capture:
     capture = capture_weights(dict(model.named_parameters()), kinds)
     return replace(
         capture,
-        missing_reason="only weight checks were selected",
+        missing_reason=reason,
         weights=weight_stats.from_model(model, (), rtol),
     )
+
+
+def _float8(model: nn.Module | None) -> torch.dtype | None:
+    """A float8 dtype among the model's parameters: PyTorch has no CPU kernels to run a
+    float8 forward (matmul, clamp), only to store and convert."""
+    if model is None:
+        return None
+    for p in model.parameters():
+        if p.dtype.is_floating_point and p.dtype.itemsize == 1:
+            return p.dtype
+    return None
+
+
+def _for_products(
+    model: nn.Module, batch: Batch, prepared: Batch, device: torch.device
+) -> tuple[nn.Module, Any, str | None]:
+    """The model and inputs for Hessian-vector products: a float32 copy of a bfloat16 or
+    float16 model (each product in half precision carries a relative rounding of about
+    its epsilon, 4e-3 in bfloat16, too coarse for the certified bound; the copy holds the
+    same weights exactly), else the model itself. The copy costs one float32 parameter
+    vector; a model that cannot be copied is measured as it is, and the note says so."""
+    dtype = _model_dtype(model)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return model, prepared.inputs, None
+    name = str(dtype).removeprefix("torch.")
+    try:
+        wide = copy.deepcopy(model).float()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 (a module that refuses copying: user code)
+        note = (
+            f"Hessian-vector products in {name} (the model could not be copied to float32: "
+            f"deepcopy {escaped(exc)}): each carries about {torch.finfo(dtype).eps:.0e} "
+            "relative rounding, so the bound is only as good as that"
+        )
+        return model, prepared.inputs, note
+    note = (
+        f"Hessian-vector products on a float32 copy of the {name} weights (the same values; "
+        f"{name} products carry about {torch.finfo(dtype).eps:.0e} relative rounding)"
+    )
+    return wide, prepare(batch, torch.float32, device).inputs, note
 
 
 def _instrumented(
@@ -320,9 +365,12 @@ def _instrumented(
     capture = replace(capture, weights=weight_stats.from_model(model, capture.sites, rtol))
     if opts.hessian is not False and any(c is Curvature for c, _ in checks):
         try:
+            hess_model, hess_inputs, widened = _for_products(model, batch, prepared, device)
+            if widened:
+                notes.append(widened)
             curvature, curvature_notes = measure(
-                model,
-                prepared.inputs,
+                hess_model,
+                hess_inputs,
                 resolver,
                 mode=opts.mode,
                 seed=opts.seed,
@@ -382,8 +430,19 @@ def run(
         "torch": torch.__version__,
         "model_source": source_location(loaded),
     }
-    if model is None or not (needs - {"weights"}):
-        capture = _weights_only(loaded, rtol)
+    eight = _float8(model)
+    if model is None or not (needs - {"weights"}) or eight is not None:
+        reason = "only weight checks were selected"
+        if eight is not None and needs - {"weights"}:
+            name = str(eight).removeprefix("torch.")
+            reason = (
+                f"the model's parameters are {name}, and PyTorch cannot run a {name} "
+                "forward pass here; scan a bfloat16 or float32 copy (model.to(torch.bfloat16)) "
+                "for the checks that need one"
+            )
+            notes.append(f"{name} parameters: weight checks only, no pass")
+        capture = _weights_only(loaded, rtol, reason)
+        notes += list(capture.notes)
         run_info["params"] = sum(p.numel for p in capture.params)
     else:
         capture, info, pass_notes = _instrumented(

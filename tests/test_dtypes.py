@@ -534,3 +534,56 @@ def test_float16_overflow_is_reported_with_its_range() -> None:
             assert "float16, whose largest finite value is 65504" in found[0].message
         else:
             assert report.findings == ()
+
+
+def test_float8_module_file_gets_the_weight_checks_and_says_why_not_more(
+    cli, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    torch.save(model.to(torch.float8_e4m3fn), tmp_path / "f8.pt")
+    res = cli("scan", tmp_path / "f8.pt", "--input-shape", "8x16", "--format", "json")
+    assert res.code in (0, 1), res.err
+    report = json.loads(res.out)
+    assert report["run"]["checks"] and {s["code"] for s in report["skipped"]} >= {"NH101", "NH202"}
+    assert all("float8_e4m3fn forward" in s["reason"] for s in report["skipped"])
+    assert any("float8_e4m3fn parameters" in n for n in report["notes"])
+    # the weights were read: NH601's ratio is the float64 variance of the stored values
+    first = next(r for r in report["layers"] if r["name"] == "0")
+    w = model[0].weight.detach().to(torch.float64)
+    assert first["weight_norm"] == pytest.approx(float(w.norm()), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_curvature_is_certified_on_a_float32_copy(dtype: torch.dtype) -> None:
+    """Products in bfloat16 carry ~4e-3 rounding, more than the tolerance; on a float32
+    copy of the same weights the certified bound holds against the dense float64
+    Hessian of those weights, and the model itself stays in its dtype."""
+    from torch.func import functional_call, grad, jacrev
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3)).to(dtype)
+    x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    report = nnhealth.scan(
+        model, (x, y), select=["NH401"], hessian=True, hessian_tol=1e-6, hessian_budget=300
+    )
+    assert report.curvature["converged"]
+    assert any("float32 copy" in n for n in report.notes)
+    assert all(p.dtype == dtype for p in model.parameters())
+    ref = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3)).double()
+    ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    names = [n for n, _ in ref.named_parameters()]
+    shapes = [p.shape for p in ref.parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        params, offset = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            params[n] = flat[offset : offset + s.numel()].view(s)
+            offset += s.numel()
+        return torch.nn.functional.cross_entropy(functional_call(ref, params, (x.double(),)), y)
+
+    truth = float(np.linalg.eigvalsh(jacrev(grad(loss))(flat0).detach().numpy())[-1])
+    top, bound = report.curvature["top_eigenvalues"][0], report.curvature["bounds"][0]
+    # float32 products: within the certified bound plus float32 rounding of the operator
+    assert abs(top - truth) <= bound + 1e-5 * truth

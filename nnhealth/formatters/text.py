@@ -170,7 +170,9 @@ class TextFormatter(Formatter):
 
         def width(r: dict) -> str:
             eff, units = r.get("effective_width"), r.get("units")
-            return "" if eff is None or eff == units else f"{eff}/{units}"
+            if eff is None or eff == units or r.get("symmetry_groups") == 0:
+                return ""
+            return str(eff) if units is None else f"{eff}/{units}"  # no pass: units unknown
 
         # (header, cell, shown when this key has a value in some row)
         columns: list[tuple[str, Any, str | None]] = [
