@@ -551,3 +551,38 @@ def test_end_to_end_every_format(
         assert all(command in ("error", "warning", "notice") for command, _, _ in parsed)
         titles = {props["title"] for _, props, _ in parsed}
         assert f"NH101 dead-relu ({visible(E2E_NAMES[1], keep=chr(13) + chr(10))})" in titles
+
+
+def test_fix_snippets_quote_hostile_names_as_python_literals() -> None:
+    """A fix snippet is code a user may paste: a layer name from the file is a string
+    literal in it, never code (it parses; every get_submodule/setattr argument is that
+    exact name; nothing else is called)."""
+    import ast
+
+    import torch
+    from torch import nn
+
+    import nnhealth
+
+    evil = 'x")\nimport os\n__import__("os")  # \x1b[ \u202e'  # torch refuses "." in names
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module(evil, nn.Linear(16, 32))
+    model.add_module(evil + "act", nn.ReLU())
+    model.add_module("out", nn.Linear(32, 4))
+    with torch.no_grad():
+        model.get_submodule(evil).bias[:24] = -50.0  # 75% dead: NH101 with a snippet
+        model.out.weight[1] = model.out.weight[0]  # a duplicated unit: NH501's snippet
+    report = nnhealth.scan(model, (torch.randn(64, 16), torch.randint(0, 4, (64,))))
+    snippets = [f.fix_snippet for f in report.findings if f.fix_snippet]
+    assert any("get_submodule" in s for s in snippets), [f.code for f in report.findings]
+    for snippet in snippets:
+        tree = ast.parse(snippet)
+        assert not any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(tree))
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+            name = getattr(call.func, "attr", getattr(call.func, "id", None))
+            assert name not in ("__import__", "exec", "eval", "system")
+            if name in ("get_submodule", "setattr"):
+                literal = call.args[0 if name == "get_submodule" else 1]
+                assert isinstance(literal, ast.Constant)
+                assert literal.value in (evil, evil + "act", "out")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 from nnhealth.capture.stats import Capture
@@ -57,3 +58,10 @@ def init_fix(nonlinearity: str | None) -> tuple[str, str]:
         "            nn.init.zeros_(m.bias)"
     )
     return text + "; or put BatchNorm/LayerNorm between layers so the scale is reset", snippet
+
+
+def py_str(name: str) -> str:
+    """``name`` as a Python string literal for a fix snippet (double-quoted, with quotes,
+    backslashes, newlines and control characters escaped): a layer name comes from the
+    scanned file and must not turn the snippet into other code."""
+    return json.dumps(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from nnhealth.analyzers._advice import py_str
 from nnhealth.analyzers.base import Check, Option, pct
 from nnhealth.capture.stats import LAYER, NORM, Capture, SiteStats
 from nnhealth.findings import Finding, Severity
@@ -103,23 +104,24 @@ class DeadRelu(Check):
                     "or switch to LeakyReLU"
                 )
                 lines += [
-                    f'norm = model.get_submodule("{feeder.module}")',
+                    f"norm = model.get_submodule({py_str(feeder.module)})",
                     "nn.init.zeros_(norm.bias)",
                     "nn.init.ones_(norm.weight)",
                 ]
             elif feeder is not None:
                 lines += [
-                    f'layer = model.get_submodule("{feeder.module}")',
+                    f"layer = model.get_submodule({py_str(feeder.module)})",
                     'nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")',
                     "if layer.bias is not None:",
                     "    nn.init.constant_(layer.bias, 0.01)",
                 ]
             if not site.functional:
                 parent, _, attr = site.module.rpartition(".")
-                target = f'model.get_submodule("{parent}")' if parent else "model"
-                lines.append(f'setattr({target}, "{attr}", nn.LeakyReLU(0.01))')
+                target = f"model.get_submodule({py_str(parent)})" if parent else "model"
+                lines.append(f"setattr({target}, {py_str(attr)}, nn.LeakyReLU(0.01))")
             else:
-                lines.append(f"# in {site.module or 'the model'}.forward: F.leaky_relu(x, 0.01)")
+                where_fn = py_str(site.module)[1:-1] if site.module else "the model"
+                lines.append(f"# in {where_fn}.forward: F.leaky_relu(x, 0.01)")
             out.append(
                 self.finding(
                     severity,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from nnhealth.analyzers._advice import RELU_FAMILY, init_fix
+from nnhealth.analyzers._advice import RELU_FAMILY, init_fix, py_str
 from nnhealth.analyzers.base import Check, Option
 from nnhealth.capture.stats import Capture, WeightStats
 from nnhealth.findings import Finding, Severity
@@ -185,7 +185,7 @@ class InitScale(Check):
             fix,
             snippet.replace(
                 "for m in model.modules():",
-                "for m in [model.get_submodule(" + repr(w.module) + ")]:",
+                "for m in [model.get_submodule(" + py_str(w.module) + ")]:",
             ),
         )
 

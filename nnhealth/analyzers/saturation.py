@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from nnhealth.analyzers._advice import py_str
 from nnhealth.analyzers.base import Check, Option, num, pct
 from nnhealth.analyzers.dead_relu import preceding_layer
 from nnhealth.capture.stats import Capture
@@ -102,7 +103,7 @@ class Saturation(Check):
             if feeder is not None:
                 snippet = "\n".join(
                     [
-                        f'layer = model.get_submodule("{feeder.module}")',
+                        f"layer = model.get_submodule({py_str(feeder.module)})",
                         call,
                         "if layer.bias is not None:",
                         "    nn.init.zeros_(layer.bias)",

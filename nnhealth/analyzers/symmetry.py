@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from nnhealth.analyzers._advice import py_str
 from nnhealth.analyzers.base import Check, Option
 from nnhealth.analyzers.dead_relu import preceding_layer
 from nnhealth.capture.groups import near_duplicate_groups
@@ -13,13 +14,13 @@ from nnhealth.capture.stats import LAYER, NORM, Capture, SiteStats, WeightStats
 from nnhealth.findings import Finding, Severity
 
 _REINIT = (
-    'layer = model.get_submodule("{name}")\n'
+    "layer = model.get_submodule({name})\n"
     "nn.init.kaiming_normal_(layer.weight)  # any random init breaks the tie\n"
     "if layer.bias is not None:\n"
     "    nn.init.zeros_(layer.bias)"
 )
 _NOISE = (
-    'layer = model.get_submodule("{name}")\n'
+    "layer = model.get_submodule({name})\n"
     "with torch.no_grad():  # keep the copied function, break the tie\n"
     "    layer.weight.add_(1e-3 * layer.weight.std() * torch.randn_like(layer.weight))"
 )
@@ -156,13 +157,13 @@ class Symmetry(Check):
                 "initialize the layer randomly: units that start equal get equal gradients "
                 "and stay equal; random init breaks the tie"
             )
-            snippet = _REINIT.format(name=w.module)
+            snippet = _REINIT.format(name=py_str(w.module))
         else:
             fix = (
                 "re-initialize the duplicated units, or add a little noise to them if they "
                 "were copied on purpose (net2net widening): equal units never diverge"
             )
-            snippet = _NOISE.format(name=w.module)
+            snippet = _NOISE.format(name=py_str(w.module))
         return self.finding(
             self._severity(duplicated, w.units, effective, options),
             w.module,
@@ -225,7 +226,7 @@ class Symmetry(Check):
             },
             "find the upstream cause (dead or duplicated units feeding this layer, identical "
             "input features) and re-initialize the layers involved randomly",
-            None if feeder is None else _REINIT.format(name=feeder.module),
+            None if feeder is None else _REINIT.format(name=py_str(feeder.module)),
         )
 
     @staticmethod
