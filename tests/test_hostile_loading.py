@@ -525,6 +525,23 @@ def test_stride_zero_state_dict_is_refused_when_it_cannot_fit(tmp_path: Path, fr
     )
 
 
+def test_stride_zero_beyond_the_inflation_limit_is_refused_even_with_memory_free(
+    tmp_path: Path, free
+) -> None:
+    """With 64 GiB free it would fit, but a 2 KB file declaring 1.49 GiB is the zip-bomb
+    ratio (the weight checks materialize it more than once: 3.8 GB RSS measured)."""
+    free(64 * GiB)
+    torch.save({"w": torch.zeros(1).expand(20000, 20000), "b": torch.zeros(3)}, tmp_path / "s.pt")
+    for fn in (lambda: load_model(str(tmp_path / "s.pt")), lambda: read_weights(tmp_path / "s.pt")):
+        line = refused(LoadError, fn)
+        assert "expands to 1.49 GiB more, beyond 100x its size" in line
+    torch.save((torch.zeros(1).expand(20000, 20000), torch.zeros(2)), tmp_path / "b.pt")
+    assert "beyond 100x its size" in refused(DataError, load_batch, str(tmp_path / "b.pt"))
+    # under the 256 MiB floor any ratio loads: 4000x4000 (61 MiB) from 4 bytes
+    torch.save({"w": torch.zeros(1).expand(4000, 4000)}, tmp_path / "ok.pt")
+    assert read_weights(tmp_path / "ok.pt")["w"].shape == (4000, 4000)
+
+
 def test_small_expanded_and_shared_tensors_still_load(tmp_path: Path, free) -> None:
     free(64 * MiB)
     shared = torch.randn(64, 64)

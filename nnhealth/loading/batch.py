@@ -301,6 +301,7 @@ def load_batch(path_text: str) -> Batch:
         path_text,
         DataError,
         "the batch tensor",
+        path.stat().st_size,
     )
     return batch
 

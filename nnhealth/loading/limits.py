@@ -671,11 +671,18 @@ def overlapping_bytes(t: Any) -> int:
 
 
 def check_tensors(
-    named: Iterable[tuple[str, Any]], where: str, error: type[Exception], what: str
+    named: Iterable[tuple[str, Any]],
+    where: str,
+    error: type[Exception],
+    what: str,
+    file_size: int | None = None,
 ) -> None:
     """Tensors whose logical size (numel x element size) exceeds the storage they cover
     (stride-0 ``expand``, overlapping ``as_strided``) cost their logical size once any
-    check materializes them; refuse when that extra does not fit the free memory."""
+    check materializes them (several times over: copies, float64 reductions); refuse
+    when that extra does not fit the free memory, or when a file declares more than a
+    zip may (MAX_INFLATION x its size above INFLATION_FLOOR): torch.save never writes
+    such views of its own accord."""
     import torch
 
     extra = 0
@@ -688,10 +695,20 @@ def check_tensors(
             extra += more
             if worst is None or more > worst[0]:
                 worst = (more, name, t)
-    free = free_memory()
-    if worst is None or free is None or extra <= free:
+    if worst is None:
         return
     _, name, t = worst
+    if file_size is not None and extra > max(INFLATION_FLOOR, MAX_INFLATION * file_size):
+        raise error(
+            f"{where}: {what} {name!r} is a {'x'.join(map(str, t.shape))} view of "
+            f"{size_text(_span(t))} of storage (strides {list(t.stride())}): the "
+            f"{size_text(file_size)} file expands to {size_text(extra)} more, beyond "
+            f"{MAX_INFLATION}x its size; save the tensors contiguous (.contiguous()) if "
+            "they are meant to be that large"
+        )
+    free = free_memory()
+    if free is None or extra <= free:
+        return
     raise error(
         f"{where}: {what} {name!r} is a {'x'.join(map(str, t.shape))} view of "
         f"{size_text(_span(t))} of storage (strides {list(t.stride())}); materializing the "

@@ -241,7 +241,11 @@ def _check_weights(named: Any, where: str, what: str) -> None:
     """Tensors the weight checks can compute on, and whose views fit in memory."""
     named = list(named)
     limits.check_usable(named, where, LoadError, what)
-    limits.check_tensors(named, where, LoadError, what)
+    try:
+        size = Path(where).stat().st_size
+    except (OSError, ValueError):
+        size = None
+    limits.check_tensors(named, where, LoadError, what, size)
 
 
 def _module_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
