@@ -65,3 +65,28 @@ def sample():
         return SAMPLES / f"{name}.pt", SAMPLES / f"{name}.batch.pt"
 
     return get
+
+
+class WritesOnLoad(nn.Module):
+    """A TorchScript module whose __setstate__ (run by torch.jit.load) creates the file
+    ``marker`` through torch.from_file(path, shared=True, size): TorchScript is code,
+    and no file of it may be loaded without --trust (test_hostile_loading,
+    test_fuzz_loaders)."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+        self.path = marker
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[str, torch.Tensor, bool]:
+        return (self.path, self.w, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, torch.Tensor, bool]) -> None:
+        self.path = state[0]
+        self.training = state[2]
+        self.w = state[1] + torch.from_file(self.path, True, 2) * 0

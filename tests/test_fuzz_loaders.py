@@ -28,6 +28,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from conftest import WritesOnLoad
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -48,29 +49,6 @@ FUZZ = settings(
     derandomize=EXAMPLES <= 25,  # the short run is the same every time: no flaky CI
     database=None,
 )
-
-
-class TorchScriptMarker(nn.Module):
-    """Loading it (torch.jit.load runs __setstate__) creates ``MARKER`` beside the file:
-    TorchScript is code, and no mutation of it may get loaded without --trust."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(2))
-        self.path = "MARKER"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.w
-
-    @torch.jit.export
-    def __getstate__(self) -> tuple[str, torch.Tensor, bool]:
-        return (self.path, self.w, self.training)
-
-    @torch.jit.export
-    def __setstate__(self, state: tuple[str, torch.Tensor, bool]) -> None:
-        self.path = state[0]
-        self.training = state[2]
-        self.w = state[1] + torch.from_file(self.path, True, 2) * 0
 
 
 def _saved(obj, **kwargs) -> bytes:
@@ -94,7 +72,7 @@ def seeds() -> dict[str, bytes]:
     with warnings.catch_warnings():  # torch.jit's deprecation notes differ by version
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(torch.jit.script(TorchScriptMarker()), ts)
+        torch.jit.save(torch.jit.script(WritesOnLoad("MARKER")), ts)
     return {
         "module.pt": _saved(model),
         "state.pt": _saved(model.state_dict()),

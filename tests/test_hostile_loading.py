@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import he_mlp
+from conftest import WritesOnLoad, he_mlp
 from test_loading import listing, one_line_error
 from torch import nn
 
@@ -160,29 +160,6 @@ def deflated_torch_save(path: Path, nbytes: int) -> Path:
 
 
 # --- 1. TorchScript is code ------------------------------------------------------------------
-
-
-class WritesOnLoad(nn.Module):
-    """A TorchScript module whose __setstate__ (run by torch.jit.load) creates a file
-    through torch.from_file(path, shared=True, size)."""
-
-    def __init__(self, marker: str) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(2))
-        self.path = marker
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.w
-
-    @torch.jit.export
-    def __getstate__(self) -> tuple[str, torch.Tensor, bool]:
-        return (self.path, self.w, self.training)
-
-    @torch.jit.export
-    def __setstate__(self, state: tuple[str, torch.Tensor, bool]) -> None:
-        self.path = state[0]
-        self.training = state[2]
-        self.w = state[1] + torch.from_file(self.path, True, 2) * 0
 
 
 def test_torchscript_is_refused_without_trust_before_it_runs(tmp_path: Path) -> None:
