@@ -17,6 +17,20 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: MemoryError, torch.OutOfMemoryError, or the RuntimeError
+    the CPU allocator raises ("can't allocate memory")."""
+    import sys
+
+    oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)
+    if isinstance(exc, MemoryError) or (oom is not None and isinstance(exc, oom)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()
+    )
+
+
 def escaped(exc: BaseException) -> str:
     """What user code did, for a message: ``raised ValueError: bad shape``, or
     ``called sys.exit(0)`` (a SystemExit from user code is a failure, not an exit)."""

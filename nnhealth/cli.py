@@ -23,7 +23,7 @@ except ImportError:  # older typer on top of click
     from click import ClickException as _CliError
 
 from nnhealth import __version__
-from nnhealth._util import escaped, first_line
+from nnhealth._util import escaped, first_line, out_of_memory
 from nnhealth.errors import NnhealthError, UsageError
 
 app = typer.Typer(
@@ -515,11 +515,8 @@ def scan(
     user_files = _user_files(model, data, weights, arch)
     for flag, target in (("-o", output), ("--write-baseline", write_baseline)):
         _refuse_overwrite(flag, target, user_files)
-        if target is not None and target.exists() and not target.is_file():
-            raise UsageError(
-                f"{flag} {target}: is not a regular file (a directory, FIFO or device); "
-                "give a file path"
-            )
+        if target is not None and target.is_dir():  # /dev/null and pipes are fine
+            raise UsageError(f"{flag} {target}: is a directory; give a file path")
 
     from nnhealth.findings import Severity
     from nnhealth.formatters import RenderOptions, get_formatter
@@ -710,21 +707,9 @@ def _fail(message: str) -> None:
     _write(sys.stderr, f"nnhealth: error: {visible(message)}\n")
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)
-    if oom is not None and isinstance(exc, oom):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "can't allocate memory" in text or "out of memory" in text.lower()
-    )
-
-
 def _unexpected(exc: BaseException) -> str:
     """One line for what no stage turned into an NnhealthError."""
-    if _out_of_memory(exc):
+    if out_of_memory(exc):
         return (
             f"out of memory ({first_line(exc)[:160]}); use a smaller batch (--input-shape, "
             "--data), fewer checks (--select), or a machine with more memory"
@@ -779,5 +764,19 @@ def main(argv: list[str] | None = None) -> int:
         _fail(_unexpected(exc))
         code = EXIT_ERROR
     if argv is None:
+        _retire_stdout()
         sys.exit(code)
     return code
+
+
+def _retire_stdout() -> None:
+    """The report is out: whatever still writes to stdout before the process ends (user
+    code's atexit handlers, __del__ at shutdown, threads it started) goes to stderr."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sys.stdout.flush()
+    _flush_c_stdio()
+    out_fd, err_fd = _fileno(sys.stdout), _fileno(sys.stderr)
+    if out_fd is not None and err_fd is not None and out_fd != err_fd:
+        with contextlib.suppress(OSError):
+            os.dup2(err_fd, out_fd)
+    sys.stdout = sys.stderr

@@ -84,19 +84,36 @@ _ENTRY_POINT = re.compile(r"[^:]+:[A-Za-z_][\w.]*")
 
 def names_code(value: str, directory: Path) -> bool:
     """Whether a model/arch value is an entry point (pkg.module:factory, file.py:factory)
-    rather than a file to read (an existing file wins, as on the command line)."""
+    rather than a file to read (an existing file wins, as on the command line; resolve
+    then makes the value that file's absolute path, so that the loader, which looks
+    from the current directory, sees the same file and not a module)."""
     return bool(_ENTRY_POINT.fullmatch(value)) and not (directory / value).exists()
+
+
+# what a report written over it could turn into code: git hooks, Python sources and
+# path files, executables
+_CODE_SUFFIXES = (".py", ".pyc", ".pth", ".so", ".sh", ".bash", ".ps1", ".bat")
 
 
 def _inside(directory: Path, value: str, where: str) -> None:
     target = (directory / value).resolve()
     try:
-        target.relative_to(directory.resolve())
+        inner = target.relative_to(directory.resolve())
     except ValueError:
         raise UsageError(
             f"{where}: {value!r} is outside the config file's directory; a config file may "
             "only write inside its own tree (give the path with -o or --write-baseline)"
         ) from None
+    if (
+        ".git" in inner.parts
+        or target.suffix.lower() in _CODE_SUFFIXES
+        or (target.is_file() and os.access(target, os.X_OK))
+    ):
+        raise UsageError(
+            f"{where}: {value!r} is code or repository metadata (a .git file, a script, an "
+            "executable); a config file may not write there (give the path with -o or "
+            "--write-baseline)"
+        )
 
 
 @dataclass
@@ -255,12 +272,17 @@ def resolve(
         coerced = _coerce(kind, value, place(key), from_env=False)
         if settings.source is not None:
             directory = settings.source.parent
-            if key in CODE_KEYS and not trust and names_code(coerced, directory):
-                raise UsageError(
-                    f"{place(key)}: {coerced!r} is code to import, and a config file may not "
-                    "run code for whoever scans here; pass it on the command line, or add "
-                    "--trust (NNHEALTH_TRUST=1) if you trust this repository"
-                )
+            if key in CODE_KEYS and _ENTRY_POINT.fullmatch(coerced):
+                if names_code(coerced, directory):
+                    if not trust:
+                        raise UsageError(
+                            f"{place(key)}: {coerced!r} is code to import, and a config file "
+                            "may not run code for whoever scans here; pass it on the command "
+                            "line, or add --trust (NNHEALTH_TRUST=1) if you trust this "
+                            "repository"
+                        )
+                else:  # a file named like an entry point: that file, wherever one scans
+                    coerced = str((directory / coerced).resolve())
             if key in WRITE_KEYS:
                 _inside(directory, coerced, place(key))
         if key in PATH_KEYS and settings.source is not None:

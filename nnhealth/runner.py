@@ -59,6 +59,9 @@ class ScanOptions:
 
 
 MAX_SEED = 2**63 - 1  # torch generators take 64 bits; room for the small offsets added
+# Hessian-vector products one option may ask for: each costs about two passes, so this
+# is days on any model worth scanning; beyond it a typo, not a plan
+MAX_PRODUCTS = 100_000
 
 
 def _is_int(value: Any) -> bool:
@@ -80,13 +83,13 @@ def validate(opts: ScanOptions) -> None:
         or not (0 < opts.lr < math.inf)
     ):
         raise UsageError(f"--lr {opts.lr!r}: must be a positive, finite number")
-    for name, value, low in (
-        ("--hessian-top", opts.hessian_top, 1),
-        ("--hessian-budget", opts.hessian_budget, 1),
-        ("--hessian-trace", opts.hessian_trace, 0),
+    for name, value, low, high in (
+        ("--hessian-top", opts.hessian_top, 1, MAX_PRODUCTS),
+        ("--hessian-budget", opts.hessian_budget, 1, MAX_PRODUCTS),
+        ("--hessian-trace", opts.hessian_trace, 0, MAX_PRODUCTS),
     ):
-        if not _is_int(value) or value < low:
-            raise UsageError(f"{name} {value!r}: expected an integer >= {low}")
+        if not _is_int(value) or not low <= value <= high:
+            raise UsageError(f"{name} {value!r}: expected an integer in [{low}, {high:,}]")
     tol = opts.hessian_tol
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
         raise UsageError(f"--hessian-tol {tol!r}: expected a number in (0, 1)")

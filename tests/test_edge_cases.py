@@ -49,7 +49,7 @@ def test_output_never_overwrites_the_entry_point_source(cli, userdir: Path) -> N
 def test_user_code_that_parses_argv_or_exits(cli, userdir: Path) -> None:
     assert cli("scan", "train.py:make_model", "--input-shape", "32x8", "-q").code == 0
     line = one_line_error(cli("scan", "train.py:exits", "--input-shape", "32x8"))
-    assert "SystemExit" in line
+    assert "called sys.exit(7)" in line
 
 
 def test_custom_loss_that_raises(cli, userdir: Path) -> None:

@@ -259,7 +259,7 @@ def factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ("exit_in_backward", "backward pass failed: called sys.exit(0)"),
         ("raise_in_backward", "backward pass failed: raised ValueError: backward is broken"),
         ("exit_in_forward", "called sys.exit(3)"),
-        ("exit_in_factory", "factory"),
+        ("exit_in_factory", "the factory called sys.exit(0)"),
     ],
 )
 def test_escapes_from_user_code_are_one_line_exit_2(
@@ -300,6 +300,8 @@ def test_user_code_printing_keeps_json_on_stdout_clean(factories: Path) -> None:
                     return super().forward(x)
 
             def build():
+                import atexit
+                atexit.register(print, "print at exit")  # after the report is written
                 print("print from the factory")
                 torch.manual_seed(0)
                 return Loud(8, 4), (torch.randn(16, 8), torch.randint(0, 4, (16,)))
@@ -316,7 +318,12 @@ def test_user_code_printing_keeps_json_on_stdout_clean(factories: Path) -> None:
         )
         assert res.returncode in (0, 1), res.stderr
         json.loads(res.stdout)  # the report alone
-        for text in ("print from forward", "raw write to fd 1", "print from the factory"):
+        for text in (
+            "print from forward",
+            "raw write to fd 1",
+            "print from the factory",
+            "print at exit",
+        ):
             assert text in res.stderr and text not in res.stdout
 
 
@@ -353,6 +360,8 @@ def small(tmp_path: Path) -> Path:
         (["--seed", "-1"], "--seed"),
         (["--lr", "nan"], "--lr"),
         (["--hessian-tol", "nan"], "--hessian-tol"),
+        (["--hessian", "--hessian-trace", "99999999999999999999"], "--hessian-trace"),
+        (["--hessian-budget", "1000001"], "--hessian-budget"),
     ],
 )
 def test_odd_option_values_are_refused(cli, small: Path, args: list[str], needle: str) -> None:
@@ -494,3 +503,49 @@ def test_error_line_shows_control_characters_from_names(cli, tmp_path: Path) -> 
     path.write_bytes(b"not a model")
     line = one_line_error(cli("scan", path, "--input-shape", "4x5"))
     assert "\x1b" not in line and "evil\\x1b[31m.pt" in line
+
+
+def test_config_decoy_file_named_like_an_entry_point_does_not_import(
+    cli, repo: Path, monkeypatch
+) -> None:
+    """A file called 'tools.build:build' beside the config made the value look like a
+    file, while a scan from a subdirectory imported sub/tools/build.py."""
+    pyproject(repo, 'arch = "tools.build:build"\n')
+    (repo / "tools.build:build").write_text("decoy")
+    sub = repo / "sub"
+    (sub / "tools").mkdir(parents=True)
+    (sub / "tools" / "__init__.py").write_text("")
+    (sub / "tools" / "build.py").write_text(BUILD)
+    torch.save(torch.load(repo / "model.pt"), sub / "w.pt")
+    monkeypatch.chdir(sub)
+    res = cli("scan", "w.pt", "--input-shape", "4x8", "-q")
+    assert res.code == 2 and not (sub / "tools" / "MARKER").exists(), res.err
+    sys.modules.pop("tools", None)
+    sys.modules.pop("tools.build", None)
+
+
+@pytest.mark.parametrize("where", [".git/hooks/pre-commit", "tools/build.py", "run.sh"])
+def test_config_output_may_not_land_on_code(cli, repo: Path, where: str) -> None:
+    (repo / ".git" / "hooks").mkdir(parents=True)
+    pyproject(repo, f'model = "model.pt"\noutput = "{where}"\n')
+    before = (repo / "tools" / "build.py").read_text()
+    assert "code or repository metadata" in one_line_error(cli("scan"))
+    assert (repo / "tools" / "build.py").read_text() == before
+    assert not (repo / ".git" / "hooks" / "pre-commit").exists()
+
+
+def test_output_to_dev_null_is_allowed(cli, small: Path) -> None:
+    assert cli("scan", small, "--input-shape", "4x8", "-o", "/dev/null").code in (0, 1)
+
+
+def test_out_of_memory_in_the_forward_says_so(cli, factories: Path) -> None:
+    (factories / "hungry.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Hungry(nn.Linear):\n"
+        "    def forward(self, x):\n"
+        "        raise RuntimeError(\"DefaultCPUAllocator: can't allocate memory: you tried "
+        'to allocate 68719476736 bytes")\n\n'
+        "def build():\n    return Hungry(8, 4)\n"
+    )
+    line = one_line_error(cli("scan", "hungry.py:build", "--input-shape", "4x8"))
+    assert "out of memory in the forward pass" in line and "smaller batch" in line

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from nnhealth._util import escaped, tensors_in
+from nnhealth._util import escaped, first_line, out_of_memory, tensors_in
 from nnhealth.capture.activations import build_table
 from nnhealth.capture.params import module_owners, param_stats
 from nnhealth.capture.precision import dtype_name, exact32, readable
@@ -645,6 +645,11 @@ def _forward_error(exc: BaseException, frame: _Frame | None, inputs: Any) -> Cap
             detail += "(" + ", ".join(extra) + ")"
         fs = ", ".join(str(s) for s in frame.input_shapes) or "no tensors"
         where = f"in layer '{label}' [{detail}] on input of shape {fs}"
+    if out_of_memory(exc):
+        return CaptureError(
+            f"out of memory in the forward pass ({where}): {first_line(exc)[:160]}; use a "
+            f"smaller batch than {shape_txt} (--input-shape, --data) or more memory"
+        )
     return CaptureError(
         f"the model {escaped(exc)} ({where}) "
         f"(batch inputs had shape {shape_txt}; check that --data/--input-shape fit the model)"

@@ -25,7 +25,7 @@ from typing import Any, Self
 import torch
 from torch import nn
 
-from nnhealth._util import first_line
+from nnhealth._util import first_line, out_of_memory
 from nnhealth.capture.instrument import call_model
 from nnhealth.capture.state import preserved_state
 from nnhealth.curvature import trust
@@ -193,7 +193,7 @@ class HessianOperator:
     ) -> NoCurvature:
         """User code (or memory) failed while building (or, not ``building``, using) the
         operator."""
-        if trust.out_of_memory(exc):
+        if out_of_memory(exc):
             return NoCurvature(trust.oom_reason(f"in {what}", exc, lanczos=not building))
         if isinstance(exc, RuntimeError) and "once_differentiable" in str(exc):
             once = [f for f in self.functions if f.once_differentiable] or self.functions

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from nnhealth import memory
-from nnhealth._util import Progress
+from nnhealth._util import Progress, out_of_memory
 from nnhealth.capture.stats import CurvatureStats
 from nnhealth.curvature import trust
 from nnhealth.curvature.hvp import HessianOperator, NoCurvature
@@ -124,7 +124,7 @@ def scan_lanczos(
             "half-precision model in float32"
         ) from exc
     except (MemoryError, RuntimeError) as exc:  # the basis, or the vectors of the test
-        if not trust.out_of_memory(exc):
+        if not out_of_memory(exc):
             raise
         raise NoCurvature(trust.oom_reason("during Lanczos", exc)) from exc
 
@@ -170,7 +170,7 @@ def measure(
             try:
                 trace, stderr = hutchinson(op.matvec, op.n, trace_probes, seed, op.params[0].device)
             except (MemoryError, RuntimeError) as exc:
-                if not trust.out_of_memory(exc):
+                if not out_of_memory(exc):
                     raise
                 raise NoCurvature(trust.oom_reason("during the Hessian trace", exc)) from exc
         stats = CurvatureStats(

@@ -67,17 +67,6 @@ _ONCE_CODE = once_differentiable(lambda ctx, *grads: grads).__code__  # every wr
 _DELAYED_ERROR = "torch::autograd::Error"  # the node once_differentiable hangs results on
 
 
-def out_of_memory(exc: BaseException) -> bool:
-    """An allocation failure: MemoryError, torch.OutOfMemoryError, or the RuntimeError
-    the CPU allocator raises ("can't allocate memory")."""
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "can't allocate memory" in text or "out of memory" in text.lower()
-    )
-
-
 def user_frame(exc: BaseException) -> str:
     """Where user code raised: ``SoftplusFn.backward (model.py:31)``, the innermost
     frame outside torch and nnhealth ('' when there is none)."""

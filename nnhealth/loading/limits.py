@@ -261,6 +261,34 @@ class PickleFacts:
     suspicious: list[tuple[str, int | None]] = field(default_factory=list)  # (call, bytes)
     storages: dict[str, int] = field(default_factory=dict)  # key -> declared bytes
     allocations: int = 0  # bytes that calls would allocate (materialized views, qtensors)
+    refused: list[str] = field(default_factory=list)  # states an allowlisted class would
+    # loop over (RNNBase.__setstate__ iterates num_layers from the file)
+
+
+# RNNBase.__setstate__ loops (quadratically) over the file's num_layers when its
+# _all_weights is in an old layout: 10,000 layers cost 2 s, 3,000,000 never end.
+# Real RNNs have a handful of layers.
+MAX_RNN_LAYERS = 1000
+_RNN_CLASSES = {f"torch.nn.modules.rnn.{n}" for n in ("RNNBase", "RNN", "LSTM", "GRU")}
+
+
+@dataclass(frozen=True)
+class Instance:
+    """An object a pickle creates with cls.__new__ (NEWOBJ), kept for its BUILD."""
+
+    cls: str
+
+
+def _build(obj: Any, state: Any, facts: PickleFacts) -> None:
+    """BUILD(obj, state): the allowlisted classes whose __setstate__ loops on the state."""
+    if not (isinstance(obj, Instance) and obj.cls in _RNN_CLASSES and isinstance(state, dict)):
+        return
+    layers = state.get("num_layers")
+    if isinstance(layers, int) and not isinstance(layers, bool) and layers > MAX_RNN_LAYERS:
+        facts.refused.append(
+            f"its {obj.cls.rsplit('.', 1)[-1]} declares num_layers={layers} (at most "
+            f"{MAX_RNN_LAYERS}), over which loading loops"
+        )
 
 
 _SATURATE = 1 << 100  # beyond any memory: products stop growing here (no bigint blow-up)
@@ -413,6 +441,11 @@ _CONSTANTS = {
 }
 
 
+def _pairs_to_dict(items: list[Any]) -> dict[str, Any]:
+    """key, value, key, value... as a dict of the string keys (others are not needed)."""
+    return {k: v for k, v in zip(items[::2], items[1::2], strict=False) if isinstance(k, str)}
+
+
 def walk_pickle(stream: Any, facts: PickleFacts) -> Any:
     """Run one pickle's opcodes symbolically up to its STOP; return the value it builds.
 
@@ -466,15 +499,24 @@ def walk_pickle(stream: Any, facts: PickleFacts) -> Any:
                 items = pop_mark()
                 if stack and isinstance(stack[-1], list):
                     stack[-1].extend(items)
-            elif name in ("EMPTY_DICT", "EMPTY_SET"):
+            elif name == "EMPTY_DICT":
+                stack.append({})  # keys and values kept for BUILD's state (_build)
+            elif name == "EMPTY_SET":
                 stack.append(OPAQUE)
-            elif name in ("DICT", "FROZENSET"):
+            elif name == "DICT":
+                stack.append(_pairs_to_dict(pop_mark()))
+            elif name == "FROZENSET":
                 pop_mark()
                 stack.append(OPAQUE)
             elif name == "SETITEM":
-                pop()
-                pop()
-            elif name in ("SETITEMS", "ADDITEMS"):
+                value, key = pop(), pop()
+                if stack and isinstance(stack[-1], dict):
+                    stack[-1].update(_pairs_to_dict([key, value]))
+            elif name == "SETITEMS":
+                items = pop_mark()
+                if stack and isinstance(stack[-1], dict):
+                    stack[-1].update(_pairs_to_dict(items))
+            elif name == "ADDITEMS":
                 pop_mark()
             elif name in ("GLOBAL", "INST"):
                 module, _, qualname = str(arg).partition(" ")
@@ -507,9 +549,10 @@ def walk_pickle(stream: Any, facts: PickleFacts) -> Any:
                     facts.suspicious.append(
                         (_describe_call(cls.name + ".__new__", call_args), None)
                     )
-                stack.append(OPAQUE)
+                stack.append(Instance(cls.name) if isinstance(cls, Global) else OPAQUE)
             elif name == "BUILD":
-                pop()
+                state = pop()
+                _build(stack[-1] if stack else OPAQUE, state, facts)
             elif name in ("BINPERSID", "PERSID"):
                 pid = pop() if name == "BINPERSID" else arg
                 stack.append(_persistent(pid, facts))
@@ -630,6 +673,8 @@ def torch_pickles(
             f"{where}: cannot read this torch.save file (its pickle is malformed: "
             f"{_first(exc)}); it looks truncated or corrupt: save it again"
         ) from None
+    if not trusted and facts.refused:
+        raise error(f"{where}: {facts.refused[0]}; refusing to load it. {hint}")
     if not trusted and facts.suspicious:
         unknown = [call for call, n in facts.suspicious if n is None]
         total = sum(n for _, n in facts.suspicious if n is not None)
@@ -641,6 +686,15 @@ def torch_pickles(
                 f"the file{amount} (torch.save never does); refusing to load it. {hint}"
             )
         facts.allocations += total
+    # what rebuilding allocates beyond the stored bytes (a stride-0 view materialized by
+    # _rebuild_device_tensor_from_cpu_tensor) is bounded like a zip's inflation
+    size = path.stat().st_size
+    if not trusted and facts.allocations > max(INFLATION_FLOOR, MAX_INFLATION * size):
+        raise error(
+            f"{where}: rebuilding its tensors would allocate {size_text(facts.allocations)} "
+            f"from a {size_text(size)} file, beyond {MAX_INFLATION}x its size (torch.save "
+            f"never does: it stores what it loads); refusing to load it. {hint}"
+        )
     # a zip's storages are its members, already weighed by check_zip
     declared = 0 if is_zip else sum(facts.storages.values())
     fits_memory(

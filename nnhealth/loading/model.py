@@ -477,10 +477,10 @@ def _entry_point(spec: str) -> tuple[Any, str]:
                 module = importlib.import_module(target)
     except LoadError:
         raise
-    except (Exception, SystemExit) as exc:  # user code: anything but Ctrl-C is its failure
-        raise LoadError(
-            f"{spec}: importing {target} raised {type(exc).__name__}: {first_line(exc)}"
-        ) from exc
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # user code: anything but Ctrl-C is its failure
+        raise LoadError(f"{spec}: importing {target} {escaped(exc)}") from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -493,10 +493,10 @@ def _entry_point(spec: str) -> tuple[Any, str]:
     try:
         with _importable_from(os.getcwd()):
             return obj(), target
-    except (Exception, SystemExit) as exc:
-        raise LoadError(
-            f"{spec}: the factory raised {type(exc).__name__}: {first_line(exc)}"
-        ) from exc
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # the factory: user code, sys.exit included
+        raise LoadError(f"{spec}: the factory {escaped(exc)}") from exc
 
 
 def _from_factory_result(result: Any, spec: str) -> LoadedModel:
