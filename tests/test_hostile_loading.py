@@ -809,3 +809,38 @@ def test_in_memory_scan_of_an_overflowing_batch() -> None:
 
     with pytest.raises(DataError, match="overflow"):
         nnhealth.scan(he_mlp([4, 8, 3]), torch.full((8, 4), 1e300, dtype=torch.float64))
+
+
+def test_rnn_num_layers_from_the_file_is_capped(tmp_path: Path) -> None:
+    """RNNBase.__setstate__ loops over num_layers (quadratically) when _all_weights is in
+    an old layout: 3 KB with 3,000,000 layers never finished loading."""
+    lstm = nn.LSTM(1, 1)
+    lstm.num_layers = 3_000_000
+    lstm._all_weights = [[0]]
+    torch.save(lstm, tmp_path / "lstm.pt")
+    start = time.perf_counter()
+    line = refused(LoadError, load_model, str(tmp_path / "lstm.pt"))
+    assert "num_layers=3000000 (at most 1000)" in line and "--trust" in line
+    assert time.perf_counter() - start < 5
+    torch.save(nn.LSTM(4, 8, num_layers=3), tmp_path / "ok.pt")
+    assert load_model(str(tmp_path / "ok.pt")).model.num_layers == 3
+
+
+def test_rebuild_that_materializes_a_view_is_bounded_by_the_file_size(tmp_path: Path) -> None:
+    """_rebuild_device_tensor_from_cpu_tensor is on torch's weights-only allowlist: it
+    copies a stride-0 view at full size while loading (15 GB RSS from 2 KB)."""
+
+    class Rebuild:
+        def __init__(self, t: torch.Tensor) -> None:
+            self.t = t
+
+        def __reduce__(self):
+            return (
+                torch._utils._rebuild_device_tensor_from_cpu_tensor,
+                (self.t, torch.float64, "cpu", False),
+            )
+
+    view = torch.zeros(1).expand(30000, 30000)
+    torch.save({"w": Rebuild(view), "b": torch.zeros(3)}, tmp_path / "v.pt")
+    for fn in (lambda: load_model(str(tmp_path / "v.pt")), lambda: read_weights(tmp_path / "v.pt")):
+        assert "beyond 100x its size" in refused(LoadError, fn)
