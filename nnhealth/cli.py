@@ -221,15 +221,21 @@ def _loaded_sources() -> list[Path]:
 
 
 def _refuse_overwrite(flag: str, target: Path | None, files: list[Path]) -> None:
-    if target is not None and any(_same_file(target, f) for f in files):
-        raise UsageError(f"{flag} {target}: refusing to overwrite the model, data or source file")
-
-
-def _same_file(a: Path, b: Path) -> bool:
+    """Refuse ``target`` when it is one of ``files`` (same inode: symlinks and hard links
+    included). A target that does not exist yet overwrites nothing."""
     try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
+        own = os.stat(target) if target is not None else None
     except OSError:
-        return False
+        return
+    for f in files if own is not None else ():
+        try:
+            same = os.path.samestat(own, os.stat(f))
+        except OSError:
+            continue
+        if same:
+            raise UsageError(
+                f"{flag} {target}: refusing to overwrite the model, data or source file"
+            )
 
 
 def _fileno(stream) -> int | None:
@@ -250,6 +256,19 @@ def _flush_c_stdio() -> None:
         pass
 
 
+def _send_stdout_to(fd: int) -> None:
+    """Point sys.stdout's file descriptor at ``fd``, after flushing what Python and the C
+    library buffered for it."""
+    out_fd = _fileno(sys.stdout)
+    if out_fd is None or out_fd == fd:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+    _flush_c_stdio()
+    with contextlib.suppress(OSError):
+        os.dup2(fd, out_fd)
+
+
 @contextlib.contextmanager
 def _stdout_to_stderr():
     """While the scan runs (user code included), send what is written to stdout, from
@@ -260,12 +279,9 @@ def _stdout_to_stderr():
     saved = None
     report_stream = real
     if out_fd is not None and err_fd is not None and out_fd != err_fd:
-        with contextlib.suppress(OSError):
-            real.flush()
-        _flush_c_stdio()
         saved = os.dup(out_fd)
-        os.dup2(err_fd, out_fd)
-        report_stream = open(  # noqa: SIM115 (closed in finally)
+        _send_stdout_to(err_fd)
+        report_stream = open(  # noqa: SIM115 (closed in finally; the fd is closed there too)
             saved, "w", encoding=real.encoding or "utf-8", closefd=False
         )
     sys.stdout = sys.stderr
@@ -275,20 +291,20 @@ def _stdout_to_stderr():
         sys.stdout = real
         if saved is not None:
             with contextlib.suppress(OSError):
-                report_stream.flush()
-            _flush_c_stdio()
-            os.dup2(saved, out_fd)
+                report_stream.close()
+            _send_stdout_to(saved)
             os.close(saved)
 
 
-def _silence_stdout() -> None:
-    """After a broken pipe, point stdout at /dev/null so that the interpreter's final
-    flush does not raise again."""
+def _silence(stream) -> None:
+    """After a broken pipe, point ``stream``'s file descriptor (the report's) at
+    /dev/null, so that flushing what it still buffers does not raise again."""
+    fd = _fileno(stream)
+    if fd is None:
+        return
     with contextlib.suppress(OSError):
         devnull = os.open(os.devnull, os.O_WRONLY)
-        fd = _fileno(sys.stdout)
-        if fd is not None:
-            os.dup2(devnull, fd)
+        os.dup2(devnull, fd)
         os.close(devnull)
 
 
@@ -621,7 +637,7 @@ def scan(
                     raise OSError(9, "standard output is closed")
                 _write(report_stream, text)
             except BrokenPipeError:
-                _silence_stdout()  # `nnhealth scan ... | head`: the reader left; not an error
+                _silence(report_stream)  # `nnhealth scan ... | head`: the reader left
             except OSError as exc:
                 raise UsageError(
                     f"cannot write the report to standard output ({exc.strerror}); "
@@ -772,11 +788,7 @@ def main(argv: list[str] | None = None) -> int:
 def _retire_stdout() -> None:
     """The report is out: whatever still writes to stdout before the process ends (user
     code's atexit handlers, __del__ at shutdown, threads it started) goes to stderr."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        sys.stdout.flush()
-    _flush_c_stdio()
-    out_fd, err_fd = _fileno(sys.stdout), _fileno(sys.stderr)
-    if out_fd is not None and err_fd is not None and out_fd != err_fd:
-        with contextlib.suppress(OSError):
-            os.dup2(err_fd, out_fd)
+    err_fd = _fileno(sys.stderr)
+    if err_fd is not None:
+        _send_stdout_to(err_fd)
     sys.stdout = sys.stderr

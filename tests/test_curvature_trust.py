@@ -25,7 +25,7 @@ from torch.func import functional_call, grad, jacrev
 import nnhealth
 from nnhealth.curvature import trust
 from nnhealth.curvature.hvp import HessianOperator, NoCurvature
-from nnhealth.curvature.lanczos import _start_vector, lanczos
+from nnhealth.curvature.lanczos import lanczos, start_vector
 from nnhealth.curvature.measure import measure, scan_lanczos
 
 # -- custom activations: softplus with a hand-written backward ---------------------------
@@ -190,7 +190,7 @@ def test_a_detached_saved_input_is_symmetric_and_wrong(monkeypatch) -> None:
 
 
 def _symmetry(op: HessianOperator, seed: int = 0) -> trust.Symmetry:
-    q0 = _start_vector(op.n, op.gradient(), torch.Generator().manual_seed(seed), "cpu")
+    q0 = start_vector(op.n, op.gradient(), torch.Generator().manual_seed(seed), "cpu")
     return trust.check_symmetry(
         op.matvec, op.n, q0, op.matvec(q0), dtypes=[p.dtype for p in op.params], seed=seed
     )

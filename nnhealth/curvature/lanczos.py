@@ -92,7 +92,7 @@ def _pair(theta: np.ndarray, vecs: np.ndarray, i: int, beta_next: float) -> Ritz
 _DGKS = 0.5**0.5  # reorthogonalize again when a pass leaves less than this of the norm
 
 
-def _start_vector(
+def start_vector(
     n: int, start: torch.Tensor | None, gen: torch.Generator, device: torch.device | str
 ) -> torch.Tensor:
     q = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
@@ -197,7 +197,7 @@ def lanczos(
     full = min(cap, steps)
     rows = full if max_basis is not None else min(full, 16)
     basis = torch.empty((rows, n), dtype=torch.float64, device=device)
-    basis[0] = _start_vector(n, start, gen, device)
+    basis[0] = start_vector(n, start, gen, device)
     t = np.zeros((cap, cap))  # the projected matrix V^T H V
     size = 1
     known = np.zeros(0)  # couplings of the newest vector to the earlier ones

@@ -16,9 +16,9 @@ from nnhealth.curvature.hvp import HessianOperator, NoCurvature
 from nnhealth.curvature.lanczos import (
     LanczosResult,
     NonFiniteProduct,
-    _start_vector,
     lanczos,
     min_basis,
+    start_vector,
 )
 from nnhealth.curvature.trace import hutchinson
 
@@ -93,7 +93,7 @@ def scan_lanczos(
     cap = basis_cap(op.n, device, top, smallest, budget)  # refuses before any product
     try:
         start = op.gradient() if seeded else None
-        q0 = _start_vector(op.n, start, torch.Generator(device="cpu").manual_seed(seed), device)
+        q0 = start_vector(op.n, start, torch.Generator(device="cpu").manual_seed(seed), device)
         hq0 = op.matvec(q0)
         if not bool(torch.isfinite(hq0).all()):
             raise NonFiniteProduct("product 1 of the operator is not finite")

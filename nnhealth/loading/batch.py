@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnhealth import memory
 from nnhealth._util import first_line, regular_file, tensors_in
+from nnhealth.capture.precision import nonfinite_count
 from nnhealth.errors import DataError, UsageError
 from nnhealth.loading import detect, limits
 
@@ -86,7 +88,7 @@ def synthetic(shape: tuple[int, ...], seed: int, model: nn.Module | None) -> Bat
         )
     dtype = torch.int64 if isinstance(first, nn.Embedding) else torch.float32
     nbytes = values * dtype.itemsize
-    free = limits.free_memory()
+    free = memory.available()
     if free is not None and nbytes * PASS_INPUT_MULTIPLE > free:
         raise UsageError(
             f"--input-shape {text}: {values:,} {str(dtype).removeprefix('torch.')} values are "
@@ -306,9 +308,6 @@ def load_batch(path_text: str) -> Batch:
     return batch
 
 
-_FINITE_KERNELS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def _overflowed(
     source: str, role: str, before: torch.Tensor, after: torch.Tensor
 ) -> DataError | None:
@@ -316,9 +315,7 @@ def _overflowed(
     float32, float32 70000 to float16): a DataError saying how many and what to do."""
     if not after.is_floating_point():
         return None
-    # float8 has no isfinite kernel; widening keeps its NaN/inf
-    wide = after if after.dtype in _FINITE_KERNELS else after.to(torch.float32)
-    bad = int((~torch.isfinite(wide)).sum())
+    bad = nonfinite_count(after)  # float8 too, which has no isfinite kernel
     if not bad:
         return None
     largest = float(before.detach().abs().max().to(torch.float64))

@@ -66,13 +66,9 @@ def size_text(nbytes: float) -> str:
     return f"{int(nbytes)} bytes"
 
 
-def free_memory() -> int | None:
-    return memory.available()
-
-
 def fits_memory(nbytes: int, what: str, where: str, error: type[Exception], fix: str) -> None:
     """Raise ``error`` when ``nbytes`` is more than this process may still allocate."""
-    free = free_memory()
+    free = memory.available()
     if free is not None and nbytes > free:
         raise error(
             f"{where}: {what} needs {size_text(nbytes)}, more than the {size_text(free)} of "
@@ -760,7 +756,7 @@ def check_tensors(
             f"{MAX_INFLATION}x its size; save the tensors contiguous (.contiguous()) if "
             "they are meant to be that large"
         )
-    free = free_memory()
+    free = memory.available()
     if free is None or extra <= free:
         return
     raise error(

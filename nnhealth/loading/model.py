@@ -132,21 +132,12 @@ _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
 _TRUST_HINT = "If you trust the file, rerun with --trust (or NNHEALTH_TRUST=1)"
 
 
-def _module_class_calls(pickle_bytes: bytes) -> list[str]:
-    """Allowlisted classes and functions the pickle *calls* (REDUCE, INST, OBJ) rather
-    than re-creates (NEWOBJ) or merely references (GLOBAL).
-
-    torch.save pickles a module as NEWOBJ (cls.__new__) plus BUILD (its state); calling
-    the class, Linear(50000, 50000), or an activation function on a stride-0 view only
-    happens in a crafted file and allocates at will. A symbolic run of the opcodes
-    (:func:`limits.walk_pickle`, STACK_GLOBAL included) finds the callable under each call.
-    """
-    facts = limits.PickleFacts()
-    limits.walk_pickle(pickle_bytes, facts)
-    return _allowlisted(facts.calls)
-
-
 def _allowlisted(calls: list[str]) -> list[str]:
+    """The allowlisted classes and functions among a pickle's calls (REDUCE, INST, OBJ):
+    torch.save re-creates modules (NEWOBJ + BUILD) and never calls them; calling
+    Linear(50000, 50000), or an activation on a stride-0 view, only happens in a crafted
+    file and allocates at will. ``limits.walk_pickle`` finds the calls without running
+    the pickle."""
     allow = nn_allowlist()
     return [name for name in calls if name in allow]
 
