@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 
@@ -9,6 +10,11 @@ class Progress(Protocol):
     """Where a long stage reports: a message, and (done, total) when it has steps."""
 
     def __call__(self, message: str, steps: tuple[int, int] | None = None) -> None: ...
+
+
+# pkg.module:factory or path/file.py:factory (the form; whether a file of that name
+# exists decides, where it is read)
+ENTRY_POINT = re.compile(r"[^:]+:[A-Za-z_][\w.]*")
 
 
 def first_line(exc: BaseException) -> str:

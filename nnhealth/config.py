@@ -13,13 +13,12 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nnhealth._util import regular_file
+from nnhealth._util import ENTRY_POINT, regular_file
 from nnhealth.errors import UsageError
 from nnhealth.findings import Severity
 
@@ -79,7 +78,6 @@ NOT_IN_FILES = {"trust": "pass --trust or set NNHEALTH_TRUST=1 instead"}
 CODE_KEYS = ("model", "arch")
 # keys naming files nnhealth writes: from a file, only inside the file's directory tree
 WRITE_KEYS = ("output", "write-baseline")
-_ENTRY_POINT = re.compile(r"[^:]+:[A-Za-z_][\w.]*")
 
 
 def names_code(value: str, directory: Path) -> bool:
@@ -87,7 +85,7 @@ def names_code(value: str, directory: Path) -> bool:
     rather than a file to read (an existing file wins, as on the command line; resolve
     then makes the value that file's absolute path, so that the loader, which looks
     from the current directory, sees the same file and not a module)."""
-    return bool(_ENTRY_POINT.fullmatch(value)) and not (directory / value).exists()
+    return bool(ENTRY_POINT.fullmatch(value)) and not (directory / value).exists()
 
 
 # what a report written over it could turn into code: git hooks, Python sources and
@@ -272,7 +270,7 @@ def resolve(
         coerced = _coerce(kind, value, place(key), from_env=False)
         if settings.source is not None:
             directory = settings.source.parent
-            if key in CODE_KEYS and _ENTRY_POINT.fullmatch(coerced):
+            if key in CODE_KEYS and ENTRY_POINT.fullmatch(coerced):
                 if names_code(coerced, directory):
                     if not trust:
                         raise UsageError(

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnhealth._util import escaped, first_line, regular_file
+from nnhealth._util import ENTRY_POINT, escaped, first_line, regular_file
 from nnhealth.errors import LoadError, UsageError
 from nnhealth.loading import detect, limits
 
@@ -516,11 +516,7 @@ def _from_factory_result(result: Any, spec: str) -> LoadedModel:
 
 
 def is_entry_point(spec: str) -> bool:
-    return (
-        ":" in spec
-        and not Path(spec).exists()
-        and bool(re.fullmatch(r"[^:]+:[A-Za-z_][\w.]*", spec))
-    )
+    return ":" in spec and not Path(spec).exists() and bool(ENTRY_POINT.fullmatch(spec))
 
 
 def load_model(spec: str, *, trust: bool = False, weights: str | None = None) -> LoadedModel:
