@@ -1,9 +1,39 @@
 """Expected failures: the tool could not do its job. Each maps to exit code 2.
 
 The message is one line for the user: what went wrong, where, and what to do.
+
+A message names a scan option with ``flag("input_shape")`` rather than a command-line
+spelling: ``str(exc)`` (the Python API) shows the keyword, ``input_shape``; the CLI
+renders the same message with ``exc.render(cli_names)``, ``--input-shape``. The library
+never writes a CLI flag itself.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+_MARK = re.compile(r"\x02([a-z_]+)\x03")
+
+
+def flag(name: str) -> str:
+    """A reference to the scan option ``name`` (its ``ScanOptions``/keyword name), to be
+    rendered by whoever shows the message (keyword for the API, flag for the CLI)."""
+    return f"\x02{name}\x03"
+
+
+def render_flags(text: str, names: Mapping[str, str] | Callable[[str], str] | None = None) -> str:
+    """``text`` with each ``flag(name)`` replaced by ``names[name]`` (default: ``name``)."""
+
+    def one(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if names is None:
+            return key
+        if callable(names):
+            return names(key)
+        return names.get(key, key)
+
+    return _MARK.sub(one, text)
 
 
 class NnhealthError(Exception):
@@ -14,7 +44,11 @@ class NnhealthError(Exception):
         self.message = message
 
     def __str__(self) -> str:
-        return self.message
+        return render_flags(self.message)
+
+    def render(self, names: Mapping[str, str] | Callable[[str], str]) -> str:
+        """The message with option references spelled by ``names`` (CLI flags)."""
+        return render_flags(self.message, names)
 
 
 class UsageError(NnhealthError):

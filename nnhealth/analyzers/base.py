@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from nnhealth.capture.stats import Capture
 from nnhealth.findings import Finding, Number, Severity
+from nnhealth.plan import Request
 
 REQUIRED_SECTIONS = ("What it detects", "Why it matters", "Example", "How to fix")
 NEEDS = frozenset({"weights", "activations", "gradients", "curvature"})
@@ -79,6 +80,11 @@ class Check:
                 raise ValueError(f"{cls.name}.{key}: expected a number, got {value!r}")  # noqa: TRY004
             opts[key] = value
         return opts
+
+    @classmethod
+    def request(cls, options: dict[str, Any]) -> Request:
+        """What the pass must produce for this check beyond its ``needs``."""
+        return Request()
 
     def run(self, capture: Capture, options: dict[str, Any]) -> list[Finding]:
         raise NotImplementedError

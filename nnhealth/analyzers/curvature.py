@@ -5,6 +5,7 @@ from __future__ import annotations
 from nnhealth.analyzers.base import Check, Option
 from nnhealth.capture.stats import Capture
 from nnhealth.findings import Finding, Severity
+from nnhealth.plan import Request
 
 
 class Curvature(Check):
@@ -67,6 +68,10 @@ class Curvature(Check):
             "|lambda_min| / lambda_max below this is numerical noise, not a saddle",
         ),
     )
+
+    @classmethod
+    def request(cls, options: dict) -> Request:
+        return Request(curvature=True)
 
     def run(self, capture: Capture, options: dict) -> list[Finding]:
         c = capture.curvature

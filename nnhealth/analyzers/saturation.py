@@ -7,6 +7,7 @@ from nnhealth.analyzers.base import Check, Option, num, pct
 from nnhealth.analyzers.dead_relu import preceding_layer
 from nnhealth.capture.stats import Capture
 from nnhealth.findings import Finding, Severity
+from nnhealth.plan import Request
 
 _PEAK = {"sigmoid": 0.25, "tanh": 1.0, "hardtanh": 1.0, "hardsigmoid": 1.0 / 6.0, "relu6": 1.0}
 
@@ -69,6 +70,10 @@ class Saturation(Check):
             "more than half closed: the rule DeepDiagnosis uses, most of the gradient is gone",
         ),
     )
+
+    @classmethod
+    def request(cls, options: dict) -> Request:
+        return Request(saturation_derivative=options["derivative_fraction"])
 
     def run(self, capture: Capture, options: dict) -> list[Finding]:
         out = []

@@ -12,6 +12,7 @@ from nnhealth.analyzers.dead_relu import preceding_layer
 from nnhealth.capture.groups import near_duplicate_groups
 from nnhealth.capture.stats import LAYER, NORM, Capture, SiteStats, WeightStats
 from nnhealth.findings import Finding, Severity
+from nnhealth.plan import Request
 
 _REINIT = (
     "layer = model.get_submodule({name})\n"
@@ -121,6 +122,10 @@ class Symmetry(Check):
         if effective == 1 or duplicated / units >= options["error_fraction"]:
             return Severity.ERROR
         return Severity.WARNING
+
+    @classmethod
+    def request(cls, options: dict) -> Request:
+        return Request(fingerprints=True, symmetry_rtol=options["rtol"])
 
     def run(self, capture: Capture, options: dict) -> list[Finding]:
         out = []
