@@ -1,14 +1,20 @@
 from __future__ import annotations
 
 import itertools
+import json
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from nnhealth.findings import Finding, Report, Severity, Skipped
+
 ROOT = Path(__file__).resolve().parents[1]
+NUMBER = (int, float)
 SAMPLES = ROOT / "sample_models"
 sys.path.insert(0, str(SAMPLES))  # make_samples, to rebuild the samples in memory
 
@@ -90,3 +96,250 @@ class WritesOnLoad(nn.Module):
         self.path = state[0]
         self.training = state[2]
         self.w = state[1] + torch.from_file(self.path, True, 2) * 0
+
+
+def one_line_error(res) -> str:
+    assert res.code == 2, (res.code, res.out, res.err)
+    assert res.out == ""
+    assert "Traceback" not in res.err
+    lines = res.err.strip().splitlines()
+    assert len(lines) == 1, res.err
+    return lines[0]
+
+
+def listing(directory: Path) -> set[str]:
+    return {str(p.relative_to(directory)) for p in directory.rglob("*")}
+
+
+def upstream_symmetry() -> nn.Module:
+    """Units 0 and 1 of layer 2 differ only on weights from dead units of layer 1: their
+    outputs are identical over any batch, though their weight rows are not."""
+    model = stack(128, 3, nn.ReLU, he)
+    with torch.no_grad():
+        model[0].bias[:8] = -100.0  # units 0..7 of layer 1 are dead
+        model[2].weight[1] = model[2].weight[0]
+        model[2].bias[1] = model[2].bias[0]
+        model[2].weight[1, :8] += 1.0  # differ only where the input is always 0
+    return model
+
+
+def strict_json(text: str) -> dict:
+    def no_constants(name: str):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=no_constants)
+
+
+def assert_schema(report: dict) -> None:
+    """The JSON contract of DESIGN.md, schema_version 1."""
+    assert report["schema_version"] == 1
+    assert report["tool"]["name"] == "nnhealth" and isinstance(report["tool"]["version"], str)
+    run = report["run"]
+    for key in (
+        "model",
+        "model_format",
+        "batch",
+        "loss",
+        "mode",
+        "device",
+        "seed",
+        "torch",
+        "seconds",
+    ):
+        assert key in run, key
+    if run["batch"] is not None:
+        assert isinstance(run["batch"]["source"], str)
+        assert all(isinstance(d, int) for d in run["batch"]["shape"])
+    assert run["mode"] in ("train", "eval", None)
+    assert isinstance(run["seconds"], NUMBER)
+    for layer in report["layers"]:
+        assert isinstance(layer["name"], str) and isinstance(layer["kind"], str)
+    assert report["curvature"] is None
+    for f in report["findings"]:
+        assert set(f) >= {"code", "check", "severity", "layer", "message", "evidence", "fix"}
+        assert f["severity"] in ("error", "warning", "info")
+        assert f["code"].startswith("NH") and isinstance(f["message"], str) and f["fix"]
+        assert all(
+            v is None or isinstance(v, (int, float, str, bool)) for v in f["evidence"].values()
+        )
+    for e in report["errors"]:
+        assert set(e) == {"check", "message"}
+    summary = report["summary"]
+    counts = {
+        s: sum(f["severity"] == s for f in report["findings"]) for s in ("error", "warning", "info")
+    }
+    assert {k: summary[k] for k in counts} == counts
+    assert summary["healthy"] == (not report["findings"] and not report["errors"])
+
+
+def hand_built() -> Report:
+    return Report(
+        run={
+            "model": "sample_models/relu_dead_bias.pt",
+            "model_format": "torch.save module (torch.nn classes, allowlisted)",
+            "model_class": "Sequential",
+            "batch": {
+                "source": "batch.pt",
+                "shape": [256, 256],
+                "targets_shape": [256],
+                "examples": 256,
+            },
+            "output_shape": [256, 10],
+            "loss": "cross-entropy",
+            "loss_value": 2.5123,
+            "mode": "train",
+            "device": "cpu",
+            "seed": 0,
+            "torch": "2.13.0",
+            "seconds": 0.25,
+            "params": 199946,
+            "trainable_params": 199946,
+            "checks": ["NH001", "NH101", "NH102", "NH201", "NH202"],
+        },
+        layers=(
+            {
+                "name": "fc1",
+                "kind": "Linear",
+                "role": "layer",
+                "units": 256,
+                "act_var": 2.01,
+                "grad_var": 2e-8,
+                "weight_norm": 22.6,
+                "weight_grad_norm": 0.584,
+                "trust_ratio": 38.7,
+                "init_ratio": 1.02,
+                "init_rule": "He 2/fan_in (relu)",
+                "effective_width": 256,
+            },
+            {
+                "name": "fc1:relu",
+                "kind": "relu",
+                "role": "activation",
+                "functional": True,
+                "units": 256,
+                "act_var": 0.686,
+                "grad_var": 4.07e-8,
+                "dead_fraction": 0.0,
+            },
+            {
+                "name": "fc2",
+                "kind": "Linear",
+                "role": "layer",
+                "units": 256,
+                "act_var": 10.9,
+                "grad_var": 2.08e-8,
+                "weight_norm": 22.6,
+                "weight_grad_norm": 0.821,
+                "trust_ratio": 27.5,
+                "init_ratio": None,
+                "init_rule": "not judged: followed by a normalization layer",
+                "effective_width": 250,
+            },
+            {
+                "name": "act2",
+                "kind": "relu",
+                "role": "activation",
+                "units": 256,
+                "act_var": 0.346,
+                "grad_var": 1.1e-7,
+                "dead_fraction": 0.598,
+            },
+            {
+                "name": "head",
+                "kind": "Linear",
+                "role": "layer",
+                "units": 10,
+                "act_var": 0.404,
+                "grad_var": 1.43e-6,
+                "weight_norm": 4.49,
+                "weight_grad_norm": 1.14,
+            },
+        ),
+        findings=(
+            Finding(
+                "NH101",
+                "dead-relu",
+                Severity.ERROR,
+                "act2",
+                "60% of units dead (153 of 256): zero for all 256 examples",
+                {"dead_units": 153, "units": 256},
+                "lower the learning rate",
+                'layer = model.get_submodule("fc2")\nnn.init.constant_(layer.bias, 0.01)',
+            ),
+            Finding(
+                "NH102",
+                "saturation",
+                Severity.WARNING,
+                "x",
+                "30% of tanh outputs saturated",
+                {},
+                "use Xavier init",
+            ),
+            Finding(
+                "NH101", "dead-relu", Severity.INFO, None, "small batch", {}, "use more examples"
+            ),
+        ),
+        errors=(),
+        skipped=(Skipped("NH202", "gradient-variance", "no gradients were captured"),),
+        notes=("no targets: random class labels over 10 classes (seeded)",),
+        tool_version="0.1.0",
+    )
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: one ReLU(inplace=True) module called twice."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + x)
+
+
+def state_of(model: nn.Module):
+    return {
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "grad_ids": [id(p.grad) for p in model.parameters()],
+        "params": [p.detach().clone() for p in model.parameters()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "hooks": [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()
+        ],
+    }
+
+
+def stack(
+    width: int,
+    depth: int,
+    act: type[nn.Module],
+    std: Callable[[int], float] | None,
+    norm: type[nn.Module] | None = None,
+    seed: int = 0,
+) -> nn.Sequential:
+    """depth hidden Linear(width) layers with act (and norm before it), then a 10-way head.
+    std(fan_in) None keeps PyTorch's default init."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        lin = nn.Linear(width, width)
+        if std is not None:
+            with torch.no_grad():
+                lin.weight.normal_(0, std(width))
+                lin.bias.zero_()
+        layers += [lin] + ([norm(width)] if norm else []) + [act()]
+    layers.append(nn.Linear(width, 10))
+    return nn.Sequential(*layers)
+
+
+def he(n: int) -> float:
+    return math.sqrt(2 / n)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import he_mlp
-from test_loading import one_line_error
+from conftest import he_mlp, one_line_error
 
 
 def save(tmp_path: Path, dead_fc2: int, dead_fc4: int = 0) -> Path:

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BasicBlock, state_of
 from torch import nn
 
 from nnhealth.capture.instrument import run_pass
@@ -14,23 +15,6 @@ from nnhealth.capture.instrument import run_pass
 
 def mse(out):
     return out.square().mean()
-
-
-class BasicBlock(nn.Module):
-    """torchvision's BasicBlock: one ReLU(inplace=True) module called twice."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + x)
 
 
 class Functional(nn.Module):
@@ -131,21 +115,6 @@ def test_activation_modules_of_every_family() -> None:
     ]
 
 
-def _state(model: nn.Module):
-    return {
-        "training": [m.training for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-        "grad_ids": [id(p.grad) for p in model.parameters()],
-        "params": [p.detach().clone() for p in model.parameters()],
-        "buffers": [b.clone() for b in model.buffers()],
-        "hooks": [
-            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-            for m in model.modules()
-        ],
-    }
-
-
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_model_is_left_exactly_as_found(mode: str) -> None:
     torch.manual_seed(0)
@@ -161,10 +130,10 @@ def test_model_is_left_exactly_as_found(mode: str) -> None:
     model[0].weight.requires_grad_(False)  # a frozen parameter stays frozen
     model[4].weight.grad = torch.full_like(model[4].weight, 7.0)  # an existing .grad survives
     x = torch.randn(6, 3, 5, 5)
-    before = _state(model)
+    before = state_of(model)
     rng = torch.get_rng_state()
     cap = run_pass(model, x, mse, examples=6, mode=mode)
-    after = _state(model)
+    after = state_of(model)
     assert after["training"] == before["training"]
     assert after["requires_grad"] == before["requires_grad"]
     assert after["grad_ids"] == before["grad_ids"]
@@ -182,14 +151,14 @@ def test_model_is_left_exactly_as_found(mode: str) -> None:
 def test_model_left_as_found_when_it_raises() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(5, 2))
     model.eval()
-    before = _state(model)
+    before = state_of(model)
     from nnhealth.errors import CaptureError
 
     with pytest.raises(
         CaptureError, match=r"layer '2' \[Linear\(in_features=5\)\] on input of shape \[3, 4\]"
     ):
         run_pass(model, torch.randn(3, 4), mse, examples=3)
-    after = _state(model)
+    after = state_of(model)
     assert after["hooks"] == before["hooks"] and after["training"] == before["training"]
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import he, stack, upstream_symmetry
 from torch import nn
 
 import nnhealth
@@ -18,33 +19,6 @@ from nnhealth.analyzers.base import REQUIRED_SECTIONS, Check
 from nnhealth.findings import Severity
 
 N = 128  # examples per batch
-
-
-def stack(
-    width: int,
-    depth: int,
-    act: type[nn.Module],
-    std: Callable[[int], float] | None,
-    norm: type[nn.Module] | None = None,
-    seed: int = 0,
-) -> nn.Sequential:
-    """depth hidden Linear(width) layers with act (and norm before it), then a 10-way head.
-    std(fan_in) None keeps PyTorch's default init."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for _ in range(depth):
-        lin = nn.Linear(width, width)
-        if std is not None:
-            with torch.no_grad():
-                lin.weight.normal_(0, std(width))
-                lin.bias.zero_()
-        layers += [lin] + ([norm(width)] if norm else []) + [act()]
-    layers.append(nn.Linear(width, 10))
-    return nn.Sequential(*layers)
-
-
-def he(n: int) -> float:
-    return math.sqrt(2 / n)
 
 
 def xavier(n: int) -> float:
@@ -91,18 +65,6 @@ def duplicated_units(count: int) -> nn.Module:
     with torch.no_grad():
         model[2].weight[1 : count + 1] = model[2].weight[0]
         model[2].bias[1 : count + 1] = model[2].bias[0]
-    return model
-
-
-def upstream_symmetry() -> nn.Module:
-    """Units 0 and 1 of layer 2 differ only on weights from dead units of layer 1: their
-    outputs are identical over any batch, though their weight rows are not."""
-    model = stack(128, 3, nn.ReLU, he)
-    with torch.no_grad():
-        model[0].bias[:8] = -100.0  # units 0..7 of layer 1 are dead
-        model[2].weight[1] = model[2].weight[0]
-        model[2].bias[1] = model[2].bias[0]
-        model[2].weight[1, :8] += 1.0  # differ only where the input is always 0
     return model
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -11,60 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, he_mlp
-from test_loading import one_line_error
-
-
-def strict_json(text: str) -> dict:
-    def no_constants(name: str):
-        raise AssertionError(f"non-standard JSON constant {name}")
-
-    return json.loads(text, parse_constant=no_constants)
-
+from conftest import ROOT, assert_schema, he_mlp, one_line_error, strict_json
 
 NUMBER = (int, float)
-
-
-def assert_schema(report: dict) -> None:
-    """The JSON contract of DESIGN.md, schema_version 1."""
-    assert report["schema_version"] == 1
-    assert report["tool"]["name"] == "nnhealth" and isinstance(report["tool"]["version"], str)
-    run = report["run"]
-    for key in (
-        "model",
-        "model_format",
-        "batch",
-        "loss",
-        "mode",
-        "device",
-        "seed",
-        "torch",
-        "seconds",
-    ):
-        assert key in run, key
-    if run["batch"] is not None:
-        assert isinstance(run["batch"]["source"], str)
-        assert all(isinstance(d, int) for d in run["batch"]["shape"])
-    assert run["mode"] in ("train", "eval", None)
-    assert isinstance(run["seconds"], NUMBER)
-    for layer in report["layers"]:
-        assert isinstance(layer["name"], str) and isinstance(layer["kind"], str)
-    assert report["curvature"] is None
-    for f in report["findings"]:
-        assert set(f) >= {"code", "check", "severity", "layer", "message", "evidence", "fix"}
-        assert f["severity"] in ("error", "warning", "info")
-        assert f["code"].startswith("NH") and isinstance(f["message"], str) and f["fix"]
-        assert all(
-            v is None or isinstance(v, (int, float, str, bool)) for v in f["evidence"].values()
-        )
-    for e in report["errors"]:
-        assert set(e) == {"check", "message"}
-    summary = report["summary"]
-    counts = {
-        s: sum(f["severity"] == s for f in report["findings"]) for s in ("error", "warning", "info")
-    }
-    assert {k: summary[k] for k in counts} == counts
-    assert summary["healthy"] == (not report["findings"] and not report["errors"])
 
 
 def test_sick_model_exits_1_with_json_contract(cli, sample) -> None:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import he_mlp
-from test_loading import one_line_error
+from conftest import he_mlp, one_line_error
 
 
 @pytest.fixture

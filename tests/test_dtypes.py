@@ -25,9 +25,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import he_mlp
-from test_checks import upstream_symmetry
-from test_cli import assert_schema, strict_json
+from conftest import assert_schema, he_mlp, strict_json, upstream_symmetry
 from torch import nn
 
 import nnhealth

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import he_mlp
-from test_loading import one_line_error
+from conftest import he_mlp, one_line_error
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import hand_built
 from junitparser import Failure, JUnitXml, Skipped
-from test_report import hand_built
 
 from nnhealth.findings import AnalyzerError, Finding, Severity
 from nnhealth.formatters import FORMATTERS, Format, RenderOptions, get_formatter

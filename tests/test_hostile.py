@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, he_mlp
-from test_loading import listing, one_line_error
+from conftest import ROOT, he_mlp, listing, one_line_error
 
 import nnhealth
 from nnhealth.errors import NnhealthError

@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import WritesOnLoad, he_mlp
-from test_loading import listing, one_line_error
+from conftest import WritesOnLoad, he_mlp, listing, one_line_error
 from torch import nn
 
 from nnhealth import memory

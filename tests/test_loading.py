@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import he_mlp
+from conftest import he_mlp, listing, one_line_error
 from torch import nn
 
 MYNET = """
@@ -35,10 +35,6 @@ def build_with_batch():
 """
 
 
-def listing(directory: Path) -> set[str]:
-    return {str(p.relative_to(directory)) for p in directory.rglob("*")}
-
-
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A user's directory: mynet.py (a custom class), a pickled Net, a batch; cwd there."""
@@ -55,15 +51,6 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             f.unlink()
         cache.rmdir()
     return tmp_path
-
-
-def one_line_error(res) -> str:
-    assert res.code == 2, (res.code, res.out, res.err)
-    assert res.out == ""
-    assert "Traceback" not in res.err
-    lines = res.err.strip().splitlines()
-    assert len(lines) == 1, res.err
-    return lines[0]
 
 
 def test_custom_class_refused_without_trust(cli, project: Path) -> None:

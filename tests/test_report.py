@@ -5,126 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import hand_built
 
-from nnhealth.findings import AnalyzerError, Finding, Report, Severity, Skipped
+from nnhealth.findings import AnalyzerError, Finding, Report, Severity
 from nnhealth.formatters import RenderOptions, get_formatter
 from nnhealth.formatters.text import log_bar
 
 GOLDEN = Path(__file__).parent / "golden"
-
-
-def hand_built() -> Report:
-    return Report(
-        run={
-            "model": "sample_models/relu_dead_bias.pt",
-            "model_format": "torch.save module (torch.nn classes, allowlisted)",
-            "model_class": "Sequential",
-            "batch": {
-                "source": "batch.pt",
-                "shape": [256, 256],
-                "targets_shape": [256],
-                "examples": 256,
-            },
-            "output_shape": [256, 10],
-            "loss": "cross-entropy",
-            "loss_value": 2.5123,
-            "mode": "train",
-            "device": "cpu",
-            "seed": 0,
-            "torch": "2.13.0",
-            "seconds": 0.25,
-            "params": 199946,
-            "trainable_params": 199946,
-            "checks": ["NH001", "NH101", "NH102", "NH201", "NH202"],
-        },
-        layers=(
-            {
-                "name": "fc1",
-                "kind": "Linear",
-                "role": "layer",
-                "units": 256,
-                "act_var": 2.01,
-                "grad_var": 2e-8,
-                "weight_norm": 22.6,
-                "weight_grad_norm": 0.584,
-                "trust_ratio": 38.7,
-                "init_ratio": 1.02,
-                "init_rule": "He 2/fan_in (relu)",
-                "effective_width": 256,
-            },
-            {
-                "name": "fc1:relu",
-                "kind": "relu",
-                "role": "activation",
-                "functional": True,
-                "units": 256,
-                "act_var": 0.686,
-                "grad_var": 4.07e-8,
-                "dead_fraction": 0.0,
-            },
-            {
-                "name": "fc2",
-                "kind": "Linear",
-                "role": "layer",
-                "units": 256,
-                "act_var": 10.9,
-                "grad_var": 2.08e-8,
-                "weight_norm": 22.6,
-                "weight_grad_norm": 0.821,
-                "trust_ratio": 27.5,
-                "init_ratio": None,
-                "init_rule": "not judged: followed by a normalization layer",
-                "effective_width": 250,
-            },
-            {
-                "name": "act2",
-                "kind": "relu",
-                "role": "activation",
-                "units": 256,
-                "act_var": 0.346,
-                "grad_var": 1.1e-7,
-                "dead_fraction": 0.598,
-            },
-            {
-                "name": "head",
-                "kind": "Linear",
-                "role": "layer",
-                "units": 10,
-                "act_var": 0.404,
-                "grad_var": 1.43e-6,
-                "weight_norm": 4.49,
-                "weight_grad_norm": 1.14,
-            },
-        ),
-        findings=(
-            Finding(
-                "NH101",
-                "dead-relu",
-                Severity.ERROR,
-                "act2",
-                "60% of units dead (153 of 256): zero for all 256 examples",
-                {"dead_units": 153, "units": 256},
-                "lower the learning rate",
-                'layer = model.get_submodule("fc2")\nnn.init.constant_(layer.bias, 0.01)',
-            ),
-            Finding(
-                "NH102",
-                "saturation",
-                Severity.WARNING,
-                "x",
-                "30% of tanh outputs saturated",
-                {},
-                "use Xavier init",
-            ),
-            Finding(
-                "NH101", "dead-relu", Severity.INFO, None, "small batch", {}, "use more examples"
-            ),
-        ),
-        errors=(),
-        skipped=(Skipped("NH202", "gradient-variance", "no gradients were captured"),),
-        notes=("no targets: random class labels over 10 classes (seeded)",),
-        tool_version="0.1.0",
-    )
 
 
 def render(report: Report, **kw) -> str:

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import he_mlp
-from test_capture import BasicBlock
+from conftest import BasicBlock, he_mlp
 from torch import nn
 
 import nnhealth

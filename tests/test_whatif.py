@@ -8,7 +8,7 @@ import json
 import make_samples
 import pytest
 import torch
-from test_capture import _state
+from conftest import state_of as _state
 from torch import nn
 
 import nnhealth
