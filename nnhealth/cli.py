@@ -4,16 +4,15 @@ the commands, so ``nnhealth --help``, ``checks`` and ``explain`` stay instant.""
 from __future__ import annotations
 
 import contextlib
-import enum
+import inspect
 import io
-import math
 import os
 import shutil
 import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Annotated, Self
+from typing import TYPE_CHECKING, Annotated, Any, Self
 
 import typer
 
@@ -22,9 +21,13 @@ try:  # typer >= 0.2x vendors click; its exceptions derive from TyperException
 except ImportError:  # older typer on top of click
     from click import ClickException as _CliError
 
-from nnhealth import __version__
+from nnhealth import __version__, options
 from nnhealth._util import escaped, first_line, out_of_memory
 from nnhealth.errors import NnhealthError, UsageError
+
+if TYPE_CHECKING:
+    from nnhealth.config import Settings
+    from nnhealth.findings import Report
 
 app = typer.Typer(
     add_completion=False,
@@ -34,38 +37,6 @@ app = typer.Typer(
 )
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
-
-
-class LossChoice(str, enum.Enum):
-    auto = "auto"
-    ce = "ce"
-    mse = "mse"
-    bce = "bce"
-
-
-class ModeChoice(str, enum.Enum):
-    train = "train"
-    eval = "eval"
-
-
-class FormatChoice(str, enum.Enum):
-    text = "text"
-    json = "json"
-    sarif = "sarif"
-    github = "github"
-    junit = "junit"
-    markdown = "markdown"
-
-
-class SeverityChoice(str, enum.Enum):
-    error = "error"
-    warning = "warning"
-    info = "info"
-
-
-class DeviceChoice(str, enum.Enum):
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 def _version(value: bool) -> None:
@@ -81,14 +52,6 @@ def _root(
     ] = False,
 ) -> None:
     """Diagnose a PyTorch model's training health in one instrumented pass."""
-
-
-def _split(values: list[str] | None) -> list[str] | None:
-    """Comma-separated tokens; None when the option was not given at all (typer gives
-    an empty tuple); ``--select ''`` gives [], which the runner refuses (not "all")."""
-    if not values:
-        return None
-    return [t.strip() for v in values for t in v.split(",") if t.strip()]
 
 
 class _DelayedStatus:
@@ -318,331 +281,149 @@ def _write(stream, text: str) -> None:
     stream.flush()
 
 
-@app.command()
-def scan(
-    ctx: typer.Context,
-    model: Annotated[
-        str | None,
-        typer.Argument(
-            help="Model file (torch.save, TorchScript, state_dict, safetensors) or entry point pkg.module:factory / file.py:factory. Default: model in the config file.",
-            show_default=False,
-        ),
-    ] = None,
-    data: Annotated[
-        str | None,
-        typer.Option(
-            "--data", help="Batch file: .pt (tensor, (inputs, targets) or dict), .npz or .npy."
-        ),
-    ] = None,
-    input_shape: Annotated[
-        str | None,
-        typer.Option(
-            "--input-shape", help="Synthetic unit-Gaussian batch of this shape, e.g. 64x3x32x32."
-        ),
-    ] = None,
-    weights: Annotated[
-        str | None,
-        typer.Option(
-            "--weights",
-            help="state_dict / Lightning .ckpt / safetensors to load into an entry point's model.",
-        ),
-    ] = None,
-    arch: Annotated[
-        str | None,
-        typer.Option(
-            "--arch",
-            help="Entry point pkg.module:factory building the architecture for a state_dict MODEL.",
-        ),
-    ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option(
-            "--lr",
-            help="Learning rate: judged against 2/lambda_max (NH401) and per-layer update size (NH301).",
-        ),
-    ] = None,
-    hessian: Annotated[
-        bool | None,
-        typer.Option(
-            "--hessian/--no-hessian",
-            help="Measure the Hessian's top eigenvalue by Lanczos (NH401). Default: only when NH401 is selected with --select.",
-            show_default=False,
-        ),
-    ] = None,
-    hessian_top: Annotated[
-        int, typer.Option("--hessian-top", help="How many top eigenvalues.")
-    ] = 1,
-    hessian_min: Annotated[
-        bool,
-        typer.Option("--hessian-min", help="Also the smallest eigenvalue (negative curvature)."),
-    ] = False,
-    hessian_trace: Annotated[
-        int,
-        typer.Option("--hessian-trace", help="Hutchinson probes for the Hessian trace (0: none)."),
-    ] = 0,
-    hessian_tol: Annotated[
-        float, typer.Option("--hessian-tol", help="Relative error bound at which Lanczos stops.")
-    ] = 1e-3,
-    hessian_budget: Annotated[
-        int, typer.Option("--hessian-budget", help="Most Hessian-vector products Lanczos may take.")
-    ] = 100,
-    loss: Annotated[
-        LossChoice,
-        typer.Option(
-            "--loss",
-            help="Loss: auto picks cross-entropy for class targets, MSE for float targets.",
-        ),
-    ] = LossChoice.auto,
-    mode: Annotated[
-        ModeChoice,
-        typer.Option(
-            "--mode", help="Run the pass in train mode (dropout, batch statistics) or eval mode."
-        ),
-    ] = ModeChoice.train,
-    select: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--select", help="Checks to run: codes, code prefixes or names, comma-separated."
-        ),
-    ] = None,
-    ignore: Annotated[
-        list[str] | None, typer.Option("--ignore", help="Checks to skip: codes, prefixes or names.")
-    ] = None,
-    fmt: Annotated[
-        FormatChoice, typer.Option("--format", help="Report format.")
-    ] = FormatChoice.text,
-    output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", help="Write the report to this file instead of stdout."),
-    ] = None,
-    fail_on: Annotated[
-        SeverityChoice,
-        typer.Option("--fail-on", help="Exit 1 when a finding is at or above this severity."),
-    ] = SeverityChoice.error,
-    exit_zero: Annotated[
-        bool,
-        typer.Option(
-            "--exit-zero", help="Exit 0 even with findings (errors of the tool still exit 2)."
-        ),
-    ] = False,
-    baseline: Annotated[
-        Path | None,
-        typer.Option(
-            "--baseline",
-            help="Fail only on findings that are new or worse than in this baseline file.",
-        ),
-    ] = None,
-    write_baseline: Annotated[
-        Path | None,
-        typer.Option(
-            "--write-baseline",
-            help="Record the current findings as accepted (exit 0) in this file.",
-        ),
-    ] = None,
-    baseline_tolerance: Annotated[
-        float,
-        typer.Option(
-            "--baseline-tolerance",
-            help="Relative growth of a finding's score that counts as worse.",
-        ),
-    ] = 0.1,
-    what_if: Annotated[
-        bool,
-        typer.Option(
-            "--what-if",
-            help="Re-scan a copy of the model with each recommended fix applied; report before/after.",
-        ),
-    ] = False,
-    what_if_budget: Annotated[
-        float, typer.Option("--what-if-budget", help="Seconds the --what-if fixes may take in all.")
-    ] = 120.0,
-    trust: Annotated[
-        bool,
-        typer.Option(
-            "--trust",
-            envvar="NNHEALTH_TRUST",
-            help="Allow what runs code from a file: unpickling classes outside torch.nn, TorchScript, a config file's entry points.",
-        ),
-    ] = False,
-    device: Annotated[
-        DeviceChoice | None,
-        typer.Option(
-            "--device", help="Device for the pass (default: where the model's parameters are)."
-        ),
-    ] = None,
-    seed: Annotated[
-        int, typer.Option("--seed", help="Seed for synthetic inputs, random targets and dropout.")
-    ] = 0,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="Findings and verdict only.")
-    ] = False,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Add each finding's evidence.")
-    ] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            help="Config file (pyproject.toml with [tool.nnhealth], or nnhealth.toml). Default: the nearest one from the current directory up.",
-        ),
-    ] = None,
-) -> int:
+def _resolve(ctx: typer.Context) -> tuple[dict[str, Any], Settings]:
+    """Every option's value: the command line's, else NNHEALTH_*, else the config
+    file's, else the default; checked, in the form the scan uses (paths as Path)."""
+    from nnhealth import config
+
+    params = ctx.params
+    given = {
+        name
+        for name in params
+        if (source := ctx.get_parameter_source(name)) is not None
+        and source.name in ("COMMANDLINE", "ENVIRONMENT")
+    }
+    settings = config.resolve(given, params["config"], trust=bool(params["trust"]))
+    merged = {**options.DEFAULTS, **{n: params[n] for n in given}, **settings.values}
+    values = {n: options.BY_NAME[n].kind.coerce(v) for n, v in merged.items()}
+    options.check_values(values)
+    for name, value in values.items():
+        if value is not None and isinstance(options.BY_NAME[name].kind, options.File):
+            values[name] = Path(value)  # a config file's paths are strings
+    return values, settings
+
+
+def _check_targets(values: dict[str, Any]) -> None:
+    """A model to scan, and report files that overwrite none of the scan's inputs."""
+    if values["model"] is None:
+        model = options.BY_NAME["model"]
+        raise UsageError(
+            f"no MODEL: give it on the command line, as {model.env}, or as {model.key} in "
+            "[tool.nnhealth] (pyproject.toml) or nnhealth.toml"
+        )
+    user_files = _user_files(*(values[k] for k in ("model", "data", "weights", "arch")))
+    for flag, target in (("-o", values["output"]), ("--write-baseline", values["write_baseline"])):
+        _refuse_overwrite(flag, target, user_files)
+        if target is not None and target.is_dir():  # /dev/null and pipes are fine
+            raise UsageError(f"{flag} {target}: is a directory; give a file path")
+
+
+def _load(values: dict[str, Any], status: _DelayedStatus) -> tuple[Any, Any]:
+    """The model and the batch the options name (the batch may be None)."""
+    from nnhealth.loading.batch import interpret, load_batch, parse_shape, synthetic
+    from nnhealth.loading.model import load_model
+
+    model, data, weights, arch = (values[k] for k in ("model", "data", "weights", "arch"))
+    shape = parse_shape(values["input_shape"]) if values["input_shape"] else None
+    status.update("loading the model")
+    if arch:
+        loaded = load_model(arch, weights=model)
+    else:
+        loaded = load_model(model, trust=values["trust"], weights=weights)
+    if data:
+        status.update("loading the batch")
+        return loaded, load_batch(data)
+    if shape is not None:
+        return loaded, synthetic(shape, values["seed"], loaded.model)
+    if loaded.example is not None:
+        return loaded, interpret(loaded.example, f"{model} (example batch)")
+    return loaded, None
+
+
+def _render(report: Report, values: dict[str, Any], stream: Any) -> str:
+    from nnhealth.formatters import RenderOptions, get_formatter
+
+    to_terminal = values["output"] is None and stream is not None and stream.isatty()
+    # a terminal's own width; files, pipes and CI logs get room for the whole table
+    width = shutil.get_terminal_size((120, 24)).columns if to_terminal else 140
+    render = RenderOptions(
+        color=to_terminal and "NO_COLOR" not in os.environ,
+        width=max(width, 80),
+        verbose=values["verbose"],
+        quiet=values["quiet"],
+        fail_on=values["fail_on"],
+    )
+    return get_formatter(values["fmt"], render).render(report)
+
+
+def _emit(text: str, output: Path | None, stream: Any) -> None:
+    """The report to ``output``, else to ``stream`` (the real stdout)."""
+    if output is not None:
+        try:
+            output.write_text(text, encoding="utf-8", errors="backslashreplace")
+        except OSError as exc:
+            raise UsageError(f"-o {output}: cannot write ({exc.strerror})") from exc
+        return
+    try:
+        if stream is None:  # started with stdout closed (>&-)
+            raise OSError(9, "standard output is closed")
+        _write(stream, text)
+    except BrokenPipeError:
+        _silence(stream)  # `nnhealth scan ... | head`: the reader left
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write the report to standard output ({exc.strerror}); "
+            "write it to a file with -o FILE"
+        ) from exc
+
+
+def _exit_code(report: Report, values: dict[str, Any]) -> int:
+    """0, 1 or 2; a baseline written accepts the findings as they are."""
+    from nnhealth.findings import Severity
+
+    if report.errors:
+        return EXIT_ERROR
+    if values["write_baseline"] is not None:
+        return EXIT_OK
+    if values["exit_zero"] or report.ok(Severity.parse(values["fail_on"])):
+        return EXIT_OK
+    return EXIT_FINDINGS
+
+
+def scan(ctx: typer.Context, **params: Any) -> int:
     """Scan MODEL on one batch and report what is wrong, where, and how to fix it.
 
     Options not given here come from NNHEALTH_* environment variables, then from the
     config file, then the defaults.
     """
-    from nnhealth import config as config_mod
+    from nnhealth import pipeline
 
-    given = {
-        name
-        for name in ctx.params
-        if (source := ctx.get_parameter_source(name)) is not None
-        and source.name in ("COMMANDLINE", "ENVIRONMENT")
-    }
-    settings = config_mod.resolve(given, config, trust=bool(ctx.params.get("trust")))
-    p = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in ctx.params.items()}
-    p.update(settings.values)
-    model, data, input_shape, weights, arch = (
-        p[k] for k in ("model", "data", "input_shape", "weights", "arch")
+    values, settings = _resolve(ctx)
+    _check_targets(values)
+    opts = options.scan_options(
+        values,
+        check_options=settings.check_options,
+        severities=settings.severities,
+        layer_ignores=settings.layer_ignores,
     )
-    lr, seed, quiet, verbose, exit_zero = (
-        p[k] for k in ("lr", "seed", "quiet", "verbose", "exit_zero")
-    )
-    output = Path(p["output"]) if p["output"] is not None else None
-    baseline = Path(p["baseline"]) if p["baseline"] is not None else None
-    write_baseline = Path(p["write_baseline"]) if p["write_baseline"] is not None else None
-    what_if, what_if_budget = p["what_if"], p["what_if_budget"]
-    baseline_tolerance, fail_on, fmt = p["baseline_tolerance"], p["fail_on"], p["fmt"]
-    if model is None:
-        raise UsageError(
-            "no MODEL: give it on the command line, as NNHEALTH_MODEL, or as model in "
-            "[tool.nnhealth] (pyproject.toml) or nnhealth.toml"
-        )
-    if data and input_shape:
-        raise UsageError("give either --data or --input-shape, not both")
-    if not 0 <= baseline_tolerance < math.inf:  # nan fails this too
-        raise UsageError(f"--baseline-tolerance {baseline_tolerance}: expected a number >= 0")
-    if not 0 <= what_if_budget < math.inf:
-        raise UsageError(f"--what-if-budget {what_if_budget}: expected a number of seconds >= 0")
-    if arch and weights:
-        raise UsageError("give either --arch (MODEL is the weights) or --weights, not both")
-    user_files = _user_files(model, data, weights, arch)
-    for flag, target in (("-o", output), ("--write-baseline", write_baseline)):
-        _refuse_overwrite(flag, target, user_files)
-        if target is not None and target.is_dir():  # /dev/null and pipes are fine
-            raise UsageError(f"{flag} {target}: is a directory; give a file path")
-
-    from nnhealth.findings import Severity
-    from nnhealth.formatters import RenderOptions, get_formatter
-
-    interactive = sys.stderr.isatty() and not quiet
+    output, write_baseline = values["output"], values["write_baseline"]
+    interactive = sys.stderr.isatty() and not values["quiet"]
     with _DelayedStatus(interactive) as status, _stdout_to_stderr() as report_stream:
         # user code (factories, forward, TorchScript print) may print: while it runs,
         # stdout goes to stderr, so the report on stdout stays well-formed JSON/SARIF
-        from nnhealth import runner
-        from nnhealth.loading.batch import interpret, load_batch, parse_shape, synthetic
-        from nnhealth.loading.model import load_model
-
-        opts = runner.ScanOptions(
-            select=_split(p["select"]),
-            ignore=_split(p["ignore"]),
-            loss=p["loss"],
-            seed=seed,
-            mode=p["mode"],
-            device=p["device"],
-            lr=lr,
-            hessian=p["hessian"],
-            hessian_top=p["hessian_top"],
-            hessian_min=p["hessian_min"],
-            hessian_trace=p["hessian_trace"],
-            hessian_tol=p["hessian_tol"],
-            hessian_budget=p["hessian_budget"],
-            check_options=settings.check_options,
-            severities=settings.severities,
-            layer_ignores=settings.layer_ignores,
+        loaded, batch = _load(values, status)
+        report = pipeline.run(
+            loaded,
+            batch,
+            opts,
+            progress=status.update,
+            **options.in_scope(values, options.Scope.PIPELINE),
         )
-        runner.validate(opts)
-        shape = parse_shape(input_shape) if input_shape else None
-        status.update("loading the model")
-        loaded = (
-            load_model(arch, weights=model)
-            if arch
-            else load_model(model, trust=trust, weights=weights)
-        )
-        batch = None
-        if data:
-            status.update("loading the batch")
-            batch = load_batch(data)
-        elif shape is not None:
-            batch = synthetic(shape, seed, loaded.model)
-        elif loaded.example is not None:
-            batch = interpret(loaded.example, f"{model} (example batch)")
-        report = runner.run(loaded, batch, opts, progress=status.update)
-        if what_if:
-            if loaded.model is None or batch is None:
-                raise UsageError("--what-if needs a model and a batch (not a bare state_dict)")
-            from dataclasses import replace as _replace_report
-
-            from nnhealth.whatif import explore
-
-            report = _replace_report(
-                report,
-                what_if=explore(
-                    loaded,
-                    batch,
-                    opts,
-                    report,
-                    budget_seconds=what_if_budget,
-                    progress=status.update,
-                ),
-            )
-        if baseline is not None:
-            from dataclasses import replace as _replace
-
-            from nnhealth import baseline as baselines
-
-            report = _replace(
-                report,
-                baseline={
-                    "file": str(baseline),
-                    **baselines.compare(report, baselines.read(baseline), baseline_tolerance),
-                },
-            )
-
         # the code the scan imported (an entry point's modules) is never overwritten
         sources = _loaded_sources()
         _refuse_overwrite("-o", output, sources)
         _refuse_overwrite("--write-baseline", write_baseline, sources)
-        to_terminal = output is None and report_stream is not None and report_stream.isatty()
-        # a terminal's own width; files, pipes and CI logs get room for the whole table
-        width = shutil.get_terminal_size((120, 24)).columns if to_terminal else 140
-        render = RenderOptions(
-            color=to_terminal and "NO_COLOR" not in os.environ,
-            width=max(width, 80),
-            verbose=verbose,
-            quiet=quiet,
-            fail_on=fail_on,
-        )
-        text = get_formatter(fmt, render).render(report)
-        if output is not None:
-            try:
-                output.write_text(text, encoding="utf-8", errors="backslashreplace")
-            except OSError as exc:
-                raise UsageError(f"-o {output}: cannot write ({exc.strerror})") from exc
-        else:
-            try:
-                if report_stream is None:  # started with stdout closed (>&-)
-                    raise OSError(9, "standard output is closed")
-                _write(report_stream, text)
-            except BrokenPipeError:
-                _silence(report_stream)  # `nnhealth scan ... | head`: the reader left
-            except OSError as exc:
-                raise UsageError(
-                    f"cannot write the report to standard output ({exc.strerror}); "
-                    "write it to a file with -o FILE"
-                ) from exc
+        _emit(_render(report, values, report_stream), output, report_stream)
     if write_baseline is not None:
         from nnhealth import baseline as baselines
 
@@ -652,13 +433,37 @@ def scan(
             raise UsageError(
                 f"--write-baseline {write_baseline}: cannot write ({exc.strerror})"
             ) from exc
-        if not report.errors:
-            return EXIT_OK  # the findings are accepted as they are
-    if report.errors:
-        return EXIT_ERROR
-    if report.ok(Severity.parse(fail_on)) or exit_zero:
-        return EXIT_OK
-    return EXIT_FINDINGS
+    return _exit_code(report, values)
+
+
+def _parameter(option: options.Option) -> inspect.Parameter:
+    """``option`` as a typer parameter of ``scan``."""
+    if option.argument:
+        info = typer.Argument(help=option.help, show_default=option.show_default)
+    else:
+        info = typer.Option(
+            *option.flags,
+            help=option.help,
+            show_default=option.show_default,
+            envvar=option.env if option.early else None,
+        )
+    return inspect.Parameter(
+        option.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=option.default,
+        annotation=Annotated[option.annotation, info],
+    )
+
+
+# the command's parameters are the options' declarations (nnhealth.options.OPTIONS)
+scan.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        *(_parameter(o) for o in options.OPTIONS),
+    ],
+    return_annotation=int,
+)
+app.command()(scan)
 
 
 @app.command()
@@ -712,7 +517,14 @@ def list_checks() -> int:
 
 
 def _wants_debug(argv: list[str]) -> bool:
-    return "--debug" in argv or os.environ.get("NNHEALTH_DEBUG") == "1"
+    """--debug or NNHEALTH_DEBUG, seen before the arguments are parsed (a parse error
+    shows its traceback too)."""
+    debug = options.BY_NAME["debug"]
+    try:
+        from_env = debug.kind.parse(os.environ.get(debug.env, ""))
+    except ValueError:
+        from_env = False
+    return any(f in argv for f in debug.flags) or from_env
 
 
 def _fail(message: str) -> None:
@@ -769,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     except NnhealthError as exc:
         if debug:
             traceback.print_exc()
-        _fail(str(exc))
+        _fail(exc.render(options.FLAGS))
         code = EXIT_ERROR
     except KeyboardInterrupt:
         _fail("interrupted")

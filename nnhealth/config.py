@@ -14,50 +14,18 @@ import fnmatch
 import math
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nnhealth._util import ENTRY_POINT, regular_file
-from nnhealth.errors import UsageError
+from nnhealth.errors import UsageError, flag
 from nnhealth.findings import Severity
+from nnhealth.options import BY_NAME, KEYS, OPTIONS, Codes, Flag, Option, Role
 
-# config key -> (scan parameter, kind); kinds are checked by _coerce
-KEYS: dict[str, tuple[str, str]] = {
-    "model": ("model", "str"),
-    "data": ("data", "str"),
-    "input-shape": ("input_shape", "str"),
-    "weights": ("weights", "str"),
-    "arch": ("arch", "str"),
-    "lr": ("lr", "positive"),
-    "loss": ("loss", "choice:auto,ce,mse,bce"),
-    "mode": ("mode", "choice:train,eval"),
-    "select": ("select", "list"),
-    "ignore": ("ignore", "list"),
-    "format": ("fmt", "choice:text,json,sarif,github,junit,markdown"),
-    "output": ("output", "str"),
-    "fail-on": ("fail_on", "choice:error,warning,info"),
-    "exit-zero": ("exit_zero", "bool"),
-    "baseline": ("baseline", "str"),
-    "baseline-tolerance": ("baseline_tolerance", "nonnegative"),
-    "device": ("device", "choice:cpu,cuda"),
-    "seed": ("seed", "count:seed"),
-    "quiet": ("quiet", "bool"),
-    "verbose": ("verbose", "bool"),
-    "hessian": ("hessian", "bool"),
-    "hessian-top": ("hessian_top", "count1"),
-    "hessian-min": ("hessian_min", "bool"),
-    "hessian-trace": ("hessian_trace", "count"),
-    "hessian-tol": ("hessian_tol", "unit"),
-    "hessian-budget": ("hessian_budget", "count1"),
-    "what-if": ("what_if", "bool"),
-    "what-if-budget": ("what_if_budget", "nonnegative"),
-    "write-baseline": ("write_baseline", "str"),
-}
-MAX_SEED = 2**63 - 1  # as runner.MAX_SEED (no torch here)
+# tables in [tool.nnhealth] besides the options' keys (nnhealth.options.KEYS)
 TABLES = ("checks", "per-layer-ignores")
-# paths in a config file are relative to the file's directory, not the current one
-PATH_KEYS = {"model", "data", "weights", "arch", "output", "baseline", "write-baseline"}
 
 
 def _from_config_dir(directory: Path, value: str) -> str:
@@ -69,15 +37,6 @@ def _from_config_dir(directory: Path, value: str) -> str:
     if Path(path).is_absolute():
         return value
     return str(directory / path) + (colon + attr)
-
-
-# never from a file: a repository must not be able to turn on unpickling for its users
-NOT_IN_FILES = {"trust": "pass --trust or set NNHEALTH_TRUST=1 instead"}
-# keys whose value can name code to import (an entry point): from a file only with
-# --trust, or a cloned repository would run its own code for whoever scans in it
-CODE_KEYS = ("model", "arch")
-# keys naming files nnhealth writes: from a file, only inside the file's directory tree
-WRITE_KEYS = ("output", "write-baseline")
 
 
 def names_code(value: str, directory: Path) -> bool:
@@ -93,6 +52,9 @@ def names_code(value: str, directory: Path) -> bool:
 _CODE_SUFFIXES = (".py", ".pyc", ".pth", ".so", ".sh", ".bash", ".ps1", ".bat")
 
 
+_WRITE_FLAGS = " or ".join(flag(o.name) for o in OPTIONS if o.role is Role.WRITE)
+
+
 def _inside(directory: Path, value: str, where: str) -> None:
     target = (directory / value).resolve()
     try:
@@ -100,7 +62,7 @@ def _inside(directory: Path, value: str, where: str) -> None:
     except ValueError:
         raise UsageError(
             f"{where}: {value!r} is outside the config file's directory; a config file may "
-            "only write inside its own tree (give the path with -o or --write-baseline)"
+            f"only write inside its own tree (give the path with {_WRITE_FLAGS})"
         ) from None
     if (
         ".git" in inner.parts
@@ -109,8 +71,7 @@ def _inside(directory: Path, value: str, where: str) -> None:
     ):
         raise UsageError(
             f"{where}: {value!r} is code or repository metadata (a .git file, a script, an "
-            "executable); a config file may not write there (give the path with -o or "
-            "--write-baseline)"
+            f"executable); a config file may not write there (give the path with {_WRITE_FLAGS})"
         )
 
 
@@ -121,63 +82,6 @@ class Settings:
     severities: dict[str, Severity] = field(default_factory=dict)  # check code -> severity
     layer_ignores: list[tuple[str, frozenset[str]]] = field(default_factory=list)
     source: Path | None = None
-
-
-def _coerce(kind: str, value: Any, where: str, from_env: bool) -> Any:
-    def bad(expected: str) -> UsageError:
-        return UsageError(f"{where}: expected {expected}, got {value!r}")
-
-    if from_env and kind not in ("str", "list") and not kind.startswith("choice"):
-        text = str(value).strip().lower()
-        if kind == "bool":
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off", ""):
-                return False
-            raise bad("true or false")
-        try:
-            value = int(text) if kind.startswith("count") else float(text)
-        except ValueError:
-            raise bad("a number") from None
-    if kind == "str":
-        if not isinstance(value, str) or not value:
-            raise bad("a string")
-        return value
-    if kind == "list":
-        if from_env or isinstance(value, str):
-            value = [v.strip() for v in str(value).split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad("a list of check codes or names")
-        return value
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if kind.startswith("choice:"):
-        choices = kind.split(":", 1)[1].split(",")
-        if value not in choices:
-            raise bad("one of " + ", ".join(choices))
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad("a number")
-    if kind.startswith("count"):
-        low = 1 if kind == "count1" else 0
-        kind = kind.removeprefix("count:")
-        if not isinstance(value, int) or value < low:
-            raise bad(f"an integer >= {low}")
-        if kind == "seed" and value > MAX_SEED:
-            raise bad("an integer in [0, 2**63 - 1]")
-        return value
-    ranges = {
-        "positive": (0, None, "a number > 0"),
-        "nonnegative": (0, None, "a number >= 0"),
-        "unit": (0, 1, "a number in (0, 1)"),
-    }
-    low, high, text = ranges[kind]
-    ok = (value > low if kind != "nonnegative" else value >= low) and (high is None or value < high)
-    if not ok or not math.isfinite(value):
-        raise bad(text)
-    return float(value)
 
 
 def find_config(start: Path) -> tuple[Path, dict[str, Any], str] | None:
@@ -221,12 +125,12 @@ def _load(path: Path) -> dict[str, Any]:
 def read_config(path: Path) -> tuple[dict[str, Any], str]:
     """An explicit --config FILE: a pyproject.toml ([tool.nnhealth]) or an nnhealth.toml."""
     if not path.exists():
-        raise UsageError(f"--config {path}: no such file")
+        raise UsageError(f"{flag('config')} {path}: no such file")
     data = _load(path)
     if "tool" in data and isinstance(data["tool"], dict) and "nnhealth" in data["tool"]:
         return data["tool"]["nnhealth"], "tool.nnhealth"
     if path.name == "pyproject.toml":
-        raise UsageError(f"--config {path}: has no [tool.nnhealth] table")
+        raise UsageError(f"{flag('config')} {path}: has no [tool.nnhealth] table")
     return data, ""
 
 
@@ -234,7 +138,7 @@ def resolve(
     explicit: set[str],
     config_path: Path | None,
     cwd: Path | None = None,
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
     *,
     trust: bool = False,
 ) -> Settings:
@@ -244,6 +148,32 @@ def resolve(
     ``trust``, nor write outside its own directory tree."""
     environ = os.environ if environ is None else environ
     settings = Settings()
+    table, prefix = _table(config_path, cwd, settings)
+
+    def place(*parts: str) -> str:
+        dotted = ".".join(p for p in (prefix, *parts) if p)
+        return f"{settings.source.name if settings.source else 'config'}: {dotted}"
+
+    for key, value in table.items():
+        if key not in TABLES:
+            option = _option(key, place(key))
+            value = _from_file(option, value, place(key), settings.source, trust)
+            if option.name not in explicit:
+                settings.values[option.name] = value
+    for option in KEYS.values():  # the variables beat the file
+        if option.env in environ and option.name not in explicit:
+            value = option.read(environ[option.env], option.env, text=True)
+            if isinstance(option.kind, Codes):
+                _check_codes(value, option.env)
+            settings.values[option.name] = value
+    _checks_table(table.get("checks", {}), place, settings)
+    _ignores_table(table.get("per-layer-ignores", {}), place, settings)
+    return settings
+
+
+def _table(config_path: Path | None, cwd: Path | None, settings: Settings) -> tuple[dict, str]:
+    """The [tool.nnhealth] table (or nnhealth.toml) and its dotted prefix; records its
+    file in ``settings.source``."""
     if config_path is not None:
         table, prefix = read_config(config_path)
         settings.source = config_path
@@ -254,57 +184,50 @@ def resolve(
             settings.source, table, prefix = found
     if not isinstance(table, dict):
         raise UsageError(f"{settings.source}: {prefix or 'the file'} must be a table")
+    return table, prefix
 
-    def place(*parts: str) -> str:
-        dotted = ".".join(p for p in (prefix, *parts) if p)
-        return f"{settings.source.name if settings.source else 'config'}: {dotted}"
 
-    for key, value in table.items():
-        if key in NOT_IN_FILES:
-            raise UsageError(f"{place(key)}: not allowed in a config file; {NOT_IN_FILES[key]}")
-        if key in TABLES:
-            continue
-        if key not in KEYS:
-            raise UsageError(f"{place(key)}: unknown key (known: {', '.join([*KEYS, *TABLES])})")
-        param, kind = KEYS[key]
-        coerced = _coerce(kind, value, place(key), from_env=False)
-        if settings.source is not None:
-            directory = settings.source.parent
-            if key in CODE_KEYS and ENTRY_POINT.fullmatch(coerced):
-                if names_code(coerced, directory):
-                    if not trust:
-                        raise UsageError(
-                            f"{place(key)}: {coerced!r} is code to import, and a config file "
-                            "may not run code for whoever scans here; pass it on the command "
-                            "line, or add --trust (NNHEALTH_TRUST=1) if you trust this "
-                            "repository"
-                        )
-                else:  # a file named like an entry point: that file, wherever one scans
-                    coerced = str((directory / coerced).resolve())
-            if key in WRITE_KEYS:
-                _inside(directory, coerced, place(key))
-        if key in PATH_KEYS and settings.source is not None:
-            coerced = _from_config_dir(settings.source.parent, coerced)
-        if key in ("select", "ignore"):
-            _check_codes(coerced, place(key))
-        if param not in explicit:
-            settings.values[param] = coerced
-    for key, (param, kind) in KEYS.items():
-        env = "NNHEALTH_" + key.upper().replace("-", "_")
-        if env in environ and param not in explicit:
-            settings.values[param] = _coerce(kind, environ[env], env, from_env=True)
-            if key in ("select", "ignore"):
-                _check_codes(settings.values[param], env)
-    _checks_table(table.get("checks", {}), place, settings)
-    _ignores_table(table.get("per-layer-ignores", {}), place, settings)
-    return settings
+def _option(key: str, where: str) -> Option:
+    """The option a file's ``key`` sets; refused when there is none or files may not set it
+    (trust: a repository must not be able to turn on unpickling for its users)."""
+    option = KEYS.get(key)
+    if option is not None:
+        return option
+    other = BY_NAME.get(key.replace("-", "_"))
+    if other is not None and other.key is None:
+        also = f" or set {other.env}=1" if other.env and isinstance(other.kind, Flag) else ""
+        raise UsageError(
+            f"{where}: not allowed in a config file; pass {flag(other.name)}{also} instead"
+        )
+    raise UsageError(f"{where}: unknown key (known: {', '.join([*KEYS, *TABLES])})")
+
+
+def _from_file(option: Option, value: Any, where: str, source: Path | None, trust: bool) -> Any:
+    """A file's value for ``option``: checked, and paths taken from the file's directory.
+    An entry point (code to import) only with ``trust``, or a cloned repository would run
+    its own code for whoever scans in it; files written only inside the file's tree."""
+    value = option.read(value, where, text=False)
+    if isinstance(option.kind, Codes):
+        _check_codes(value, where)
+    if source is None or option.role is None:
+        return value
+    directory = source.parent
+    if option.role is Role.CODE and ENTRY_POINT.fullmatch(value):
+        if not names_code(value, directory):  # a file named like an entry point: that file
+            value = str((directory / value).resolve())
+        elif not trust:
+            raise UsageError(
+                f"{where}: {value!r} is code to import, and a config file may not run code "
+                f"for whoever scans here; pass it on the command line, or add "
+                f"{flag('trust')} ({BY_NAME['trust'].env}=1) if you trust this repository"
+            )
+    if option.role is Role.WRITE:
+        _inside(directory, value, where)
+    return _from_config_dir(directory, value)
 
 
 def _check_codes(codes: list[str], where: str) -> None:
     from nnhealth.analyzers import select_checks
-
-    if not codes:
-        raise UsageError(f"{where}: names no check (an empty list); leave it out instead")
 
     try:
         select_checks(codes, None)
@@ -313,6 +236,7 @@ def _check_codes(codes: list[str], where: str) -> None:
 
 
 def _checks_table(table: Any, place, settings: Settings) -> None:
+    """[tool.nnhealth.checks.NAME]: per-check thresholds and severity."""
     from nnhealth.analyzers import lookup
 
     if not isinstance(table, dict):
@@ -326,32 +250,35 @@ def _checks_table(table: Any, place, settings: Settings) -> None:
         overrides = {}
         for key, value in opts.items():
             where = place("checks", name, key)
-            if key == "severity":
-                try:
-                    settings.severities[check.code] = Severity.parse(value)
-                except ValueError:
-                    raise UsageError(
-                        f"{where}: expected error, warning or info, got {value!r}"
-                    ) from None
+            if key != "severity":
+                overrides[key] = _threshold(check, key, value, where)
                 continue
-            option = next((o for o in check.options if o.name == key), None)
-            if option is None:
-                known = ", ".join([o.name for o in check.options] + ["severity"])
-                raise UsageError(f"{where}: unknown option (known: {known})")
-            low, high = option.bounds
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value < low
-                or (high is not None and value > high)
-            ):
-                span = f"[{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+            try:
+                settings.severities[check.code] = Severity.parse(value)
+            except ValueError:
                 raise UsageError(
-                    f"{where}: expected a number {'in ' if high else ''}{span}, got {value!r}"
-                )
-            overrides[key] = value
+                    f"{where}: expected error, warning or info, got {value!r}"
+                ) from None
         settings.check_options.setdefault(check.code, {}).update(overrides)
+
+
+def _threshold(check: Any, key: str, value: Any, where: str) -> Any:
+    """``value`` for the option ``key`` of ``check``, within its bounds."""
+    option = next((o for o in check.options if o.name == key), None)
+    if option is None:
+        known = ", ".join([o.name for o in check.options] + ["severity"])
+        raise UsageError(f"{where}: unknown option (known: {known})")
+    low, high = option.bounds
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        span = f"[{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        raise UsageError(f"{where}: expected a number {'in ' if high else ''}{span}, got {value!r}")
+    return value
 
 
 def _ignores_table(table: Any, place, settings: Settings) -> None:

@@ -1,81 +1,566 @@
-"""The scan's options: their types, defaults and validation, in one place.
+"""The scan's options, each declared once in ``OPTIONS``: name, kind (type, reading from
+text, validation), default, help, config key, NNHEALTH_* variable, command-line spelling
+and scope.
 
-No torch here: the CLI's ``--help`` and the config file read this module.
+From it: ``ScanOptions`` (the library's share), the parameters of ``nnhealth scan``
+(cli.py), the config keys and environment variables with their coercion (config.py),
+the refusals of bad values (one wording whether a value came from a flag, a file, a
+variable or the Python API) and the CLI spelling of each option for messages.
+
+No torch and no typer here: the library and ``nnhealth --help`` both read this module.
 """
 
 from __future__ import annotations
 
+import enum
 import math
-from dataclasses import dataclass, field
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, make_dataclass
+from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
-from nnhealth.errors import UsageError
+from nnhealth.errors import UsageError, flag
 from nnhealth.findings import Severity
 
-LOSS_NAMES = ("ce", "mse", "bce")  # loading.loss.NAMES holds what each computes
 
-MODES = ("train", "eval")
-LOSSES = ("auto", *LOSS_NAMES)
+class Loss(enum.StrEnum):  # loading.loss.NAMES holds what each computes
+    auto = "auto"
+    ce = "ce"
+    mse = "mse"
+    bce = "bce"
 
 
-@dataclass
-class ScanOptions:
-    select: list[str] | None = None
-    ignore: list[str] | None = None
-    loss: str = "auto"
-    seed: int = 0
-    mode: str = "train"
-    device: str | None = None
-    lr: float | None = None
-    hessian: bool | None = None  # None: measure curvature iff NH401 was selected explicitly
-    hessian_top: int = 1
-    hessian_min: bool = False
-    hessian_trace: int = 0  # Hutchinson probes; 0: no trace
-    hessian_tol: float = 1e-3
-    hessian_budget: int = 100
-    check_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    severities: dict[str, Severity] = field(default_factory=dict)  # per check code
-    layer_ignores: list[tuple[str, frozenset[str]]] = field(default_factory=list)
+class Mode(enum.StrEnum):
+    train = "train"
+    eval = "eval"
+
+
+class Format(enum.StrEnum):  # formatters.FORMATTERS maps each to its class
+    text = "text"
+    json = "json"
+    sarif = "sarif"
+    github = "github"
+    junit = "junit"
+    markdown = "markdown"
+
+
+# the exit-code threshold: Severity's labels, most severe first
+Level = enum.StrEnum("Level", [(s.label, s.label) for s in sorted(Severity, reverse=True)])
+
+
+class Device(enum.StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Scope(enum.StrEnum):
+    SCAN = "scan"  # a ScanOptions field: the runner reads it
+    PIPELINE = "pipeline"  # what-if and baseline: keywords of pipeline.run
+    CLI = "cli"  # loading from paths, rendering, exit: the command line only
+
+
+class Role(enum.StrEnum):
+    """What a path option names, for the rules of a config file."""
+
+    READ = "read"  # a file to read (relative to the config file)
+    CODE = "code"  # a file to read or an entry point to import (a file needs trust)
+    WRITE = "write"  # a file nnhealth writes (from a file: only inside its tree)
 
 
 MAX_SEED = 2**63 - 1  # torch generators take 64 bits; room for the small offsets added
 # Hessian-vector products one option may ask for: each costs about two passes, so this
 # is days on any model worth scanning; beyond it a typo, not a plan
 MAX_PRODUCTS = 100_000
+NO_CHECK = (
+    "names no check (an empty list); leave it out for the default checks, or give codes, "
+    "prefixes or names (NH101, NH1, dead-relu)"
+)
+
+
+# ---- kinds: how a value is typed, read from text and checked ------------------------
+
+
+class Kind:
+    """A kind of value; ``annotation`` is the type the command line parses into."""
+
+    annotation: Any = str
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` (``expected ...``), or None."""
+        ok = isinstance(value, (str, os.PathLike)) and str(value) != ""
+        return None if ok else "expected a string"
+
+    def parse(self, text: str) -> Any:
+        """An environment variable's text as a value (ValueError: not one)."""
+        return text
+
+    def coerce(self, value: Any) -> Any:
+        """A value (a flag's, a file's, a parsed variable's) in the form the scan uses."""
+        return value
+
+    def refusal(self, where: str, value: Any, problem: str, placed: bool) -> str:
+        """``placed``: ``where`` is a file's key or a variable (the value follows)."""
+        return f"{where}: {problem}, got {value!r}" if placed else f"{where} {value!r}: {problem}"
+
+
+class Text(Kind):
+    """A non-empty string."""
+
+
+class File(Kind):
+    """A path: a string in files and variables, a Path on the command line."""
+
+    annotation = Path
+
+
+class Flag(Kind):
+    annotation = bool
+    TRUE = frozenset({"1", "true", "yes", "on"})
+    FALSE = frozenset({"0", "false", "no", "off", ""})
+
+    def problem(self, value: Any) -> str | None:
+        return None if isinstance(value, bool) else "expected true or false"
+
+    def parse(self, text: str) -> Any:
+        word = text.strip().lower()
+        if word not in self.TRUE | self.FALSE:
+            raise ValueError(text)
+        return word in self.TRUE
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate(opts: ScanOptions) -> None:
-    """Refuse option values the way the config file and NNHEALTH_* refuse them, whether
-    they came from the command line or the Python API (one line, UsageError)."""
-    if opts.mode not in MODES:
-        raise UsageError(f"--mode {opts.mode!r}: expected train or eval")
-    if opts.loss not in LOSSES:
-        raise UsageError(f"--loss {opts.loss!r}: expected one of {', '.join(LOSSES)}")
-    if not _is_int(opts.seed) or not 0 <= opts.seed <= MAX_SEED:
-        raise UsageError(f"--seed {opts.seed!r}: expected an integer in [0, 2**63 - 1]")
-    if opts.lr is not None and (
-        isinstance(opts.lr, bool)
-        or not isinstance(opts.lr, (int, float))
-        or not (0 < opts.lr < math.inf)
-    ):
-        raise UsageError(f"--lr {opts.lr!r}: must be a positive, finite number")
-    for name, value, low, high in (
-        ("--hessian-top", opts.hessian_top, 1, MAX_PRODUCTS),
-        ("--hessian-budget", opts.hessian_budget, 1, MAX_PRODUCTS),
-        ("--hessian-trace", opts.hessian_trace, 0, MAX_PRODUCTS),
-    ):
-        if not _is_int(value) or not low <= value <= high:
-            raise UsageError(f"{name} {value!r}: expected an integer in [{low}, {high:,}]")
-    tol = opts.hessian_tol
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
-        raise UsageError(f"--hessian-tol {tol!r}: expected a number in (0, 1)")
-    for name, tokens in (("--select", opts.select), ("--ignore", opts.ignore)):
-        if tokens is not None and not [t for t in tokens if str(t).strip()]:
-            raise UsageError(
-                f"{name} names no check (an empty list); leave it out for the default "
-                "checks, or give codes, prefixes or names (NH101, NH1, dead-relu)"
-            )
+@dataclass(frozen=True)
+class Integer(Kind):
+    low: int
+    high: int = MAX_PRODUCTS
+    high_text: str = ""  # how to write ``high`` (default: with thousands separators)
+    annotation = int
+
+    def problem(self, value: Any) -> str | None:
+        if not _is_int(value) or value < self.low:
+            return f"expected an integer >= {self.low}"
+        if value > self.high:
+            return f"expected an integer in [{self.low}, {self.high_text or f'{self.high:,}'}]"
+        return None
+
+    def parse(self, text: str) -> Any:
+        return int(text.strip())
+
+
+@dataclass(frozen=True)
+class Number(Kind):
+    low: float = 0.0
+    high: float | None = None  # exclusive
+    closed: bool = False  # ``low`` itself allowed
+    annotation = float
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "expected a number"
+        above = value >= self.low if self.closed else value > self.low
+        if math.isfinite(value) and above and (self.high is None or value < self.high):
+            return None
+        if self.high is not None:
+            return f"expected a number in ({self.low:g}, {self.high:g})"
+        return f"expected a number {'>=' if self.closed else '>'} {self.low:g}"
+
+    def parse(self, text: str) -> Any:
+        return float(text.strip())
+
+    def coerce(self, value: Any) -> Any:
+        return float(value) if _is_int(value) else value
+
+
+@dataclass(frozen=True)
+class Choice(Kind):
+    choices: type[enum.StrEnum]
+
+    @property
+    def annotation(self) -> Any:
+        return self.choices
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, str) and value in {c.value for c in self.choices}:
+            return None
+        return "expected one of " + ", ".join(c.value for c in self.choices)
+
+    def coerce(self, value: Any) -> Any:
+        return value.value if isinstance(value, enum.Enum) else value
+
+
+class Codes(Kind):
+    """Check codes, prefixes or names: a list, or one comma-separated string."""
+
+    annotation = list[str]
+
+    def problem(self, value: Any) -> str | None:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            return "expected a list of check codes or names"
+        return None if any(v.strip() for v in value) else NO_CHECK
+
+    def parse(self, text: str) -> Any:
+        return self.coerce(text)
+
+    def coerce(self, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return [t.strip() for v in value for t in v.split(",") if t.strip()]
+        return value
+
+    def refusal(self, where: str, value: Any, problem: str, placed: bool) -> str:
+        if problem == NO_CHECK:
+            return f"{where}: {problem}" if placed else f"{where} {problem}"
+        return super().refusal(where, value, problem, placed)
+
+
+# ---- the options ---------------------------------------------------------------------
+
+_FROM_NAME = ""  # key/env not given: derived from the option's name
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # keyword, ScanOptions field and scan parameter
+    kind: Kind
+    default: Any
+    help: str
+    scope: Scope = Scope.CLI
+    flags: tuple[str, ...] = ()  # command-line spellings; () : --name-with-dashes
+    key: str | None = _FROM_NAME  # config key; None: not in config files
+    env: str | None = _FROM_NAME  # NNHEALTH_*; None: no variable
+    role: Role | None = None
+    argument: bool = False  # positional on the command line
+    # its variable is read by the command-line parser, before the config file (whose
+    # rules depend on it: whether code may run); config.resolve reads the others
+    early: bool = False
+    show_default: bool = True
+
+    def __post_init__(self) -> None:
+        dashed = self.name.replace("_", "-")
+        if not self.flags and not self.argument:
+            object.__setattr__(self, "flags", (f"--{dashed}",))
+        if self.key == _FROM_NAME:
+            object.__setattr__(self, "key", dashed)
+        if self.env == _FROM_NAME:
+            word = self.key or dashed
+            object.__setattr__(self, "env", "NNHEALTH_" + word.upper().replace("-", "_"))
+
+    @property
+    def annotation(self) -> Any:
+        """The Python type the command line parses into (optional when the default is None)."""
+        base = self.kind.annotation
+        return base | None if self.default is None else base
+
+    @property
+    def spellings(self) -> dict[str, str]:
+        """How the command line names this option (and its --no- form) in messages."""
+        if self.argument:
+            return {self.name: self.name.upper()}
+        first = self.flags[0].split("/")
+        out = {self.name: first[0]}
+        if len(first) > 1:
+            out["no_" + self.name] = first[1]
+        return out
+
+    def refuse(self, value: Any) -> None:
+        """Raise UsageError unless ``value`` fits (a keyword or flag value)."""
+        if value is None and self.default is None:
+            return
+        problem = self.kind.problem(value)
+        if problem is not None:
+            raise UsageError(self.kind.refusal(flag(self.name), value, problem, placed=False))
+
+    def read(self, value: Any, where: str, *, text: bool) -> Any:
+        """A config file's value (``text``: a variable's) for this option, checked;
+        ``where`` names the file's key or the variable in the refusal."""
+        given = value
+        try:
+            value = self.kind.coerce(self.kind.parse(value) if text else value)
+        except ValueError:
+            pass  # the text itself is refused below, as the kind words it
+        problem = self.kind.problem(value)
+        if problem is not None:
+            raise UsageError(self.kind.refusal(where, given, problem, placed=True))
+        return value
+
+
+_CODES = "codes, code prefixes or names"
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "model",
+        Text(),
+        None,
+        "Model file (torch.save, TorchScript, state_dict, safetensors) or entry point "
+        "pkg.module:factory / file.py:factory. Default: model in the config file.",
+        argument=True,
+        role=Role.CODE,
+        show_default=False,
+    ),
+    Option(
+        "data",
+        Text(),
+        None,
+        "Batch file: .pt (tensor, (inputs, targets) or dict), .npz or .npy.",
+        role=Role.READ,
+    ),
+    Option(
+        "input_shape", Text(), None, "Synthetic unit-Gaussian batch of this shape, e.g. 64x3x32x32."
+    ),
+    Option(
+        "weights",
+        Text(),
+        None,
+        "state_dict / Lightning .ckpt / safetensors to load into an entry point's model.",
+        role=Role.READ,
+    ),
+    Option(
+        "arch",
+        Text(),
+        None,
+        "Entry point pkg.module:factory building the architecture for a state_dict MODEL.",
+        role=Role.CODE,
+    ),
+    Option(
+        "lr",
+        Number(),
+        None,
+        "Learning rate: judged against 2/lambda_max (NH401) and per-layer update size (NH301).",
+        Scope.SCAN,
+    ),
+    Option(
+        "hessian",
+        Flag(),
+        None,  # None: measure curvature iff NH401 was selected explicitly
+        "Measure the Hessian's top eigenvalue by Lanczos (NH401). Default: only when NH401 "
+        "is selected with --select.",
+        Scope.SCAN,
+        flags=("--hessian/--no-hessian",),
+        show_default=False,
+    ),
+    Option("hessian_top", Integer(1), 1, "How many top eigenvalues.", Scope.SCAN),
+    Option(
+        "hessian_min",
+        Flag(),
+        False,
+        "Also the smallest eigenvalue (negative curvature).",
+        Scope.SCAN,
+    ),
+    Option(
+        "hessian_trace",
+        Integer(0),
+        0,
+        "Hutchinson probes for the Hessian trace (0: none).",
+        Scope.SCAN,
+    ),
+    Option(
+        "hessian_tol",
+        Number(0.0, 1.0),
+        1e-3,
+        "Relative error bound at which Lanczos stops.",
+        Scope.SCAN,
+    ),
+    Option(
+        "hessian_budget",
+        Integer(1),
+        100,
+        "Most Hessian-vector products Lanczos may take.",
+        Scope.SCAN,
+    ),
+    Option(
+        "loss",
+        Choice(choices=Loss),
+        Loss.auto,
+        "Loss: auto picks cross-entropy for class targets, MSE for float targets.",
+        Scope.SCAN,
+    ),
+    Option(
+        "mode",
+        Choice(choices=Mode),
+        Mode.train,
+        "Run the pass in train mode (dropout, batch statistics) or eval mode.",
+        Scope.SCAN,
+    ),
+    Option("select", Codes(), None, f"Checks to run: {_CODES}, comma-separated.", Scope.SCAN),
+    Option("ignore", Codes(), None, "Checks to skip: codes, prefixes or names.", Scope.SCAN),
+    Option(
+        "fmt",
+        Choice(choices=Format),
+        Format.text,
+        "Report format.",
+        flags=("--format",),
+        key="format",
+    ),
+    Option(
+        "output",
+        File(),
+        None,
+        "Write the report to this file instead of stdout.",
+        flags=("--output", "-o"),
+        role=Role.WRITE,
+    ),
+    Option(
+        "fail_on",
+        Choice(choices=Level),
+        Level.error,
+        "Exit 1 when a finding is at or above this severity.",
+    ),
+    Option(
+        "exit_zero", Flag(), False, "Exit 0 even with findings (errors of the tool still exit 2)."
+    ),
+    Option(
+        "baseline",
+        File(),
+        None,
+        "Fail only on findings that are new or worse than in this baseline file.",
+        Scope.PIPELINE,
+        role=Role.READ,
+    ),
+    Option(
+        "write_baseline",
+        File(),
+        None,
+        "Record the current findings as accepted (exit 0) in this file.",
+        role=Role.WRITE,
+    ),
+    Option(
+        "baseline_tolerance",
+        Number(closed=True),
+        0.1,
+        "Relative growth of a finding's score that counts as worse.",
+        Scope.PIPELINE,
+    ),
+    Option(
+        "what_if",
+        Flag(),
+        False,
+        "Re-scan a copy of the model with each recommended fix applied; report before/after.",
+        Scope.PIPELINE,
+    ),
+    Option(
+        "what_if_budget",
+        Number(closed=True),
+        120.0,
+        "Seconds the --what-if fixes may take in all.",
+        Scope.PIPELINE,
+    ),
+    Option(
+        "trust",
+        Flag(),
+        False,
+        "Allow what runs code from a file: unpickling classes outside torch.nn, TorchScript, "
+        "a config file's entry points.",
+        key=None,
+        env="NNHEALTH_TRUST",
+        early=True,
+    ),
+    Option(
+        "device",
+        Choice(choices=Device),
+        None,
+        "Device for the pass (default: where the model's parameters are).",
+        Scope.SCAN,
+    ),
+    Option(
+        "seed",
+        Integer(0, MAX_SEED, "2**63 - 1"),
+        0,
+        "Seed for synthetic inputs, random targets and dropout.",
+        Scope.SCAN,
+    ),
+    Option("quiet", Flag(), False, "Findings and verdict only.", flags=("--quiet", "-q")),
+    Option("verbose", Flag(), False, "Add each finding's evidence.", flags=("--verbose", "-v")),
+    Option(
+        "debug",
+        Flag(),
+        False,
+        "Show tracebacks for errors.",
+        key=None,
+        env="NNHEALTH_DEBUG",  # read by cli.main, before the arguments are parsed
+    ),
+    Option(
+        "config",
+        File(),
+        None,
+        "Config file (pyproject.toml with [tool.nnhealth], or nnhealth.toml). Default: the "
+        "nearest one from the current directory up.",
+        key=None,
+        env=None,
+    ),
+)
+
+BY_NAME: Mapping[str, Option] = MappingProxyType({o.name: o for o in OPTIONS})
+# config file key -> option
+KEYS: Mapping[str, Option] = MappingProxyType({o.key: o for o in OPTIONS if o.key})
+DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {o.name: o.default.value if isinstance(o.default, enum.Enum) else o.default for o in OPTIONS}
+)
+# option name -> how the command line spells it (for NnhealthError.render); a config
+# key written with underscores (format) names its option too
+FLAGS: Mapping[str, str] = MappingProxyType(
+    {
+        **{o.key.replace("-", "_"): o.spellings[o.name] for o in OPTIONS if o.key},
+        **{name: text for o in OPTIONS for name, text in o.spellings.items()},
+    }
+)
+# pairs of options that exclude each other, with the refusal
+EXCLUSIVE: tuple[tuple[str, str, str], ...] = (
+    ("data", "input_shape", f"give either {flag('data')} or {flag('input_shape')}, not both"),
+    (
+        "arch",
+        "weights",
+        (
+            f"give either {flag('arch')} ({flag('model')} is the weights) or "
+            f"{flag('weights')}, not both"
+        ),
+    ),
+)
+
+ScanOptions = make_dataclass(
+    "ScanOptions",
+    [
+        *((o.name, Any, field(default=DEFAULTS[o.name])) for o in OPTIONS if o.scope == Scope.SCAN),
+        # from the config file's tables
+        ("check_options", dict[str, dict[str, Any]], field(default_factory=dict)),
+        ("severities", dict[str, Severity], field(default_factory=dict)),  # per check code
+        ("layer_ignores", list[tuple[str, frozenset[str]]], field(default_factory=list)),
+    ],
+    namespace={
+        "__module__": __name__,
+        "__doc__": "What the runner needs to know: the scan-scope options of OPTIONS, and "
+        "the per-check options, severities and per-layer ignores of the config file.",
+    },
+)
+
+
+def check_values(values: Mapping[str, Any]) -> None:
+    """Refuse a bad value among ``values`` (option name -> value), and options given
+    together that exclude each other (UsageError naming the option)."""
+    for name, value in values.items():
+        BY_NAME[name].refuse(value)
+    for first, second, message in EXCLUSIVE:
+        if values.get(first) and values.get(second):
+            raise UsageError(message)
+
+
+def validate(opts: Any) -> None:
+    """Refuse ``ScanOptions`` values the way the command line, the config file and
+    NNHEALTH_* refuse them (one line, UsageError)."""
+    check_values({o.name: getattr(opts, o.name) for o in OPTIONS if o.scope == Scope.SCAN})
+
+
+def scan_options(values: Mapping[str, Any], **tables: Any) -> Any:
+    """ScanOptions from ``values`` (option name -> value; the others are left out)
+    and the config file's ``check_options``, ``severities`` and ``layer_ignores``."""
+    scan = {o.name: values[o.name] for o in OPTIONS if o.scope == Scope.SCAN and o.name in values}
+    return ScanOptions(**scan, **tables)
+
+
+def in_scope(values: Mapping[str, Any], scope: Scope) -> dict[str, Any]:
+    """The entries of ``values`` whose option is in ``scope``."""
+    return {k: v for k, v in values.items() if k in BY_NAME and BY_NAME[k].scope == scope}

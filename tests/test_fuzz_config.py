@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 
 from nnhealth import config
 from nnhealth.errors import UsageError
+from nnhealth.options import KEYS as OPTION_KEYS
+from nnhealth.options import Role
 
 EXAMPLES = int(os.environ.get("NNHEALTH_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(
@@ -28,7 +30,7 @@ FUZZ = settings(
     derandomize="NNHEALTH_FUZZ_EXAMPLES" not in os.environ,  # CI: the same cases each run
 )
 
-KEYS = [*config.KEYS, "trust", "checks", "per-layer-ignores", "unknown-key"]
+KEYS = [*OPTION_KEYS, "trust", "debug", *config.TABLES, "unknown-key"]
 ATOMS = st.one_of(
     st.booleans(),
     st.integers(min_value=-(2**70), max_value=2**70),
@@ -89,13 +91,11 @@ def toml_value(value) -> str:
 
 
 def check_settings(found: config.Settings, root: Path) -> None:
-    for key in config.CODE_KEYS:
-        value = found.values.get(config.KEYS[key][0])
-        if isinstance(value, str):
+    for option in OPTION_KEYS.values():
+        value = found.values.get(option.name)
+        if option.role is Role.CODE and isinstance(value, str):
             assert not config.names_code(value, root), value
-    for key in config.WRITE_KEYS:
-        value = found.values.get(config.KEYS[key][0])
-        if isinstance(value, str):
+        if option.role is Role.WRITE and isinstance(value, str):
             (root / value).resolve().relative_to(root.resolve())  # raises if outside
 
 
@@ -131,10 +131,9 @@ def test_any_bytes_are_settings_or_one_line(data: bytes) -> None:
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from([*config.KEYS]), st.text(max_size=30), max_size=4))
+@given(st.dictionaries(st.sampled_from([*OPTION_KEYS]), st.text(max_size=30), max_size=4))
 def test_any_environment_is_settings_or_one_line(env: dict[str, str]) -> None:
-    environ = {"NNHEALTH_" + k.upper().replace("-", "_"): v for k, v in env.items()}
-    read("", environ)
+    read("", {OPTION_KEYS[k].env: v for k, v in env.items()})
 
 
 def test_fuzz_strategies_reach_the_refusals() -> None:

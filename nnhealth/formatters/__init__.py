@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import enum
-
 from nnhealth.formatters.base import Formatter, RenderOptions
 from nnhealth.formatters.github import GithubFormatter
 from nnhealth.formatters.json import JsonFormatter
@@ -11,16 +9,7 @@ from nnhealth.formatters.junit import JunitFormatter
 from nnhealth.formatters.markdown import MarkdownFormatter
 from nnhealth.formatters.sarif import SarifFormatter
 from nnhealth.formatters.text import TextFormatter
-
-
-class Format(str, enum.Enum):
-    text = "text"
-    json = "json"
-    sarif = "sarif"
-    github = "github"
-    junit = "junit"
-    markdown = "markdown"
-
+from nnhealth.options import Format  # the --format choices, declared with the options
 
 FORMATTERS: dict[Format, type[Formatter]] = {
     Format.text: TextFormatter,
