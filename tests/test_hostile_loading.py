@@ -170,7 +170,7 @@ def test_torchscript_is_refused_without_trust_before_it_runs(tmp_path: Path) -> 
     before = listing(tmp_path)
     line = refused(LoadError, load_model, str(tmp_path / "ts.pt"))
     assert "TorchScript" in line and "torch.from_file" in line
-    assert "--trust" in line and "NNHEALTH_TRUST" in line and "entry point" in line
+    assert "rerun with trust (or NNHEALTH_TRUST=1)" in line and "entry point" in line
     assert not marker.exists() and listing(tmp_path) == before
     # the danger is real: trusted, loading it writes the file (8 bytes: 2 float32)
     loaded = load_model(str(tmp_path / "ts.pt"), trust=True)
@@ -206,7 +206,7 @@ def test_decoy_pickle_member_does_not_hide_the_call(tmp_path: Path) -> None:
             crafted.append((info, data))
     write_zip(tmp_path / "decoy.pt", crafted)
     line = refused(LoadError, load_model, str(tmp_path / "decoy.pt"))
-    assert "calls torch.nn.modules.linear.Linear" in line and "--trust" in line
+    assert "calls torch.nn.modules.linear.Linear" in line and "rerun with trust " in line
     with pytest.warns(UserWarning, match="Duplicate name"):
         write_zip(tmp_path / "twice.pt", [(data_pkl, bomb), *members])
     line = refused(LoadError, load_model, str(tmp_path / "twice.pt"))
@@ -232,7 +232,7 @@ def test_legacy_format_call_is_refused(tmp_path: Path) -> None:
     rss = max_rss()
     path = legacy_file(tmp_path / "old.pt", pickle.dumps({"model": CallsLinear()}, protocol=2))
     line = refused(LoadError, load_model, str(path))
-    assert "calls torch.nn.modules.linear.Linear" in line and "--trust" in line
+    assert "calls torch.nn.modules.linear.Linear" in line and "rerun with trust " in line
     # torch.save's own legacy writer pickles the class as a persistent id: also seen
     buf = io.BytesIO()
     torch.save({"model": CallsLinear()}, buf, _use_new_zipfile_serialization=False)
@@ -819,7 +819,7 @@ def test_rnn_num_layers_from_the_file_is_capped(tmp_path: Path) -> None:
     torch.save(lstm, tmp_path / "lstm.pt")
     start = time.perf_counter()
     line = refused(LoadError, load_model, str(tmp_path / "lstm.pt"))
-    assert "num_layers=3000000 (at most 1000)" in line and "--trust" in line
+    assert "num_layers=3000000 (at most 1000)" in line and "rerun with trust " in line
     assert time.perf_counter() - start < 5
     torch.save(nn.LSTM(4, 8, num_layers=3), tmp_path / "ok.pt")
     assert load_model(str(tmp_path / "ok.pt")).model.num_layers == 3

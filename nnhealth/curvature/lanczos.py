@@ -189,71 +189,128 @@ def lanczos(
         cap = min(cap, max(max_basis, min_basis(k, smallest)))
         steps = max_iter  # restarted: n steps no longer exhaust anything
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    # the Krylov basis as rows of one matrix: reorthogonalization is then two
-    # matrix-vector products over it, not a Python loop. Under a cap, all of it at once,
-    # so the cap is the peak (growing would briefly hold old + new; on the CPU pages are
-    # only touched as rows fill, on a GPU the cap is reserved at once); otherwise grown
-    # by doubling. An unrestarted run writes at most ``steps`` rows.
-    full = min(cap, steps)
-    rows = full if max_basis is not None else min(full, 16)
-    basis = torch.empty((rows, n), dtype=torch.float64, device=device)
-    basis[0] = start_vector(n, start, gen, device)
-    t = np.zeros((cap, cap))  # the projected matrix V^T H V
-    size = 1
-    known = np.zeros(0)  # couplings of the newest vector to the earlier ones
-    restarts = 0
+    krylov = _Krylov(n, cap, min(cap, steps), max_basis is not None, device)
+    krylov.basis[0] = start_vector(n, start, gen, device)
     top: tuple[RitzValue, ...] = ()
     bottom = None
     converged = False
     it = 0
     for it in range(1, steps + 1):
-        j = size - 1
-        w = matvec(basis[j]).to(torch.float64)
-        t[j, j] = _lanczos_step(w, basis[:size], known)
-        t[j, :j] = t[:j, j] = known
-        b = float(torch.linalg.vector_norm(w))
-        if not (np.isfinite(t[j, j]) and np.isfinite(b)):
-            raise NonFiniteProduct(f"product {it} of the operator is not finite")
-        theta, vecs = _ritz(t[:size, :size], tridiagonal=restarts == 0)
-        order = np.argsort(theta)[::-1]
-        wanted = min(k, len(theta))
-        top = tuple(_pair(theta, vecs, int(i), b) for i in order[:wanted])
-        bottom = _pair(theta, vecs, int(order[-1]), b) if smallest else None
+        w, b = krylov.extend(matvec, it)
+        theta, vecs = krylov.ritz()
+        top, bottom = _wanted(theta, vecs, b, k, smallest)
         if progress is not None:
             progress(it, top[0].value, top[0].relative_bound)
-        exhausted = b <= 1e-12 * max(abs(theta).max(), 1e-300)
-        # the top values relative to themselves; the smallest relative to the largest
-        # (a saddle's small negative eigenvalue is judged against the curvature scale)
-        done = len(top) == k and all(r.bound <= tol * abs(r.value) for r in top)
-        if bottom is not None:
-            done = done and bottom.bound <= tol * max(abs(bottom.value), abs(top[0].value))
-        if exhausted or done:
+        if _finished(theta, b, top, bottom, k, tol):
             converged = True
             break
         if it == steps:
             break
-        if size == cap:  # thick restart: the kept Ritz vectors, then the residual
-            keep = _kept(theta, size, k, smallest)
-            _compress(basis, size, vecs[:, keep])
-            t[:] = 0.0
-            size = len(keep)
-            t[np.arange(size), np.arange(size)] = theta[keep]
-            known = b * vecs[-1, keep]
-            restarts += 1
-        else:
-            known = np.zeros(size)
-            known[-1] = b
-        if size == basis.shape[0]:
-            grown = torch.empty((min(2 * size, full), n), dtype=torch.float64, device=device)
-            grown[:size] = basis[:size]
-            basis = grown
-        basis[size] = w / b
-        size += 1
+        krylov.advance(w, b, theta, vecs, k, smallest)
     return LanczosResult(
         top=top,
         bottom=bottom,
         iterations=it,
         converged=converged,
-        restarts=restarts,
-        basis=cap if restarts else size,  # size only shrinks at a restart, from cap
+        restarts=krylov.restarts,
+        basis=cap if krylov.restarts else krylov.size,  # size only shrinks at a restart
     )
+
+
+class _Krylov:
+    """The factorization H V = V T + r e^T so far: the basis V (rows), the projected
+    matrix T = V^T H V, and the couplings of the newest vector to the earlier ones.
+
+    The basis is one matrix, so that reorthogonalization is two matrix-vector products
+    over it, not a Python loop. Under a cap (``capped``) it is allocated whole at once,
+    so the cap is the peak (growing would briefly hold old + new; on the CPU pages are
+    only touched as rows fill, on a GPU the cap is reserved at once); otherwise it grows
+    by doubling up to ``full`` rows, the most an unrestarted run writes."""
+
+    def __init__(
+        self, n: int, cap: int, full: int, capped: bool, device: torch.device | str
+    ) -> None:
+        rows = full if capped else min(full, 16)
+        self.basis = torch.empty((rows, n), dtype=torch.float64, device=device)
+        self.full = full
+        self.t = np.zeros((cap, cap))
+        self.size = 1
+        self.known = np.zeros(0)  # couplings of the newest vector to the earlier ones
+        self.restarts = 0
+
+    def extend(self, matvec: Matvec, it: int) -> tuple[torch.Tensor, float]:
+        """One product on the newest vector: T's new row and column, and the residual
+        (unnormalized) with its norm."""
+        j = self.size - 1
+        t = self.t
+        w = matvec(self.basis[j]).to(torch.float64)
+        t[j, j] = _lanczos_step(w, self.basis[: self.size], self.known)
+        t[j, :j] = t[:j, j] = self.known
+        b = float(torch.linalg.vector_norm(w))
+        if not (np.isfinite(t[j, j]) and np.isfinite(b)):
+            raise NonFiniteProduct(f"product {it} of the operator is not finite")
+        return w, b
+
+    def ritz(self) -> tuple[np.ndarray, np.ndarray]:
+        return _ritz(self.t[: self.size, : self.size], tridiagonal=self.restarts == 0)
+
+    def advance(
+        self, w: torch.Tensor, b: float, theta: np.ndarray, vecs: np.ndarray, k: int, smallest: bool
+    ) -> None:
+        """Append the normalized residual, after a thick restart when the basis is at
+        its cap (the kept Ritz vectors, then the residual)."""
+        if self.size == self.t.shape[0]:
+            self._restart(b, theta, vecs, k, smallest)
+        else:
+            self.known = np.zeros(self.size)
+            self.known[-1] = b
+        if self.size == self.basis.shape[0]:
+            grown = torch.empty(
+                (min(2 * self.size, self.full), self.basis.shape[1]),
+                dtype=torch.float64,
+                device=self.basis.device,
+            )
+            grown[: self.size] = self.basis[: self.size]
+            self.basis = grown
+        self.basis[self.size] = w / b
+        self.size += 1
+
+    def _restart(
+        self, b: float, theta: np.ndarray, vecs: np.ndarray, k: int, smallest: bool
+    ) -> None:
+        keep = _kept(theta, self.size, k, smallest)
+        _compress(self.basis, self.size, vecs[:, keep])
+        self.t[:] = 0.0
+        self.size = len(keep)
+        self.t[np.arange(self.size), np.arange(self.size)] = theta[keep]
+        self.known = b * vecs[-1, keep]
+        self.restarts += 1
+
+
+def _wanted(
+    theta: np.ndarray, vecs: np.ndarray, b: float, k: int, smallest: bool
+) -> tuple[tuple[RitzValue, ...], RitzValue | None]:
+    """The top ``k`` Ritz values (largest first) and the smallest when asked for."""
+    order = np.argsort(theta)[::-1]
+    wanted = min(k, len(theta))
+    top = tuple(_pair(theta, vecs, int(i), b) for i in order[:wanted])
+    bottom = _pair(theta, vecs, int(order[-1]), b) if smallest else None
+    return top, bottom
+
+
+def _finished(
+    theta: np.ndarray,
+    b: float,
+    top: tuple[RitzValue, ...],
+    bottom: RitzValue | None,
+    k: int,
+    tol: float,
+) -> bool:
+    """The Krylov space is exhausted, or every wanted value is certified to ``tol``: the
+    top values relative to themselves; the smallest relative to the largest (a saddle's
+    small negative eigenvalue is judged against the curvature scale)."""
+    exhausted = b <= 1e-12 * max(abs(theta).max(), 1e-300)
+    done = len(top) == k and all(r.bound <= tol * abs(r.value) for r in top)
+    if bottom is not None:
+        done = done and bottom.bound <= tol * max(abs(bottom.value), abs(top[0].value))
+    return exhausted or done

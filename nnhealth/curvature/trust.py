@@ -228,38 +228,61 @@ def classify(grad_inputs: tuple, grad_outputs: tuple, forward: set[Any]) -> str 
     parameters), "constant" (a result independent of the forward pass), None (fine, or
     no verdict: with several outputs, some incoming gradients constant and nonzero, a
     result may rightly depend on those alone)."""
-    tensors = [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.is_floating_point()]
-    got = [g for g in tensors if g.requires_grad]
-    incoming = {g.grad_fn for g in got if g.grad_fn is not None}
-    strict = bool(got) and not any(not g.requires_grad and bool(g.detach().any()) for g in tensors)
+    got = _Incoming(grad_outputs)
     verdict = None
     for r in grad_inputs:
         if not isinstance(r, torch.Tensor) or not r.is_floating_point():
             continue
-        if not r.requires_grad:
-            if not bool(r.detach().any()):
-                continue  # exactly zero: nothing to differentiate
-            if strict:
-                return "cut"
-            if not got:
-                verdict = verdict or "constant"
-            continue
-        if any(r is g for g in got):
-            reached: tuple[bool, bool, bool] | None = (True, False, False)
-        elif r.grad_fn is None:
-            reached = (False, True, False)
-        else:
-            reached = _reach(r.grad_fn, incoming, forward)
-        if reached is None:
-            continue
-        reach_in, reach_fwd, once = reached
-        if once:
-            return "once"
-        if strict and not reach_in:
-            return "cut"
-        if not reach_fwd and (reach_in or not got):
-            verdict = verdict or "constant"
+        v = _result_verdict(r, got, forward)
+        if v in ("once", "cut"):
+            return v
+        verdict = verdict or v
     return verdict
+
+
+class _Incoming:
+    """The incoming gradients a custom backward got: those that carry a graph (they
+    depend on the parameters, in a double backward) and their nodes. ``strict``: every
+    incoming gradient carries one or is zero, so each result must reach one of them."""
+
+    def __init__(self, grad_outputs: tuple) -> None:
+        tensors = [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.is_floating_point()]
+        self.live = [g for g in tensors if g.requires_grad]
+        self.nodes = {g.grad_fn for g in self.live if g.grad_fn is not None}
+        self.strict = bool(self.live) and not any(
+            not g.requires_grad and bool(g.detach().any()) for g in tensors
+        )
+
+
+def _result_verdict(r: torch.Tensor, got: _Incoming, forward: set[Any]) -> str | None:
+    """The verdict on one floating-point result of the backward (see classify)."""
+    if not r.requires_grad:
+        if not bool(r.detach().any()):
+            return None  # exactly zero: nothing to differentiate
+        if got.strict:
+            return "cut"
+        return None if got.live else "constant"
+    reached = _reached(r, got, forward)
+    if reached is None:
+        return None
+    reach_in, reach_fwd, once = reached
+    if once:
+        return "once"
+    if got.strict and not reach_in:
+        return "cut"
+    if not reach_fwd and (reach_in or not got.live):
+        return "constant"
+    return None
+
+
+def _reached(r: torch.Tensor, got: _Incoming, forward: set[Any]) -> tuple[bool, bool, bool] | None:
+    """_reach from a result that carries a graph; an incoming gradient passed through as
+    it is reaches only itself, a leaf only the forward pass."""
+    if any(r is g for g in got.live):
+        return (True, False, False)
+    if r.grad_fn is None:
+        return (False, True, False)
+    return _reach(r.grad_fn, got.nodes, forward)
 
 
 class BackwardAudit:
@@ -360,42 +383,68 @@ def input_dependence(node: Any, seed: int = 0) -> bool | None:
     held = [v for v in vars(node).values() if tensors_in(v)]
     if not any(isinstance(t, torch.Tensor) for t in saved) and not held:
         return False  # the backward sees no tensor of the forward: it cannot depend on one
-    edges = [e for e, _ in node.next_functions if e is not None]
     cls = _forward_cls(node)
-    if len(edges) != 1 or not _single_input(cls):
-        return None
-    x = next((t for t in saved if isinstance(t, torch.Tensor) and t.grad_fn is edges[0]), None)
-    if x is None or not x.is_floating_point() or x.numel() == 0:
+    x = _rerunnable_input(node, cls, saved)
+    if x is None:
         return None
     base = x.detach()
     gen = torch.Generator(device="cpu").manual_seed(seed + _PAIR_SEED + 1)
     scale = float(base.abs().mean()) or 1.0
     step = torch.randn(base.shape, generator=gen, dtype=torch.float64).to(base) * (_STEP * scale)
-    incoming: list[torch.Tensor] = []
-
-    def backward_at(value: torch.Tensor) -> torch.Tensor | None:
-        leaf = value.clone().requires_grad_(True)
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            torch.default_generator.manual_seed(seed)
-            outs = [
-                o for o in tensors_in(cls.apply(leaf)) if o.is_floating_point() and o.requires_grad
-            ]
-            if len(outs) != 1:
-                return None
-            if not incoming:
-                g = torch.randn(outs[0].shape, generator=gen, dtype=torch.float64)
-                incoming.append(g.to(outs[0]))
-            (r,) = torch.autograd.grad(outs[0], leaf, incoming[0], allow_unused=True)
-        return torch.zeros_like(leaf) if r is None else r.detach()
-
+    rerun = _Rerun(cls, seed, gen)
     try:
-        r0, r1 = backward_at(base), backward_at(base + step)
+        r0, r1 = rerun.backward_at(base), rerun.backward_at(base + step)
     except KeyboardInterrupt:
         raise
     except BaseException:  # noqa: BLE001 (the user's Function re-run: it cannot tell)
         return None
     if r0 is None or r1 is None or r0.shape != r1.shape:
         return None
+    return _changed_almost_everywhere(r0, r1)
+
+
+def _rerunnable_input(node: Any, cls: type, saved: tuple) -> torch.Tensor | None:
+    """The Function's one input, found among its saved tensors, when the Function can be
+    applied again to a new value of it (one input, no other required argument)."""
+    edges = [e for e, _ in node.next_functions if e is not None]
+    if len(edges) != 1 or not _single_input(cls):
+        return None
+    x = next((t for t in saved if isinstance(t, torch.Tensor) and t.grad_fn is edges[0]), None)
+    if x is None or not x.is_floating_point() or x.numel() == 0:
+        return None
+    return x
+
+
+class _Rerun:
+    """The Function applied to a fresh leaf, its backward run with one random incoming
+    gradient (drawn from ``gen`` on the first call, the same for every call after)."""
+
+    def __init__(self, cls: type, seed: int, gen: torch.Generator) -> None:
+        self.cls, self.seed, self.gen = cls, seed, gen
+        self.incoming: torch.Tensor | None = None
+
+    def backward_at(self, value: torch.Tensor) -> torch.Tensor | None:
+        """The gradient with respect to the input at ``value`` (None: not one output)."""
+        leaf = value.clone().requires_grad_(True)
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.default_generator.manual_seed(self.seed)
+            outs = [
+                o
+                for o in tensors_in(self.cls.apply(leaf))
+                if o.is_floating_point() and o.requires_grad
+            ]
+            if len(outs) != 1:
+                return None
+            if self.incoming is None:
+                g = torch.randn(outs[0].shape, generator=self.gen, dtype=torch.float64)
+                self.incoming = g.to(outs[0])
+            (r,) = torch.autograd.grad(outs[0], leaf, self.incoming, allow_unused=True)
+        return torch.zeros_like(leaf) if r is None else r.detach()
+
+
+def _changed_almost_everywhere(r0: torch.Tensor, r1: torch.Tensor) -> bool:
+    """More than _CHANGED of the entries that are nonzero in either result differ by
+    more than rounding."""
     live = (r0 != 0) | (r1 != 0)
     tiny = 8 * torch.finfo(r0.dtype).eps * torch.maximum(r0.abs(), r1.abs())
     changed = ((r1 - r0).abs() > tiny) & live

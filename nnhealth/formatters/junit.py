@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from nnhealth.findings import Report, Severity
+from nnhealth.findings import Finding, Report, Severity
 from nnhealth.formatters.base import Formatter, visible
 
 
@@ -24,12 +24,23 @@ class JunitFormatter(Formatter):
     name = "junit"
 
     def render(self, report: Report) -> str:
-        threshold = Severity.parse(self.options.fail_on)
-        checks = report.run.get("checks") or sorted({f.code for f in report.findings})
-        names = {f.code: f.check for f in report.findings}
-        from nnhealth.analyzers import lookup
+        suite = _Suite(report, Severity.parse(self.options.fail_on))
+        for code in report.run.get("checks") or sorted({f.code for f in report.findings}):
+            suite.add_check(code)
+        for e in report.errors:
+            suite.add_error(e.check, e.message)
+        return suite.xml()
 
-        layers = list(
+
+class _Suite:
+    """One <testsuite>: a test case per check per layer (and one for the whole model),
+    with the counts JUnit readers show."""
+
+    def __init__(self, report: Report, threshold: Severity) -> None:
+        self.report = report
+        self.threshold = threshold
+        self.names = {f.code: f.check for f in report.findings}
+        self.layers = list(
             dict.fromkeys(
                 [
                     str(r.get("module", r["name"])) if r.get("role") != "activation" else r["name"]
@@ -38,54 +49,64 @@ class JunitFormatter(Formatter):
                 + [f.layer for f in report.findings if f.layer]
             )
         )
-        skipped = {s.code: s.reason for s in report.skipped}
-        gating = {id(f) for f in report.gating()}  # with a baseline: only new or worse ones
-        suite = ET.Element("testsuite", name="nnhealth", timestamp="", hostname="")
-        tests = failures = skips = 0
-        for code in checks:
-            check = lookup(code)
-            name = check.name if check else names.get(code, code)
-            for layer in [*layers, None]:
-                found = [f for f in report.findings if f.code == code and f.layer == layer]
-                if layer is not None and not found and code in skipped:
-                    continue  # one skipped case per check is enough
-                case = ET.SubElement(
-                    suite,
-                    "testcase",
-                    classname=_attr(f"nnhealth.{code}.{name}"),
-                    name=_attr(f"{code} {name}: {layer or '(model)'}"),
-                )
-                tests += 1
-                if code in skipped and layer is None:
-                    ET.SubElement(case, "skipped", message=_attr(skipped[code]))
-                    skips += 1
-                    continue
-                failing = [f for f in found if f.severity >= threshold and id(f) in gating]
-                for f in failing:
-                    failure = ET.SubElement(
-                        case, "failure", message=_attr(f.message), type=f.severity.label
-                    )
-                    failure.text = f"{_attr(f.message)}\nfix: {_attr(f.fix)}" + (
-                        f"\n{_body(f.fix_snippet)}" if f.fix_snippet else ""
-                    )
-                failures += bool(failing)
-                below = [f for f in found if f not in failing]
-                if below:
-                    out = ET.SubElement(case, "system-out")
-                    out.text = "\n".join(f"{f.severity.label}: {_attr(f.message)}" for f in below)
-        for e in report.errors:
+        self.skipped = {s.code: s.reason for s in report.skipped}
+        self.gating = {id(f) for f in report.gating()}  # with a baseline: only new or worse
+        self.element = ET.Element("testsuite", name="nnhealth")
+        self.tests = self.failures = self.skips = 0
+
+    def add_check(self, code: str) -> None:
+        from nnhealth.analyzers import lookup
+
+        check = lookup(code)
+        name = check.name if check else self.names.get(code, code)
+        for layer in [*self.layers, None]:
+            found = [f for f in self.report.findings if f.code == code and f.layer == layer]
+            if layer is not None and not found and code in self.skipped:
+                continue  # one skipped case per check is enough
             case = ET.SubElement(
-                suite, "testcase", classname="nnhealth.errors", name=_attr(e.check)
+                self.element,
+                "testcase",
+                classname=_attr(f"nnhealth.{code}.{name}"),
+                name=_attr(f"{code} {name}: {layer or '(model)'}"),
             )
-            ET.SubElement(case, "error", message=_attr(e.message))
-            tests += 1
-        suite.set("tests", str(tests))
-        suite.set("failures", str(failures))
-        suite.set("errors", str(len(report.errors)))
-        suite.set("skipped", str(skips))
-        suite.set("time", _attr(report.run.get("seconds") or 0))
-        suite.attrib.pop("timestamp")
-        suite.attrib.pop("hostname")
+            self.tests += 1
+            if code in self.skipped and layer is None:
+                ET.SubElement(case, "skipped", message=_attr(self.skipped[code]))
+                self.skips += 1
+            else:
+                self._outcome(case, found)
+
+    def _outcome(self, case: ET.Element, found: list[Finding]) -> None:
+        """Failures for the gating findings at or above the threshold; the others as
+        system-out."""
+        failing = [f for f in found if f.severity >= self.threshold and id(f) in self.gating]
+        for f in failing:
+            failure = ET.SubElement(
+                case, "failure", message=_attr(f.message), type=f.severity.label
+            )
+            failure.text = f"{_attr(f.message)}\nfix: {_attr(f.fix)}" + (
+                f"\n{_body(f.fix_snippet)}" if f.fix_snippet else ""
+            )
+        self.failures += bool(failing)
+        below = [f for f in found if f not in failing]
+        if below:
+            out = ET.SubElement(case, "system-out")
+            out.text = "\n".join(f"{f.severity.label}: {_attr(f.message)}" for f in below)
+
+    def add_error(self, check: str, message: str) -> None:
+        case = ET.SubElement(
+            self.element, "testcase", classname="nnhealth.errors", name=_attr(check)
+        )
+        ET.SubElement(case, "error", message=_attr(message))
+        self.tests += 1
+
+    def xml(self) -> str:
+        suite = self.element
+        suite.set("tests", str(self.tests))
+        suite.set("failures", str(self.failures))
+        suite.set("errors", str(len(self.report.errors)))
+        suite.set("skipped", str(self.skips))
+        suite.set("time", _attr(self.report.run.get("seconds") or 0))
         root = ET.Element("testsuites", name="nnhealth")
         root.append(suite)
         ET.indent(root)

@@ -17,7 +17,7 @@ from torch import nn
 from nnhealth import memory
 from nnhealth._util import first_line, regular_file, tensors_in
 from nnhealth.capture.precision import nonfinite_count
-from nnhealth.errors import DataError, UsageError
+from nnhealth.errors import DataError, UsageError, flag
 from nnhealth.loading import detect, limits
 
 _MAX_SYNTHETIC = 2**31 - 1  # values in a synthetic batch (8 GiB of float32)
@@ -64,11 +64,12 @@ class Batch:
 def parse_shape(text: str) -> tuple[int, ...]:
     if not re.fullmatch(r"\s*\d+(\s*[x,]\s*\d+)*\s*", text or ""):
         raise UsageError(
-            f"--input-shape {text!r}: expected sizes joined by x, batch first, e.g. 64x3x32x32"
+            f"{flag('input_shape')} {text!r}: expected sizes joined by x, batch first, "
+            "e.g. 64x3x32x32"
         )
     dims = tuple(int(d) for d in re.split(r"[x,]", text.replace(" ", "")))
     if any(d <= 0 for d in dims):
-        raise UsageError(f"--input-shape {text!r}: every size must be positive")
+        raise UsageError(f"{flag('input_shape')} {text!r}: every size must be positive")
     return dims
 
 
@@ -78,7 +79,7 @@ def synthetic(shape: tuple[int, ...], seed: int, model: nn.Module | None) -> Bat
     text = "x".join(map(str, shape))
     if values > _MAX_SYNTHETIC:
         raise UsageError(
-            f"--input-shape {text}: {values:.3g} values is more than this "
+            f"{flag('input_shape')} {text}: {values:.3g} values is more than this "
             f"tool will allocate ({_MAX_SYNTHETIC:.0e}); use a smaller batch"
         )
     first = None
@@ -91,10 +92,10 @@ def synthetic(shape: tuple[int, ...], seed: int, model: nn.Module | None) -> Bat
     free = memory.available()
     if free is not None and nbytes * PASS_INPUT_MULTIPLE > free:
         raise UsageError(
-            f"--input-shape {text}: {values:,} {str(dtype).removeprefix('torch.')} values are "
-            f"{limits.size_text(nbytes)}, and the pass needs about {PASS_INPUT_MULTIPLE}x its "
-            f"input ({limits.size_text(nbytes * PASS_INPUT_MULTIPLE)}), more than the "
-            f"{limits.size_text(free)} of free memory; use a smaller batch"
+            f"{flag('input_shape')} {text}: {values:,} {str(dtype).removeprefix('torch.')} "
+            f"values are {limits.size_text(nbytes)}, and the pass needs about "
+            f"{PASS_INPUT_MULTIPLE}x its input ({limits.size_text(nbytes * PASS_INPUT_MULTIPLE)}), "
+            f"more than the {limits.size_text(free)} of free memory; use a smaller batch"
         )
     gen = torch.Generator().manual_seed(seed)
     if isinstance(first, nn.Embedding):
@@ -227,6 +228,60 @@ def validate(batch: Batch) -> None:
                 raise DataError(f"{batch.source}: the batch {role} hold {why}")
 
 
+def _read(path: Path, path_text: str, kind: str) -> Any:
+    """The object a batch file of format ``kind`` holds, its declared sizes checked first;
+    never unpickling code."""
+    if kind == detect.NPY:
+        limits.check_npy(path, path_text, DataError)
+        with limits.quiet_readers():
+            return np.load(path, allow_pickle=False)
+    if kind == detect.NPZ:
+        limits.check_npz(path, path_text, DataError)
+        with limits.quiet_readers(), np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    if kind == detect.TORCH_PICKLE:
+        limits.torch_pickles(
+            path,
+            path_text,
+            DataError,
+            trusted=False,
+            hint="Save plain tensors: torch.save((inputs, targets), path)",
+        )
+        with limits.quiet_readers():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    if kind in (detect.TRUNCATED_ZIP, detect.CORRUPT_ZIP):
+        raise DataError(f"{path_text}: a truncated or corrupt archive; save the batch again")
+    raise DataError(
+        f"{path_text}: not a batch format nnhealth reads (.pt from torch.save, .npz, .npy)"
+    )
+
+
+def _unreadable(path_text: str, exc: Exception) -> DataError:
+    """The one line for an exception a reader raised on the batch file."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return DataError(
+            f"{path_text}: holds Python objects beyond tensors; save plain tensors "
+            "(torch.save((inputs, targets), path))"
+        )
+    if isinstance(exc, RecursionError):
+        return DataError(
+            f"{path_text}: nests objects too deeply to read (a damaged or hostile file); "
+            "save plain tensors again"
+        )
+    if isinstance(exc, MemoryError):
+        return DataError(f"{path_text}: ran out of memory while loading it; save a smaller batch")
+    if isinstance(exc, ValueError):
+        return DataError(
+            f"{path_text}: cannot read without unpickling ({first_line(exc)}); save "
+            "numeric arrays only"
+        )
+    if isinstance(exc, (RuntimeError, EOFError, OSError, KeyError)):
+        return DataError(f"{path_text}: cannot read ({first_line(exc)}); truncated or corrupt?")
+    return DataError(
+        f"{path_text}: cannot read ({type(exc).__name__}: {first_line(exc)}); truncated or corrupt?"
+    )
+
+
 def load_batch(path_text: str) -> Batch:
     path = Path(path_text)
     if path.is_dir():
@@ -239,60 +294,11 @@ def load_batch(path_text: str) -> Batch:
     except OSError as exc:
         raise DataError(f"{path_text}: cannot read ({exc.strerror or first_line(exc)})") from exc
     try:
-        if kind == detect.NPY:
-            limits.check_npy(path, path_text, DataError)
-            with limits.quiet_readers():
-                obj: Any = np.load(path, allow_pickle=False)
-        elif kind == detect.NPZ:
-            limits.check_npz(path, path_text, DataError)
-            with limits.quiet_readers(), np.load(path, allow_pickle=False) as npz:
-                obj = {k: npz[k] for k in npz.files}
-        elif kind == detect.TORCH_PICKLE:
-            limits.torch_pickles(
-                path,
-                path_text,
-                DataError,
-                trusted=False,
-                hint="Save plain tensors: torch.save((inputs, targets), path)",
-            )
-            with limits.quiet_readers():
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        elif kind in (detect.TRUNCATED_ZIP, detect.CORRUPT_ZIP):
-            raise DataError(f"{path_text}: a truncated or corrupt archive; save the batch again")
-        else:
-            raise DataError(
-                f"{path_text}: not a batch format nnhealth reads (.pt from torch.save, .npz, .npy)"
-            )
+        obj = _read(path, path_text, kind)
     except DataError:
         raise
-    except pickle.UnpicklingError as exc:
-        raise DataError(
-            f"{path_text}: holds Python objects beyond tensors; save plain tensors "
-            "(torch.save((inputs, targets), path))"
-        ) from exc
-    except RecursionError as exc:
-        raise DataError(
-            f"{path_text}: nests objects too deeply to read (a damaged or hostile file); "
-            "save plain tensors again"
-        ) from exc
-    except MemoryError as exc:
-        raise DataError(
-            f"{path_text}: ran out of memory while loading it; save a smaller batch"
-        ) from exc
-    except ValueError as exc:
-        raise DataError(
-            f"{path_text}: cannot read without unpickling ({first_line(exc)}); save "
-            "numeric arrays only"
-        ) from exc
-    except (RuntimeError, EOFError, OSError, KeyError) as exc:
-        raise DataError(
-            f"{path_text}: cannot read ({first_line(exc)}); truncated or corrupt?"
-        ) from exc
     except Exception as exc:  # a damaged file makes the readers raise anything
-        raise DataError(
-            f"{path_text}: cannot read ({type(exc).__name__}: {first_line(exc)}); truncated "
-            "or corrupt?"
-        ) from exc
+        raise _unreadable(path_text, exc) from exc
     batch = interpret(obj, path_text)
     limits.check_tensors(
         [

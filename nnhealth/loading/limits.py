@@ -29,7 +29,7 @@ import struct
 import tarfile
 import warnings
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -320,6 +320,103 @@ def _describe_call(name: str, args: Any) -> str:
     return f"{name}({text}{', ...' if len(shown) > 4 else ''})"
 
 
+# Calls, by the callable's name: each handler takes (name, args, facts) and returns the
+# symbolic result of name(*args), recording what the call would allocate.
+
+
+def _bytearray(name: str, args: tuple, facts: PickleFacts) -> Any:
+    # torch.save writes bytearray(_codecs.encode(text, "latin1")); a number (or a
+    # one-element tensor, which has __index__) is an allocation of that many bytes
+    if args and not isinstance(args[0], (str, bytes, EncodedBytes)):
+        n = min(max(args[0], 0), _SATURATE) if isinstance(args[0], int) else None
+        facts.suspicious.append((_describe_call("bytearray", args), n))
+    return OPAQUE
+
+
+def _encode(name: str, args: tuple, facts: PickleFacts) -> Any:
+    return EncodedBytes()
+
+
+def _allocating_call(name: str, args: tuple, facts: PickleFacts) -> Any:
+    """``torch.FloatTensor(n, m)``, ``torch.FloatStorage(n)``: allocates from numbers."""
+    numbers = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
+    if args and (numbers or not all(isinstance(a, TensorRef) for a in args)):
+        size = _prod(numbers) * _itemsize(name, "Tensor")
+        facts.suspicious.append((_describe_call(name, args), size if numbers else None))
+    return TensorRef(None, 4)
+
+
+def _rebuild_tensor(name: str, args: tuple, facts: PickleFacts) -> Any:
+    storage = args[0] if args else None
+    size = _ints(args[2]) if len(args) > 2 else None
+    itemsize = storage.itemsize if isinstance(storage, Storage) else 8
+    if name.endswith("_v3") and len(args) > 6 and isinstance(args[6], Global):
+        itemsize = _itemsize(args[6].name, "")
+    return TensorRef(None if size is None else _prod(size) * itemsize, itemsize)
+
+
+def _rebuild_qtensor(name: str, args: tuple, facts: PickleFacts) -> Any:
+    # torch._empty_affine_quantized(size) allocates before the storage is attached
+    storage = args[0] if args else None
+    size = _ints(args[2]) if len(args) > 2 else None
+    held = storage.nbytes if isinstance(storage, Storage) else 0
+    itemsize = storage.itemsize if isinstance(storage, Storage) else 1
+    need = None if size is None else _prod(size) * itemsize
+    if need is None or need > held:
+        facts.suspicious.append((_describe_call("_rebuild_qtensor", args[1:3]), need))
+    else:
+        facts.allocations += need
+    return TensorRef(need, itemsize)
+
+
+def _rebuild_device_tensor(name: str, args: tuple, facts: PickleFacts) -> Any:
+    # data.to(dtype, device): materializes a view, at the target dtype's width
+    data = args[0] if args else None
+    itemsize = _itemsize(args[1].name, "") if len(args) > 1 and isinstance(args[1], Global) else 8
+    if isinstance(data, TensorRef) and data.nbytes is not None:
+        need = data.nbytes // max(data.itemsize, 1) * itemsize
+        facts.allocations += need
+        return TensorRef(need, itemsize)
+    facts.suspicious.append((_describe_call(name.rsplit(".", 1)[-1], args), None))
+    return OPAQUE
+
+
+def _first_argument(name: str, args: tuple, facts: PickleFacts) -> Any:
+    return args[0] if args else OPAQUE
+
+
+def _rebuild_from_type(name: str, args: tuple, facts: PickleFacts) -> Any:
+    # (func, new_type, args, state): the unpickler lets it call func(*args)
+    if len(args) > 2:
+        facts.calls.pop()
+        return _call(args[0], args[2], facts)
+    return OPAQUE
+
+
+def _size(name: str, args: tuple, facts: PickleFacts) -> Any:
+    return args[0] if args and isinstance(args[0], (tuple, list)) else OPAQUE
+
+
+def _opaque_call(name: str, args: tuple, facts: PickleFacts) -> Any:
+    return OPAQUE
+
+
+_CALLS: dict[str, Callable[[str, tuple, PickleFacts], Any]] = {
+    "builtins.bytearray": _bytearray,
+    "_codecs.encode": _encode,
+    "torch._utils._rebuild_tensor": _rebuild_tensor,
+    "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
+    "torch._utils._rebuild_tensor_v3": _rebuild_tensor,
+    "torch._utils._rebuild_qtensor": _rebuild_qtensor,
+    "torch._utils._rebuild_device_tensor_from_cpu_tensor": _rebuild_device_tensor,
+    "torch._utils._rebuild_device_tensor_from_numpy": _rebuild_device_tensor,
+    "torch._utils._rebuild_parameter": _first_argument,
+    "torch._utils._rebuild_parameter_with_state": _first_argument,
+    "torch._tensor._rebuild_from_type_v2": _rebuild_from_type,
+    "torch.Size": _size,
+}
+
+
 def _call(func: Any, args: Any, facts: PickleFacts) -> Any:
     """The symbolic result of ``func(*args)``; records calls and what they allocate."""
     if not isinstance(func, Global):
@@ -327,70 +424,9 @@ def _call(func: Any, args: Any, facts: PickleFacts) -> Any:
     name = func.name
     facts.calls.append(name)
     args = args if isinstance(args, tuple) else ()
-    if name == "builtins.bytearray":
-        # torch.save writes bytearray(_codecs.encode(text, "latin1")); a number (or a
-        # one-element tensor, which has __index__) is an allocation of that many bytes
-        if args and not isinstance(args[0], (str, bytes, EncodedBytes)):
-            n = min(max(args[0], 0), _SATURATE) if isinstance(args[0], int) else None
-            facts.suspicious.append((_describe_call("bytearray", args), n))
-        return OPAQUE
-    if name == "_codecs.encode":
-        return EncodedBytes()
-    if _allocating_class(name):
-        numbers = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
-        if args and (numbers or not all(isinstance(a, TensorRef) for a in args)):
-            size = _prod(numbers) * _itemsize(name, "Tensor")
-            facts.suspicious.append((_describe_call(name, args), size if numbers else None))
-        return TensorRef(None, 4)
-    if name in (
-        "torch._utils._rebuild_tensor",
-        "torch._utils._rebuild_tensor_v2",
-        "torch._utils._rebuild_tensor_v3",
-    ):
-        storage = args[0] if args else None
-        size = _ints(args[2]) if len(args) > 2 else None
-        itemsize = storage.itemsize if isinstance(storage, Storage) else 8
-        if name.endswith("_v3") and len(args) > 6 and isinstance(args[6], Global):
-            itemsize = _itemsize(args[6].name, "")
-        return TensorRef(None if size is None else _prod(size) * itemsize, itemsize)
-    if name == "torch._utils._rebuild_qtensor":
-        # torch._empty_affine_quantized(size) allocates before the storage is attached
-        storage = args[0] if args else None
-        size = _ints(args[2]) if len(args) > 2 else None
-        held = storage.nbytes if isinstance(storage, Storage) else 0
-        itemsize = storage.itemsize if isinstance(storage, Storage) else 1
-        need = None if size is None else _prod(size) * itemsize
-        if need is None or need > held:
-            facts.suspicious.append((_describe_call("_rebuild_qtensor", args[1:3]), need))
-        else:
-            facts.allocations += need
-        return TensorRef(need, itemsize)
-    if name in (
-        "torch._utils._rebuild_device_tensor_from_cpu_tensor",
-        "torch._utils._rebuild_device_tensor_from_numpy",
-    ):
-        # data.to(dtype, device): materializes a view, at the target dtype's width
-        data = args[0] if args else None
-        itemsize = (
-            _itemsize(args[1].name, "") if len(args) > 1 and isinstance(args[1], Global) else 8
-        )
-        if isinstance(data, TensorRef) and data.nbytes is not None:
-            need = data.nbytes // max(data.itemsize, 1) * itemsize
-            facts.allocations += need
-            return TensorRef(need, itemsize)
-        facts.suspicious.append((_describe_call(name.rsplit(".", 1)[-1], args), None))
-        return OPAQUE
-    if name in ("torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state"):
-        return args[0] if args else OPAQUE
-    if name == "torch._tensor._rebuild_from_type_v2":
-        # (func, new_type, args, state): the unpickler lets it call func(*args)
-        if len(args) > 2:
-            facts.calls.pop()
-            return _call(args[0], args[2], facts)
-        return OPAQUE
-    if name == "torch.Size":
-        return args[0] if args and isinstance(args[0], (tuple, list)) else OPAQUE
-    return OPAQUE
+    if _allocating_class(name):  # never a name in _CALLS (those are not classes)
+        return _allocating_call(name, args, facts)
+    return _CALLS.get(name, _opaque_call)(name, args, facts)
 
 
 def _persistent(pid: Any, facts: PickleFacts) -> Any:
@@ -442,141 +478,241 @@ def _pairs_to_dict(items: list[Any]) -> dict[str, Any]:
     return {k: v for k, v in zip(items[::2], items[1::2], strict=False) if isinstance(k, str)}
 
 
-def walk_pickle(stream: Any, facts: PickleFacts) -> Any:
-    """Run one pickle's opcodes symbolically up to its STOP; return the value it builds.
+def _global(module: str, qualname: str) -> Global:
+    return Global(f"{_PY2_MODULES.get(module, module)}.{qualname}")
 
-    ``stream`` is bytes or a file-like object (read, readline) left just after the
-    STOP. Raises ValueError for a malformed pickle."""
-    stack: list[Any] = []
-    memo: dict[Any, Any] = {}
 
-    def pop() -> Any:
-        return stack.pop() if stack else OPAQUE
+def _named_global(arg: Any) -> Global:
+    """GLOBAL's and INST's argument: "module qualname"."""
+    module, _, qualname = str(arg).partition(" ")
+    return _global(module, qualname)
 
-    def pop_mark() -> list[Any]:
+
+class _Machine:
+    """The unpickler's stack and memo, holding what the walk follows (constants, tuples,
+    lists, string-keyed dicts, globals, storages, tensor sizes) and OPAQUE for the rest.
+    One method per family of opcodes, chosen through ``_OPS``; a missing operand reads
+    as OPAQUE rather than failing."""
+
+    def __init__(self, facts: PickleFacts) -> None:
+        self.facts = facts
+        self.stack: list[Any] = []
+        self.memo: dict[Any, Any] = {}
+
+    def pop(self) -> Any:
+        return self.stack.pop() if self.stack else OPAQUE
+
+    def top(self, empty: Any = OPAQUE) -> Any:
+        return self.stack[-1] if self.stack else empty
+
+    def pop_mark(self) -> list[Any]:
         items: list[Any] = []
-        while stack:
-            item = stack.pop()
+        while self.stack:
+            item = self.stack.pop()
             if item is _MARK:
                 break
             items.append(item)
         items.reverse()
         return items
 
+    # pushing values
+    def constant(self, op: Any, arg: Any) -> None:
+        self.stack.append(arg)
+
+    def none(self, op: Any, arg: Any) -> None:
+        self.stack.append(None)
+
+    def boolean(self, op: Any, arg: Any) -> None:
+        self.stack.append(op.name == "NEWTRUE")
+
+    def mark(self, op: Any, arg: Any) -> None:
+        self.stack.append(_MARK)
+
+    def opaque(self, op: Any, arg: Any) -> None:  # EMPTY_SET
+        self.stack.append(OPAQUE)
+
+    # tuples, lists, dicts, sets
+    def tuple_(self, op: Any, arg: Any) -> None:
+        self.stack.append(tuple(self.pop_mark()))
+
+    def empty_tuple(self, op: Any, arg: Any) -> None:
+        self.stack.append(())
+
+    def small_tuple(self, op: Any, arg: Any) -> None:  # TUPLE1, TUPLE2, TUPLE3
+        items = [self.pop() for _ in range(int(op.name[-1]))]
+        self.stack.append(tuple(reversed(items)))
+
+    def empty_list(self, op: Any, arg: Any) -> None:
+        self.stack.append([])
+
+    def list_(self, op: Any, arg: Any) -> None:
+        self.stack.append(self.pop_mark())
+
+    def append(self, op: Any, arg: Any) -> None:
+        item = self.pop()
+        if isinstance(self.top(), list):
+            self.stack[-1].append(item)
+
+    def appends(self, op: Any, arg: Any) -> None:
+        items = self.pop_mark()
+        if isinstance(self.top(), list):
+            self.stack[-1].extend(items)
+
+    def empty_dict(self, op: Any, arg: Any) -> None:
+        self.stack.append({})  # keys and values kept for BUILD's state (_build)
+
+    def dict_(self, op: Any, arg: Any) -> None:
+        self.stack.append(_pairs_to_dict(self.pop_mark()))
+
+    def setitem(self, op: Any, arg: Any) -> None:
+        value, key = self.pop(), self.pop()
+        if isinstance(self.top(), dict):
+            self.stack[-1].update(_pairs_to_dict([key, value]))
+
+    def setitems(self, op: Any, arg: Any) -> None:
+        items = self.pop_mark()
+        if isinstance(self.top(), dict):
+            self.stack[-1].update(_pairs_to_dict(items))
+
+    def frozenset_(self, op: Any, arg: Any) -> None:
+        self.pop_mark()
+        self.stack.append(OPAQUE)
+
+    # globals, calls, objects
+    def global_(self, op: Any, arg: Any) -> None:
+        self.stack.append(_named_global(arg))
+
+    def inst(self, op: Any, arg: Any) -> None:  # calls the class with the args after the mark
+        cls = _named_global(arg)
+        self.stack.append(_call(cls, tuple(self.pop_mark()), self.facts))
+
+    def stack_global(self, op: Any, arg: Any) -> None:
+        qualname, module = self.pop(), self.pop()
+        if isinstance(module, str) and isinstance(qualname, str):
+            self.stack.append(_global(module, qualname))
+        else:
+            self.stack.append(Global("?"))
+
+    def obj(self, op: Any, arg: Any) -> None:  # cls(*args), the class first after the mark
+        items = self.pop_mark()
+        self.stack.append(_call(items[0], tuple(items[1:]), self.facts) if items else OPAQUE)
+
+    def reduce(self, op: Any, arg: Any) -> None:
+        call_args, func = self.pop(), self.pop()
+        self.stack.append(_call(func, call_args, self.facts))
+
+    def newobj(self, op: Any, arg: Any) -> None:  # NEWOBJ, NEWOBJ_EX: cls.__new__(cls, *args)
+        if op.name == "NEWOBJ_EX":
+            self.pop()  # kwargs
+        call_args, cls = self.pop(), self.pop()
+        if (
+            isinstance(cls, Global)
+            and _allocating_class(cls.name)
+            and call_args not in ((), OPAQUE)
+        ):
+            self.facts.suspicious.append((_describe_call(cls.name + ".__new__", call_args), None))
+        self.stack.append(Instance(cls.name) if isinstance(cls, Global) else OPAQUE)
+
+    def build(self, op: Any, arg: Any) -> None:
+        state = self.pop()
+        _build(self.top(), state, self.facts)
+
+    def persistent_id(self, op: Any, arg: Any) -> None:  # BINPERSID, PERSID
+        pid = self.pop() if op.name == "BINPERSID" else arg
+        self.stack.append(_persistent(pid, self.facts))
+
+    # the memo and the stack itself
+    def put(self, op: Any, arg: Any) -> None:
+        self.memo[arg] = self.top()
+
+    def memoize(self, op: Any, arg: Any) -> None:
+        self.memo[len(self.memo)] = self.top()
+
+    def get(self, op: Any, arg: Any) -> None:
+        self.stack.append(self.memo.get(arg, OPAQUE))
+
+    def discard(self, op: Any, arg: Any) -> None:  # POP
+        self.pop()
+
+    def discard_mark(self, op: Any, arg: Any) -> None:  # POP_MARK, ADDITEMS
+        self.pop_mark()
+
+    def dup(self, op: Any, arg: Any) -> None:
+        self.stack.append(self.top())
+
+    def nothing(self, op: Any, arg: Any) -> None:  # PROTO, FRAME
+        pass
+
+    def other(self, op: Any, arg: Any) -> None:
+        """EXT1/2/4, NEXT_BUFFER, READONLY_BUFFER: opaque values, by the opcode's own
+        description of what it takes from the stack and leaves on it."""
+        if pickletools.markobject in op.stack_before:
+            self.pop_mark()
+        else:
+            for _ in op.stack_before:
+                self.pop()
+        for item in op.stack_after:
+            self.stack.append(_MARK if item is pickletools.markobject else OPAQUE)
+
+
+_OPS: dict[str, Callable[[_Machine, Any, Any], None]] = {
+    **dict.fromkeys(_CONSTANTS, _Machine.constant),
+    "NONE": _Machine.none,
+    "NEWTRUE": _Machine.boolean,
+    "NEWFALSE": _Machine.boolean,
+    "MARK": _Machine.mark,
+    "TUPLE": _Machine.tuple_,
+    "EMPTY_TUPLE": _Machine.empty_tuple,
+    "TUPLE1": _Machine.small_tuple,
+    "TUPLE2": _Machine.small_tuple,
+    "TUPLE3": _Machine.small_tuple,
+    "EMPTY_LIST": _Machine.empty_list,
+    "LIST": _Machine.list_,
+    "APPEND": _Machine.append,
+    "APPENDS": _Machine.appends,
+    "EMPTY_DICT": _Machine.empty_dict,
+    "EMPTY_SET": _Machine.opaque,
+    "DICT": _Machine.dict_,
+    "FROZENSET": _Machine.frozenset_,
+    "SETITEM": _Machine.setitem,
+    "SETITEMS": _Machine.setitems,
+    "ADDITEMS": _Machine.discard_mark,
+    "GLOBAL": _Machine.global_,
+    "INST": _Machine.inst,
+    "STACK_GLOBAL": _Machine.stack_global,
+    "OBJ": _Machine.obj,
+    "REDUCE": _Machine.reduce,
+    "NEWOBJ": _Machine.newobj,
+    "NEWOBJ_EX": _Machine.newobj,
+    "BUILD": _Machine.build,
+    "BINPERSID": _Machine.persistent_id,
+    "PERSID": _Machine.persistent_id,
+    "PUT": _Machine.put,
+    "BINPUT": _Machine.put,
+    "LONG_BINPUT": _Machine.put,
+    "MEMOIZE": _Machine.memoize,
+    "GET": _Machine.get,
+    "BINGET": _Machine.get,
+    "LONG_BINGET": _Machine.get,
+    "POP": _Machine.discard,
+    "POP_MARK": _Machine.discard_mark,
+    "DUP": _Machine.dup,
+    "PROTO": _Machine.nothing,
+    "FRAME": _Machine.nothing,
+}
+
+
+def walk_pickle(stream: Any, facts: PickleFacts) -> Any:
+    """Run one pickle's opcodes symbolically up to its STOP; return the value it builds.
+
+    ``stream`` is bytes or a file-like object (read, readline) left just after the
+    STOP. Raises ValueError for a malformed pickle."""
+    machine = _Machine(facts)
     try:
-        ops: Iterator = pickletools.genops(stream)
-        for op, arg, _ in ops:
-            name = op.name
-            if name in _CONSTANTS:
-                stack.append(arg)
-            elif name == "NONE":
-                stack.append(None)
-            elif name in ("NEWTRUE", "NEWFALSE"):
-                stack.append(name == "NEWTRUE")
-            elif name == "MARK":
-                stack.append(_MARK)
-            elif name == "TUPLE":
-                stack.append(tuple(pop_mark()))
-            elif name == "EMPTY_TUPLE":
-                stack.append(())
-            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-                n = int(name[-1])
-                items = [pop() for _ in range(n)]
-                stack.append(tuple(reversed(items)))
-            elif name == "EMPTY_LIST":
-                stack.append([])
-            elif name == "LIST":
-                stack.append(pop_mark())
-            elif name == "APPEND":
-                item = pop()
-                if stack and isinstance(stack[-1], list):
-                    stack[-1].append(item)
-            elif name == "APPENDS":
-                items = pop_mark()
-                if stack and isinstance(stack[-1], list):
-                    stack[-1].extend(items)
-            elif name == "EMPTY_DICT":
-                stack.append({})  # keys and values kept for BUILD's state (_build)
-            elif name == "EMPTY_SET":
-                stack.append(OPAQUE)
-            elif name == "DICT":
-                stack.append(_pairs_to_dict(pop_mark()))
-            elif name == "FROZENSET":
-                pop_mark()
-                stack.append(OPAQUE)
-            elif name == "SETITEM":
-                value, key = pop(), pop()
-                if stack and isinstance(stack[-1], dict):
-                    stack[-1].update(_pairs_to_dict([key, value]))
-            elif name == "SETITEMS":
-                items = pop_mark()
-                if stack and isinstance(stack[-1], dict):
-                    stack[-1].update(_pairs_to_dict(items))
-            elif name == "ADDITEMS":
-                pop_mark()
-            elif name in ("GLOBAL", "INST"):
-                module, _, qualname = str(arg).partition(" ")
-                glob = Global(f"{_PY2_MODULES.get(module, module)}.{qualname}")
-                if name == "GLOBAL":
-                    stack.append(glob)
-                else:  # INST calls the class with the arguments after the mark
-                    stack.append(_call(glob, tuple(pop_mark()), facts))
-            elif name == "STACK_GLOBAL":
-                qualname, module = pop(), pop()
-                if isinstance(module, str) and isinstance(qualname, str):
-                    stack.append(Global(f"{_PY2_MODULES.get(module, module)}.{qualname}"))
-                else:
-                    stack.append(Global("?"))
-            elif name == "OBJ":  # cls(*args), the class first after the mark
-                items = pop_mark()
-                stack.append(_call(items[0], tuple(items[1:]), facts) if items else OPAQUE)
-            elif name == "REDUCE":
-                call_args, func = pop(), pop()
-                stack.append(_call(func, call_args, facts))
-            elif name in ("NEWOBJ", "NEWOBJ_EX"):
-                if name == "NEWOBJ_EX":
-                    pop()  # kwargs
-                call_args, cls = pop(), pop()
-                if (
-                    isinstance(cls, Global)
-                    and _allocating_class(cls.name)
-                    and call_args not in ((), OPAQUE)
-                ):
-                    facts.suspicious.append(
-                        (_describe_call(cls.name + ".__new__", call_args), None)
-                    )
-                stack.append(Instance(cls.name) if isinstance(cls, Global) else OPAQUE)
-            elif name == "BUILD":
-                state = pop()
-                _build(stack[-1] if stack else OPAQUE, state, facts)
-            elif name in ("BINPERSID", "PERSID"):
-                pid = pop() if name == "BINPERSID" else arg
-                stack.append(_persistent(pid, facts))
-            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[arg] = stack[-1] if stack else OPAQUE
-            elif name == "MEMOIZE":
-                memo[len(memo)] = stack[-1] if stack else OPAQUE
-            elif name in ("GET", "BINGET", "LONG_BINGET"):
-                stack.append(memo.get(arg, OPAQUE))
-            elif name == "POP":
-                pop()
-            elif name == "POP_MARK":
-                pop_mark()
-            elif name == "DUP":
-                stack.append(stack[-1] if stack else OPAQUE)
-            elif name == "STOP":
-                return stack[-1] if stack else None
-            elif name in ("PROTO", "FRAME"):
-                pass
-            else:  # EXT1/2/4, NEXT_BUFFER, READONLY_BUFFER: opaque values
-                before = op.stack_before
-                if pickletools.markobject in before:
-                    pop_mark()
-                else:
-                    for _ in before:
-                        pop()
-                for item in op.stack_after:
-                    stack.append(_MARK if item is pickletools.markobject else OPAQUE)
+        for op, arg, _ in pickletools.genops(stream):
+            if op.name == "STOP":
+                return machine.top(empty=None)
+            _OPS.get(op.name, _Machine.other)(machine, op, arg)
     except (struct.error, OverflowError, EOFError, IndexError, TypeError, KeyError) as exc:
         raise ValueError(str(exc) or type(exc).__name__) from None
     raise ValueError("pickle exhausted before seeing STOP")
@@ -644,6 +780,23 @@ def _legacy_pickles(path: Path, facts: PickleFacts, where: str, error: type[Exce
         )
 
 
+def _suspicious_calls(
+    facts: PickleFacts, path: Path, where: str, error: type[Exception], hint: str
+) -> int:
+    """The bytes the pickle's calls allocate from numbers in the file; raises when any
+    amount is unknown, or when they add up to more than the file or MAX_CALL_BYTES."""
+    unknown = [call for call, n in facts.suspicious if n is None]
+    total = sum(n for _, n in facts.suspicious if n is not None)
+    if unknown or total > max(path.stat().st_size, MAX_CALL_BYTES):
+        call = unknown[0] if unknown else max(facts.suspicious, key=lambda c: c[1] or 0)[0]
+        amount = "" if unknown else f" ({size_text(total)})"
+        raise error(
+            f"{where}: the pickle calls {call}, which allocates from numbers written in "
+            f"the file{amount} (torch.save never does); refusing to load it. {hint}"
+        )
+    return total
+
+
 def torch_pickles(
     path: Path, where: str, error: type[Exception], trusted: bool, hint: str
 ) -> PickleFacts:
@@ -672,16 +825,7 @@ def torch_pickles(
     if not trusted and facts.refused:
         raise error(f"{where}: {facts.refused[0]}; refusing to load it. {hint}")
     if not trusted and facts.suspicious:
-        unknown = [call for call, n in facts.suspicious if n is None]
-        total = sum(n for _, n in facts.suspicious if n is not None)
-        if unknown or total > max(path.stat().st_size, MAX_CALL_BYTES):
-            call = unknown[0] if unknown else max(facts.suspicious, key=lambda c: c[1] or 0)[0]
-            amount = "" if unknown else f" ({size_text(total)})"
-            raise error(
-                f"{where}: the pickle calls {call}, which allocates from numbers written in "
-                f"the file{amount} (torch.save never does); refusing to load it. {hint}"
-            )
-        facts.allocations += total
+        facts.allocations += _suspicious_calls(facts, path, where, error, hint)
     # what rebuilding allocates beyond the stored bytes (a stride-0 view materialized by
     # _rebuild_device_tensor_from_cpu_tensor) is bounded like a zip's inflation
     size = path.stat().st_size

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from nnhealth._util import escaped
-from nnhealth.errors import DataError
+from nnhealth.errors import DataError, flag
 
 NAMES = {"ce": "cross-entropy", "mse": "mse", "bce": "bce-with-logits"}
 
@@ -86,7 +86,7 @@ class LossResolver:
             raise DataError(
                 f"the {NAMES[kind]} loss failed on outputs {list(out.shape)} and targets "
                 f"{None if self.targets is None else list(self.targets.shape)}: "
-                f"{str(exc).splitlines()[0]}; choose another --loss or fix the targets"
+                f"{str(exc).splitlines()[0]}; choose another {flag('loss')} or fix the targets"
             ) from exc
         return self._scalar(loss)
 

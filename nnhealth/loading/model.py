@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from nnhealth._util import ENTRY_POINT, escaped, first_line, regular_file
-from nnhealth.errors import LoadError, UsageError
+from nnhealth.errors import LoadError, UsageError, flag
 from nnhealth.loading import detect, limits
 
 # Activation functions a pickled module may reference (e.g. TransformerEncoderLayer
@@ -129,7 +129,7 @@ def _unsafe_globals(path: Path) -> list[str]:
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
 
 
-_TRUST_HINT = "If you trust the file, rerun with --trust (or NNHEALTH_TRUST=1)"
+_TRUST_HINT = f"If you trust the file, rerun with {flag('trust')} (or NNHEALTH_TRUST=1)"
 
 
 def _allowlisted(calls: list[str]) -> list[str]:
@@ -244,6 +244,9 @@ def _module_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _load_pickle(path: Path, trust: bool) -> tuple[Any, str]:
+    """The object a torch.save file holds, and how it was loaded: with ``trust`` by
+    torch.load itself, otherwise with weights_only=True and the nn allowlist, after the
+    walk of its pickles found no call to refuse."""
     allow = nn_allowlist()
     facts = limits.torch_pickles(path, str(path), LoadError, trusted=trust, hint=_TRUST_HINT)
     if not trust:
@@ -257,40 +260,55 @@ def _load_pickle(path: Path, trust: bool) -> tuple[Any, str]:
             with _importable_from(os.getcwd()), limits.quiet_readers():
                 obj = torch.load(path, map_location="cpu", weights_only=False)
             return obj, "trusted (--trust)"
-        granted = [n for n in needed if n in allow]
-        # The legacy (non-zip) format cannot be listed up front: each refused global
-        # shows up as an UnpicklingError; grant it if it is on the allowlist and retry.
-        for _ in range(len(allow) + 1):
-            try:
-                with (
-                    torch.serialization.safe_globals([allow[n] for n in granted]),
-                    limits.quiet_readers(),
-                ):
-                    obj = torch.load(path, map_location="cpu", weights_only=True)
-                break
-            except pickle.UnpicklingError as exc:
-                found = [n for n in _GLOBAL_RE.findall(str(exc)) if n not in granted]
-                if not found:
-                    raise
-                if any(n not in allow for n in found):
-                    raise _refusal(path, [n for n in found if n not in allow]) from exc
-                granted += found
+        obj, granted = _load_allowlisted(path, allow, [n for n in needed if n in allow])
         return obj, ("torch.nn classes, allowlisted" if granted else "weights only")
-    except pickle.UnpicklingError as exc:
-        raise LoadError(
-            f"{path}: cannot be loaded safely with weights_only=True ({_unpickler_reason(exc)}). "
-            "If you trust the file, rerun with --trust (or NNHEALTH_TRUST=1); or re-save it "
-            "with torch.save from a recent PyTorch"
-        ) from exc
-    except (ModuleNotFoundError, AttributeError) as exc:
-        raise LoadError(
-            f"{path}: the pickle needs code that is not importable ({first_line(exc)}); "
-            "run from the directory that holds the model's package, or use an entry point"
-        ) from exc
     except LoadError:
         raise
     except (Exception, SystemExit) as exc:  # torch.load on a damaged file raises anything
-        raise _unreadable(path, exc) from exc
+        raise _load_failure(path, exc) from exc
+
+
+def _weights_only(path: Path, allow: dict[str, Any], granted: list[str]) -> Any:
+    with (
+        torch.serialization.safe_globals([allow[n] for n in granted]),
+        limits.quiet_readers(),
+    ):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_allowlisted(
+    path: Path, allow: dict[str, Any], granted: list[str]
+) -> tuple[Any, list[str]]:
+    """torch.load with weights_only=True and the ``granted`` allowlisted globals, and the
+    globals granted in the end. The legacy (non-zip) format cannot be listed up front:
+    each refused global shows up as an UnpicklingError; grant it if it is on the
+    allowlist and retry."""
+    for _ in range(len(allow)):  # each retry grants one more: at most all of them
+        try:
+            return _weights_only(path, allow, granted), granted
+        except pickle.UnpicklingError as exc:
+            found = [n for n in _GLOBAL_RE.findall(str(exc)) if n not in granted]
+            if not found:
+                raise
+            if any(n not in allow for n in found):
+                raise _refusal(path, [n for n in found if n not in allow]) from exc
+            granted = granted + found
+    return _weights_only(path, allow, granted), granted
+
+
+def _load_failure(path: Path, exc: BaseException) -> LoadError:
+    """The one line for an exception torch.load raised on ``path``."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return LoadError(
+            f"{path}: cannot be loaded safely with weights_only=True ({_unpickler_reason(exc)}). "
+            f"{_TRUST_HINT}; or re-save it with torch.save from a recent PyTorch"
+        )
+    if isinstance(exc, (ModuleNotFoundError, AttributeError)):
+        return LoadError(
+            f"{path}: the pickle needs code that is not importable ({first_line(exc)}); "
+            "run from the directory that holds the model's package, or use an entry point"
+        )
+    return _unreadable(path, exc)
 
 
 def _unreadable(path: Path | str, exc: BaseException) -> LoadError:
@@ -328,10 +346,10 @@ def _unpickler_reason(exc: BaseException) -> str:
 def _refusal(path: Path, refused: list[str]) -> LoadError:
     shown = ", ".join(refused[:6]) + (f" and {len(refused) - 6} more" if len(refused) > 6 else "")
     return LoadError(
-        f"{path}: refusing to unpickle classes or functions outside torch.nn ({shown}): loading them runs "
-        "code from the file. If you trust it, rerun with --trust (or NNHEALTH_TRUST=1) from "
-        "a directory where those modules import; or scan an entry point "
-        "(pkg.module:factory --weights FILE)"
+        f"{path}: refusing to unpickle classes or functions outside torch.nn ({shown}): "
+        "loading them runs code from the file. If you trust it, rerun with "
+        f"{flag('trust')} (or NNHEALTH_TRUST=1) from a directory where those modules "
+        f"import; or scan an entry point (pkg.module:factory {flag('weights')} FILE)"
     )
 
 
@@ -522,14 +540,33 @@ def is_entry_point(spec: str) -> bool:
 def load_model(spec: str, *, trust: bool = False, weights: str | None = None) -> LoadedModel:
     """Resolve MODEL as described in the module docstring. Raises LoadError/UsageError."""
     if is_entry_point(spec):
-        if weights and not Path(weights).exists() and is_entry_point(weights):
-            raise UsageError(f"--arch {spec}: MODEL {weights} must be a weights file")
-        result, _ = _entry_point(spec)
-        loaded = _from_factory_result(result, spec)
-        if weights:
-            apply_weights(loaded.model, read_weights(Path(weights)), weights)
-            loaded.notes.append(f"weights from {weights}")
-        return loaded
+        return _load_entry_point(spec, weights)
+    path = _model_file(spec, weights)
+    kind = _sniff(path, spec, LoadError)
+    if kind == detect.TORCH_PICKLE:
+        return _from_torch_save(path, spec, trust)
+    if kind == detect.SAFETENSORS:
+        state = _read_safetensors(path)
+        _check_weights(state.items(), spec, "tensor")
+        return LoadedModel(model=None, format="safetensors state_dict", source=spec, state=state)
+    if kind == detect.TORCHSCRIPT:
+        return _from_torchscript(path, spec, trust)
+    raise _not_a_model(kind, spec)
+
+
+def _load_entry_point(spec: str, weights: str | None) -> LoadedModel:
+    if weights and not Path(weights).exists() and is_entry_point(weights):
+        raise UsageError(f"{flag('arch')} {spec}: MODEL {weights} must be a weights file")
+    result, _ = _entry_point(spec)
+    loaded = _from_factory_result(result, spec)
+    if weights:
+        apply_weights(loaded.model, read_weights(Path(weights)), weights)
+        loaded.notes.append(f"weights from {weights}")
+    return loaded
+
+
+def _model_file(spec: str, weights: str | None) -> Path:
+    """MODEL as a regular file to read (not an entry point)."""
     path = Path(spec)
     if not path.exists():
         raise LoadError(
@@ -539,69 +576,76 @@ def load_model(spec: str, *, trust: bool = False, weights: str | None = None) ->
         raise LoadError(f"{spec}: is a directory; give a model file or an entry point")
     regular_file(path, "model", LoadError)  # a FIFO blocks, /dev/zero never ends
     if weights:
-        raise UsageError("--weights applies to entry points (pkg.module:factory); MODEL is a file")
-    kind = _sniff(path, spec, LoadError)
-    if kind == detect.TORCH_PICKLE:
-        obj, how = _load_pickle(path, trust)
-        if isinstance(obj, dict) and isinstance(obj.get("model"), nn.Module):
-            obj = obj["model"]
-        if isinstance(obj, nn.Module):
-            _check_module(obj, spec)
-            _check_weights(_module_tensors(obj), spec, "parameter or buffer")
-            loaded = LoadedModel(model=obj, format=f"torch.save module ({how})", source=spec)
-            views = _materialize_views(obj)
-            if views:
-                loaded.notes.append(
-                    f"{views} expanded (stride-0) parameters or buffers made contiguous"
-                )
-            return loaded
+        raise UsageError(
+            f"{flag('weights')} applies to entry points (pkg.module:factory); MODEL is a file"
+        )
+    return path
+
+
+def _from_torch_save(path: Path, spec: str, trust: bool) -> LoadedModel:
+    """A pickled module (its skeleton and tensors checked), or a state_dict."""
+    obj, how = _load_pickle(path, trust)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), nn.Module):
+        obj = obj["model"]
+    if not isinstance(obj, nn.Module):
         state = unwrap_state_dict(obj, spec)
         _check_weights(state.items(), spec, "tensor")
         return LoadedModel(model=None, format="state_dict", source=spec, state=state)
-    if kind == detect.SAFETENSORS:
-        state = _read_safetensors(path)
-        _check_weights(state.items(), spec, "tensor")
-        return LoadedModel(model=None, format="safetensors state_dict", source=spec, state=state)
-    if kind == detect.BAD_SAFETENSORS:
-        raise LoadError(detect.malformed_safetensors(spec))
-    if kind == detect.TORCHSCRIPT:
-        if not trust:
-            # TorchScript is code: its forward or __setstate__ may call torch.from_file
-            # (which creates and writes files), torch.save, or other I/O ops, and
-            # torch.jit.load runs __setstate__ while loading
-            raise LoadError(
-                f"{spec}: a TorchScript archive is code that can read and write files (e.g. "
-                "torch.from_file), run while loading and scanning; refusing to load it. If "
-                "you trust it, rerun with --trust (or NNHEALTH_TRUST=1); or scan the Python "
-                "model through an entry point (pkg.module:factory)"
-            )
-        try:
-            with warnings.catch_warnings():  # torch.jit is deprecated; its files still exist
-                warnings.simplefilter("ignore", DeprecationWarning)
-                warnings.simplefilter("ignore", FutureWarning)  # torch 2.14's wording
-                model = torch.jit.load(str(path), map_location="cpu")
-        except Exception as exc:
-            raise LoadError(f"{spec}: cannot load TorchScript ({first_line(exc)})") from exc
-        return LoadedModel(model=model, format="TorchScript", source=spec)
-    if kind == detect.EXPORT:
+    _check_module(obj, spec)
+    _check_weights(_module_tensors(obj), spec, "parameter or buffer")
+    loaded = LoadedModel(model=obj, format=f"torch.save module ({how})", source=spec)
+    views = _materialize_views(obj)
+    if views:
+        loaded.notes.append(f"{views} expanded (stride-0) parameters or buffers made contiguous")
+    return loaded
+
+
+def _from_torchscript(path: Path, spec: str, trust: bool) -> LoadedModel:
+    if not trust:
+        # TorchScript is code: its forward or __setstate__ may call torch.from_file
+        # (which creates and writes files), torch.save, or other I/O ops, and
+        # torch.jit.load runs __setstate__ while loading
         raise LoadError(
+            f"{spec}: a TorchScript archive is code that can read and write files (e.g. "
+            "torch.from_file), run while loading and scanning; refusing to load it. If "
+            f"you trust it, rerun with {flag('trust')} (or NNHEALTH_TRUST=1); or scan the "
+            "Python model through an entry point (pkg.module:factory)"
+        )
+    try:
+        with warnings.catch_warnings():  # torch.jit is deprecated; its files still exist
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)  # torch 2.14's wording
+            model = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise LoadError(f"{spec}: cannot load TorchScript ({first_line(exc)})") from exc
+    return LoadedModel(model=model, format="TorchScript", source=spec)
+
+
+def _not_a_model(kind: str, spec: str) -> LoadError:
+    """Why a file of format ``kind`` (detect's names) is not a model nnhealth reads."""
+    if kind == detect.BAD_SAFETENSORS:
+        return LoadError(detect.malformed_safetensors(spec))
+    if kind == detect.EXPORT:
+        return LoadError(
             f"{spec}: a torch.export archive; nnhealth cannot scan those yet (export keeps "
             "aten-level graphs without module activations): scan the eager model through "
             "an entry point (pkg.module:factory)"
         )
     if kind in (detect.NPY, detect.NPZ):
-        raise LoadError(f"{spec}: a NumPy array, not a model (did you mean --data {spec}?)")
+        return LoadError(
+            f"{spec}: a NumPy array, not a model (did you mean {flag('data')} {spec}?)"
+        )
     if kind == detect.CORRUPT_ZIP:
-        raise LoadError(
+        return LoadError(
             f"{spec}: corrupt: a checksum inside the archive does not match its data (a "
             "damaged copy?); copy or save the model again"
         )
     if kind == detect.TRUNCATED_ZIP:
-        raise LoadError(
+        return LoadError(
             f"{spec}: starts like a zip archive (torch.save) but is truncated or corrupt; "
             "save the model again"
         )
-    raise LoadError(
+    return LoadError(
         f"{spec}: not a model format nnhealth reads (torch.save, TorchScript, safetensors) "
         "or an entry point (pkg.module:factory)"
     )
