@@ -4,8 +4,9 @@ For each of three models (a 5 x 500 tanh MLP, a small ResNet-style CNN and a 4-l
 ``nn.TransformerEncoder``) the script compares, on the same model, batch and loss:
 
 * plain:   ``loss = make_loss(model(x))`` then ``torch.autograd.grad(loss, params)``;
-* capture: ``nnhealth.capture.instrument.run_pass(model, x, make_loss, examples=...,
-  fingerprints=True)``, as a default scan runs it (every check selected).
+* capture: ``nnhealth.capture.instrument.run_pass(model, x, make_loss, plan,
+  examples=...)`` with the plan of a default scan (every default check selected:
+  saturation counts and fingerprints on, no Hessian).
 
 Time: both paths are warmed up (3 runs each), then run interleaved (plain, capture,
 plain, ...) ``--repeats`` times; the ratio is median(capture) / median(plain).
@@ -40,7 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnhealth.analyzers import select_checks
 from nnhealth.capture.instrument import run_pass
+from nnhealth.options import ScanOptions
+from nnhealth.plan import Plan, is_opt_in, make_plan
 
 TARGET = 1.3
 WARMUP = 3
@@ -137,10 +141,17 @@ def plain_pass(case: Case) -> None:
     torch.autograd.grad(loss, params)
 
 
+def default_plan() -> Plan:
+    """The plan of ``nnhealth scan`` with its defaults (the Hessian is opt-in)."""
+    checks = [c for c in select_checks(None, None) if not is_opt_in(c)]
+    return make_plan([(c, c.defaults()) for c in checks], ScanOptions())
+
+
+PLAN = default_plan()
+
+
 def capture_pass(case: Case) -> None:
-    run_pass(
-        case.model, case.inputs, case.make_loss, examples=case.inputs.shape[0], fingerprints=True
-    )
+    run_pass(case.model, case.inputs, case.make_loss, PLAN, examples=case.inputs.shape[0])
 
 
 RUNNERS: dict[str, Callable[[Case], None]] = {"plain": plain_pass, "capture": capture_pass}

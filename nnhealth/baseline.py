@@ -1,11 +1,12 @@
 """Baselines: accept the findings a model already has, fail only on new or worse ones.
 
 A baseline file records each finding by its key (check code and layer) with its
-severity and a score, the number that gets worse as the problem grows (the dead
-fraction for NH101, how far the variance drifts through depth for NH201...). Compared
-with a later scan: a finding is *new* if its key is absent, *worse* if its severity rose
-or its score grew by more than the tolerance, *unchanged* otherwise; baseline keys that
-no longer appear are *fixed*.
+severity and a score, the number that gets worse as the problem grows (each check's
+``score``: the dead fraction for dead-relu, how far the variance drifts through depth
+for activation-variance...). Compared with a later scan: a finding is *new* if its key
+is absent, *worse* if its severity rose or its score grew by more than the tolerance,
+*unchanged* otherwise; baseline keys that no longer appear are *fixed*, when the check
+that found them ran to the end (not skipped, not crashed).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from nnhealth._util import first_line, regular_file
-from nnhealth.errors import UsageError
+from nnhealth.analyzers import lookup
+from nnhealth.errors import UsageError, flag
 from nnhealth.findings import Finding, Report, Severity, json_number
 
 FORMAT_VERSION = 1
@@ -27,30 +29,11 @@ def key(f: Finding) -> str:
     return f.key
 
 
-def _deviation(value: Any, healthy: float = 1.0) -> float | None:
-    """Orders of magnitude away from ``healthy`` (0 is infinitely far)."""
-    if value is None:
-        return None
-    if value == 0:
-        return math.inf
-    return abs(math.log10(abs(value) / healthy))
-
-
 def score(f: Finding) -> float | None:
-    """The finding's size: larger is worse. None when the evidence has no such number."""
-    e = f.evidence
-    by_code = {
-        "NH001": lambda: e.get("nonfinite") or e.get("parameters"),
-        "NH101": lambda: e.get("dead_fraction"),
-        "NH102": lambda: e.get("saturated_values_fraction"),
-        "NH201": lambda: _deviation(e.get("total_ratio")),
-        "NH202": lambda: _deviation(e.get("total_ratio")),
-        "NH301": lambda: e.get("spread") or _deviation(e.get("relative_update"), 1e-3),
-        "NH401": lambda: e.get("lr_over_limit"),
-        "NH501": lambda: e.get("grouped_units"),
-        "NH601": lambda: _deviation(e.get("expected_change") or e.get("ratio")),
-    }
-    value = by_code.get(f.code, lambda: None)()
+    """The finding's size, as its check measures it (``Check.score``): larger is worse.
+    None when the evidence has no such number."""
+    check = lookup(f.code)
+    value = None if check is None else check().score(f)
     return float(value) if isinstance(value, (int, float)) else None
 
 
@@ -78,33 +61,37 @@ def write(report: Report, path: Path) -> None:
 
 def read(path: Path) -> dict[str, dict[str, Any]]:
     if not path.exists():
-        raise UsageError(f"--baseline {path}: no such file (write one with --write-baseline)")
+        raise UsageError(
+            f"{flag('baseline')} {path}: no such file (write one with {flag('write_baseline')})"
+        )
     regular_file(path, "baseline file", UsageError)  # a FIFO would block, /dev/zero never end
     try:
         size = path.stat().st_size
         if size > MAX_BYTES:
             raise UsageError(
-                f"--baseline {path}: {size:,} bytes is too large for a baseline (at most "
+                f"{flag('baseline')} {path}: {size:,} bytes is too large for a baseline (at most "
                 f"{MAX_BYTES:,})"
             )
         doc = json.loads(path.read_text(encoding="utf-8"))
     except RecursionError:
         raise UsageError(
-            f"--baseline {path}: not a readable baseline (JSON nested too deeply)"
+            f"{flag('baseline')} {path}: not a readable baseline (JSON nested too deeply)"
         ) from None
     except (OSError, ValueError) as exc:
         raise UsageError(
-            f"--baseline {path}: not a readable baseline ({first_line(exc)})"
+            f"{flag('baseline')} {path}: not a readable baseline ({first_line(exc)})"
         ) from None
     version = doc.get("nnhealth_baseline") if isinstance(doc, dict) else None
     if isinstance(version, bool) or version != FORMAT_VERSION:
-        raise UsageError(f"--baseline {path}: not an nnhealth baseline (version {FORMAT_VERSION})")
+        raise UsageError(
+            f"{flag('baseline')} {path}: not an nnhealth baseline (version {FORMAT_VERSION})"
+        )
     entries = doc.get("findings")
     if not isinstance(entries, list):
-        raise UsageError(f"--baseline {path}: findings: expected a list")
+        raise UsageError(f"{flag('baseline')} {path}: findings: expected a list")
     out = {}
     for i, entry in enumerate(entries):
-        where = f"--baseline {path}: findings[{i}]"
+        where = f"{flag('baseline')} {path}: findings[{i}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
             raise UsageError(f"{where}: expected an object with a string key")
         for field in ("code", "check", "layer", "message"):
@@ -147,8 +134,10 @@ def compare(
         )
         (worse if f.severity > old_sev or grew else unchanged).append(k)
     current = {key(f) for f in report.findings}
-    # only a check that ran can say a finding is gone
-    ran = set(report.run.get("checks") or []) - {s.code for s in report.skipped}
+    # only a check that ran to the end can say a finding is gone: not a skipped one,
+    # not one that raised (its findings are unknown, not fixed)
+    crashed = {c.code for c in map(lookup, (e.check for e in report.errors)) if c is not None}
+    ran = set(report.run.get("checks") or []) - {s.code for s in report.skipped} - crashed
     fixed = [k for k, old in baseline.items() if k not in current and old.get("code") in ran]
     return {
         "new": new,

@@ -16,22 +16,19 @@ from nnhealth import __version__
 from nnhealth._util import Progress, escaped
 from nnhealth.analyzers import REGISTRY, select_checks
 from nnhealth.analyzers.base import Check
-from nnhealth.analyzers.curvature import Curvature
-from nnhealth.analyzers.saturation import Saturation
-from nnhealth.analyzers.symmetry import Symmetry
 from nnhealth.capture import weights as weight_stats
 from nnhealth.capture.instrument import run_pass
 from nnhealth.capture.params import capture_weights
-from nnhealth.capture.stats import Capture
+from nnhealth.capture.stats import ACTIVATION, Capture
 from nnhealth.config import layer_ignored
-from nnhealth.curvature.hvp import NoCurvature
-from nnhealth.curvature.measure import measure
-from nnhealth.errors import UsageError
+from nnhealth.curvature.measure import measure_planned
+from nnhealth.errors import UsageError, flag
 from nnhealth.findings import AnalyzerError, Finding, Report, Skipped
 from nnhealth.loading.batch import Batch, prepare
 from nnhealth.loading.loss import LossResolver
 from nnhealth.loading.model import LoadedModel
 from nnhealth.options import ScanOptions, validate
+from nnhealth.plan import Plan, is_opt_in, make_plan
 
 
 def _resolve_checks(opts: ScanOptions) -> list[tuple[type[Check], dict[str, Any]]]:
@@ -40,27 +37,32 @@ def _resolve_checks(opts: ScanOptions) -> list[tuple[type[Check], dict[str, Any]
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if opts.select is None and not opts.hessian:
-        # the expensive check is opt-in: --hessian, or selecting NH401 by name
-        checks = [c for c in checks if c is not Curvature]
+        # an expensive check is opt-in: the Hessian asked for, or the check selected by name
+        checks = [c for c in checks if not is_opt_in(c)]
     if not checks:
-        raise UsageError("no checks left to run: --select/--ignore exclude every check")
+        raise UsageError(
+            f"no checks left to run: {flag('select')}/{flag('ignore')} exclude every check"
+        )
     known = {c.name for c in REGISTRY} | {c.code for c in REGISTRY}
     for key in opts.check_options:
         if key not in known:
             raise UsageError(f"options for unknown check {key!r}")
-    out = []
-    for check in checks:
-        overrides = {
-            **opts.check_options.get(check.code, {}),
-            **opts.check_options.get(check.name, {}),
-        }
-        if opts.lr is not None and "lr" in check.defaults():
-            overrides.setdefault("lr", opts.lr)
-        try:
-            out.append((check, check.resolve_options(overrides)))
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-    return out
+    return [(check, _check_options(check, opts)) for check in checks]
+
+
+def _check_options(check: type[Check], opts: ScanOptions) -> dict[str, Any]:
+    """The check's options: its defaults, overridden by the config (by code, then by
+    name) and the scan's learning rate."""
+    overrides = {
+        **opts.check_options.get(check.code, {}),
+        **opts.check_options.get(check.name, {}),
+    }
+    if opts.lr is not None and "lr" in check.defaults():
+        overrides.setdefault("lr", opts.lr)
+    try:
+        return check.resolve_options(overrides)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def source_location(loaded: LoadedModel) -> dict[str, Any] | None:
@@ -107,7 +109,8 @@ def analyze(
     capture: Capture, checks: list[tuple[type[Check], dict[str, Any]]]
 ) -> tuple[list[Finding], list[AnalyzerError], list[Skipped], dict[str, dict[str, Any]]]:
     """Run each check; returns findings, analyzer errors, skipped checks and the
-    per-layer metrics the checks contributed (keyed by module name)."""
+    layer-table columns the checks contributed (keyed by site name for nonlinearities,
+    by module name for layers)."""
     available = {"weights"}
     if capture.has_activations:
         available.add("activations")
@@ -137,11 +140,11 @@ def analyze(
     return findings, errors, skipped, metrics
 
 
-def layer_rows(
-    capture: Capture, unit_fraction: float, metrics: dict[str, dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """One row per layer/nonlinearity call in forward order, then parameter-only modules;
-    each module's first row carries its parameters' numbers and the checks' metrics."""
+def layer_rows(capture: Capture, metrics: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per layer/nonlinearity call in forward order, then parameter-only modules.
+    A nonlinearity's row carries the checks' columns for its site; each module's first
+    layer row (or its parameter-only row) its parameters' numbers and the checks'
+    columns for the module."""
     by_module: dict[str, list] = {}
     for p in capture.params:
         by_module.setdefault(p.module, []).append(p)
@@ -161,15 +164,12 @@ def layer_rows(
             "grad_var": s.grad_var,
             "nonfinite": s.nonfinite,
         }
-        if s.ever_active is not None:
-            row["dead_units"] = s.dead_units
-            row["dead_fraction"] = s.dead_units / s.units
-        if s.saturated_count is not None:
-            sat = s.saturated_units(unit_fraction)
-            row["saturated_units"] = sat
-            row["saturated_fraction"] = sat / s.units
-            row["mean_derivative"] = s.mean_derivative
-        if s.role != "activation" and s.module not in covered and s.module in by_module:
+        if s.role == ACTIVATION:
+            # a nonlinearity module with parameters (PReLU) shares its name with the
+            # module: the module's columns go on its params row, not here
+            if s.name not in by_module:
+                row.update(metrics.get(s.name, {}))
+        elif s.module not in covered and s.module in by_module:
             covered.add(s.module)
             row.update(_param_summary(by_module[s.module]))
             row.update(metrics.get(s.module, {}))
@@ -259,68 +259,67 @@ def _for_products(
     return wide, prepare(batch, torch.float32, device).inputs, note
 
 
+def _device(model: nn.Module, requested: str | None) -> torch.device:
+    """The device the scan runs on: ``requested`` (the model is moved there), else the
+    model's own."""
+    device = torch.device(requested) if requested else _model_device(model)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"{flag('device')} cuda: no CUDA device is available here; use {flag('device')} cpu"
+        )
+    if requested:
+        model.to(device)
+    return device
+
+
+def _curvature(
+    capture: Capture,
+    model: nn.Module,
+    batch: Batch,
+    prepared: Batch,
+    device: torch.device,
+    resolver: LossResolver,
+    plan: Plan,
+    progress: Progress | None,
+) -> tuple[Capture, list[str]]:
+    """The capture with the Hessian measured as the plan says (or the reason it was
+    not), and the notes on how; the capture as it is when the plan measures none."""
+    if plan.curvature is None:
+        return capture, []
+    hess_model, hess_inputs, widened = _for_products(model, batch, prepared, device)
+    stats, reason, notes = measure_planned(hess_model, hess_inputs, resolver, plan, progress)
+    capture = replace(capture, curvature=stats, curvature_reason=reason)
+    return capture, [widened, *notes] if widened else notes
+
+
 def _instrumented(
     loaded: LoadedModel,
     batch: Batch | None,
     opts: ScanOptions,
-    checks: list[tuple[type[Check], dict[str, Any]]],
-    needs: set[str],
-    sat_opts: dict[str, Any],
-    rtol: float | None,
-    fingerprints: bool,
+    plan: Plan,
     progress: Progress | None,
 ) -> tuple[Capture, dict[str, Any], list[str]]:
-    """The instrumented pass (and the curvature when asked): capture, run info, notes."""
+    """The instrumented pass (and the curvature when planned): capture, run info, notes."""
     model = loaded.model
     if batch is None:
         raise UsageError(
-            "no batch: give --data FILE (.pt/.npz/.npy) or --input-shape, e.g. 64x3x32x32"
+            f"no batch: give {flag('data')} FILE (.pt/.npz/.npy) or {flag('input_shape')}, "
+            "e.g. 64x3x32x32"
         )
-    device = torch.device(opts.device) if opts.device else _model_device(model)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-    if opts.device:
-        model.to(device)
+    device = _device(model, opts.device)
     prepared = prepare(batch, _model_dtype(model), device)
     notes = list(prepared.notes)
     resolver = LossResolver(opts.loss, prepared.targets, opts.seed, custom=loaded.loss_fn)
     if progress:
         progress("forward and backward pass")
-    capture = run_pass(
-        model,
-        prepared.inputs,
-        resolver,
-        examples=prepared.examples,
-        mode=opts.mode,
-        seed=opts.seed,
-        activations="activations" in needs,
-        gradients="gradients" in needs,
-        saturation_derivative=sat_opts["derivative_fraction"],
-        fingerprints=fingerprints,
+    capture = run_pass(model, prepared.inputs, resolver, plan, examples=prepared.examples)
+    capture = replace(
+        capture, weights=weight_stats.from_model(model, capture.sites, plan.symmetry_rtol)
     )
-    capture = replace(capture, weights=weight_stats.from_model(model, capture.sites, rtol))
-    if opts.hessian is not False and any(c is Curvature for c, _ in checks):
-        try:
-            hess_model, hess_inputs, widened = _for_products(model, batch, prepared, device)
-            if widened:
-                notes.append(widened)
-            curvature, curvature_notes = measure(
-                hess_model,
-                hess_inputs,
-                resolver,
-                mode=opts.mode,
-                seed=opts.seed,
-                top=opts.hessian_top,
-                smallest=opts.hessian_min,
-                tol=opts.hessian_tol,
-                budget=opts.hessian_budget,
-                trace_probes=opts.hessian_trace,
-                progress=progress,
-            )
-            capture = replace(capture, curvature=curvature)
-            notes += curvature_notes
-        except NoCurvature as exc:
-            capture = replace(capture, curvature_reason=str(exc))
+    capture, curvature_notes = _curvature(
+        capture, model, batch, prepared, device, resolver, plan, progress
+    )
+    notes += curvature_notes
     notes += resolver.notes + list(capture.notes)
     info = {
         "batch": {**prepared.describe(), "examples": prepared.examples},
@@ -335,6 +334,41 @@ def _instrumented(
     return capture, info, notes
 
 
+def _captured(
+    loaded: LoadedModel,
+    batch: Batch | None,
+    opts: ScanOptions,
+    plan: Plan,
+    progress: Progress | None,
+) -> tuple[Capture, dict[str, Any], list[str]]:
+    """The plan's capture: the instrumented pass, or the weights alone when no selected
+    check needs a pass (or the model cannot run one here)."""
+    model = loaded.model
+    eight = _float8(model)
+    if model is not None and plan.forward and eight is None:
+        return _instrumented(loaded, batch, opts, plan, progress)
+    reason = "only weight checks were selected"
+    notes: list[str] = []
+    if eight is not None and plan.forward:
+        name = str(eight).removeprefix("torch.")
+        reason = (
+            f"the model's parameters are {name}, and PyTorch cannot run a {name} "
+            "forward pass here; scan a bfloat16 or float32 copy (model.to(torch.bfloat16)) "
+            "for the checks that need one"
+        )
+        notes.append(f"{name} parameters: weight checks only, no pass")
+    capture = _weights_only(loaded, plan.symmetry_rtol, reason)
+    info = {"params": sum(p.numel for p in capture.params)}
+    return capture, info, notes + list(capture.notes)
+
+
+def _plan(checks: list[tuple[type[Check], dict[str, Any]]], opts: ScanOptions) -> Plan:
+    try:
+        return make_plan(checks, opts)
+    except ValueError as exc:  # two checks asking for different thresholds
+        raise UsageError(str(exc)) from None
+
+
 def run(
     loaded: LoadedModel,
     batch: Batch | None,
@@ -346,12 +380,7 @@ def run(
     started = time.perf_counter()
     validate(opts)
     checks = _resolve_checks(opts)
-    # the plan: what the selected checks need or can use; nothing more is captured
-    needs = set().union(*(c.needs | c.uses for c, _ in checks)) if checks else set()
-    sat_opts = next((o for c, o in checks if c is Saturation), Saturation.defaults())
-    sym_opts = next((o for c, o in checks if c is Symmetry), None)
-    rtol = None if sym_opts is None else sym_opts["rtol"]
-    notes: list[str] = list(loaded.notes)
+    plan = _plan(checks, opts)  # what the selected checks need or can use, nothing more
     model = loaded.model
     run_info: dict[str, Any] = {
         "model": loaded.source,
@@ -366,26 +395,8 @@ def run(
         "torch": torch.__version__,
         "model_source": source_location(loaded),
     }
-    eight = _float8(model)
-    if model is None or not (needs - {"weights"}) or eight is not None:
-        reason = "only weight checks were selected"
-        if eight is not None and needs - {"weights"}:
-            name = str(eight).removeprefix("torch.")
-            reason = (
-                f"the model's parameters are {name}, and PyTorch cannot run a {name} "
-                "forward pass here; scan a bfloat16 or float32 copy (model.to(torch.bfloat16)) "
-                "for the checks that need one"
-            )
-            notes.append(f"{name} parameters: weight checks only, no pass")
-        capture = _weights_only(loaded, rtol, reason)
-        notes += list(capture.notes)
-        run_info["params"] = sum(p.numel for p in capture.params)
-    else:
-        capture, info, pass_notes = _instrumented(
-            loaded, batch, opts, checks, needs, sat_opts, rtol, sym_opts is not None, progress
-        )
-        run_info.update(info)
-        notes += pass_notes
+    capture, info, pass_notes = _captured(loaded, batch, opts, plan, progress)
+    run_info.update(info)
     if progress:
         progress("analyzing")
     findings, errors, skipped, metrics = analyze(capture, checks)
@@ -400,11 +411,11 @@ def run(
     findings.sort(key=lambda f: (-f.severity, order[f.code]))
     return Report(
         run=run_info,
-        layers=tuple(layer_rows(capture, sat_opts["unit_fraction"], metrics)),
+        layers=tuple(layer_rows(capture, metrics)),
         findings=tuple(findings),
         errors=tuple(errors),
         skipped=tuple(skipped),
-        notes=tuple(dict.fromkeys(notes)),
+        notes=tuple(dict.fromkeys([*loaded.notes, *pass_notes])),
         curvature=None if capture.curvature is None else capture.curvature.to_dict(),
         tool_version=__version__,
     )

@@ -5,12 +5,15 @@ import json
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+import nnhealth
 from nnhealth.findings import Finding, Report, Severity, Skipped
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +64,38 @@ def he_mlp(sizes: list[int], act: type[nn.Module] = nn.ReLU, seed: int = 0) -> n
         if i < len(sizes) - 2:
             layers.append(act())
     return nn.Sequential(*layers)
+
+
+# the findings of each shipped sample model (test_samples, test_whatif)
+SAMPLE_FINDINGS = {
+    # sample name: {code: (severity, layer or None)}: every finding its scan must report
+    "healthy_relu_mlp": {},
+    "cnn_bn": {},
+    "tanh_vanishing": {"NH201": ("error", None), "NH202": ("error", None), "NH601": ("error", "0")},
+    "tanh_saturated": {
+        "NH102": ("error", "1"),
+        "NH202": ("error", None),
+        "NH601": ("error", "0"),
+    },
+    "sigmoid_large": {"NH102": ("error", "1"), "NH601": ("error", "0")},
+    "relu_dead_bias": {"NH101": ("error", "3")},
+    "zero_init_mlp": {
+        "NH101": ("error", "1"),
+        "NH201": ("error", None),
+        "NH202": ("error", None),
+        "NH501": ("error", "0"),
+        "NH601": ("error", "0"),
+    },
+    "nan_weight": {"NH001": ("error", "2")},
+    "duplicated_units": {"NH501": ("warning", "2")},
+    "xavier_deep_relu": {
+        "NH601": ("warning", "0"),
+        "NH201": ("warning", None),
+        "NH202": ("warning", None),
+        "NH101": ("warning", "19"),
+    },
+    "norm_spread_bn": {"NH301": ("warning", None)},
+}
 
 
 @pytest.fixture
@@ -130,38 +165,19 @@ def strict_json(text: str) -> dict:
     return json.loads(text, parse_constant=no_constants)
 
 
+RUN_KEYS = ("model", "model_format", "batch", "loss", "mode", "device", "seed", "torch", "seconds")
+
+
 def assert_schema(report: dict) -> None:
     """The JSON contract of DESIGN.md, schema_version 1."""
     assert report["schema_version"] == 1
     assert report["tool"]["name"] == "nnhealth" and isinstance(report["tool"]["version"], str)
-    run = report["run"]
-    for key in (
-        "model",
-        "model_format",
-        "batch",
-        "loss",
-        "mode",
-        "device",
-        "seed",
-        "torch",
-        "seconds",
-    ):
-        assert key in run, key
-    if run["batch"] is not None:
-        assert isinstance(run["batch"]["source"], str)
-        assert all(isinstance(d, int) for d in run["batch"]["shape"])
-    assert run["mode"] in ("train", "eval", None)
-    assert isinstance(run["seconds"], NUMBER)
+    assert_run_schema(report["run"])
     for layer in report["layers"]:
         assert isinstance(layer["name"], str) and isinstance(layer["kind"], str)
     assert report["curvature"] is None
     for f in report["findings"]:
-        assert set(f) >= {"code", "check", "severity", "layer", "message", "evidence", "fix"}
-        assert f["severity"] in ("error", "warning", "info")
-        assert f["code"].startswith("NH") and isinstance(f["message"], str) and f["fix"]
-        assert all(
-            v is None or isinstance(v, (int, float, str, bool)) for v in f["evidence"].values()
-        )
+        assert_finding_schema(f)
     for e in report["errors"]:
         assert set(e) == {"check", "message"}
     summary = report["summary"]
@@ -172,117 +188,145 @@ def assert_schema(report: dict) -> None:
     assert summary["healthy"] == (not report["findings"] and not report["errors"])
 
 
+def assert_run_schema(run: dict) -> None:
+    for key in RUN_KEYS:
+        assert key in run, key
+    if run["batch"] is not None:
+        assert isinstance(run["batch"]["source"], str)
+        assert all(isinstance(d, int) for d in run["batch"]["shape"])
+    assert run["mode"] in ("train", "eval", None)
+    assert isinstance(run["seconds"], NUMBER)
+
+
+def assert_finding_schema(f: dict) -> None:
+    assert set(f) >= {"code", "check", "severity", "layer", "message", "evidence", "fix"}
+    assert f["severity"] in ("error", "warning", "info")
+    assert f["code"].startswith("NH") and isinstance(f["message"], str) and f["fix"]
+    assert all(v is None or isinstance(v, (int, float, str, bool)) for v in f["evidence"].values())
+
+
 def hand_built() -> Report:
+    """A report with every part filled in, for the formatters (tests/golden/report.txt)."""
     return Report(
-        run={
-            "model": "sample_models/relu_dead_bias.pt",
-            "model_format": "torch.save module (torch.nn classes, allowlisted)",
-            "model_class": "Sequential",
-            "batch": {
-                "source": "batch.pt",
-                "shape": [256, 256],
-                "targets_shape": [256],
-                "examples": 256,
-            },
-            "output_shape": [256, 10],
-            "loss": "cross-entropy",
-            "loss_value": 2.5123,
-            "mode": "train",
-            "device": "cpu",
-            "seed": 0,
-            "torch": "2.13.0",
-            "seconds": 0.25,
-            "params": 199946,
-            "trainable_params": 199946,
-            "checks": ["NH001", "NH101", "NH102", "NH201", "NH202"],
-        },
-        layers=(
-            {
-                "name": "fc1",
-                "kind": "Linear",
-                "role": "layer",
-                "units": 256,
-                "act_var": 2.01,
-                "grad_var": 2e-8,
-                "weight_norm": 22.6,
-                "weight_grad_norm": 0.584,
-                "trust_ratio": 38.7,
-                "init_ratio": 1.02,
-                "init_rule": "He 2/fan_in (relu)",
-                "effective_width": 256,
-            },
-            {
-                "name": "fc1:relu",
-                "kind": "relu",
-                "role": "activation",
-                "functional": True,
-                "units": 256,
-                "act_var": 0.686,
-                "grad_var": 4.07e-8,
-                "dead_fraction": 0.0,
-            },
-            {
-                "name": "fc2",
-                "kind": "Linear",
-                "role": "layer",
-                "units": 256,
-                "act_var": 10.9,
-                "grad_var": 2.08e-8,
-                "weight_norm": 22.6,
-                "weight_grad_norm": 0.821,
-                "trust_ratio": 27.5,
-                "init_ratio": None,
-                "init_rule": "not judged: followed by a normalization layer",
-                "effective_width": 250,
-            },
-            {
-                "name": "act2",
-                "kind": "relu",
-                "role": "activation",
-                "units": 256,
-                "act_var": 0.346,
-                "grad_var": 1.1e-7,
-                "dead_fraction": 0.598,
-            },
-            {
-                "name": "head",
-                "kind": "Linear",
-                "role": "layer",
-                "units": 10,
-                "act_var": 0.404,
-                "grad_var": 1.43e-6,
-                "weight_norm": 4.49,
-                "weight_grad_norm": 1.14,
-            },
-        ),
-        findings=(
-            Finding(
-                "NH101",
-                "dead-relu",
-                Severity.ERROR,
-                "act2",
-                "60% of units dead (153 of 256): zero for all 256 examples",
-                {"dead_units": 153, "units": 256},
-                "lower the learning rate",
-                'layer = model.get_submodule("fc2")\nnn.init.constant_(layer.bias, 0.01)',
-            ),
-            Finding(
-                "NH102",
-                "saturation",
-                Severity.WARNING,
-                "x",
-                "30% of tanh outputs saturated",
-                {},
-                "use Xavier init",
-            ),
-            Finding(
-                "NH101", "dead-relu", Severity.INFO, None, "small batch", {}, "use more examples"
-            ),
-        ),
+        run=hand_built_run(),
+        layers=hand_built_layers(),
+        findings=hand_built_findings(),
         errors=(),
         skipped=(Skipped("NH202", "gradient-variance", "no gradients were captured"),),
         notes=("no targets: random class labels over 10 classes (seeded)",),
         tool_version="0.1.0",
+    )
+
+
+def hand_built_run() -> dict[str, Any]:
+    return {
+        "model": "sample_models/relu_dead_bias.pt",
+        "model_format": "torch.save module (torch.nn classes, allowlisted)",
+        "model_class": "Sequential",
+        "batch": {
+            "source": "batch.pt",
+            "shape": [256, 256],
+            "targets_shape": [256],
+            "examples": 256,
+        },
+        "output_shape": [256, 10],
+        "loss": "cross-entropy",
+        "loss_value": 2.5123,
+        "mode": "train",
+        "device": "cpu",
+        "seed": 0,
+        "torch": "2.13.0",
+        "seconds": 0.25,
+        "params": 199946,
+        "trainable_params": 199946,
+        "checks": ["NH001", "NH101", "NH102", "NH201", "NH202"],
+    }
+
+
+def hand_built_layers() -> tuple[dict[str, Any], ...]:
+    return (
+        {
+            "name": "fc1",
+            "kind": "Linear",
+            "role": "layer",
+            "units": 256,
+            "act_var": 2.01,
+            "grad_var": 2e-8,
+            "weight_norm": 22.6,
+            "weight_grad_norm": 0.584,
+            "trust_ratio": 38.7,
+            "init_ratio": 1.02,
+            "init_rule": "He 2/fan_in (relu)",
+            "effective_width": 256,
+        },
+        {
+            "name": "fc1:relu",
+            "kind": "relu",
+            "role": "activation",
+            "functional": True,
+            "units": 256,
+            "act_var": 0.686,
+            "grad_var": 4.07e-8,
+            "dead_fraction": 0.0,
+        },
+        {
+            "name": "fc2",
+            "kind": "Linear",
+            "role": "layer",
+            "units": 256,
+            "act_var": 10.9,
+            "grad_var": 2.08e-8,
+            "weight_norm": 22.6,
+            "weight_grad_norm": 0.821,
+            "trust_ratio": 27.5,
+            "init_ratio": None,
+            "init_rule": "not judged: followed by a normalization layer",
+            "effective_width": 250,
+        },
+        {
+            "name": "act2",
+            "kind": "relu",
+            "role": "activation",
+            "units": 256,
+            "act_var": 0.346,
+            "grad_var": 1.1e-7,
+            "dead_fraction": 0.598,
+        },
+        {
+            "name": "head",
+            "kind": "Linear",
+            "role": "layer",
+            "units": 10,
+            "act_var": 0.404,
+            "grad_var": 1.43e-6,
+            "weight_norm": 4.49,
+            "weight_grad_norm": 1.14,
+        },
+    )
+
+
+def hand_built_findings() -> tuple[Finding, ...]:
+    return (
+        Finding(
+            "NH101",
+            "dead-relu",
+            Severity.ERROR,
+            "act2",
+            "60% of units dead (153 of 256): zero for all 256 examples",
+            {"dead_units": 153, "units": 256},
+            "lower the learning rate",
+            'layer = model.get_submodule("fc2")\nnn.init.constant_(layer.bias, 0.01)',
+        ),
+        Finding(
+            "NH102",
+            "saturation",
+            Severity.WARNING,
+            "x",
+            "30% of tanh outputs saturated",
+            {},
+            "use Xavier init",
+        ),
+        Finding("NH101", "dead-relu", Severity.INFO, None, "small batch", {}, "use more examples"),
     )
 
 
@@ -343,3 +387,95 @@ def stack(
 
 def he(n: int) -> float:
     return math.sqrt(2 / n)
+
+
+def xavier(n: int) -> float:
+    """Xavier/Glorot std of a square layer: sqrt(2 / (fan_in + fan_out)) = sqrt(1 / n)."""
+    return math.sqrt(1 / n)
+
+
+# ---- per-check cases: tests/checks/<code>_<name>.py, run by tests/test_check_cases.py ----
+
+
+@dataclass(frozen=True)
+class Case:
+    """One named model for one check. A bad case sets ``expect``, the worst severity the
+    check must report (on ``layer`` unless that is "any"); a good case leaves it None and
+    must get nothing at warning or above. The batch is seeded unit-Gaussian ``inputs``
+    with class targets in range(``classes``); ``kwargs`` are extra ``nnhealth.scan``
+    arguments as (name, value) pairs; ``verify(findings, model)`` asserts what the
+    snapshot cannot: numbers against theory, a fix snippet that runs."""
+
+    id: str
+    build: Callable[[], nn.Module]
+    expect: Severity | None = None
+    layer: str | None = "any"
+    inputs: tuple[int, ...] = (128, 128)
+    classes: int = 10
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    verify: Callable[[list[Finding], nn.Module], None] | None = None
+
+
+def case_batch(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(*case.inputs, generator=gen)
+    y = torch.randint(0, case.classes, (case.inputs[0],), generator=gen)
+    return x, y
+
+
+def scan_case(code: str, case: Case) -> tuple[Report, nn.Module]:
+    """``case`` scanned with only the check ``code`` selected (it must run, not skip);
+    returns the report and the model, which the scan leaves as it was."""
+    model = case.build()
+    report = nnhealth.scan(model, case_batch(case), select=[code], **dict(case.kwargs))
+    assert not report.errors and not report.skipped, (report.errors, report.skipped)
+    assert all(f.code == code for f in report.findings)
+    return report, model
+
+
+def small_cnn(seed: int = 0) -> nn.Sequential:
+    """Conv-BatchNorm-ReLU x3 with a pooling step, PyTorch's default init: healthy.
+    Input 3x8x8, 10 classes."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+
+
+class TinyTransformer(nn.Module):
+    """One nn.TransformerEncoderLayer (d_model 32, 4 heads, no dropout), mean-pooled into
+    a 10-way head, PyTorch's default init: healthy. Input (N, 8 tokens, 32)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(dim=1))
+
+
+CNN_INPUTS = (32, 3, 8, 8)
+TRANSFORMER_INPUTS = (32, 8, 32)
+
+
+def healthy_cases() -> list[Case]:
+    """The default-init models every check must pass: a small CNN with BatchNorm and a
+    tiny Transformer encoder layer."""
+    return [
+        Case("small-cnn-batchnorm", small_cnn, inputs=CNN_INPUTS),
+        Case("tiny-transformer", TinyTransformer, inputs=TRANSFORMER_INPUTS),
+    ]

@@ -121,3 +121,55 @@ def test_hand_edited_baselines(cli, tmp_path: Path, entry: str, needle: str) -> 
     assert needle in one_line_error(
         cli("scan", model, "--input-shape", "64x32", "--baseline", path)
     )
+
+
+def _boom(self, capture, options):
+    raise RuntimeError("boom")
+
+
+def test_a_check_that_crashed_fixes_nothing(cli, tmp_path: Path, monkeypatch) -> None:
+    """Its findings are unknown, not gone: none of them is reported fixed."""
+    from nnhealth.analyzers.dead_relu import DeadRelu
+
+    base = tmp_path / "b.json"
+    model = save(tmp_path, dead_fc2=16)
+    scan(cli, model, "--write-baseline", base)
+    monkeypatch.setattr(DeadRelu, "run", _boom)
+    code, report = scan(cli, model, "--baseline", base)
+    assert code == 2
+    assert report["errors"] == [{"check": "dead-relu", "message": "RuntimeError: boom"}]
+    assert report["baseline"]["fixed"] == [] and report["baseline"]["new"] == []
+
+
+def test_a_crash_through_the_api_fixes_nothing(tmp_path: Path, monkeypatch) -> None:
+    import nnhealth
+    from nnhealth import baseline
+    from nnhealth.analyzers.dead_relu import DeadRelu
+    from nnhealth.analyzers.symmetry import Symmetry
+
+    model = torch.load(save(tmp_path, dead_fc2=16, dead_fc4=16), weights_only=False)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "b.json"
+    baseline.write(nnhealth.scan(model, x), path)
+    with torch.no_grad():
+        model[4].bias.zero_()  # NH101:5 fixed, while NH101:3 stays
+    report = nnhealth.scan(model, x, baseline=path)
+    assert report.baseline["fixed"] == ["NH101:5"]
+    monkeypatch.setattr(DeadRelu, "run", _boom)
+    monkeypatch.setattr(Symmetry, "run", _boom)
+    report = nnhealth.scan(model, x, baseline=path)
+    assert {e.check for e in report.errors} == {"dead-relu", "symmetry"}
+    assert report.baseline["fixed"] == []
+
+
+def test_a_skipped_check_fixes_nothing(cli, tmp_path: Path) -> None:
+    """A state_dict alone: dead-relu cannot run, so its accepted finding is not fixed."""
+    base = tmp_path / "b.json"
+    model = save(tmp_path, dead_fc2=16)
+    scan(cli, model, "--write-baseline", base)
+    weights = tmp_path / "sd.pt"
+    torch.save(torch.load(model, weights_only=False).state_dict(), weights)
+    res = cli("scan", weights, "--baseline", base, "--format", "json")
+    report = json.loads(res.out)
+    assert "NH101" in {s["code"] for s in report["skipped"]}
+    assert report["baseline"]["fixed"] == []

@@ -11,6 +11,7 @@ from conftest import BasicBlock, state_of
 from torch import nn
 
 from nnhealth.capture.instrument import run_pass
+from nnhealth.plan import Plan
 
 
 def mse(out):
@@ -41,7 +42,7 @@ class Functional(nn.Module):
 
 def test_functional_calls_are_seen_and_named_after_their_module() -> None:
     model = nn.Sequential(Functional(), nn.Linear(8, 2))
-    cap = run_pass(model, torch.randn(16, 8), mse, examples=16)
+    cap = run_pass(model, torch.randn(16, 8), mse, Plan(), examples=16)
     acts = [(s.name, s.kind, s.functional) for s in cap.activation_sites()]
     assert acts == [
         ("0:relu", "relu", True),
@@ -64,7 +65,7 @@ def test_inplace_relu_module_reused_twice() -> None:
         nn.Conv2d(3, 4, 3, padding=1), BasicBlock(4), nn.Flatten(), nn.Linear(4 * 25, 3)
     )
     x = torch.randn(6, 3, 5, 5)
-    cap = run_pass(model, x, mse, examples=6)
+    cap = run_pass(model, x, mse, Plan(), examples=6)
     relus = [s for s in cap.activation_sites() if s.module == "1.relu"]
     assert [s.name for s in relus] == ["1.relu", "1.relu#2"]
     assert all(not s.functional and s.unit_dim == 1 and s.units == 4 for s in relus)
@@ -101,7 +102,7 @@ def test_activation_modules_of_every_family() -> None:
         nn.Sigmoid(),
         nn.Linear(4, 2),
     )
-    cap = run_pass(model, torch.randn(8, 4), mse, examples=8)
+    cap = run_pass(model, torch.randn(8, 4), mse, Plan(), examples=8)
     kinds = [(s.name, s.kind) for s in cap.activation_sites()]
     assert kinds == [
         ("1", "relu6"),
@@ -132,7 +133,7 @@ def test_model_is_left_exactly_as_found(mode: str) -> None:
     x = torch.randn(6, 3, 5, 5)
     before = state_of(model)
     rng = torch.get_rng_state()
-    cap = run_pass(model, x, mse, examples=6, mode=mode)
+    cap = run_pass(model, x, mse, Plan(mode=mode), examples=6)
     after = state_of(model)
     assert after["training"] == before["training"]
     assert after["requires_grad"] == before["requires_grad"]
@@ -157,7 +158,7 @@ def test_model_left_as_found_when_it_raises() -> None:
     with pytest.raises(
         CaptureError, match=r"layer '2' \[Linear\(in_features=5\)\] on input of shape \[3, 4\]"
     ):
-        run_pass(model, torch.randn(3, 4), mse, examples=3)
+        run_pass(model, torch.randn(3, 4), mse, Plan(), examples=3)
     after = state_of(model)
     assert after["hooks"] == before["hooks"] and after["training"] == before["training"]
 
@@ -170,8 +171,8 @@ def test_deepcopy_equivalence_of_results() -> None:
     )
     twin = copy.deepcopy(model)
     x = torch.randn(12, 6)
-    a = run_pass(model, x, mse, examples=12, seed=5)
-    run_pass(model, x, mse, examples=12, seed=9)
-    b = run_pass(twin, x, mse, examples=12, seed=5)
+    a = run_pass(model, x, mse, Plan(seed=5), examples=12)
+    run_pass(model, x, mse, Plan(seed=9), examples=12)
+    b = run_pass(twin, x, mse, Plan(seed=5), examples=12)
     assert [s.var for s in a.sites] == [s.var for s in b.sites]
     assert a.loss == b.loss

@@ -35,12 +35,14 @@ from nnhealth.capture import weights as weight_stats
 from nnhealth.capture.groups import near_duplicate_groups
 from nnhealth.capture.instrument import run_pass
 from nnhealth.capture.precision import collision_probability, moments64, norm64
+from nnhealth.plan import Plan
 
 HALF = [torch.bfloat16, torch.float16]
 FLOAT8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 EXACT = 1e-5  # float32 reductions of the same values, vs float64
 EXACT64 = 1e-12  # float64 reductions of the same values
 VS_FLOAT32 = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
+FINGERPRINTS = Plan(fingerprints=True)
 ALL_CODES = {"NH001", "NH101", "NH102", "NH201", "NH202", "NH301", "NH401", "NH501", "NH601"}
 
 
@@ -174,7 +176,7 @@ def test_large_bfloat16_layer_is_not_summed_in_bfloat16() -> None:
     with torch.no_grad():
         model[0].bias.fill_(3.0)  # a mean against the spread: cancellation, too
     x = torch.randn(512, 64, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
-    cap = run_pass(model, x, lambda out: out.float().square().mean(), examples=512)
+    cap = run_pass(model, x, lambda out: out.float().square().mean(), Plan(), examples=512)
     site = cap.layer_sites()[0]
     out = model(x).detach()
     assert site.dtype == "bfloat16"
@@ -415,7 +417,7 @@ def test_bfloat16_outputs_equal_by_chance_are_not_symmetry() -> None:
     raw = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = he_mlp([16, 4096, 4096, 10]).to(dtype)
-        cap = run_pass(model, x.to(dtype), lambda out: ce(out, y), examples=8, fingerprints=True)
+        cap = run_pass(model, x.to(dtype), lambda out: ce(out, y), FINGERPRINTS, examples=8)
         with torch.no_grad():  # the same forward, every ReLU output kept
             h1 = model[1](model[0](x.to(dtype)))
             outputs = {"1": h1, "3": model[3](model[2](h1))}
@@ -441,7 +443,7 @@ def test_batchnorm_over_two_examples_is_not_symmetry(dtype: torch.dtype) -> None
         nn.Linear(16, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 10)
     ).to(dtype)
     x, y = batch(2, 16)
-    cap = run_pass(model, x.to(dtype), lambda out: ce(out, y), examples=2, fingerprints=True)
+    cap = run_pass(model, x.to(dtype), lambda out: ce(out, y), FINGERPRINTS, examples=2)
     if dtype == torch.bfloat16:  # they do look alike (float32 keeps BatchNorm's eps apart)
         assert len(np.concatenate(raw_output_groups(cap.activation_sites()[0]))) >= 128
     report = nnhealth.scan(model, (x.to(dtype), y), ce, select=["NH501"])

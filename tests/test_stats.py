@@ -15,8 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnhealth.capture.instrument import run_pass
+from nnhealth.plan import Plan
 
 RTOL = 1e-5
+# saturated where the derivative is under 5% of its peak (the thresholds below)
+PLAN = Plan(dead_units=True, saturation_derivative=0.05)
 
 
 class Tiny(nn.Module):
@@ -55,7 +58,7 @@ def captured():
     model = Tiny()
     x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 4, (32,), generator=torch.Generator().manual_seed(2))
-    cap = run_pass(model, x, lambda out: F.cross_entropy(out, y), examples=32)
+    cap = run_pass(model, x, lambda out: F.cross_entropy(out, y), PLAN, examples=32)
     ref_model = Tiny()
     tensors, loss = reference(ref_model, x, y)
     return cap, tensors, loss, ref_model
@@ -126,7 +129,7 @@ def test_sigmoid_mean_derivative_and_bounds() -> None:
     with torch.no_grad():
         model[0].weight.mul_(8)
     x = torch.randn(40, 5)
-    cap = run_pass(model, x, lambda o: o.square().mean(), examples=40)
+    cap = run_pass(model, x, lambda o: o.square().mean(), PLAN, examples=40)
     s = site(cap, "1")
     y = torch.sigmoid(model[0](x)).detach().double()
     assert s.mean_derivative == pytest.approx(float((y * (1 - y)).mean()), rel=RTOL)
@@ -158,7 +161,7 @@ def test_conv_statistics_are_per_channel() -> None:
     with torch.no_grad():
         model[0].bias[1] = -100.0  # channel 1 dead at every position
     x = torch.randn(10, 3, 6, 6)
-    cap = run_pass(model, x, lambda o: o.square().mean(), examples=10)
+    cap = run_pass(model, x, lambda o: o.square().mean(), PLAN, examples=10)
     relu = site(cap, "1")
     a = F.relu(model[0](x)).detach().double()
     assert relu.unit_dim == 1 and relu.units == 5 and relu.per_unit_count == 10 * 36
@@ -176,7 +179,7 @@ def test_small_variance_around_large_mean_is_accurate() -> None:
         model[0].weight.mul_(1e-4)
         model[0].bias.fill_(1000.0)
     x = torch.randn(256, 4)
-    cap = run_pass(model, x, lambda o: o.mean(), examples=256)
+    cap = run_pass(model, x, lambda o: o.mean(), PLAN, examples=256)
     y = model[0](x).detach().double()
     assert site(cap, "0").var == pytest.approx(float(y.var(unbiased=False)), rel=1e-3)
 
@@ -187,7 +190,7 @@ def test_nonfinite_counted_exactly() -> None:
         model[0].weight[2, 1] = float("inf")
         model[2].weight[0, 0] = float("nan")
     x = torch.randn(8, 4)
-    cap = run_pass(model, x, lambda o: o.square().mean(), examples=8)
+    cap = run_pass(model, x, lambda o: o.square().mean(), PLAN, examples=8)
     first = site(cap, "0")
     assert first.nonfinite == int((~torch.isfinite(model[0](x))).sum())
     params = {p.name: p for p in cap.params}

@@ -8,6 +8,7 @@ import json
 import make_samples
 import pytest
 import torch
+from conftest import SAMPLE_FINDINGS
 from conftest import state_of as _state
 from torch import nn
 
@@ -28,9 +29,7 @@ MAIN = {
 
 
 def test_every_sample_with_a_finding_is_covered() -> None:
-    from test_samples import EXPECTED
-
-    assert {n for n, found in EXPECTED.items() if found} == set(MAIN)
+    assert {n for n, found in SAMPLE_FINDINGS.items() if found} == set(MAIN)
 
 
 @pytest.mark.parametrize("name", sorted(MAIN))
@@ -133,3 +132,56 @@ def test_time_budget_is_respected(cli, sample) -> None:
     assert report["what_if"] and all(
         not w["applied"] and "time budget" in w["note"] for w in report["what_if"]
     )
+
+
+class _Hard(nn.Module):
+    """Functional hard nonlinearities fed by large weights: saturated."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.fc = nn.Linear(16, 64)
+        self.head = nn.Linear(64, 2)
+        with torch.no_grad():
+            self.fc.weight.mul_(40.0)
+
+    def forward(self, x):
+        if self.kind == "hardtanh":
+            return self.head(torch.nn.functional.hardtanh(self.fc(x)))
+        return self.head(torch.nn.functional.hardsigmoid(self.fc(x)))
+
+
+def _saturated(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind in ("hardtanh", "hardsigmoid"):
+        return _Hard(kind)
+    act = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu6": nn.ReLU6}[kind]
+    model = nn.Sequential(nn.Linear(16, 64), act(), nn.Linear(64, 2))
+    with torch.no_grad():
+        model[0].weight.mul_(40.0)
+        if kind == "relu6":
+            model[0].bias.fill_(30.0)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["tanh", "sigmoid", "hardtanh", "hardsigmoid", "relu6"])
+def test_the_fix_tried_is_the_snippet_shown(kind: str) -> None:
+    """--what-if applies what the finding's snippet says: the same weights, seed for seed."""
+    import copy
+
+    from nnhealth.analyzers import lookup
+    from nnhealth.analyzers._fixes import FixContext
+
+    model = _saturated(kind)
+    x = torch.randn(64, 16)
+    report = nnhealth.scan(model, x, select=["NH102"])
+    (f,) = [f for f in report.findings if f.code == "NH102"]
+    (fix,) = lookup("NH102")().fixes(f, FixContext.of(report, None, sgd=None))
+    by_fix, by_snippet = copy.deepcopy(model), copy.deepcopy(model)
+    torch.manual_seed(7)
+    assert fix.apply(by_fix) is None
+    torch.manual_seed(7)
+    exec(f.fix_snippet, {"model": by_snippet, "nn": nn, "torch": torch})  # noqa: S102 (our snippet)
+    for a, b in zip(by_fix.parameters(), by_snippet.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(next(by_fix.parameters()), next(model.parameters()))  # re-initialized

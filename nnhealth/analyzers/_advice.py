@@ -5,21 +5,23 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from nnhealth import nonlinearities as nl
 from nnhealth.capture.stats import Capture
 
-RELU_FAMILY = {
-    "relu",
-    "relu6",
-    "leaky_relu",
-    "prelu",
-    "rrelu",
-    "elu",
-    "celu",
-    "gelu",
-    "silu",
-    "mish",
-    "hardswish",
-    "softplus",
+# why each family's rule preserves the signal's variance
+_RULE_TEXT = {
+    nl.RELU: (
+        "re-initialize Linear/Conv weights with He (Kaiming) init for {kind}: "
+        "Var(w) = 2/fan_in keeps the signal's variance constant through depth"
+    ),
+    nl.SIGMOID: (
+        "re-initialize Linear/Conv weights with Xavier (Glorot) init for {kind}: "
+        "Var(w) = 2/(fan_in + fan_out) keeps forward and backward variance near constant"
+    ),
+    nl.LINEAR: (
+        "re-initialize Linear/Conv weights with LeCun init (Var(w) = 1/fan_in), the "
+        "variance-preserving choice for linear or SELU layers"
+    ),
 }
 
 
@@ -30,30 +32,11 @@ def dominant_nonlinearity(capture: Capture) -> str | None:
 
 def init_fix(nonlinearity: str | None) -> tuple[str, str]:
     """(fix sentence, PyTorch snippet) re-initializing every Linear/Conv for ``nonlinearity``."""
-    if nonlinearity in RELU_FAMILY:
-        name = "leaky_relu" if nonlinearity in {"leaky_relu", "prelu", "rrelu"} else "relu"
-        text = (
-            f"re-initialize Linear/Conv weights with He (Kaiming) init for {nonlinearity}: "
-            "Var(w) = 2/fan_in keeps the signal's variance constant through depth"
-        )
-        call = f'nn.init.kaiming_normal_(m.weight, nonlinearity="{name}")'
-    elif nonlinearity in {"tanh", "sigmoid", "hardtanh", "hardsigmoid"}:
-        gain = "tanh" if nonlinearity in {"tanh", "hardtanh"} else "sigmoid"
-        text = (
-            f"re-initialize Linear/Conv weights with Xavier (Glorot) init for {nonlinearity}: "
-            "Var(w) = 2/(fan_in + fan_out) keeps forward and backward variance near constant"
-        )
-        call = f'nn.init.xavier_normal_(m.weight, gain=nn.init.calculate_gain("{gain}"))'
-    else:
-        text = (
-            "re-initialize Linear/Conv weights with LeCun init (Var(w) = 1/fan_in), the "
-            "variance-preserving choice for linear or SELU layers"
-        )
-        call = 'nn.init.kaiming_normal_(m.weight, nonlinearity="linear")'
+    text = _RULE_TEXT[nl.family(nonlinearity) or nl.LINEAR].format(kind=nonlinearity)
     snippet = (
         "for m in model.modules():\n"
         "    if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):\n"
-        f"        {call}\n"
+        f"        {nl.init_rule(nonlinearity).snippet('m.weight')}\n"
         "        if m.bias is not None:\n"
         "            nn.init.zeros_(m.bias)"
     )

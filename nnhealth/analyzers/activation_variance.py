@@ -6,7 +6,8 @@ from collections import Counter
 
 from nnhealth.analyzers import _trend
 from nnhealth.analyzers._advice import dominant_nonlinearity, init_fix
-from nnhealth.analyzers.base import Check, Option
+from nnhealth.analyzers._fixes import Fix, FixContext, depth_fixes
+from nnhealth.analyzers.base import Check, Option, deviation
 from nnhealth.capture.stats import ACTIVATION, LAYER, NORM, Capture
 from nnhealth.findings import Finding, Severity
 
@@ -62,6 +63,14 @@ def depth_points(capture: Capture, role: str, value, reverse: bool = False):
         ]
         pts.reverse()
     return pts
+
+
+def trend_label(finding: Finding) -> str:
+    """The per-layer factor of a trend finding."""
+    e = finding.evidence
+    if "factor_per_layer" in e:
+        return f"x{e['factor_per_layer']:.3g}/layer"
+    return finding.message[:40]
 
 
 def trend_severity(trend: _trend.Trend, options: dict) -> Severity:
@@ -127,3 +136,15 @@ class ActivationVariance(Check):
                 snippet,
             )
         ]
+
+    def metrics(self, capture: Capture, options: dict) -> dict[str, dict]:
+        return {}  # the layer table already has each layer's variance (act_var)
+
+    def fixes(self, finding: Finding, ctx: FixContext) -> list[Fix]:
+        return depth_fixes(ctx)
+
+    def score(self, finding: Finding) -> float | None:
+        return deviation(finding.evidence.get("total_ratio"))
+
+    def label(self, finding: Finding) -> str:
+        return trend_label(finding)

@@ -1,25 +1,38 @@
-"""The check interface: one class per check, its docstring is its documentation.
+"""The check interface: one class per check, and everything about the check in it.
 
-A check declares what it needs from the pass (``weights``, ``activations``,
-``gradients``), its thresholds as named options with defaults and reasons, and a pure
-``run(capture, options) -> list[Finding]``. ``nnhealth explain CODE`` prints the
-docstring and the options; a check without the required docstring sections is refused
-at class creation.
+A check declares what it needs from the pass (``needs``: ``weights``, ``activations``,
+``gradients``, ``curvature``; ``request`` for more), its thresholds as named options
+with defaults and reasons, and a pure ``run(capture, options) -> list[Finding]``.
+Beside it, the check owns:
+
+- ``metrics(capture, options)``: its columns of the report's layer table;
+- ``fixes(finding, ctx)``: what ``--what-if`` can apply to a copy of the model;
+- ``score(finding)``: the number a baseline compares (larger is worse);
+- ``label(finding)``: the finding's metric in a few words, before/after a fix;
+- its docstring: what ``nnhealth explain CODE`` prints.
+
+A check without one of these (or without the docstring's sections) is refused at class
+creation: a check with no fix or no score says so by returning ``[]`` or ``None``.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from nnhealth.analyzers._fixes import Fix, FixContext
 from nnhealth.capture.stats import Capture
 from nnhealth.findings import Finding, Number, Severity
 from nnhealth.plan import Request
 
 REQUIRED_SECTIONS = ("What it detects", "Why it matters", "Example", "How to fix")
 NEEDS = frozenset({"weights", "activations", "gradients", "curvature"})
+# what every check defines itself (the base class only declares them)
+REQUIRED_ATTRIBUTES = ("code", "name", "summary", "needs")
+REQUIRED_METHODS = ("run", "metrics", "fixes", "score", "label")
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,9 @@ class Check:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        absent = [a for a in REQUIRED_ATTRIBUTES if not hasattr(cls, a)]
+        if absent:
+            raise TypeError(f"{cls.__name__}: lacks {absent}")
         if not re.fullmatch(r"NH\d{3}", cls.code):
             raise TypeError(f"{cls.__name__}: code {cls.code!r} is not of the form NH123")
         if not re.fullmatch(r"[a-z]+(-[a-z]+)*", cls.name):
@@ -57,6 +73,12 @@ class Check:
             raise TypeError(f"{cls.__name__}: docstring lacks sections {missing}")
         if not (cls.needs | cls.uses) <= NEEDS:
             raise TypeError(f"{cls.__name__}: unknown needs {set(cls.needs | cls.uses) - NEEDS}")
+        inherited = [m for m in REQUIRED_METHODS if defined_in(cls, m) is Check]
+        if inherited:
+            raise TypeError(
+                f"{cls.__name__}: does not define {inherited} (a check with no fix, score or "
+                "metrics returns [], None or {} and says why)"
+            )
 
     @classmethod
     def doc(cls) -> str:
@@ -90,8 +112,21 @@ class Check:
         raise NotImplementedError
 
     def metrics(self, capture: Capture, options: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """Per-layer numbers for the report's layer table, keyed by module name."""
-        return {}
+        """Columns of the report's layer table: ``{key: {column: value}}``, keyed by the
+        site name for a nonlinearity's row and by the module name for a layer's."""
+        raise NotImplementedError
+
+    def fixes(self, finding: Finding, ctx: FixContext) -> list[Fix]:
+        """The fixes of ``finding`` that ``--what-if`` can apply to a copy of the model."""
+        raise NotImplementedError
+
+    def score(self, finding: Finding) -> float | None:
+        """The finding's size for baselines: larger is worse; None when there is none."""
+        raise NotImplementedError
+
+    def label(self, finding: Finding) -> str:
+        """The finding's metric in a few words (``--what-if`` before/after a fix)."""
+        raise NotImplementedError
 
     def finding(
         self,
@@ -114,6 +149,20 @@ class Check:
             fix=fix,
             fix_snippet=snippet,
         )
+
+
+def defined_in(cls: type, attribute: str) -> type | None:
+    """The class of ``cls``'s MRO that defines ``attribute``."""
+    return next((k for k in cls.__mro__ if attribute in vars(k)), None)
+
+
+def deviation(value: Any, healthy: float = 1.0) -> float | None:
+    """Orders of magnitude away from ``healthy`` (0 is infinitely far), for scores."""
+    if value is None:
+        return None
+    if value == 0:
+        return math.inf
+    return abs(math.log10(abs(value) / healthy))
 
 
 def pct(x: float) -> str:

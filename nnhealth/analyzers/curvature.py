@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from nnhealth.analyzers._fixes import Fix, FixContext, lower_lr_fix
 from nnhealth.analyzers.base import Check, Option
-from nnhealth.capture.stats import Capture
+from nnhealth.capture.stats import Capture, CurvatureStats
 from nnhealth.findings import Finding, Severity
 from nnhealth.plan import Request
 
@@ -77,7 +78,29 @@ class Curvature(Check):
         c = capture.curvature
         if c is None:
             return []
-        out: list[Finding] = []
+        out = [self._limit(c, options)]
+        if c.lambda_min is not None and c.lambda_max > 0 and c.lambda_min < 0:
+            ratio = -c.lambda_min / c.lambda_max
+            if ratio >= options["negative_ratio"]:
+                out.append(
+                    self.finding(
+                        Severity.INFO,
+                        None,
+                        f"negative curvature: lambda_min = {c.lambda_min:.4g}, {ratio:.2g} of "
+                        "lambda_max: a saddle region (common in deep networks, not a local minimum)",
+                        {
+                            "lambda_min": c.lambda_min,
+                            "ratio_to_lambda_max": ratio,
+                            "bound": c.lambda_min_bound,
+                        },
+                        "no action needed; momentum and noise move SGD off saddles",
+                        kind="negative",
+                    )
+                )
+        return [f for f in out if f is not None]
+
+    def _limit(self, c: CurvatureStats, options: dict) -> Finding | None:
+        """lambda_max and the step-size limit 2/lambda_max, against ``lr`` when given."""
         lam = c.lambda_max
         limit = c.lr_limit
         status = (
@@ -95,68 +118,57 @@ class Curvature(Check):
         }
         lr = options.get("lr")
         if limit is None:
-            out.append(
-                self.finding(
-                    Severity.INFO,
-                    None,
-                    f"the Hessian has no positive eigenvalue (lambda_max = {lam:.4g}){status}: "
-                    "no step-size limit from curvature",
-                    evidence,
-                    "no action needed from curvature",
-                )
+            return self.finding(
+                Severity.INFO,
+                None,
+                f"the Hessian has no positive eigenvalue (lambda_max = {lam:.4g}){status}: "
+                "no step-size limit from curvature",
+                evidence,
+                "no action needed from curvature",
             )
-        elif lr is None:
-            out.append(
-                self.finding(
-                    Severity.INFO,
-                    None,
-                    f"lambda_max = {lam:.4g}{status} in {c.mode} mode: gradient descent is stable "
-                    f"for lr < 2/lambda_max = {limit:.4g}",
-                    evidence,
-                    f"keep the learning rate below {limit:.3g} (1/lambda_max = {limit / 2:.3g} is "
-                    "the optimal step on the top eigendirection); pass --lr to check yours",
-                )
+        if lr is None:
+            return self.finding(
+                Severity.INFO,
+                None,
+                f"lambda_max = {lam:.4g}{status} in {c.mode} mode: gradient descent is stable "
+                f"for lr < 2/lambda_max = {limit:.4g}",
+                evidence,
+                f"keep the learning rate below {limit:.3g} (1/lambda_max = {limit / 2:.3g} is "
+                "the optimal step on the top eigendirection); pass --lr to check yours",
             )
-        elif lr >= limit:
-            out.append(
-                self.finding(
-                    Severity.ERROR,
-                    None,
-                    f"lr {lr:g} >= 2/lambda_max = {limit:.4g} (lambda_max = {lam:.4g}{status}, "
-                    f"{c.mode} mode): gradient descent diverges along the top eigenvector",
-                    {**evidence, "lr": lr, "lr_over_limit": lr / limit},
-                    f"lower the learning rate to about {limit / 2:.3g} (1/lambda_max) or below, or "
-                    "warm up from a small rate",
-                    f"for group in optimizer.param_groups:\n    group['lr'] = {limit / 2:.3g}",
-                )
+        if lr >= limit:
+            return self.finding(
+                Severity.ERROR,
+                None,
+                f"lr {lr:g} >= 2/lambda_max = {limit:.4g} (lambda_max = {lam:.4g}{status}, "
+                f"{c.mode} mode): gradient descent diverges along the top eigenvector",
+                {**evidence, "lr": lr, "lr_over_limit": lr / limit},
+                f"lower the learning rate to about {limit / 2:.3g} (1/lambda_max) or below, or "
+                "warm up from a small rate",
+                f"for group in optimizer.param_groups:\n    group['lr'] = {limit / 2:.3g}",
             )
-        elif lr >= options["warn_fraction"] * limit:
-            out.append(
-                self.finding(
-                    Severity.WARNING,
-                    None,
-                    f"lr {lr:g} is {lr / limit:.0%} of the stability limit 2/lambda_max = "
-                    f"{limit:.4g} (lambda_max = {lam:.4g}{status})",
-                    {**evidence, "lr": lr, "lr_over_limit": lr / limit},
-                    f"a rate of about {limit / 2:.3g} (1/lambda_max) leaves room for sharper batches",
-                )
+        if lr >= options["warn_fraction"] * limit:
+            return self.finding(
+                Severity.WARNING,
+                None,
+                f"lr {lr:g} is {lr / limit:.0%} of the stability limit 2/lambda_max = "
+                f"{limit:.4g} (lambda_max = {lam:.4g}{status})",
+                {**evidence, "lr": lr, "lr_over_limit": lr / limit},
+                f"a rate of about {limit / 2:.3g} (1/lambda_max) leaves room for sharper batches",
             )
-        if c.lambda_min is not None and lam > 0 and c.lambda_min < 0:
-            ratio = -c.lambda_min / lam
-            if ratio >= options["negative_ratio"]:
-                out.append(
-                    self.finding(
-                        Severity.INFO,
-                        None,
-                        f"negative curvature: lambda_min = {c.lambda_min:.4g}, {ratio:.2g} of "
-                        "lambda_max: a saddle region (common in deep networks, not a local minimum)",
-                        {
-                            "lambda_min": c.lambda_min,
-                            "ratio_to_lambda_max": ratio,
-                            "bound": c.lambda_min_bound,
-                        },
-                        "no action needed; momentum and noise move SGD off saddles",
-                        kind="negative",
-                    )
-                )
-        return out
+        return None
+
+    def metrics(self, capture: Capture, options: dict) -> dict[str, dict]:
+        return {}  # the Hessian is the whole model's: the report's curvature section
+
+    def fixes(self, finding: Finding, ctx: FixContext) -> list[Fix]:
+        limit = (ctx.curvature or {}).get("lr_limit")
+        if not (limit and ctx.lr):
+            return []  # no limit, or no rate to lower
+        return [lower_lr_fix(ctx, limit / 2)]
+
+    def score(self, finding: Finding) -> float | None:
+        return finding.evidence.get("lr_over_limit")
+
+    def label(self, finding: Finding) -> str:
+        return finding.message[:60]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from nnhealth.analyzers._advice import py_str
+from nnhealth.analyzers._fixes import Fix, FixContext, reinit_fix, replace_submodule, submodule
 from nnhealth.analyzers.base import Check, Option, pct
 from nnhealth.capture.stats import LAYER, NORM, Capture, SiteStats
 from nnhealth.findings import Finding, Severity
+from nnhealth.nonlinearities import HE
+from nnhealth.plan import Request
 
 
 def preceding_layer(
@@ -60,6 +63,10 @@ class DeadRelu(Check):
         ),
     )
 
+    @classmethod
+    def request(cls, options: dict) -> Request:
+        return Request(dead_units=True)
+
     def run(self, capture: Capture, options: dict) -> list[Finding]:
         sites = [s for s in capture.activation_sites() if s.ever_active is not None]
         if not sites:
@@ -82,60 +89,135 @@ class DeadRelu(Check):
         for site in judged:
             dead = site.dead_units or 0
             frac = dead / site.units
-            if frac < options["warn_fraction"]:
-                continue
-            severity = Severity.ERROR if frac >= options["error_fraction"] else Severity.WARNING
-            where = (
-                "at every position of every example"
-                if site.per_unit_count > examples
-                else (f"for all {examples} examples")
-            )
-            unit = "channels" if site.unit_dim == 1 and len(site.shape) >= 3 else "units"
-            feeder = preceding_layer(capture, site, (LAYER, NORM))
-            fix = (
-                "lower the learning rate if this followed training; re-initialize the layer "
-                "feeding it with He init and a small positive bias; or switch to LeakyReLU"
-            )
-            lines = []
-            if feeder is not None and feeder.role == NORM:
-                fix = (
-                    "lower the learning rate if this followed training; reset the shift of the "
-                    "normalization layer feeding it (its negative bias keeps the units below 0); "
-                    "or switch to LeakyReLU"
-                )
-                lines += [
-                    f"norm = model.get_submodule({py_str(feeder.module)})",
-                    "nn.init.zeros_(norm.bias)",
-                    "nn.init.ones_(norm.weight)",
-                ]
-            elif feeder is not None:
-                lines += [
-                    f"layer = model.get_submodule({py_str(feeder.module)})",
-                    'nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")',
-                    "if layer.bias is not None:",
-                    "    nn.init.constant_(layer.bias, 0.01)",
-                ]
-            if not site.functional:
-                parent, _, attr = site.module.rpartition(".")
-                target = f"model.get_submodule({py_str(parent)})" if parent else "model"
-                lines.append(f"setattr({target}, {py_str(attr)}, nn.LeakyReLU(0.01))")
-            else:
-                where_fn = py_str(site.module)[1:-1] if site.module else "the model"
-                lines.append(f"# in {where_fn}.forward: F.leaky_relu(x, 0.01)")
-            out.append(
-                self.finding(
-                    severity,
-                    site.name,
-                    f"{pct(frac)} of {unit} dead ({dead} of {site.units}): zero {where}",
-                    {
-                        "dead_units": dead,
-                        "units": site.units,
-                        "dead_fraction": frac,
-                        "examples": examples,
-                        "values_per_unit": site.per_unit_count,
-                    },
-                    fix,
-                    "\n".join(lines),
-                )
-            )
+            if frac >= options["warn_fraction"]:
+                out.append(self._finding(capture, site, dead, frac, options))
         return out
+
+    def _finding(
+        self, capture: Capture, site: SiteStats, dead: int, frac: float, options: dict
+    ) -> Finding:
+        examples = capture.examples or 0
+        severity = Severity.ERROR if frac >= options["error_fraction"] else Severity.WARNING
+        where = (
+            "at every position of every example"
+            if site.per_unit_count > examples
+            else (f"for all {examples} examples")
+        )
+        unit = "channels" if site.unit_dim == 1 and len(site.shape) >= 3 else "units"
+        fix, snippet = _fix(site, preceding_layer(capture, site, (LAYER, NORM)))
+        return self.finding(
+            severity,
+            site.name,
+            f"{pct(frac)} of {unit} dead ({dead} of {site.units}): zero {where}",
+            {
+                "dead_units": dead,
+                "units": site.units,
+                "dead_fraction": frac,
+                "examples": examples,
+                "values_per_unit": site.per_unit_count,
+            },
+            fix,
+            snippet,
+        )
+
+    def metrics(self, capture: Capture, options: dict) -> dict[str, dict]:
+        return {
+            s.name: {"dead_units": s.dead_units, "dead_fraction": s.dead_units / s.units}
+            for s in capture.activation_sites()
+            if s.ever_active is not None
+        }
+
+    def fixes(self, finding: Finding, ctx: FixContext) -> list[Fix]:
+        if not finding.layer:
+            return []  # the model-wide note on too few examples
+        fixes = []
+        feeder = ctx.feeder(finding.layer)
+        if feeder is not None and feeder.get("role") == "norm":
+            fixes.append(Fix(f"reset {feeder['module']} shift to 0", _reset_norm(feeder["module"])))
+        elif feeder is not None:
+            fixes.append(
+                reinit_fix(f"He init + bias 0.01 on {feeder['module']}", feeder["module"], HE, 0.01)
+            )
+        row = ctx.row(finding.layer) or {}
+        if row.get("functional"):
+            inside = row.get("module") or "the model"
+            why = (
+                f"F.relu is called inside {inside}.forward: it cannot be swapped from outside; "
+                "edit the forward to use F.leaky_relu"
+            )
+            fixes.append(Fix("LeakyReLU(0.01)", lambda model: why))
+        else:
+            where = row.get("module", finding.layer)
+            for name, args, label in (
+                ("LeakyReLU", (0.01,), "LeakyReLU(0.01)"),
+                ("GELU", (), "GELU()"),
+            ):
+                fixes.append(Fix(f"{label} for {where}", _swap(where, name, args)))
+        return fixes
+
+    def score(self, finding: Finding) -> float | None:
+        return finding.evidence.get("dead_fraction")
+
+    def label(self, finding: Finding) -> str:
+        return f"{100 * finding.evidence.get('dead_fraction', 0):.0f}% dead"
+
+
+def _fix(site: SiteStats, feeder: SiteStats | None) -> tuple[str, str]:
+    """(fix, snippet): reset the norm layer or re-initialize the layer feeding ``site``,
+    and swap the ReLU for LeakyReLU."""
+    fix = (
+        "lower the learning rate if this followed training; re-initialize the layer "
+        "feeding it with He init and a small positive bias; or switch to LeakyReLU"
+    )
+    lines = []
+    if feeder is not None and feeder.role == NORM:
+        fix = (
+            "lower the learning rate if this followed training; reset the shift of the "
+            "normalization layer feeding it (its negative bias keeps the units below 0); "
+            "or switch to LeakyReLU"
+        )
+        lines += [
+            f"norm = model.get_submodule({py_str(feeder.module)})",
+            "nn.init.zeros_(norm.bias)",
+            "nn.init.ones_(norm.weight)",
+        ]
+    elif feeder is not None:
+        lines += [
+            f"layer = model.get_submodule({py_str(feeder.module)})",
+            HE.snippet("layer.weight"),
+            "if layer.bias is not None:",
+            "    nn.init.constant_(layer.bias, 0.01)",
+        ]
+    if not site.functional:
+        parent, _, attr = site.module.rpartition(".")
+        target = f"model.get_submodule({py_str(parent)})" if parent else "model"
+        lines.append(f"setattr({target}, {py_str(attr)}, nn.LeakyReLU(0.01))")
+    else:
+        where_fn = py_str(site.module)[1:-1] if site.module else "the model"
+        lines.append(f"# in {where_fn}.forward: F.leaky_relu(x, 0.01)")
+    return fix, "\n".join(lines)
+
+
+def _reset_norm(module: str):
+    """Shift 0 and scale 1 on the norm layer ``module``."""
+
+    def apply(model) -> None:
+        import torch
+
+        norm = submodule(model, module)
+        with torch.no_grad():
+            norm.bias.zero_()
+            norm.weight.fill_(1.0)
+
+    return apply
+
+
+def _swap(module: str, cls: str, args: tuple):
+    """Put a new ``nn.<cls>(*args)`` in place of the module ``module``."""
+
+    def apply(model) -> None:
+        from torch import nn
+
+        replace_submodule(model, module, getattr(nn, cls)(*args))
+
+    return apply

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from nnhealth.analyzers import _trend
 from nnhealth.analyzers._advice import dominant_nonlinearity, init_fix
-from nnhealth.analyzers.activation_variance import TREND_OPTIONS, depth_points, trend_severity
-from nnhealth.analyzers.base import Check
+from nnhealth.analyzers._fixes import Fix, FixContext, depth_fixes
+from nnhealth.analyzers.activation_variance import (
+    TREND_OPTIONS,
+    depth_points,
+    trend_label,
+    trend_severity,
+)
+from nnhealth.analyzers.base import Check, deviation
 from nnhealth.capture.stats import ACTIVATION, LAYER, Capture
 from nnhealth.findings import Finding
 
@@ -65,3 +71,15 @@ class GradientVariance(Check):
                 snippet,
             )
         ]
+
+    def metrics(self, capture: Capture, options: dict) -> dict[str, dict]:
+        return {}  # the layer table already has each layer's gradient variance (grad_var)
+
+    def fixes(self, finding: Finding, ctx: FixContext) -> list[Fix]:
+        return depth_fixes(ctx)
+
+    def score(self, finding: Finding) -> float | None:
+        return deviation(finding.evidence.get("total_ratio"))
+
+    def label(self, finding: Finding) -> str:
+        return trend_label(finding)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from fractions import Fraction
 
-from nnhealth.analyzers._advice import RELU_FAMILY, init_fix, py_str
-from nnhealth.analyzers.base import Check, Option
+from nnhealth import nonlinearities
+from nnhealth.analyzers._advice import init_fix, py_str
+from nnhealth.analyzers._fixes import Fix, FixContext, depth_fixes
+from nnhealth.analyzers.base import Check, Option, deviation
 from nnhealth.capture.stats import Capture, WeightStats
 from nnhealth.findings import Finding, Severity
-
-XAVIER_FAMILY = {"tanh", "sigmoid", "hardtanh", "hardsigmoid"}
-# nn.init.calculate_gain: tanh's 5/3 makes up for its contraction; both ends are standard
-TANH_GAIN = {"tanh": 5.0 / 3.0, "hardtanh": 5.0 / 3.0}
 
 
 def target(w: WeightStats) -> tuple[str, float | None, float | None]:
@@ -25,12 +24,15 @@ def target(w: WeightStats) -> tuple[str, float | None, float | None]:
         return "not judged: followed by a normalization layer, which absorbs the scale", None, None
     if nl is None:
         return "LeCun..He (nonlinearity unknown)", 1.0 / w.fan_in, 2.0 / w.fan_in
-    if nl in RELU_FAMILY:
+    entry = nonlinearities.lookup(nl)
+    family = None if entry is None else entry.family
+    if family == nonlinearities.RELU:
         return f"He 2/fan_in ({nl})", 2.0 / w.fan_in, 2.0 / w.fan_in
-    if nl in XAVIER_FAMILY:
+    if family == nonlinearities.SIGMOID:
         v = 2.0 / (w.fan_in + w.fan_out)
-        if nl in TANH_GAIN:  # plain Xavier, up to PyTorch's tanh gain of 5/3 (squared)
-            return f"Xavier 2/(fan_in+fan_out), gain 1..5/3 ({nl})", v, v * TANH_GAIN[nl] ** 2
+        if entry.gain != 1.0:  # plain Xavier, up to PyTorch's gain (tanh: 5/3, squared)
+            gain = Fraction(entry.gain).limit_denominator(100)
+            return f"Xavier 2/(fan_in+fan_out), gain 1..{gain} ({nl})", v, v * entry.gain**2
         return f"Xavier 2/(fan_in+fan_out) ({nl})", v, v
     label = "linear" if nl == "none" else nl
     return f"LeCun 1/fan_in ({label})", 1.0 / w.fan_in, 1.0 / w.fan_in
@@ -202,3 +204,16 @@ class InitScale(Check):
                 "fan_out": w.fan_out,
             }
         return rows
+
+    def fixes(self, finding: Finding, ctx: FixContext) -> list[Fix]:
+        return depth_fixes(ctx)
+
+    def score(self, finding: Finding) -> float | None:
+        e = finding.evidence
+        return deviation(e.get("expected_change") or e.get("ratio"))
+
+    def label(self, finding: Finding) -> str:
+        e = finding.evidence
+        if "expected_change" in e:
+            return f"x{e['expected_change']:.3g} through depth"
+        return f"x{e.get('ratio', 0):.3g}"

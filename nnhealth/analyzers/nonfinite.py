@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 
+from nnhealth.analyzers._fixes import Fix, FixContext, reinit_fix
 from nnhealth.analyzers.base import Check
-from nnhealth.capture.stats import Capture
+from nnhealth.capture.stats import Capture, ParamStats, SiteStats
 from nnhealth.findings import Finding, Severity
+from nnhealth.nonlinearities import init_rule
 
+_CLIP_SNIPPET = "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"
 _DEBUG_SNIPPET = (
     "with torch.autograd.detect_anomaly():  # names the backward op that made the NaN\n"
     "    loss = loss_fn(model(x), y)\n"
@@ -66,48 +69,10 @@ class Nonfinite(Check):
     uses = frozenset({"activations", "gradients"})
 
     def run(self, capture: Capture, options: dict) -> list[Finding]:
-        out: list[Finding] = []
-        for p in capture.params:
-            if p.nonfinite:
-                out.append(
-                    self.finding(
-                        Severity.ERROR,
-                        p.module or None,
-                        f"parameter {p.name} holds {p.nonfinite} NaN/Inf of {p.numel} values",
-                        {"parameter": p.name, "nonfinite": p.nonfinite, "values": p.numel},
-                        "restore this parameter from the last finite checkpoint, then lower "
-                        "the learning rate or clip gradients so the update cannot overflow",
-                        "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)",
-                        kind="parameter",
-                    )
-                )
+        out = [self._parameter(p) for p in capture.params if p.nonfinite]
         bad = [s for s in capture.sites if s.nonfinite]
         if bad:
-            first = min(bad, key=lambda s: s.order)
-            weights_bad = any(p.nonfinite and p.module == first.module for p in capture.params)
-            cause = (
-                "its own parameters are non-finite"
-                if weights_bad
-                else "every layer before it produced finite values"
-            )
-            out.append(
-                self.finding(
-                    Severity.ERROR,
-                    first.name,
-                    f"first non-finite activation: {first.nonfinite} of {first.total} values "
-                    f"in the output of {first.name} ({first.kind}) are NaN/Inf; {cause}; "
-                    f"{len(bad)} layer(s) in all{_range_note(first.dtype)}",
-                    {
-                        "nonfinite": first.nonfinite,
-                        "values": first.total,
-                        "layers_affected": len(bad),
-                    },
-                    "find what overflows in this layer: its input scale, its weights, or an "
-                    "unsafe operation (log, division, exp); normalize the input or clamp",
-                    _DEBUG_SNIPPET,
-                    kind="activation",
-                )
-            )
+            out.append(self._activation(capture, bad))
         if capture.loss is not None and not math.isfinite(capture.loss):
             out.append(
                 self.finding(
@@ -121,10 +86,55 @@ class Nonfinite(Check):
                     kind="loss",
                 )
             )
+        if not bad:
+            out += self._gradient(capture)
+        return out
+
+    def _parameter(self, p: ParamStats) -> Finding:
+        return self.finding(
+            Severity.ERROR,
+            p.module or None,
+            f"parameter {p.name} holds {p.nonfinite} NaN/Inf of {p.numel} values",
+            {"parameter": p.name, "nonfinite": p.nonfinite, "values": p.numel},
+            "restore this parameter from the last finite checkpoint, then lower "
+            "the learning rate or clip gradients so the update cannot overflow",
+            _CLIP_SNIPPET,
+            kind="parameter",
+        )
+
+    def _activation(self, capture: Capture, bad: list[SiteStats]) -> Finding:
+        """The first layer whose output holds a NaN/Inf."""
+        first = min(bad, key=lambda s: s.order)
+        weights_bad = any(p.nonfinite and p.module == first.module for p in capture.params)
+        cause = (
+            "its own parameters are non-finite"
+            if weights_bad
+            else "every layer before it produced finite values"
+        )
+        return self.finding(
+            Severity.ERROR,
+            first.name,
+            f"first non-finite activation: {first.nonfinite} of {first.total} values "
+            f"in the output of {first.name} ({first.kind}) are NaN/Inf; {cause}; "
+            f"{len(bad)} layer(s) in all{_range_note(first.dtype)}",
+            {
+                "nonfinite": first.nonfinite,
+                "values": first.total,
+                "layers_affected": len(bad),
+            },
+            "find what overflows in this layer: its input scale, its weights, or an "
+            "unsafe operation (log, division, exp); normalize the input or clamp",
+            _DEBUG_SNIPPET,
+            kind="activation",
+        )
+
+    def _gradient(self, capture: Capture) -> list[Finding]:
+        """With a finite forward pass: the first layer of the backward pass whose output
+        gradient is non-finite, else the parameters whose gradient is."""
         grad_bad = [s for s in capture.sites if s.grad_nonfinite and s.grad_order is not None]
-        if grad_bad and not bad:
+        if grad_bad:
             first = min(grad_bad, key=lambda s: s.grad_order)
-            out.append(
+            return [
                 self.finding(
                     Severity.ERROR,
                     first.name,
@@ -137,20 +147,36 @@ class Nonfinite(Check):
                     _DEBUG_SNIPPET,
                     kind="gradient",
                 )
+            ]
+        worst = [p for p in capture.params if p.grad_nonfinite]
+        if not worst:
+            return []
+        names = ", ".join(p.name for p in worst[:5])
+        return [
+            self.finding(
+                Severity.ERROR,
+                worst[0].module or None,
+                f"non-finite gradient in {len(worst)} parameter(s): {names}",
+                {"parameters": len(worst)},
+                "clip gradients and check the loss for unstable operations",
+                _CLIP_SNIPPET,
+                kind="gradient",
             )
-        elif not bad and not grad_bad:
-            worst = [p for p in capture.params if p.grad_nonfinite]
-            if worst:
-                names = ", ".join(p.name for p in worst[:5])
-                out.append(
-                    self.finding(
-                        Severity.ERROR,
-                        worst[0].module or None,
-                        f"non-finite gradient in {len(worst)} parameter(s): {names}",
-                        {"parameters": len(worst)},
-                        "clip gradients and check the loss for unstable operations",
-                        "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)",
-                        kind="gradient",
-                    )
-                )
-        return out
+        ]
+
+    def metrics(self, capture: Capture, options: dict) -> dict[str, dict]:
+        return {}  # the layer table already counts each layer's nonfinite values
+
+    def fixes(self, finding: Finding, ctx: FixContext) -> list[Fix]:
+        if "parameter" not in finding.evidence:
+            return []  # only a parameter's values can be replaced in memory
+        module = str(finding.evidence["parameter"]).rpartition(".")[0]
+        rule = init_rule(ctx.nonlinearity)
+        label = f"{rule.name} on {module} (instead of the non-finite values)"
+        return [reinit_fix(label, module, rule)]
+
+    def score(self, finding: Finding) -> float | None:
+        return finding.evidence.get("nonfinite") or finding.evidence.get("parameters")
+
+    def label(self, finding: Finding) -> str:
+        return finding.message[:60]

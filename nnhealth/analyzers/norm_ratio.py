@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 
-from nnhealth.analyzers.base import Check, Option
+from nnhealth.analyzers._fixes import Fix, FixContext, lars_fix, reinit_fix
+from nnhealth.analyzers.base import Check, Option, deviation
 from nnhealth.capture.stats import Capture, ParamStats
 from nnhealth.findings import Finding, Severity
+from nnhealth.nonlinearities import init_rule
 
 LARS_ETA = 1e-3  # the trust coefficient of You et al. (2017)
 
@@ -186,3 +189,24 @@ class NormRatio(Check):
                 if lr is not None and r is not None:
                     row["relative_update"] = lr / r
         return rows
+
+    def fixes(self, finding: Finding, ctx: FixContext) -> list[Fix]:
+        fixes = []
+        e = finding.evidence
+        if "max_layer" in e:  # the spread: re-initialize the outlying layer
+            ratios = {e["max_layer"]: e["max_ratio"], e["min_layer"]: e["min_ratio"]}
+            median = e.get("median_ratio") or math.sqrt(math.prod(ratios.values()))
+            outlier = max(ratios, key=lambda k: abs(math.log(ratios[k] / median)))
+            module = outlier.rpartition(".")[0]
+            rule = init_rule(ctx.nonlinearity)
+            fixes.append(reinit_fix(f"{rule.name} on {module}", module, rule))
+        if ctx.lr:
+            fixes.append(lars_fix(ctx))
+        return fixes
+
+    def score(self, finding: Finding) -> float | None:
+        e = finding.evidence
+        return e.get("spread") or deviation(e.get("relative_update"), 1e-3)
+
+    def label(self, finding: Finding) -> str:
+        return finding.message[:60]

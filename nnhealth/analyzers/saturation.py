@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from nnhealth import nonlinearities
 from nnhealth.analyzers._advice import py_str
+from nnhealth.analyzers._fixes import Fix, FixContext, reinit_fix
 from nnhealth.analyzers.base import Check, Option, num, pct
 from nnhealth.analyzers.dead_relu import preceding_layer
 from nnhealth.capture.stats import Capture
 from nnhealth.findings import Finding, Severity
+from nnhealth.nonlinearities import XAVIER, Init
 from nnhealth.plan import Request
 
-_PEAK = {"sigmoid": 0.25, "tanh": 1.0, "hardtanh": 1.0, "hardsigmoid": 1.0 / 6.0, "relu6": 1.0}
+
+def desaturating_init(kind: str | None) -> Init:
+    """The init for the layer feeding a saturated ``kind``: Xavier with the gain of a
+    smooth one (tanh, sigmoid), plain Xavier for the hard ones."""
+    entry = nonlinearities.lookup(kind)
+    return entry.init if entry is not None and entry.derivative in {"tanh", "sigmoid"} else XAVIER
 
 
 class Saturation(Check):
@@ -86,7 +94,8 @@ class Saturation(Check):
             severity = Severity.ERROR if frac >= options["error_fraction"] else Severity.WARNING
             stuck = site.saturated_units(options["unit_fraction"]) or 0
             deriv = site.mean_derivative
-            peak = _PEAK.get(site.kind)
+            entry = nonlinearities.lookup(site.kind)
+            peak = None if entry is None else entry.peak
             ratio = deriv / peak if (deriv is not None and peak) else None
             feeder = preceding_layer(capture, site)
             if site.kind in {"tanh", "sigmoid"}:
@@ -94,22 +103,17 @@ class Saturation(Check):
                     f"initialize the layer feeding this {site.kind} with Xavier init, or "
                     f"normalize its input (BatchNorm/LayerNorm before the {site.kind})"
                 )
-                gain = "tanh" if site.kind == "tanh" else "sigmoid"
-                call = (
-                    f'nn.init.xavier_normal_(layer.weight, gain=nn.init.calculate_gain("{gain}"))'
-                )
             else:
                 fix = (
                     f"scale down the input of this {site.kind} (smaller init or a "
                     "normalization layer before it) so it leaves its flat region"
                 )
-                call = "nn.init.xavier_normal_(layer.weight)"
             snippet = None
             if feeder is not None:
                 snippet = "\n".join(
                     [
                         f"layer = model.get_submodule({py_str(feeder.module)})",
-                        call,
+                        desaturating_init(site.kind).snippet("layer.weight"),
                         "if layer.bias is not None:",
                         "    nn.init.zeros_(layer.bias)",
                     ]
@@ -140,3 +144,29 @@ class Saturation(Check):
                 )
             )
         return out
+
+    def metrics(self, capture: Capture, options: dict) -> dict[str, dict]:
+        rows = {}
+        for s in capture.activation_sites():
+            if s.saturated_count is None:
+                continue
+            stuck = s.saturated_units(options["unit_fraction"])
+            rows[s.name] = {
+                "saturated_units": stuck,
+                "saturated_fraction": stuck / s.units,
+                "mean_derivative": s.mean_derivative,
+            }
+        return rows
+
+    def fixes(self, finding: Finding, ctx: FixContext) -> list[Fix]:
+        feeder = ctx.feeder(finding.layer)
+        if feeder is None or feeder.get("role") != "layer":
+            return []  # a norm layer (or nothing) feeds it: no init to change
+        rule = desaturating_init((ctx.row(finding.layer) or {}).get("kind"))
+        return [reinit_fix(f"{rule.name} on {feeder['module']}", feeder["module"], rule)]
+
+    def score(self, finding: Finding) -> float | None:
+        return finding.evidence.get("saturated_values_fraction")
+
+    def label(self, finding: Finding) -> str:
+        return f"{100 * finding.evidence.get('saturated_values_fraction', 0):.0f}% saturated"

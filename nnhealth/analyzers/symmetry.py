@@ -7,11 +7,13 @@ import math
 import numpy as np
 
 from nnhealth.analyzers._advice import py_str
+from nnhealth.analyzers._fixes import Fix, FixContext, noise_fix, reinit_fix
 from nnhealth.analyzers.base import Check, Option
 from nnhealth.analyzers.dead_relu import preceding_layer
 from nnhealth.capture.groups import near_duplicate_groups
 from nnhealth.capture.stats import LAYER, NORM, Capture, SiteStats, WeightStats
 from nnhealth.findings import Finding, Severity
+from nnhealth.nonlinearities import init_rule
 from nnhealth.plan import Request
 
 _REINIT = (
@@ -266,3 +268,19 @@ class Symmetry(Check):
                 "effective_width": w.units - sum(len(g) - 1 for g in groups),
             }
         return rows
+
+    def fixes(self, finding: Finding, ctx: FixContext) -> list[Fix]:
+        if not finding.layer or "exact" not in finding.evidence:
+            return []  # equal outputs with different weights: the cause is upstream
+        rule = init_rule(ctx.nonlinearity)
+        return [
+            reinit_fix(f"{rule.name} on {finding.layer}", finding.layer, rule),
+            noise_fix(f"1% noise on {finding.layer}", finding.layer, 1e-2),
+        ]
+
+    def score(self, finding: Finding) -> float | None:
+        return finding.evidence.get("grouped_units")
+
+    def label(self, finding: Finding) -> str:
+        e = finding.evidence
+        return f"width {e.get('effective_width')}/{e.get('units')}"

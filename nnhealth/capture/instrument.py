@@ -8,21 +8,20 @@ Two mechanisms, both removed in ``finally``:
 * a ``TorchFunctionMode`` sees every nonlinearity however it is written: ``nn.ReLU``,
   ``nn.ReLU(inplace=True)``, ``F.relu``, ``torch.tanh``, ``x.sigmoid()``.
 
-Outputs are reduced on the spot to per-unit sums, sums of squares and counters;
-gradients w.r.t. each output are reduced by tensor hooks during the backward. No
-activation tensor is kept. Gradients are taken with ``torch.autograd.grad`` so the
-caller's ``.grad`` fields are never touched.
+Each output is reduced on the spot by the reducers the plan switches on (reducers.py:
+moments, per-unit counters, fingerprints); gradients w.r.t. each output are reduced by
+tensor hooks during the backward. No activation tensor is kept. Gradients are taken
+with ``torch.autograd.grad`` so the caller's ``.grad`` fields are never touched.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -30,7 +29,8 @@ from torch.overrides import TorchFunctionMode
 from nnhealth._util import escaped, first_line, out_of_memory, tensors_in
 from nnhealth.capture.activations import build_table
 from nnhealth.capture.params import module_owners, param_stats
-from nnhealth.capture.precision import dtype_name, exact32, readable
+from nnhealth.capture.precision import dtype_name, readable
+from nnhealth.capture.reducers import GradientMoments, Output, Reducer, switched_on
 from nnhealth.capture.state import preserved_state
 from nnhealth.capture.stats import (
     ACTIVATION,
@@ -45,7 +45,10 @@ from nnhealth.capture.structure import (
     is_activation_module,
     is_norm,
 )
-from nnhealth.errors import CaptureError
+from nnhealth.errors import CaptureError, flag
+
+if TYPE_CHECKING:
+    from nnhealth.plan import Plan
 
 
 def _first_tensor(obj: Any) -> torch.Tensor | None:
@@ -59,36 +62,19 @@ def _shapes(args: Any) -> list[list[int]]:
 
 @dataclass
 class _Site:
-    """Accumulator for one site while the pass runs (tensors, converted at the end)."""
+    """One site while the pass runs: the fields that name and shape it (SiteStats'),
+    and its reducers."""
 
-    name: str
-    module: str
-    kind: str
-    role: str
-    functional: bool
-    order: int
-    shape: tuple[int, ...]
-    unit_dim: int
-    spec: ActivationSpec | None
-    units: int
-    per_unit_count: int
-    mean: float
-    var: float
-    nonfinite: int = 0
-    active: torch.Tensor | None = None
-    saturated: torch.Tensor | None = None
-    fingerprint: torch.Tensor | None = None
-    interior: torch.Tensor | None = None
-    positive_fraction: float | None = None
-    ptr: int = 0
+    identity: dict[str, Any]
+    reducers: list[Reducer]
+    ptr: int  # the output's storage: finds the model's output among the sites
     is_output: bool = False
-    grad_count: int = 0
-    grad_mean: float | None = None
-    grad_m2: float | None = None
-    grad_nonfinite: int = 0
-    grad_order: int | None = None
-    dtype: str = "float32"
-    eps: float = 2.0**-23
+
+    def freeze(self, examples: int) -> SiteStats:
+        values = {**self.identity, "examples": examples, "is_output": self.is_output}
+        for reducer in self.reducers:
+            values.update(reducer.freeze())
+        return SiteStats(**values)
 
 
 @dataclass
@@ -99,20 +85,14 @@ class _Frame:
 
 
 class _Recorder:
-    def __init__(
-        self,
-        model: nn.Module,
-        table: dict,
-        keep_grads: bool,
-        fingerprints: bool,
-        seed: int,
-        examples: int,
-    ) -> None:
+    def __init__(self, model: nn.Module, plan: Plan, examples: int) -> None:
         self.model = model
-        self.table = table
-        self.keep_grads = keep_grads
-        self.fingerprints = fingerprints
-        self.seed = seed
+        # without a saturation request the bounds are never compared against: any will do
+        fraction = plan.saturation_derivative
+        self.table = build_table(0.0 if fraction is None else fraction)
+        self.reducers = switched_on(plan)
+        self.keep_grads = plan.gradients
+        self.seed = plan.seed
         self._generators: dict[torch.device, torch.Generator] = {}
         self._probe_cache: dict[tuple, torch.Tensor] = {}
         self.stack: list[_Frame] = []
@@ -159,7 +139,7 @@ class _Recorder:
         if out is None:
             return
         for site in reversed(self.sites):
-            if site.ptr == out.data_ptr() and site.shape == tuple(out.shape):
+            if site.ptr == out.data_ptr() and site.identity["shape"] == tuple(out.shape):
                 site.is_output = True
                 return
 
@@ -197,68 +177,39 @@ class _Recorder:
         channel_first: bool,
         spec: ActivationSpec | None = None,
     ) -> None:
+        """Reduce one output with the plan's reducers that apply to it; the gradient
+        w.r.t. it is reduced when the backward reaches it."""
         if not readable(out) or out.numel() == 0:
             return
         self.calls[base] += 1
         n_call = self.calls[base]
-        name = base if n_call == 1 else f"{base}#{n_call}"
-        module = base.split(":")[0] if functional else base
         self.busy = True
         try:
             with torch.no_grad():
-                # bfloat16/float16/float8 values, exactly, in float32: half-precision
-                # sums lose the small variances we report, comparisons against the
-                # saturation bounds must see the stored values
-                x = exact32(out.detach())
-                if x.ndim <= 1:
-                    x = x.reshape(-1, 1)
-                unit_dim = 1 if (channel_first and x.ndim >= 3) else x.ndim - 1
-                dims = tuple(d for d in range(x.ndim) if d != unit_dim)
-                units = x.shape[unit_dim]
-                per_unit = x.numel() // units
-                mean, var = _moments(x)
-                nonfinite = 0
-                if not (math.isfinite(mean) and math.isfinite(var)):
-                    nonfinite = int((~torch.isfinite(x)).sum())
-                site = _Site(
-                    name=name,
-                    module=module,
-                    kind=kind,
-                    role=role,
-                    functional=functional,
-                    order=len(self.sites),
-                    shape=tuple(out.shape),
-                    unit_dim=unit_dim,
-                    spec=spec,
-                    units=units,
-                    per_unit_count=per_unit,
-                    mean=mean,
-                    var=max(var, 0.0) if math.isfinite(var) else var,
-                    nonfinite=nonfinite,
-                    ptr=out.data_ptr(),
-                    dtype=dtype_name(out.dtype),
-                    eps=float(torch.finfo(out.dtype).eps),
-                )
-                exact_f32 = site.per_unit_count < 2**24  # float32 counts are exact below
-                umax = None
-                if spec is not None and spec.can_die:
-                    # a unit was ever active iff its largest output is > 0 (ReLU family
-                    # outputs are >= 0); a max-reduction, no mask, no temporary
-                    umax = x.amax(dim=dims)
-                    site.active = umax > 0
-                    if spec.derivative == "hard":  # ReLU6: flat at 0 as well as at the top
-                        site.positive_fraction = float(torch.sign(x).sum()) / x.numel()
-                if self.fingerprints and role == ACTIVATION:
-                    umax = x.amax(dim=dims) if umax is None else umax
-                    umin = x.amin(dim=dims)
-                    proj = _unit_projection(x, unit_dim, self._probes)
-                    site.fingerprint = torch.cat([proj, umin[:, None], umax[:, None]], dim=1)
-                    site.interior = _interior(x, unit_dim, dims, umin, umax, proj)
-                if spec is not None and (spec.sat_lo is not None or spec.sat_hi is not None):
-                    site.saturated = _count_saturated(x, spec, dims, exact_f32)
-            self.sites.append(site)
+                view = Output(out, channel_first, role, spec, self._probes)
+                reducers: list[Reducer] = [r() for r in self.reducers if r.wanted(view)]
+                for reducer in reducers:
+                    reducer.update(view)
+            identity = {
+                "name": base if n_call == 1 else f"{base}#{n_call}",
+                "module": base.split(":")[0] if functional else base,
+                "kind": kind,
+                "role": role,
+                "functional": functional,
+                "order": len(self.sites),
+                "shape": tuple(out.shape),
+                "unit_dim": view.unit_dim,
+                "spec": spec,
+                "units": view.units,
+                "per_unit_count": view.per_unit_count,
+                "dtype": dtype_name(out.dtype),
+                "eps": float(torch.finfo(out.dtype).eps),
+            }
+            self.sites.append(_Site(identity, reducers, out.data_ptr()))
             if self.keep_grads and out.requires_grad:
-                out.register_hook(self._grad_hook(site))
+                grads = GradientMoments()
+                reducers.append(grads)
+                out.register_hook(self._grad_hook(grads))
         finally:
             self.busy = False
 
@@ -276,159 +227,13 @@ class _Recorder:
             self._probe_cache[key] = r - r.reshape(-1, shape[-1]).mean(dim=0)
         return self._probe_cache[key]
 
-    def _grad_hook(self, site: _Site) -> Callable:
+    def _grad_hook(self, grads: GradientMoments) -> Callable:
         def hook(grad: torch.Tensor) -> None:
-            g = exact32(grad.detach())  # a bfloat16 sum of squares is badly wrong
-            n = g.numel()
-            mean, var = _moments(g)
-            m2 = var * n
-            if not math.isfinite(m2):
-                site.grad_nonfinite += int((~torch.isfinite(g)).sum())
-            site.grad_count, site.grad_mean, site.grad_m2 = n, mean, m2  # fires once
-            if site.grad_order is None:
-                site.grad_order = self.grad_events
-                self.grad_events += 1
+            first = grads.order is None
+            grads.update(grad, self.grad_events)
+            self.grad_events += first
 
         return hook
-
-
-# Values per row of the sum of squares: a float32 accumulation over 1024 values loses
-# ~1e-7 relative; one vector norm over millions of them loses 1e-4 (4M) to 4e-3 (32M).
-_ROW = 1024
-# E[x^2] - E[x]^2 loses about 1e-7 * (1 + mean^2 / var) relative; beyond this ratio
-# (1e-7 * 31: a few 1e-6 at worst) the centered two-pass formula is used instead.
-_CANCELLATION_RATIO = 30.0
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    """Every element of ``x`` as a 1-D view in memory order (a copy only if ``x`` has
-    gaps or overlaps)."""
-    if not x.is_contiguous():
-        order = sorted(range(x.ndim), key=lambda d: -x.stride(d))
-        permuted = x.permute(order)
-        if permuted.is_contiguous():
-            x = permuted
-    return x.reshape(-1)
-
-
-def _sum_squares(x: torch.Tensor) -> float:
-    """Sum of x^2 over every element of a float32/float64 tensor: a vector norm per row of
-    ``_ROW`` values (one reduction call, no temporary the size of ``x``), rows summed
-    in float64."""
-    flat = _flat(x)
-    n = flat.numel()
-    rows = n // _ROW
-    total = 0.0
-    if rows:
-        norms = torch.linalg.vector_norm(flat[: rows * _ROW].view(rows, _ROW), dim=1)
-        total = float(norms.double().square().sum())
-    if n > rows * _ROW:
-        total += float(torch.linalg.vector_norm(flat[rows * _ROW :].double())) ** 2
-    return total
-
-
-def _moments(x: torch.Tensor) -> tuple[float, float]:
-    """Mean and population variance of every element of ``x`` (float32 or float64).
-
-    One pass of reductions (cheap: no float64 copy of the activation; the sum is
-    cascaded, the sum of squares taken by rows), falling back to the centered two-pass
-    formula where the mean is so large against the spread that the one-pass difference
-    E[x^2] - E[x]^2 would cancel.
-    """
-    n = x.numel()
-    mean = float(x.sum()) / n
-    second = _sum_squares(x) / n
-    var = second - mean * mean
-    if mean * mean > _CANCELLATION_RATIO * var:
-        var = float((x - mean).square_().sum()) / n
-    return mean, var
-
-
-# Units whose fingerprints lie within this (relative) of another's get their values
-# counted; the symmetry check's tolerance is 1e-6, this leaves it room up to 1e-4.
-CANDIDATE_RTOL = 1e-4
-
-
-def _interior(
-    x: torch.Tensor,
-    unit_dim: int,
-    dims: tuple[int, ...],
-    umin: torch.Tensor,
-    umax: torch.Tensor,
-    proj: torch.Tensor,
-) -> torch.Tensor:
-    """Per unit, the values strictly between its min and max, #(x > min) - #(x == max),
-    for the units that may have a twin; -1 for the others (not counted).
-
-    A ReLU's zeros and a saturated unit's bound are shared by many units; what can tell
-    two units apart is the rest. The symmetry check weighs a group of equal units by it.
-    Counting every unit would cost two comparisons and two boolean reductions over the
-    whole activation; twins have near-equal projections, so only the units whose nearest
-    neighbour in the sorted first projection lies within ``CANDIDATE_RTOL`` of the
-    largest projection norm are counted (usually none).
-    """
-    count = torch.full(umin.shape, -1, dtype=torch.int64, device=x.device)
-    live = torch.nonzero(umax > umin).reshape(-1)
-    if live.numel() < 2:
-        return count
-    p = proj[live].double()
-    window = CANDIDATE_RTOL * float(torch.linalg.vector_norm(p, dim=1).max())
-    order = torch.argsort(p[:, 0])
-    close = (p[order[1:], 0] - p[order[:-1], 0]).abs() <= window
-    near = torch.zeros(order.numel(), dtype=torch.bool, device=x.device)
-    near[1:] |= close
-    near[:-1] |= close
-    chosen = live[order[near]]
-    if chosen.numel() == 0:
-        return count
-    xs = x.index_select(unit_dim, chosen)
-    shape = [1] * x.ndim
-    shape[unit_dim] = -1
-    inside = (xs > umin[chosen].reshape(shape)).sum(dim=dims)
-    inside -= (xs >= umax[chosen].reshape(shape)).sum(dim=dims)
-    count[chosen] = inside.clamp_(min=0)
-    return count
-
-
-def _unit_projection(
-    x: torch.Tensor, unit_dim: int, probes: Callable[[tuple[int, ...], torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
-    """Each unit's outputs over the batch (and positions) projected on two random
-    zero-sum vectors, by matrix products (no temporary the size of ``x``): (units, 2).
-
-    Zero-sum vectors cancel a unit's constant part, so units that differ only slightly
-    around a large common value (saturated ones) still get clearly different projections;
-    identical units get identical ones.
-    """
-    if unit_dim == x.ndim - 1:
-        flat = x.reshape(-1, x.shape[-1])  # (values per unit, units)
-        return flat.T @ probes((flat.shape[0], 2), x)
-    flat = x.reshape(x.shape[0], x.shape[1], -1)  # (N, C, positions), unit_dim == 1
-    return torch.bmm(flat, probes((x.shape[0], flat.shape[2], 2), x)).sum(dim=0)
-
-
-def _count_saturated(
-    x: torch.Tensor, spec: ActivationSpec, dims: tuple[int, ...], exact_f32: bool
-) -> torch.Tensor:
-    """Per-unit count of values with y <= sat_lo or y >= sat_hi, with one float temporary.
-
-    The region is written as d >= 0 (d = |y - centre| - half-width for two bounds), and
-    sign(d) + 1 clamped to 1 is 1 exactly where d >= 0, bounds included (hard variants
-    sit exactly on them).
-    """
-    lo, hi = spec.sat_lo, spec.sat_hi
-    if not exact_f32:
-        mask = (x >= hi) if hi is not None else torch.zeros_like(x, dtype=torch.bool)
-        if lo is not None:
-            mask |= x <= lo
-        return mask.sum(dim=dims)
-    if lo is not None and hi is not None:
-        d = (x - (lo + hi) / 2).abs_().sub_((hi - lo) / 2)
-    elif hi is not None:
-        d = x - hi
-    else:
-        d = lo - x
-    return d.sign_().add_(1).clamp_(max=1).sum(dim=dims)
 
 
 class _ActivationMode(TorchFunctionMode):
@@ -450,51 +255,6 @@ class _ActivationMode(TorchFunctionMode):
         return out
 
 
-# ---- state the pass must leave as it found it ---------------------------------------
-
-
-def _counts(arr: np.ndarray | None) -> np.ndarray | None:
-    return None if arr is None else np.nan_to_num(arr).astype(np.int64).reshape(-1)
-
-
-def _freeze(site: _Site, examples: int) -> SiteStats:
-    def np_(t: torch.Tensor | None) -> np.ndarray | None:
-        return None if t is None else t.detach().cpu().numpy()
-
-    return SiteStats(
-        name=site.name,
-        module=site.module,
-        kind=site.kind,
-        role=site.role,
-        functional=site.functional,
-        order=site.order,
-        shape=site.shape,
-        unit_dim=site.unit_dim,
-        examples=examples,
-        per_unit_count=site.per_unit_count,
-        units=site.units,
-        mean=site.mean,
-        var=site.var,
-        nonfinite=site.nonfinite,
-        ever_active=None if site.active is None else np_(site.active).reshape(-1),
-        unit_fingerprint=None
-        if site.fingerprint is None
-        else np_(site.fingerprint).astype(np.float64),
-        unit_interior=_counts(np_(site.interior)),
-        saturated_count=_counts(np_(site.saturated)),
-        spec=site.spec,
-        grad_count=site.grad_count,
-        grad_mean=site.grad_mean,
-        grad_m2=site.grad_m2,
-        grad_nonfinite=site.grad_nonfinite,
-        grad_order=site.grad_order,
-        positive_fraction=site.positive_fraction,
-        is_output=site.is_output,
-        dtype=site.dtype,
-        eps=site.eps,
-    )
-
-
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """model(x), model(*inputs) or model(**inputs), by the batch's structure."""
     if isinstance(inputs, dict):
@@ -508,95 +268,38 @@ LossFactory = Callable[[Any], torch.Tensor]
 
 
 def run_pass(
-    model: nn.Module,
-    inputs: Any,
-    make_loss: LossFactory,
-    *,
-    examples: int,
-    mode: str = "train",
-    seed: int = 0,
-    activations: bool = True,
-    gradients: bool = True,
-    saturation_derivative: float = 0.05,
-    fingerprints: bool = False,
+    model: nn.Module, inputs: Any, make_loss: LossFactory, plan: Plan, *, examples: int
 ) -> Capture:
-    """One forward (+ backward) of ``model`` on ``inputs``; returns frozen statistics.
+    """One forward (+ backward) of ``model`` on ``inputs`` as ``plan`` describes it;
+    returns frozen statistics. ``examples``: the batch's size (a nonlinearity whose
+    output has no axis of that size works on parameters, not on the batch).
 
-    ``make_loss(output)`` turns the model's output into a scalar loss. ``activations``
-    False runs without hooks (TorchScript). ``fingerprints`` adds a per-unit fingerprint
-    of each nonlinearity's outputs (for the symmetry check). Raises ``CaptureError`` naming the
-    innermost module that was running when the model raised.
+    ``make_loss(output)`` turns the model's output into a scalar loss. Activations are
+    reduced only when the plan asks for them, and not for TorchScript (no hooks reach
+    inside it); the backward runs only when it asks for gradients. Raises
+    ``CaptureError`` naming the innermost module that was running when the model raised.
     """
     scripted = isinstance(model, torch.jit.ScriptModule)
-    instrument = activations and not scripted
-    recorder = _Recorder(
-        model,
-        build_table(saturation_derivative),
-        gradients,
-        fingerprints and instrument,
-        seed,
-        examples,
-    )
-    handles = []
+    instrument = plan.activations and not scripted
+    recorder = _Recorder(model, plan, examples)
     named = list(model.named_parameters())
     trainable = [(n, p) for n, p in named if p.requires_grad]
     notes: list[str] = []
-    device = next((p.device for p in _tensors_of(model)), torch.device("cpu"))
-    cuda = [device.index or 0] if device.type == "cuda" else []
-    with preserved_state(model, mode), torch.random.fork_rng(devices=cuda):
-        # seed exactly the generators fork_rng restores (torch.manual_seed would also
-        # reseed every other accelerator and leave the caller's state changed there)
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            torch.cuda.manual_seed(seed)
-        try:
-            if instrument:
-                for mname, module in model.named_modules():
-                    tracked = next(module.parameters(recurse=False), None) is not None and (
-                        not is_activation_module(module)  # PReLU: recorded as a nonlinearity
-                    )
-                    handles.append(module.register_forward_pre_hook(recorder.pre_hook(mname)))
-                    handles.append(module.register_forward_hook(recorder.post_hook(mname, tracked)))
-            with torch.enable_grad():
-                try:
-                    if instrument:
-                        with _ActivationMode(recorder):
-                            output = call_model(model, inputs)
-                    else:
-                        output = call_model(model, inputs)
-                    recorder.done = True
-                    recorder.mark_output(_first_tensor(output))
-                except KeyboardInterrupt:
-                    raise
-                except BaseException as exc:  # the user's model: sys.exit and BaseException too
-                    recorder.record_failure()
-                    raise _forward_error(exc, recorder.failure, inputs) from exc
-                loss = make_loss(output)
-                del output
-                grads: dict[str, torch.Tensor | None] | None = None
-                if gradients and trainable and loss.requires_grad:
-                    try:
-                        got = torch.autograd.grad(
-                            loss, [p for _, p in trainable], allow_unused=True
-                        )
-                    except KeyboardInterrupt:
-                        raise
-                    except BaseException as exc:  # a custom backward or tensor hook: user code
-                        raise CaptureError(
-                            f"the backward pass failed: {escaped(exc)} (a custom autograd "
-                            "Function's backward or a tensor hook)"
-                        ) from exc
-                    grads = {n: g for (n, _), g in zip(trainable, got, strict=True)}
-                elif gradients:
-                    notes.append(
-                        "no gradients: the model has no trainable parameters on the loss path"
-                    )
-                loss_value = float(loss.detach())
-        finally:
-            for h in handles:
-                h.remove()
-    params = param_stats(named, module_owners(model), grads)
-    sites = tuple(_freeze(s, examples) for s in recorder.sites)
+    grads: dict[str, torch.Tensor | None] | None = None
+    with (
+        preserved_state(model, plan.mode),
+        _seeded(model, plan.seed),
+        torch.enable_grad(),
+        _hooked(model, recorder, instrument),
+    ):
+        output = _forward(model, inputs, recorder, instrument)
+        loss = make_loss(output)
+        del output
+        if plan.gradients and trainable and loss.requires_grad:
+            grads = _backward(loss, trainable)
+        elif plan.gradients:
+            notes.append("no gradients: the model has no trainable parameters on the loss path")
+        loss_value = float(loss.detach())
     missing = None
     if scripted:
         missing = (
@@ -606,16 +309,81 @@ def run_pass(
         )
         notes.append("TorchScript: weights and gradients only, no per-layer activations")
     return Capture(
-        sites=sites,
-        params=params,
+        sites=tuple(s.freeze(examples) for s in recorder.sites),
+        params=param_stats(named, module_owners(model), grads),
         has_activations=instrument,
         has_gradients=grads is not None,
         loss=loss_value,
-        mode=mode,
+        mode=plan.mode,
         examples=examples,
         notes=tuple(notes),
         missing_reason=missing,
     )
+
+
+@contextlib.contextmanager
+def _seeded(model: nn.Module, seed: int) -> Iterator[None]:
+    """The pass's random draws (dropout) from ``seed``; the caller's generators as they
+    were afterwards."""
+    device = next((p.device for p in _tensors_of(model)), torch.device("cpu"))
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        # seed exactly the generators fork_rng restores (torch.manual_seed would also
+        # reseed every other accelerator and leave the caller's state changed there)
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _hooked(model: nn.Module, recorder: _Recorder, instrument: bool) -> Iterator[None]:
+    """Module hooks on every submodule while the pass runs (none unless
+    ``instrument``), removed in ``finally``."""
+    handles = []
+    try:
+        if instrument:
+            for mname, module in model.named_modules():
+                tracked = next(module.parameters(recurse=False), None) is not None and (
+                    not is_activation_module(module)  # PReLU: recorded as a nonlinearity
+                )
+                handles.append(module.register_forward_pre_hook(recorder.pre_hook(mname)))
+                handles.append(module.register_forward_hook(recorder.post_hook(mname, tracked)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _forward(model: nn.Module, inputs: Any, recorder: _Recorder, instrument: bool) -> Any:
+    """The model's output; a failure becomes a CaptureError naming where it raised."""
+    try:
+        with _ActivationMode(recorder) if instrument else contextlib.nullcontext():
+            output = call_model(model, inputs)
+        recorder.done = True
+        recorder.mark_output(_first_tensor(output))
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # the user's model: sys.exit and BaseException too
+        recorder.record_failure()
+        raise _forward_error(exc, recorder.failure, inputs) from exc
+    return output
+
+
+def _backward(
+    loss: torch.Tensor, trainable: list[tuple[str, torch.Tensor]]
+) -> dict[str, torch.Tensor | None]:
+    """d loss / d each trainable parameter, by ``autograd.grad`` (``.grad`` untouched)."""
+    try:
+        got = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a custom backward or tensor hook: user code
+        raise CaptureError(
+            f"the backward pass failed: {escaped(exc)} (a custom autograd "
+            "Function's backward or a tensor hook)"
+        ) from exc
+    return {n: g for (n, _), g in zip(trainable, got, strict=True)}
 
 
 def _tensors_of(model: nn.Module) -> Iterator[torch.Tensor]:
@@ -648,9 +416,10 @@ def _forward_error(exc: BaseException, frame: _Frame | None, inputs: Any) -> Cap
     if out_of_memory(exc):
         return CaptureError(
             f"out of memory in the forward pass ({where}): {first_line(exc)[:160]}; use a "
-            f"smaller batch than {shape_txt} (--input-shape, --data) or more memory"
+            f"smaller batch than {shape_txt} ({flag('input_shape')}, {flag('data')}) or more memory"
         )
     return CaptureError(
         f"the model {escaped(exc)} ({where}) "
-        f"(batch inputs had shape {shape_txt}; check that --data/--input-shape fit the model)"
+        f"(batch inputs had shape {shape_txt}; check that {flag('data')}/{flag('input_shape')} "
+        "fit the model)"
     )

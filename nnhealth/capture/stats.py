@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# slope of the hard nonlinearities between their flat parts
-HARD_SLOPE = {"hardsigmoid": 1.0 / 6.0, "hardtanh": 1.0, "relu6": 1.0}
+from nnhealth.nonlinearities import hard_slope
 
 # Site roles: a parametric layer's output (Linear, Conv, Embedding...), a normalization
 # layer's output (BatchNorm, LayerNorm...), or a nonlinearity's output.
@@ -39,6 +38,8 @@ class SiteStats:
     A unit is the channel dimension for convolutions, the last dimension otherwise;
     ``per_unit_count`` values went into each unit. Moments are over every element;
     per-unit arrays (ever active, saturation counts) are kept for nonlinearities.
+    Each statistic comes from one reducer (reducers.py) that the plan switched on; the
+    fields of a statistic the selected checks did not ask for keep their defaults.
     """
 
     name: str
@@ -124,7 +125,7 @@ class SiteStats:
             linear = (
                 self.positive_fraction if self.positive_fraction is not None else 1.0
             ) - self.saturated_count.sum() / self.total
-            return float(max(linear, 0.0) * HARD_SLOPE.get(self.spec.kind, 1.0))
+            return float(max(linear, 0.0) * hard_slope(self.spec.kind))
         return None
 
 

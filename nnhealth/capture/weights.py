@@ -22,6 +22,7 @@ from nnhealth.capture.precision import (
 )
 from nnhealth.capture.stats import ACTIVATION, LAYER, NORM, SiteStats, WeightStats
 from nnhealth.capture.structure import is_norm
+from nnhealth.nonlinearities import MODULE_KINDS
 
 JUDGED_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.Bilinear)
 JUDGED_NAMES = {
@@ -59,27 +60,6 @@ _NORM_NAMES = {
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
-}
-
-# activation module class -> the kind name the capture uses
-_ACTIVATION_CLASSES = {
-    "ReLU": "relu",
-    "ReLU6": "relu6",
-    "LeakyReLU": "leaky_relu",
-    "PReLU": "prelu",
-    "RReLU": "rrelu",
-    "ELU": "elu",
-    "CELU": "celu",
-    "SELU": "selu",
-    "GELU": "gelu",
-    "SiLU": "silu",
-    "Mish": "mish",
-    "Softplus": "softplus",
-    "Hardswish": "hardswish",
-    "Tanh": "tanh",
-    "Sigmoid": "sigmoid",
-    "Hardtanh": "hardtanh",
-    "Hardsigmoid": "hardsigmoid",
 }
 
 
@@ -223,8 +203,8 @@ def _next_from_modules(model: nn.Module) -> dict[str, str]:
         for _, nxt in leaves[i + 1 :]:
             if is_norm(nxt) or kind_of(nxt) in _NORM_NAMES:
                 follow[name] = "norm"
-            elif kind_of(nxt) in _ACTIVATION_CLASSES:
-                follow[name] = _ACTIVATION_CLASSES[kind_of(nxt)]
+            elif kind_of(nxt) in MODULE_KINDS:
+                follow[name] = MODULE_KINDS[kind_of(nxt)]
             elif isinstance(nxt, (nn.Dropout, nn.Identity, nn.Flatten)) or not any(
                 True for _ in nxt.parameters(recurse=False)
             ):

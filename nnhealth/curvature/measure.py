@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +21,10 @@ from nnhealth.curvature.lanczos import (
     start_vector,
 )
 from nnhealth.curvature.trace import hutchinson
+from nnhealth.errors import flag
+
+if TYPE_CHECKING:
+    from nnhealth.plan import Plan
 
 MEMORY_SHARE = 0.5  # of the memory available once the gradient graph is built
 
@@ -51,7 +55,8 @@ def basis_cap(n: int, device: torch.device, top: int, smallest: bool, budget: in
     if cap < least and cap < min(budget, n) + 1:
         raise NoCurvature(
             f"not enough memory for Lanczos: {least} vectors of {n:,} float64 values need "
-            f"{_gb(least * 8 * n)}, {_gb(free)} is free; free memory, lower --hessian-top, "
+            f"{_gb(least * 8 * n)}, {_gb(free)} is free; free memory, lower "
+            f"{flag('hessian_top')}, "
             "or scan on a larger machine"
         )
     return cap
@@ -200,3 +205,34 @@ def measure(
                 "products than an unrestarted run, the same certified bound"
             )
         return stats, notes
+
+
+def measure_planned(
+    model: nn.Module,
+    inputs: Any,
+    make_loss: Callable[[Any], Any],
+    plan: Plan,
+    progress: Progress | None = None,
+) -> tuple[CurvatureStats | None, str | None, list[str]]:
+    """The Hessian measured as ``plan`` says: (stats, None, notes); or (None, the reason,
+    []) when there is none to measure or trust here, or the plan measures none."""
+    hessian = plan.curvature
+    if hessian is None:
+        return None, None, []
+    try:
+        stats, notes = measure(
+            model,
+            inputs,
+            make_loss,
+            mode=plan.mode,
+            seed=plan.seed,
+            top=hessian.top,
+            smallest=hessian.smallest,
+            tol=hessian.tol,
+            budget=hessian.budget,
+            trace_probes=hessian.trace_probes,
+            progress=progress,
+        )
+    except NoCurvature as exc:
+        return None, str(exc), []
+    return stats, None, notes
