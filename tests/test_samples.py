@@ -8,36 +8,7 @@ import json
 import make_samples
 import pytest
 import torch
-
-EXPECTED = {
-    # name: {code: (severity, layer or None)} -- every finding the scan must report
-    "healthy_relu_mlp": {},
-    "cnn_bn": {},
-    "tanh_vanishing": {"NH201": ("error", None), "NH202": ("error", None), "NH601": ("error", "0")},
-    "tanh_saturated": {
-        "NH102": ("error", "1"),
-        "NH202": ("error", None),
-        "NH601": ("error", "0"),
-    },
-    "sigmoid_large": {"NH102": ("error", "1"), "NH601": ("error", "0")},
-    "relu_dead_bias": {"NH101": ("error", "3")},
-    "zero_init_mlp": {
-        "NH101": ("error", "1"),
-        "NH201": ("error", None),
-        "NH202": ("error", None),
-        "NH501": ("error", "0"),
-        "NH601": ("error", "0"),
-    },
-    "nan_weight": {"NH001": ("error", "2")},
-    "duplicated_units": {"NH501": ("warning", "2")},
-    "xavier_deep_relu": {
-        "NH601": ("warning", "0"),
-        "NH201": ("warning", None),
-        "NH202": ("warning", None),
-        "NH101": ("warning", "19"),
-    },
-    "norm_spread_bn": {"NH301": ("warning", None)},
-}
+from conftest import SAMPLE_FINDINGS as EXPECTED
 
 
 def test_every_sample_is_covered() -> None:

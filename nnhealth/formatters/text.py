@@ -80,6 +80,8 @@ class TextFormatter(Formatter):
             if report.notes or report.skipped or report.errors:
                 console.print()
             self._notes(console, report)
+        else:  # quiet: notes and skips go, but a check that failed is still named
+            self._errors(console, report)
         self._findings(console, report)
         if report.what_if:
             self._what_if(console, report)
@@ -221,6 +223,9 @@ class TextFormatter(Formatter):
             console.print(safe(f"note: {note}", style="dim"))
         for s in report.skipped:
             console.print(safe(f"skipped {s.code} {s.check}: {s.reason}", style="dim"))
+        self._errors(console, report)
+
+    def _errors(self, console: Console, report: Report) -> None:
         for e in report.errors:
             console.print(safe(f"analyzer error in {e.check}: {e.message}", style="red"))
 

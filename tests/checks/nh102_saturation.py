@@ -1,0 +1,34 @@
+"""NH102 saturation: sigmoid/tanh units stuck near their bounds."""
+
+from __future__ import annotations
+
+import math
+
+from conftest import Case, he, healthy_cases, stack, xavier
+from torch import nn
+
+from nnhealth.findings import Severity
+
+CODE = "NH102"
+
+BAD = [
+    Case("tanh-w-randn", lambda: stack(128, 5, nn.Tanh, lambda n: 1.0), Severity.ERROR),
+    # seed 1: seed 0 prints a mean derivative 1e-5 (relative) from a rounding edge
+    Case(
+        "sigmoid-large",
+        lambda: stack(128, 4, nn.Sigmoid, lambda n: 1.0, seed=1),
+        Severity.ERROR,
+    ),
+    Case(
+        "tanh-mildly-large",
+        lambda: stack(128, 3, nn.Tanh, lambda n: 2.2 / math.sqrt(n)),
+        Severity.WARNING,
+    ),
+]
+
+GOOD = [
+    Case("xavier-tanh", lambda: stack(128, 5, nn.Tanh, xavier)),
+    Case("relu-cannot-saturate", lambda: stack(128, 4, nn.ReLU, lambda n: 1.0)),
+    Case("healthy-he-relu", lambda: stack(128, 4, nn.ReLU, he)),
+    *healthy_cases(),
+]

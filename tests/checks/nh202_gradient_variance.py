@@ -1,0 +1,39 @@
+"""NH202 gradient-variance: gradient variance vanishing or exploding from output to
+input."""
+
+from __future__ import annotations
+
+from conftest import Case, he, healthy_cases, stack, xavier
+from torch import nn
+
+from nnhealth.findings import Severity
+
+CODE = "NH202"
+
+BAD = [
+    Case(
+        "tanh-0.01-vanishing",
+        lambda: stack(128, 5, nn.Tanh, lambda n: 0.01),
+        Severity.ERROR,
+        None,
+    ),
+    Case(
+        "tanh-w-randn-exploding",
+        lambda: stack(128, 5, nn.Tanh, lambda n: 1.0),
+        Severity.WARNING,
+        None,
+    ),
+    Case(
+        "tanh-w-randn-deeper",
+        lambda: stack(128, 8, nn.Tanh, lambda n: 1.0),
+        Severity.ERROR,
+        None,
+    ),
+]
+
+GOOD = [
+    Case("healthy-he-relu", lambda: stack(128, 6, nn.ReLU, he)),
+    Case("xavier-tanh", lambda: stack(128, 6, nn.Tanh, xavier)),
+    Case("tiny-init-batchnorm", lambda: stack(128, 6, nn.Tanh, lambda n: 0.01, nn.BatchNorm1d)),
+    *healthy_cases(),
+]

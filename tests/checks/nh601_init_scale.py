@@ -1,0 +1,35 @@
+"""NH601 init-scale: weight variance far from the He/Xavier/LeCun target."""
+
+from __future__ import annotations
+
+import torch
+from conftest import Case, he, healthy_cases, stack, xavier
+from torch import nn
+
+from nnhealth.findings import Severity
+
+CODE = "NH601"
+
+
+def one_layer_scaled(factor: float) -> nn.Module:
+    model = stack(128, 2, nn.ReLU, he)
+    with torch.no_grad():
+        model[2].weight.mul_(factor)
+    return model
+
+
+BAD = [
+    Case("default-init-deep-relu", lambda: stack(128, 6, nn.ReLU, None), Severity.ERROR, "0"),
+    Case("default-init-4-relu", lambda: stack(128, 4, nn.ReLU, None), Severity.WARNING, "0"),
+    Case("xavier-scale-deep-relu", lambda: stack(128, 8, nn.ReLU, xavier), Severity.WARNING, "0"),
+    Case("tanh-0.01", lambda: stack(128, 5, nn.Tanh, lambda n: 0.01), Severity.ERROR, "0"),
+    Case("one-layer-100x", lambda: one_layer_scaled(10.0), Severity.WARNING, "2"),
+]
+
+GOOD = [
+    Case("healthy-he-relu", lambda: stack(128, 8, nn.ReLU, he)),
+    Case("xavier-tanh", lambda: stack(128, 8, nn.Tanh, xavier)),
+    Case("default-init-shallow-relu", lambda: stack(128, 1, nn.ReLU, None)),
+    Case("tiny-init-batchnorm", lambda: stack(128, 6, nn.Tanh, lambda n: 0.01, nn.BatchNorm1d)),
+    *healthy_cases(),
+]
