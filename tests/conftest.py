@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
@@ -7,6 +8,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -479,3 +481,18 @@ def healthy_cases() -> list[Case]:
         Case("small-cnn-batchnorm", small_cnn, inputs=CNN_INPUTS),
         Case("tiny-transformer", TinyTransformer, inputs=TRANSFORMER_INPUTS),
     ]
+
+
+CASES_DIR = Path(__file__).parent / "checks"
+
+
+def load_case_modules() -> list[ModuleType]:
+    modules = []
+    for path in sorted(CASES_DIR.glob("nh*.py")):
+        name = f"nnhealth_cases.{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses in a case module look themselves up here
+        spec.loader.exec_module(module)
+        modules.append(module)
+    return modules

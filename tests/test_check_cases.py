@@ -20,22 +20,18 @@ Adding a check's cases:
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import math
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
-from conftest import ROOT, Case, scan_case
+from conftest import CASES_DIR, ROOT, Case, load_case_modules, scan_case
 
 from nnhealth.analyzers import REGISTRY
 from nnhealth.findings import Severity
 
-CASES_DIR = Path(__file__).parent / "checks"
 SNAPSHOTS = CASES_DIR / "snapshots"
 REL = 1e-5  # relative tolerance on every number of a snapshot
 # how numbers are printed in findings (findings' num/pct, the curvature's 4 digits)
@@ -51,18 +47,6 @@ UPDATE = "python -m pytest tests/test_check_cases.py --update-golden"
 
 def module_file(code: str, name: str) -> Path:
     return CASES_DIR / f"{code.lower()}_{name.replace('-', '_')}.py"
-
-
-def load_case_modules() -> list[ModuleType]:
-    modules = []
-    for path in sorted(CASES_DIR.glob("nh*.py")):
-        name = f"nnhealth_cases.{path.stem}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses in a case module look themselves up here
-        spec.loader.exec_module(module)
-        modules.append(module)
-    return modules
 
 
 MODULES = load_case_modules()

@@ -29,6 +29,7 @@ from conftest import assert_schema, he_mlp, strict_json, upstream_symmetry
 from torch import nn
 
 import nnhealth
+from nnhealth.analyzers import REGISTRY
 from nnhealth.analyzers.saturation import Saturation
 from nnhealth.analyzers.symmetry import Symmetry
 from nnhealth.capture import weights as weight_stats
@@ -43,7 +44,7 @@ EXACT = 1e-5  # float32 reductions of the same values, vs float64
 EXACT64 = 1e-12  # float64 reductions of the same values
 VS_FLOAT32 = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
 FINGERPRINTS = Plan(fingerprints=True)
-ALL_CODES = {"NH001", "NH101", "NH102", "NH201", "NH202", "NH301", "NH401", "NH501", "NH601"}
+ALL_CODES = {c.code for c in REGISTRY}
 
 
 def rel(got: float, want: float) -> float:

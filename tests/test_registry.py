@@ -4,15 +4,11 @@ small model built to trigger it, through --what-if and baselines."""
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import ROOT, he, he_mlp, stack
-from torch import nn
+from conftest import ROOT, case_batch, load_case_modules
 
 import nnhealth
 from nnhealth import baseline
@@ -22,81 +18,9 @@ from nnhealth.analyzers.base import REQUIRED_METHODS, REQUIRED_SECTIONS, Check, 
 from nnhealth.findings import Finding, Severity
 from nnhealth.plan import Request
 
-Case = Callable[[], tuple[nn.Module, object, dict]]
-
-
-def _batch(n: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(n, dim, generator=gen), torch.randint(0, 4, (n,), generator=gen)
-
-
-def nonfinite() -> tuple[nn.Module, object, dict]:
-    model = he_mlp([16, 32, 32, 4])
-    with torch.no_grad():
-        model[2].weight[0, 0] = float("nan")
-    return model, _batch(64, 16), {}
-
-
-def dead_relu() -> tuple[nn.Module, object, dict]:
-    model = he_mlp([32, 64, 64, 4])
-    with torch.no_grad():
-        model[2].bias[:40] = -50.0
-    return model, _batch(64, 32), {}
-
-
-def saturation() -> tuple[nn.Module, object, dict]:
-    return stack(64, 3, nn.Tanh, lambda n: 1.0), _batch(64, 64), {}
-
-
-def vanishing() -> tuple[nn.Module, object, dict]:
-    return stack(64, 5, nn.Tanh, lambda n: 0.01), _batch(64, 64), {}
-
-
-def norm_spread() -> tuple[nn.Module, object, dict]:
-    model = stack(64, 3, nn.ReLU, he, norm=nn.BatchNorm1d)
-    with torch.no_grad():
-        model[3].weight.mul_(100.0)
-    return model, _batch(64, 64), {}
-
-
-def curvature() -> tuple[nn.Module, object, dict]:
-    torch.manual_seed(0)
-    model = nn.Linear(8, 2).double()
-    x = torch.randn(64, 8, dtype=torch.float64) * torch.linspace(0.2, 3.0, 8, dtype=torch.float64)
-    return model, (x, torch.randn(64, 2, dtype=torch.float64)), {"hessian": True, "lr": 100.0}
-
-
-def symmetry() -> tuple[nn.Module, object, dict]:
-    model = he_mlp([16, 32, 32, 4])
-    with torch.no_grad():
-        model[2].weight.fill_(0.1)
-        model[2].bias.zero_()
-    return model, _batch(64, 16), {}
-
-
-def init_scale() -> tuple[nn.Module, object, dict]:
-    # Var(w) = 1/fan_in, half of He's, through 8 ReLU layers: x0.5^8
-    return stack(64, 8, nn.ReLU, lambda n: math.sqrt(1 / n)), _batch(64, 64), {}
-
-
-CASES: dict[str, Case] = {
-    "NH001": nonfinite,
-    "NH101": dead_relu,
-    "NH102": saturation,
-    "NH201": vanishing,
-    "NH202": vanishing,
-    "NH301": norm_spread,
-    "NH401": curvature,
-    "NH501": symmetry,
-    "NH601": init_scale,
-}
-
-# the layer-table columns a check's metrics put on its finding's row
-COLUMNS = {
-    "NH101": {"dead_units", "dead_fraction"},
-    "NH102": {"saturated_units", "saturated_fraction", "mean_derivative"},
-    "NH501": {"symmetry_groups", "effective_width"},
-}
+# each check's case module (tests/checks/): the bad case --what-if must resolve, and
+# the layer-table columns its metrics put on the finding's row
+MODULES = {m.CODE: m for m in load_case_modules()}
 
 
 @pytest.mark.parametrize("check", REGISTRY, ids=[c.code for c in REGISTRY])
@@ -140,8 +64,11 @@ def test_whatif_and_baseline_name_no_check() -> None:
         assert not re.findall(r"NH\d{3}", source), module
 
 
-def test_every_check_has_a_case() -> None:
-    assert set(CASES) == {c.code for c in REGISTRY}
+def test_every_check_names_a_what_if_case() -> None:
+    for check in REGISTRY:
+        module = MODULES.get(check.code)
+        assert module is not None, f"{check.code}: no case module in tests/checks/"
+        assert module.WHAT_IF in {c.id for c in module.BAD}, (check.code, module.WHAT_IF)
 
 
 def _finding(report: nnhealth.Report, code: str) -> Finding:
@@ -152,8 +79,12 @@ def _finding(report: nnhealth.Report, code: str) -> Finding:
 
 @pytest.mark.parametrize("check", REGISTRY, ids=[c.code for c in REGISTRY])
 def test_fixes_score_and_label_on_a_real_finding(check: type[Check]) -> None:
-    model, batch, kwargs = CASES[check.code]()
-    report = nnhealth.scan(model, batch, select=[check.code], what_if=True, **kwargs)
+    module = MODULES[check.code]
+    case = next(c for c in module.BAD if c.id == module.WHAT_IF)
+    kwargs = dict(case.kwargs)
+    report = nnhealth.scan(
+        case.build(), case_batch(case), select=[check.code], what_if=True, **kwargs
+    )
     f = _finding(report, check.code)
     instance = check()
 
@@ -172,7 +103,7 @@ def test_fixes_score_and_label_on_a_real_finding(check: type[Check]) -> None:
     assert any(w["applied"] and w["resolved"] for w in tried), tried
 
     rows = {r["name"]: r for r in report.layers}
-    for column in COLUMNS.get(check.code, ()):
+    for column in getattr(module, "COLUMNS", ()):
         assert rows[f.layer][column] is not None, (column, rows[f.layer])
 
 

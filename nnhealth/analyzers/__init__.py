@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
-from nnhealth.analyzers.activation_variance import ActivationVariance
-from nnhealth.analyzers.base import Check, Option
-from nnhealth.analyzers.curvature import Curvature
-from nnhealth.analyzers.dead_relu import DeadRelu
-from nnhealth.analyzers.gradient_variance import GradientVariance
-from nnhealth.analyzers.init_scale import InitScale
-from nnhealth.analyzers.nonfinite import Nonfinite
-from nnhealth.analyzers.norm_ratio import NormRatio
-from nnhealth.analyzers.saturation import Saturation
-from nnhealth.analyzers.symmetry import Symmetry
+import importlib
+import pkgutil
 
-REGISTRY: tuple[type[Check], ...] = (
-    Nonfinite,
-    DeadRelu,
-    Saturation,
-    ActivationVariance,
-    GradientVariance,
-    NormRatio,
-    Curvature,
-    Symmetry,
-    InitScale,
-)
+from nnhealth.analyzers.base import Check, Option
+
+
+def _discover() -> tuple[type[Check], ...]:
+    """Every check defined in a public module of this package, in code order: adding a
+    check is adding its file. Two checks with one code or name are refused."""
+    found: list[type[Check]] = []
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_") or info.name == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        found += [
+            obj
+            for obj in vars(module).values()
+            if isinstance(obj, type)
+            and issubclass(obj, Check)
+            and obj.__module__ == module.__name__
+        ]
+    for attr in ("code", "name"):
+        values = [getattr(c, attr) for c in found]
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise TypeError(f"checks share a {attr}: {', '.join(twice)}")
+    return tuple(sorted(found, key=lambda c: c.code))
+
+
+REGISTRY: tuple[type[Check], ...] = _discover()
 
 __all__ = ["REGISTRY", "Check", "Option", "lookup", "select_checks"]
 

@@ -38,6 +38,9 @@ class SqrtAtZero(nn.Module):
         return self.head(torch.sqrt(F.relu(self.fc(x)) * 0.0))
 
 
+# the bad case on which --what-if must resolve the finding (tests/test_registry.py)
+WHAT_IF = "nan-weight"
+
 BAD = [
     Case("nan-weight", with_nan_weight, Severity.ERROR, "2", inputs=(128, 64)),
     Case("overflow-in-forward", overflowing, Severity.ERROR, "2", inputs=(128, 64)),

@@ -52,6 +52,11 @@ def snippet_resets_the_norm(findings: list[Finding], model: nn.Module) -> None:
     assert float(model[1].bias.detach().abs().max()) == 0.0
 
 
+# the bad case on which --what-if must resolve the finding (tests/test_registry.py)
+WHAT_IF = "most-units-dead"
+# the layer-table columns this check puts on its finding's row
+COLUMNS = {"dead_units", "dead_fraction"}
+
 BAD = [
     Case("most-units-dead", lambda: dead_bias(0.6), Severity.ERROR, "3", verify=dead_counted),
     Case("some-units-dead", lambda: dead_bias(0.2), Severity.WARNING, "3"),

@@ -11,6 +11,11 @@ from nnhealth.findings import Severity
 
 CODE = "NH102"
 
+# the bad case on which --what-if must resolve the finding (tests/test_registry.py)
+WHAT_IF = "tanh-w-randn"
+# the layer-table columns this check puts on its finding's row
+COLUMNS = {"saturated_units", "saturated_fraction", "mean_derivative"}
+
 BAD = [
     Case("tanh-w-randn", lambda: stack(128, 5, nn.Tanh, lambda n: 1.0), Severity.ERROR),
     # seed 1: seed 0 prints a mean derivative 1e-5 (relative) from a rounding edge

@@ -19,6 +19,9 @@ def factor_matches_theory(findings: list[Finding], model: nn.Module) -> None:
     assert "xavier_normal_" in findings[0].fix_snippet
 
 
+# the bad case on which --what-if must resolve the finding (tests/test_registry.py)
+WHAT_IF = "tanh-0.01-vanishing"
+
 BAD = [
     Case(
         "tanh-0.01-vanishing",

@@ -10,6 +10,9 @@ from nnhealth.findings import Severity
 
 CODE = "NH202"
 
+# the bad case on which --what-if must resolve the finding (tests/test_registry.py)
+WHAT_IF = "tanh-0.01-vanishing"
+
 BAD = [
     Case(
         "tanh-0.01-vanishing",

@@ -21,6 +21,9 @@ def bn_scaled_layer(scale: float) -> nn.Module:
     return model
 
 
+# the bad case on which --what-if must resolve the finding (tests/test_registry.py)
+WHAT_IF = "bn-layer-scaled-100x"
+
 BAD = [
     Case("bn-layer-scaled-100x", lambda: bn_scaled_layer(100.0), Severity.WARNING, None),
 ]

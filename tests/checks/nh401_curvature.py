@@ -15,6 +15,9 @@ def he_mlp64() -> nn.Module:
     return stack(64, 2, nn.ReLU, he)
 
 
+# the bad case on which --what-if must resolve the finding (tests/test_registry.py)
+WHAT_IF = "he-relu-huge-lr"
+
 BAD = [
     Case(
         "he-relu-huge-lr",

@@ -37,6 +37,11 @@ def frozen_constant() -> nn.Module:
     return model
 
 
+# the bad case on which --what-if must resolve the finding (tests/test_registry.py)
+WHAT_IF = "constant-init"
+# the layer-table columns this check puts on its finding's row
+COLUMNS = {"symmetry_groups", "effective_width"}
+
 BAD = [
     Case(
         "zero-init",

@@ -18,6 +18,9 @@ def one_layer_scaled(factor: float) -> nn.Module:
     return model
 
 
+# the bad case on which --what-if must resolve the finding (tests/test_registry.py)
+WHAT_IF = "default-init-deep-relu"
+
 BAD = [
     Case("default-init-deep-relu", lambda: stack(128, 6, nn.ReLU, None), Severity.ERROR, "0"),
     Case("default-init-4-relu", lambda: stack(128, 4, nn.ReLU, None), Severity.WARNING, "0"),
