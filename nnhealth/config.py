@@ -223,7 +223,11 @@ def _from_file(option: Option, value: Any, where: str, source: Path | None, trus
             )
     if option.role is Role.WRITE:
         _inside(directory, value, where)
-    return _from_config_dir(directory, value)
+    if option.role is Role.CODE:
+        return _from_config_dir(directory, value)
+    # a file to read or write: always from the file's directory, a colon included
+    # ("rep:ort.txt" is a file name, not an entry point)
+    return value if Path(value).is_absolute() else str(directory / value)
 
 
 def _check_codes(codes: list[str], where: str) -> None:

@@ -116,6 +116,19 @@ def test_config_output_stays_inside_its_tree(cli, repo: Path, key: str, where: s
     assert not Path("/tmp/nnhealth-outside.json").exists()
 
 
+@pytest.mark.parametrize("key", ["output", "write-baseline"])
+def test_config_path_with_a_colon_stays_in_the_configs_tree(
+    cli, repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    # "rep:ort.json" looks like module:attr; it is a file, relative to the config file
+    pyproject(repo, f'model = "model.pt"\n{key} = "rep:ort.json"\nformat = "json"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli("scan", "--config", repo / "pyproject.toml").code in (0, 1)
+    assert (repo / "rep:ort.json").is_file() and listing(elsewhere) == set()
+
+
 def test_config_output_inside_its_tree_is_written(cli, repo: Path) -> None:
     (repo / "reports").mkdir()
     pyproject(repo, 'model = "model.pt"\noutput = "reports/r.json"\nformat = "json"\n')
