@@ -17,9 +17,18 @@ class Progress(Protocol):
 ENTRY_POINT = re.compile(r"[^:]+:[A-Za-z_][\w.]*")
 
 
+def _is_nnhealth(exc: BaseException) -> bool:
+    from nnhealth.errors import NnhealthError
+
+    return isinstance(exc, NnhealthError)
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message (or its type name)."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    # an nnhealth error keeps its option references: the message it ends up in renders them
+    text = getattr(exc, "message", None) if _is_nnhealth(exc) else None
+    text = str(exc) if text is None else text
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
 
 

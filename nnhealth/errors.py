@@ -36,12 +36,20 @@ def render_flags(text: str, names: Mapping[str, str] | Callable[[str], str] | No
     return _MARK.sub(one, text)
 
 
+def report_text(text: str) -> str:
+    """``text`` for the report (a note, a skip reason, a what-if note): option references
+    spelled as command-line flags, as the report's other text spells them."""
+    from nnhealth.options import FLAGS
+
+    return render_flags(text, FLAGS)
+
+
 class NnhealthError(Exception):
     """Base class: the subclass names the stage that failed."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+        super().__init__(render_flags(message))  # args and repr: the API's spelling
+        self.message = message  # with the option references, for whoever renders it
 
     def __str__(self) -> str:
         return render_flags(self.message)

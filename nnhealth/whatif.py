@@ -25,6 +25,7 @@ from nnhealth.analyzers import lookup
 from nnhealth.analyzers._fixes import Fix, FixContext
 from nnhealth.baseline import key, score
 from nnhealth.capture.instrument import call_model
+from nnhealth.errors import report_text
 from nnhealth.findings import Finding, Report, Severity
 from nnhealth.loading.batch import Batch, prepare
 from nnhealth.loading.loss import LossResolver
@@ -99,7 +100,7 @@ def _trial(
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 (a module that refuses copying: user code)
-        note = f"the model cannot be copied for a trial: deepcopy {escaped(exc)}"
+        note = report_text(f"the model cannot be copied for a trial: deepcopy {escaped(exc)}")
         return {"applied": False, "note": note[:300]}
     try:
         if fix.train is not None:
@@ -125,7 +126,7 @@ def _trial(
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 (the fix did not fit the model, e.g. a norm layer)
-        note = f"could not be applied: the trial {escaped(exc)}"
+        note = report_text(f"could not be applied: the trial {escaped(exc)}")
         return {"applied": False, "note": note[:300]}
     return _compare(report, rescan, f)
 

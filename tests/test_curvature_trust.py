@@ -819,6 +819,20 @@ def test_a_real_allocation_failure_in_lanczos_is_caught(monkeypatch) -> None:
     assert "lower --hessian-budget" in str(info.value)
 
 
+def test_a_skip_reason_spells_options_as_the_rest_of_the_report(monkeypatch) -> None:
+    """The reason comes from an error that names an option; in the report (API or CLI)
+    it reads as the other reasons do, with the flag, and no marker leaks."""
+    import nnhealth.curvature.measure as measure_module
+
+    monkeypatch.setattr(measure_module, "available_memory", lambda device: 1000)
+    x, y = batch()
+    reason = skip_reason(
+        nnhealth.scan(softplus_mlp(), (x, y), select=["NH401", "NH101"], hessian=True)
+    )
+    assert reason.startswith("not enough memory for Lanczos") and "lower --hessian-top" in reason
+    assert "\x02" not in reason and "\x03" not in reason
+
+
 def test_lanczos_itself_does_not_need_the_checks() -> None:
     """The checks live in the scan's path; lanczos() stays a plain symmetric solver."""
     spectrum = np.linspace(1.0, 0.0, 50)

@@ -136,7 +136,7 @@ class HessianOperator:
             except KeyboardInterrupt:
                 raise
             except NnhealthError as exc:  # the loss's own one-line reason
-                raise NoCurvature(f"the loss for Hessian products failed: {exc}") from exc
+                raise NoCurvature(f"the loss for Hessian products failed: {exc.message}") from exc
             except BaseException as exc:
                 raise self._failure("the loss for Hessian products", exc, "") from exc
             del output

@@ -21,7 +21,7 @@ from nnhealth.curvature.lanczos import (
     start_vector,
 )
 from nnhealth.curvature.trace import hutchinson
-from nnhealth.errors import flag
+from nnhealth.errors import flag, report_text
 
 if TYPE_CHECKING:
     from nnhealth.plan import Plan
@@ -234,5 +234,5 @@ def measure_planned(
             progress=progress,
         )
     except NoCurvature as exc:
-        return None, str(exc), []
+        return None, report_text(exc.message), []
     return stats, None, notes
