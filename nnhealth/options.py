@@ -89,8 +89,9 @@ class Kind:
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with ``value`` (``expected ...``), or None."""
-        ok = isinstance(value, (str, os.PathLike)) and str(value) != ""
-        return None if ok else "expected a string"
+        if not isinstance(value, (str, os.PathLike)):
+            return "expected a string"
+        return None if str(value) != "" else "expected a non-empty string"
 
     def parse(self, text: str) -> Any:
         """An environment variable's text as a value (ValueError: not one)."""
@@ -121,7 +122,12 @@ class Flag(Kind):
     FALSE = frozenset({"0", "false", "no", "off", ""})
 
     def problem(self, value: Any) -> str | None:
-        return None if isinstance(value, bool) else "expected true or false"
+        # 0 and 1 too: Python callers write what_if=1 as often as what_if=True
+        ok = isinstance(value, bool) or (_is_int(value) and value in (0, 1))
+        return None if ok else "expected true or false"
+
+    def coerce(self, value: Any) -> Any:
+        return bool(value) if _is_int(value) and value in (0, 1) else value
 
     def parse(self, text: str) -> Any:
         word = text.strip().lower()
@@ -142,11 +148,9 @@ class Integer(Kind):
     annotation = int
 
     def problem(self, value: Any) -> str | None:
-        if not _is_int(value) or value < self.low:
-            return f"expected an integer >= {self.low}"
-        if value > self.high:
-            return f"expected an integer in [{self.low}, {self.high_text or f'{self.high:,}'}]"
-        return None
+        if _is_int(value) and self.low <= value <= self.high:
+            return None
+        return f"expected an integer in [{self.low}, {self.high_text or f'{self.high:,}'}]"
 
     def parse(self, text: str) -> Any:
         return int(text.strip())
@@ -167,7 +171,7 @@ class Number(Kind):
             return None
         if self.high is not None:
             return f"expected a number in ({self.low:g}, {self.high:g})"
-        return f"expected a number {'>=' if self.closed else '>'} {self.low:g}"
+        return f"expected a finite number {'>=' if self.closed else '>'} {self.low:g}"
 
     def parse(self, text: str) -> Any:
         return float(text.strip())

@@ -88,3 +88,15 @@ def test_import_does_not_import_torch() -> None:
         check=True,
     ).stdout
     assert out.strip() == "False"
+
+
+def test_python_booleans_may_be_0_or_1_and_infinity_is_named() -> None:
+    model, batch = he_mlp([8, 16, 4]), (torch.randn(32, 8), torch.randint(0, 4, (32,)))
+    report = nnhealth.scan(model, batch, what_if=0, hessian=1, select=["NH401"], lr=0.1)
+    assert report.curvature is not None and report.what_if is None
+    with pytest.raises(UsageError, match="^what_if 2: expected true or false"):
+        nnhealth.scan(model, batch, what_if=2)
+    with pytest.raises(UsageError, match="^lr inf: expected a finite number > 0"):
+        nnhealth.scan(model, batch, lr=float("inf"))
+    with pytest.raises(UsageError, match=r"^hessian_top 0: expected an integer in \[1, 100,000\]"):
+        nnhealth.scan(model, batch, hessian_top=0)
