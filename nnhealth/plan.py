@@ -111,7 +111,7 @@ def make_plan(checks: Iterable[tuple[type[Check], dict[str, Any]]], opts: ScanOp
     return Plan(
         activations="activations" in needs,
         gradients="gradients" in needs,
-        forward=bool(needs - {"weights"}),
+        forward=bool(needs - {"weights", "modules"}),
         dead_units=request.dead_units,
         saturation_derivative=request.saturation_derivative,
         fingerprints=request.fingerprints,

@@ -18,7 +18,7 @@ from nnhealth.analyzers import REGISTRY, select_checks
 from nnhealth.analyzers.base import Check
 from nnhealth.capture import weights as weight_stats
 from nnhealth.capture.instrument import run_pass
-from nnhealth.capture.params import capture_weights
+from nnhealth.capture.params import capture_weights, module_owners
 from nnhealth.capture.stats import ACTIVATION, Capture
 from nnhealth.config import layer_ignored
 from nnhealth.curvature.measure import measure_planned
@@ -112,6 +112,8 @@ def analyze(
     layer-table columns the checks contributed (keyed by site name for nonlinearities,
     by module name for layers)."""
     available = {"weights"}
+    if capture.has_modules:
+        available.add("modules")
     if capture.has_activations:
         available.add("activations")
     if capture.has_gradients:
@@ -210,7 +212,7 @@ def _weights_only(
         capture = capture_weights(loaded.state, {})
         return replace(capture, weights=weight_stats.from_state_dict(loaded.state, rtol))
     kinds = {n: type(m).__name__ for n, m in model.named_modules()}
-    capture = capture_weights(dict(model.named_parameters()), kinds)
+    capture = capture_weights(dict(model.named_parameters()), kinds, module_owners(model))
     return replace(
         capture,
         missing_reason=reason,

@@ -240,3 +240,26 @@ def test_lstm_language_model_is_healthy() -> None:
     batch = (torch.randint(0, 100, (32, 12)), torch.randint(0, 100, (32,)))
     report = nnhealth.scan(LanguageModel(), batch)
     assert report.findings == (), [f.message for f in report.findings]
+
+
+def test_norm_collapse_needs_the_modules(cli, tmp_path: Path) -> None:
+    """NH103 reads which parameters are normalization scales from the modules: a bare
+    state_dict cannot say, so the check is skipped with the reason (not called healthy);
+    a float8 model, scanned without a pass, still has its modules."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        model[1].weight.mul_(1e-5)
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    report = json.loads(
+        cli("scan", tmp_path / "sd.pt", "--select", "NH103", "--format", "json").out
+    )
+    assert report["findings"] == []
+    (skip,) = report["skipped"]
+    assert skip["code"] == "NH103" and "bare state_dict" in skip["reason"]
+    eight = nnhealth.scan(
+        model.to(torch.float8_e4m3fn),
+        (torch.randn(8, 16), torch.randint(0, 4, (8,))),
+        select=["NH103"],
+    )
+    assert [(f.code, f.layer) for f in eight.findings] == [("NH103", "1")]

@@ -134,7 +134,7 @@ def test_bare_weights_run_weight_checks_and_skip_the_rest(cli, tmp_path: Path, k
     assert codes == ["NH001"]
     assert "0.weight" in report["findings"][0]["message"]
     skipped = {s["code"]: s["reason"] for s in report["skipped"]}
-    assert set(skipped) == {"NH101", "NH102", "NH201", "NH202", "NH301"}
+    assert set(skipped) == {"NH101", "NH102", "NH103", "NH201", "NH202", "NH301"}
     assert all("--arch" in r for r in skipped.values())
     assert report["run"]["batch"] is None
 

@@ -103,7 +103,10 @@ def test_bad_pipeline_values_are_refused_before_the_scan(scene: dict[str, Path])
     loaded = LoadedModel(model=None, format="state_dict", source="x")  # would fail the scan
     for kwargs, needle in (
         ({"what_if_budget": -1.0}, "what_if_budget -1.0: expected a finite number >= 0"),
-        ({"baseline_tolerance": float("nan")}, "baseline_tolerance nan: expected a finite number >= 0"),
+        (
+            {"baseline_tolerance": float("nan")},
+            "baseline_tolerance nan: expected a finite number >= 0",
+        ),
         ({"baseline": ""}, "baseline '': expected a non-empty string"),
     ):
         with pytest.raises(UsageError, match=f"^{needle}"):

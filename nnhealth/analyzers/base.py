@@ -29,7 +29,9 @@ from nnhealth.findings import Finding, Number, Severity
 from nnhealth.plan import Request
 
 REQUIRED_SECTIONS = ("What it detects", "Why it matters", "Example", "How to fix")
-NEEDS = frozenset({"weights", "activations", "gradients", "curvature"})
+# "modules": which module (and its type) each parameter belongs to, known unless the
+# input is a bare state_dict
+NEEDS = frozenset({"weights", "modules", "activations", "gradients", "curvature"})
 # what every check defines itself (the base class only declares them)
 REQUIRED_ATTRIBUTES = ("code", "name", "summary", "needs")
 REQUIRED_METHODS = ("run", "metrics", "fixes", "score", "label")

@@ -26,7 +26,7 @@ def _scales(capture: Capture) -> list[ParamStats]:
     return [
         p
         for p in capture.params
-        if p.role == "norm" and p.name.rpartition(".")[2] == "weight" and len(p.shape) == 1
+        if p.role == "norm" and p.name.rpartition(".")[2] == "weight" and p.shape
     ]
 
 
@@ -47,7 +47,9 @@ class NormCollapse(Check):
         info, since gamma's gradient (the normalized input times the incoming gradient)
         moves it at the first step. Small but not zero is a scale that training drove
         down; frozen, or with a zero gradient, it cannot recover. The whole layer is
-        judged (a parameter norm; single collapsed channels are not seen).
+        judged (a parameter norm; single collapsed channels are not seen). A bare
+        state_dict does not say which tensors are normalization scales: the check is
+        skipped there.
 
     Why it matters:
         The gradient reaching the layer's input is multiplied by gamma: a collapsed
@@ -70,7 +72,7 @@ class NormCollapse(Check):
     code = "NH103"
     name = "norm-collapse"
     summary = "normalization layers whose scale (gamma) collapsed to zero"
-    needs = frozenset({"weights"})
+    needs = frozenset({"weights", "modules"})
     uses = frozenset({"gradients"})
     options = (
         Option(
@@ -93,19 +95,20 @@ class NormCollapse(Check):
         evidence = {
             "parameter": p.name,
             "scale_rms": rms,
-            "channels": p.numel,
+            "values": p.numel,
             "trainable": p.trainable,
             "grad_norm": p.grad_norm,
         }
         layer = py_str(p.module)
         reset = f"layer = model.get_submodule({layer})\nnn.init.ones_(layer.weight)"
         if stuck:
-            why = "it is frozen" if not p.trainable else "its gradient is zero on this batch"
+            why = "frozen" if not p.trainable else "its gradient is zero on this batch"
             return self.finding(
                 Severity.ERROR,
                 p.module,
-                f"{p.kind} scale is {num(rms)} (RMS over {p.numel} channels) and {why}: "
-                "the layer outputs only its shift, and nothing flows back through it",
+                f"{p.kind} scale is {num(rms)} (RMS over {p.numel} values) and {why}: the "
+                f"layer passes its shift and only {num(rms)}x of the normalized signal (and "
+                "of the gradient to earlier layers), and training will not change that",
                 evidence,
                 "reset the scale to 1 (nn.init.ones_) and let it train",
                 reset + "\nlayer.weight.requires_grad_(True)",
@@ -123,7 +126,7 @@ class NormCollapse(Check):
         return self.finding(
             Severity.WARNING,
             p.module,
-            f"{p.kind} scale collapsed to {num(rms)} (RMS over {p.numel} channels): the "
+            f"{p.kind} scale collapsed to {num(rms)} (RMS over {p.numel} values): the "
             "normalized signal, and the gradient to earlier layers, pass at that scale",
             evidence,
             "exclude normalization scales and biases from weight decay, and reset this "

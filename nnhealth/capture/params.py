@@ -69,8 +69,13 @@ def module_owners(model: nn.Module) -> dict[str, tuple[str, str, str]]:
     return owners
 
 
-def capture_weights(state: dict[str, torch.Tensor], owners_hint: dict[str, str]) -> Capture:
-    """Weight-only capture for a bare state_dict (no architecture, no pass)."""
+def capture_weights(
+    state: dict[str, torch.Tensor],
+    owners_hint: dict[str, str],
+    modules: dict[str, tuple[str, str, str]] | None = None,
+) -> Capture:
+    """Weight-only capture (no pass): of a bare state_dict, or of a model's parameters
+    with ``modules`` (module_owners: each parameter's module, its type and role)."""
     floats = [(k, v) for k, v in state.items() if isinstance(v, torch.Tensor)]
     floats = [(k, v) for k, v in floats if v.is_floating_point()]
     named = [(k, v) for k, v in floats if readable(v)]
@@ -89,7 +94,7 @@ def capture_weights(state: dict[str, torch.Tensor], owners_hint: dict[str, str])
         pname = name.rsplit(".", 1)[-1]
         kind = owners_hint.get(module, "?")
         role = "bias" if pname == "bias" else ("weight" if t.ndim >= 2 else "other")
-        owners[name] = (module, kind, role)
+        owners[name] = (modules or {}).get(name, (module, kind, role))
     return Capture(
         sites=(),
         params=param_stats(named, owners, None),
@@ -99,6 +104,7 @@ def capture_weights(state: dict[str, torch.Tensor], owners_hint: dict[str, str])
         mode=None,
         examples=None,
         notes=notes,
+        has_modules=modules is not None,
         missing_reason=(
             "bare state_dict: there is no architecture to run; give one with --arch "
             "pkg.module:factory (or scan the entry point with --weights FILE)"

@@ -264,6 +264,8 @@ class Capture:
     weights: tuple[WeightStats, ...] = ()
     curvature: CurvatureStats | None = None
     curvature_reason: str | None = None  # why no curvature was measured, when asked for
+    # which module each parameter belongs to is known (False: a bare state_dict)
+    has_modules: bool = True
 
     def activation_sites(self) -> list[SiteStats]:
         return [s for s in self.sites if s.role == ACTIVATION]

@@ -30,7 +30,7 @@ def rms_measured(findings: list[Finding], model: nn.Module) -> None:
     assert finding.evidence["scale_rms"] == pytest.approx(
         float(gamma.norm()) / math.sqrt(gamma.numel()), rel=1e-6
     )
-    assert finding.evidence["channels"] == 128
+    assert finding.evidence["values"] == 128
 
 
 class ZeroInitResidual(nn.Module):
