@@ -496,3 +496,12 @@ def load_case_modules() -> list[ModuleType]:
         spec.loader.exec_module(module)
         modules.append(module)
     return modules
+
+
+def zero_head(frozen: bool = False) -> nn.Module:
+    """He ReLU MLP whose output layer is zero-initialized, as torchvision's ViT head."""
+    model = stack(128, 3, nn.ReLU, he)
+    nn.init.zeros_(model[-1].weight)
+    nn.init.zeros_(model[-1].bias)
+    model[-1].weight.requires_grad_(not frozen)
+    return model

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 from nnhealth import nonlinearities as nl
-from nnhealth.capture.stats import Capture
+from nnhealth.capture.stats import Capture, WeightStats
 
 # why each family's rule preserves the signal's variance
 _RULE_TEXT = {
@@ -48,3 +48,15 @@ def py_str(name: str) -> str:
     backslashes, newlines and control characters escaped): a layer name comes from the
     scanned file and must not turn the snippet into other code."""
     return json.dumps(name)
+
+
+def zero_head(w: WeightStats, grad_norm: float | None) -> bool:
+    """The output layer with every weight exactly zero and a gradient that is not zero
+    (or not known): a deliberate zero init (ViT's head) that training leaves at step one,
+    not a layer that passes no signal for good."""
+    return w.is_output and w.trainable and w.var == 0.0 and w.mean == 0.0 and grad_norm != 0.0
+
+
+def zero_heads(capture: Capture) -> list[WeightStats]:
+    grads = {p.name: p.grad_norm for p in capture.params}
+    return [w for w in capture.weights if zero_head(w, grads.get(w.param))]

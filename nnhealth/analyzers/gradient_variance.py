@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nnhealth.analyzers import _trend
-from nnhealth.analyzers._advice import dominant_nonlinearity, init_fix
+from nnhealth.analyzers._advice import dominant_nonlinearity, init_fix, zero_heads
 from nnhealth.analyzers._fixes import Fix, FixContext, depth_fixes
 from nnhealth.analyzers.activation_variance import (
     TREND_OPTIONS,
@@ -13,7 +13,7 @@ from nnhealth.analyzers.activation_variance import (
 )
 from nnhealth.analyzers.base import Check, deviation
 from nnhealth.capture.stats import ACTIVATION, LAYER, Capture
-from nnhealth.findings import Finding
+from nnhealth.findings import Finding, Severity
 
 
 class GradientVariance(Check):
@@ -54,6 +54,9 @@ class GradientVariance(Check):
         role = LAYER if capture.layer_sites() else ACTIVATION
         pts = depth_points(capture, role, lambda s: s.grad_var, reverse=True)
         trend = _trend.fit(pts)
+        heads = zero_heads(capture)
+        if trend is not None and trend.zeros and heads:
+            return [self._behind_zero_head(heads[0].module, trend)]
         verdict = _trend.verdict(trend, options["min_depth"], options["warn_ratio"])
         if verdict == "healthy":
             return []
@@ -71,6 +74,19 @@ class GradientVariance(Check):
                 snippet,
             )
         ]
+
+    def _behind_zero_head(self, head: str, trend: _trend.Trend) -> Finding:
+        return self.finding(
+            Severity.INFO,
+            None,
+            f"the gradient is exactly 0 at {len(trend.zeros)} layer(s) below the zero-"
+            f"initialized output layer {head}: nothing flows back through zero weights "
+            "until its first update (its own gradient is not zero), so gradient flow "
+            "cannot be judged at this step",
+            {"output_layer": head, "zero_layers": len(trend.zeros)},
+            "nothing to do if the zero init is deliberate; to judge gradient flow, scan "
+            "the model after one optimizer step",
+        )
 
     def metrics(self, capture: Capture, options: dict) -> dict[str, dict]:
         return {}  # the layer table already has each layer's gradient variance (grad_var)

@@ -7,7 +7,7 @@ from collections import Counter
 from fractions import Fraction
 
 from nnhealth import nonlinearities
-from nnhealth.analyzers._advice import init_fix, py_str
+from nnhealth.analyzers._advice import init_fix, py_str, zero_head
 from nnhealth.analyzers._fixes import Fix, FixContext, depth_fixes
 from nnhealth.analyzers.base import Check, Option, deviation
 from nnhealth.capture.stats import Capture, WeightStats
@@ -64,7 +64,10 @@ class InitScale(Check):
         the report says so. Consecutive layers multiply their deviation: the expected
         change of the signal's variance through a stack is the product of the per-layer
         ratios ([n Var(w)]^depth for equal layers). A layer followed by BatchNorm/
-        LayerNorm is not judged (the norm layer absorbs the scale) and ends a stack.
+        LayerNorm is not judged (the norm layer absorbs the scale) and ends a stack. An
+        output layer whose weights are all exactly zero while its gradient is not
+        (torchvision's ViT head, zero-initialized on purpose) is reported as info and
+        left out of its stack: it learns from the first step.
 
     Why it matters:
         Var(s) = fan_in * Var(w) * Var(x) per layer, so a ratio r away from the target
@@ -87,7 +90,7 @@ class InitScale(Check):
     name = "init-scale"
     summary = "weight variance far from the He/Xavier/LeCun target for the layer"
     needs = frozenset({"weights"})
-    uses = frozenset({"activations"})
+    uses = frozenset({"activations", "gradients"})  # gradients: is a zero head moving
     options = (
         Option(
             "warn_ratio",
@@ -102,10 +105,12 @@ class InitScale(Check):
         ),
     )
 
-    def _stacks(self, capture: Capture) -> list[list[WeightStats]]:
+    def _stacks(self, capture: Capture, leave_out: list[WeightStats]) -> list[list[WeightStats]]:
         """Runs of judged layers in depth order, ended by a normalization layer."""
         stacks: list[list[WeightStats]] = [[]]
         for w in sorted(capture.weights, key=lambda w: w.order):
+            if w in leave_out:
+                continue
             r = ratio(w)
             if r is None:  # followed by a norm layer: it absorbs this layer's scale
                 stacks.append([])
@@ -114,8 +119,10 @@ class InitScale(Check):
         return [s for s in stacks if s]
 
     def run(self, capture: Capture, options: dict) -> list[Finding]:
-        out = []
-        for stack in self._stacks(capture):
+        grads = {p.name: p.grad_norm for p in capture.params}
+        heads = [w for w in capture.weights if zero_head(w, grads.get(w.param))]
+        out = [self._head_finding(w, grads.get(w.param)) for w in heads]
+        for stack in self._stacks(capture, heads):
             total = math.prod(ratio(w) for w in stack)
             flagged = total <= 1 / options["warn_ratio"] or total >= options["warn_ratio"]
             if flagged and len(stack) > 1:
@@ -173,6 +180,19 @@ class InitScale(Check):
             },
             fix,
             snippet,
+        )
+
+    def _head_finding(self, w: WeightStats, grad_norm: float | None) -> Finding:
+        moving = "is not zero" if grad_norm else "is not known (no gradients were computed)"
+        return self.finding(
+            Severity.INFO,
+            w.module,
+            f"the output layer's weights are all zero (zero-initialized on purpose, as "
+            f"torchvision's ViT head is): its gradient {moving}, so it learns from the first "
+            "step; until then the model's output and the gradient to earlier layers are zero",
+            {"var": w.var, "ratio": 0.0, "grad_norm": grad_norm, "fan_in": w.fan_in},
+            "nothing to do if the zero init is deliberate; otherwise initialize the output "
+            "layer with LeCun init (Var(w) = 1/fan_in)",
         )
 
     def _layer_finding(self, w: WeightStats, r: float, options: dict) -> Finding:

@@ -3,10 +3,10 @@ input."""
 
 from __future__ import annotations
 
-from conftest import Case, he, healthy_cases, stack, xavier
+from conftest import Case, he, healthy_cases, stack, xavier, zero_head
 from torch import nn
 
-from nnhealth.findings import Severity
+from nnhealth.findings import Finding, Severity
 
 CODE = "NH202"
 
@@ -40,3 +40,13 @@ GOOD = [
     Case("tiny-init-batchnorm", lambda: stack(128, 6, nn.Tanh, lambda n: 0.01, nn.BatchNorm1d)),
     *healthy_cases(),
 ]
+
+
+def behind_zero_head(findings: list[Finding], model: nn.Module) -> None:
+    (finding,) = findings
+    assert finding.severity == Severity.INFO and finding.evidence["output_layer"] == "6"
+
+
+# a frozen zero head never moves: the gradient below it is zero for good
+BAD.append(Case("zero-head-frozen", lambda: zero_head(frozen=True), Severity.ERROR, None))
+GOOD.append(Case("zero-init-head", zero_head, verify=behind_zero_head))

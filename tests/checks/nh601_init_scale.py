@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from conftest import Case, he, healthy_cases, stack, xavier
+from conftest import Case, he, healthy_cases, stack, xavier, zero_head
 from torch import nn
 
-from nnhealth.findings import Severity
+from nnhealth.findings import Finding, Severity
 
 CODE = "NH601"
 
@@ -36,3 +36,16 @@ GOOD = [
     Case("tiny-init-batchnorm", lambda: stack(128, 6, nn.Tanh, lambda n: 0.01, nn.BatchNorm1d)),
     *healthy_cases(),
 ]
+
+
+def head_is_info(findings: list[Finding], model: nn.Module) -> None:
+    (finding,) = findings
+    assert finding.severity == Severity.INFO and finding.layer == "6"
+    assert finding.evidence["grad_norm"] > 0
+
+
+BAD.append(
+    # frozen at zero: no gradient moves it, so it is not the deliberate zero init
+    Case("zero-head-frozen", lambda: zero_head(frozen=True), Severity.ERROR, "6")
+)
+GOOD.append(Case("zero-init-head", zero_head, verify=head_is_info))
