@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any, Protocol
 
+from nnhealth.errors import NnhealthError
+
 
 class Progress(Protocol):
     """Where a long stage reports: a message, and (done, total) when it has steps."""
@@ -17,17 +19,10 @@ class Progress(Protocol):
 ENTRY_POINT = re.compile(r"[^:]+:[A-Za-z_][\w.]*")
 
 
-def _is_nnhealth(exc: BaseException) -> bool:
-    from nnhealth.errors import NnhealthError
-
-    return isinstance(exc, NnhealthError)
-
-
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message (or its type name)."""
     # an nnhealth error keeps its option references: the message it ends up in renders them
-    text = getattr(exc, "message", None) if _is_nnhealth(exc) else None
-    text = str(exc) if text is None else text
+    text = exc.message if isinstance(exc, NnhealthError) else str(exc)
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
 

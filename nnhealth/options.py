@@ -122,11 +122,10 @@ class Flag(Kind):
     FALSE = frozenset({"0", "false", "no", "off", ""})
 
     def problem(self, value: Any) -> str | None:
-        # 0 and 1 too: Python callers write what_if=1 as often as what_if=True
-        ok = isinstance(value, bool) or (_is_int(value) and value in (0, 1))
-        return None if ok else "expected true or false"
+        return None if isinstance(self.coerce(value), bool) else "expected true or false"
 
     def coerce(self, value: Any) -> Any:
+        # 0 and 1 too: Python callers write what_if=1 as often as what_if=True
         return bool(value) if _is_int(value) and value in (0, 1) else value
 
     def parse(self, text: str) -> Any:

@@ -211,8 +211,7 @@ def _weights_only(
     if model is None:
         capture = capture_weights(loaded.state, {})
         return replace(capture, weights=weight_stats.from_state_dict(loaded.state, rtol))
-    kinds = {n: type(m).__name__ for n, m in model.named_modules()}
-    capture = capture_weights(dict(model.named_parameters()), kinds, module_owners(model))
+    capture = capture_weights(dict(model.named_parameters()), {}, module_owners(model))
     return replace(
         capture,
         missing_reason=reason,

@@ -50,13 +50,17 @@ def py_str(name: str) -> str:
     return json.dumps(name)
 
 
-def zero_head(w: WeightStats, grad_norm: float | None) -> bool:
-    """The output layer with every weight exactly zero and a gradient that is not zero
-    (or not known): a deliberate zero init (ViT's head) that training leaves at step one,
-    not a layer that passes no signal for good."""
-    return w.is_output and w.trainable and w.var == 0.0 and w.mean == 0.0 and grad_norm != 0.0
-
-
-def zero_heads(capture: Capture) -> list[WeightStats]:
+def zero_heads(capture: Capture) -> list[tuple[WeightStats, float | None]]:
+    """Output layers with every weight exactly zero, trainable, and a gradient that is not
+    zero (or not known), with that gradient's norm: a deliberate zero init (ViT's head)
+    that training leaves at step one, not a layer that passes no signal for good."""
     grads = {p.name: p.grad_norm for p in capture.params}
-    return [w for w in capture.weights if zero_head(w, grads.get(w.param))]
+    return [
+        (w, grads.get(w.param))
+        for w in capture.weights
+        if w.is_output
+        and w.trainable
+        and w.var == 0.0
+        and w.mean == 0.0
+        and grads.get(w.param) != 0.0
+    ]

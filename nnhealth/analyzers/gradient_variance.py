@@ -56,7 +56,7 @@ class GradientVariance(Check):
         trend = _trend.fit(pts)
         heads = zero_heads(capture)
         if trend is not None and trend.zeros and heads:
-            return [self._behind_zero_head(heads[0].module, trend)]
+            return [self._behind_zero_head(heads[0][0].module, trend)]
         verdict = _trend.verdict(trend, options["min_depth"], options["warn_ratio"])
         if verdict == "healthy":
             return []

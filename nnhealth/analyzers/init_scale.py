@@ -7,7 +7,7 @@ from collections import Counter
 from fractions import Fraction
 
 from nnhealth import nonlinearities
-from nnhealth.analyzers._advice import init_fix, py_str, zero_head
+from nnhealth.analyzers._advice import init_fix, py_str, zero_heads
 from nnhealth.analyzers._fixes import Fix, FixContext, depth_fixes
 from nnhealth.analyzers.base import Check, Option, deviation
 from nnhealth.capture.stats import Capture, WeightStats
@@ -119,10 +119,9 @@ class InitScale(Check):
         return [s for s in stacks if s]
 
     def run(self, capture: Capture, options: dict) -> list[Finding]:
-        grads = {p.name: p.grad_norm for p in capture.params}
-        heads = [w for w in capture.weights if zero_head(w, grads.get(w.param))]
-        out = [self._head_finding(w, grads.get(w.param)) for w in heads]
-        for stack in self._stacks(capture, heads):
+        heads = zero_heads(capture)
+        out = [self._head_finding(w, grad_norm) for w, grad_norm in heads]
+        for stack in self._stacks(capture, [w for w, _ in heads]):
             total = math.prod(ratio(w) for w in stack)
             flagged = total <= 1 / options["warn_ratio"] or total >= options["warn_ratio"]
             if flagged and len(stack) > 1:
