@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 RELU = "relu"  # the ReLU family: He (Kaiming) init, Var(w) = 2/fan_in
@@ -36,13 +36,27 @@ class Init:
     kwargs: tuple[tuple[str, str], ...] = ()
     gain: str | None = None
     label: str = ""
+    # ``nn.init.normal_`` with Var(w) = variance / fan: ``fan`` the layer's fan-in when
+    # given, else the weight's row length ``w[0].numel()`` (the fan-in of Linear and Conv)
+    variance: float | None = None
+    fan: int | None = None
 
     @property
     def name(self) -> str:
         return self.label or self.function
 
+    def with_fan(self, fan: int) -> Init:
+        """This variance rule for a layer whose fan-in is not its weight's row length (a
+        transposed convolution); a rule given by a function of torch's, as it is."""
+        if self.variance is None:
+            return self
+        return replace(self, fan=fan)
+
     def snippet(self, weight: str) -> str:
         """The call as Python text, on the weight expression ``weight``."""
+        if self.variance is not None:
+            fan = str(self.fan) if self.fan is not None else f"{weight}[0].numel()"
+            return f"nn.init.normal_({weight}, std=({self.variance:.4g} / {fan}) ** 0.5)"
         args = [weight] + [f'{k}="{v}"' for k, v in self.kwargs]
         if self.gain is not None:
             args.append(f'gain=nn.init.calculate_gain("{self.gain}")')
@@ -52,6 +66,10 @@ class Init:
         """Run the call on the tensor ``weight`` (in place)."""
         from torch import nn
 
+        if self.variance is not None:
+            fan = self.fan if self.fan is not None else weight[0].numel()
+            nn.init.normal_(weight, std=(float(f"{self.variance:.4g}") / fan) ** 0.5)
+            return
         kwargs: dict[str, Any] = dict(self.kwargs)
         if self.gain is not None:
             kwargs["gain"] = nn.init.calculate_gain(self.gain)
@@ -64,6 +82,21 @@ XAVIER = Init("xavier_normal_")
 XAVIER_TANH = Init("xavier_normal_", gain="tanh")
 XAVIER_SIGMOID = Init("xavier_normal_", gain="sigmoid")
 LECUN = Init("kaiming_normal_", (("nonlinearity", "linear"),), label="LeCun init")
+
+
+def he(fan: int) -> Init:
+    """He init for a layer of fan-in ``fan``: Var(w) = 2 / fan."""
+    return Init("normal_", label="He init", variance=2.0, fan=fan)
+
+
+def second_moment_init(kind: str, variance: float) -> Init:
+    """The variance-preserving init for a nonlinearity f that is not positively
+    homogeneous (GELU, SiLU...): Var(w) = variance / fan_in with variance = 1 / E[f(z)^2],
+    z ~ N(0, 1), so a unit-variance pre-activation gives a unit-variance one in the next
+    layer (ReLU: E = 1/2, He's 2/fan_in)."""
+    return Init(
+        "normal_", label=f"He-style init for {kind} (gain {variance**0.5:.3g})", variance=variance
+    )
 
 
 def _tanh_bounds(fraction: float) -> tuple[float, float]:
@@ -95,7 +128,8 @@ class Nonlinearity:
     bounds: Bounds | None = None
     # the mean derivative's formula from the output's moments: "tanh", "sigmoid", "hard"
     derivative: str | None = None
-    # the gain= the init rule passes (nn.init.calculate_gain(init.gain)); 1 without one
+    # the gain of the init rule (nn.init.calculate_gain(init.gain), or sqrt of its
+    # variance rule's numerator over 2 for the ReLU family's smooth kinds); 1 without one
     gain: float = 1.0
 
     @property
@@ -105,6 +139,25 @@ class Nonlinearity:
 
 def _relu_like(kind: str, module: str, callables: tuple[str, ...], init: Init = HE):
     return Nonlinearity(kind, RELU, init, callables, (module,))
+
+
+# 1 / E[f(z)^2] for z ~ N(0, 1), by quadrature (tests/test_nonlinearities.py checks them)
+_INVERSE_SECOND_MOMENT = {
+    "gelu": 2.352,
+    "silu": 2.811,
+    "mish": 2.211,
+    "hardswish": 3.016,
+    "elu": 1.551,
+    "celu": 1.551,
+    "softplus": 1.085,
+}
+
+
+def _smooth(kind: str, module: str, callables: tuple[str, ...]) -> Nonlinearity:
+    """A ReLU-like kind with a smooth or shifted negative side: its own gain."""
+    variance = _INVERSE_SECOND_MOMENT[kind]
+    init = second_moment_init(kind, variance)
+    return Nonlinearity(kind, RELU, init, callables, (module,), gain=variance**0.5)
 
 
 NONLINEARITIES: dict[str, Nonlinearity] = {
@@ -175,15 +228,15 @@ NONLINEARITIES: dict[str, Nonlinearity] = {
             bounds=lambda fraction: (0.0, 1.0),
             derivative="hard",
         ),
-        _relu_like("gelu", "GELU", ("F.gelu",)),
-        _relu_like("silu", "SiLU", ("F.silu",)),
+        _smooth("gelu", "GELU", ("F.gelu",)),
+        _smooth("silu", "SiLU", ("F.silu",)),
         _relu_like("leaky_relu", "LeakyReLU", ("F.leaky_relu", "F.leaky_relu_"), HE_LEAKY),
-        _relu_like("elu", "ELU", ("F.elu", "F.elu_")),
+        _smooth("elu", "ELU", ("F.elu", "F.elu_")),
         Nonlinearity("selu", LINEAR, LECUN, ("F.selu", "torch.selu", "torch.selu_"), ("SELU",)),
-        _relu_like("celu", "CELU", ("F.celu", "F.celu_")),
-        _relu_like("mish", "Mish", ("F.mish",)),
-        _relu_like("softplus", "Softplus", ("F.softplus",)),
-        _relu_like("hardswish", "Hardswish", ("F.hardswish",)),
+        _smooth("celu", "CELU", ("F.celu", "F.celu_")),
+        _smooth("mish", "Mish", ("F.mish",)),
+        _smooth("softplus", "Softplus", ("F.softplus",)),
+        _smooth("hardswish", "Hardswish", ("F.hardswish",)),
         _relu_like("prelu", "PReLU", ("F.prelu",), HE_LEAKY),
         _relu_like("rrelu", "RReLU", ("F.rrelu", "F.rrelu_"), HE_LEAKY),
         # a layer whose output goes on unchanged (another layer, or the model's output)
@@ -193,6 +246,34 @@ NONLINEARITIES: dict[str, Nonlinearity] = {
 
 # torch.nn module class name -> kind
 MODULE_KINDS: dict[str, str] = {m: n.kind for n in NONLINEARITIES.values() for m in n.modules}
+
+
+# activation classes of other libraries by the end of their (lower-case) name, after
+# "activation", timm's "me" and a "tanh" after "gelu" are taken off: Hugging Face's
+# NewGELUActivation, GELUActivation, FastGELUActivation, QuickGELUActivation,
+# SiLUActivation, MishActivation, GELUTanh; timm's GELU, GELUTanh, QuickGELU, Swish,
+# SwishMe, Mish, HardSwish, HardSigmoid. First match wins; None: not classified (HardMish).
+_NAME_ENDINGS: tuple[tuple[str, str | None], ...] = (
+    ("hardmish", None),
+    ("hardswish", "hardswish"),
+    ("hardsigmoid", "hardsigmoid"),
+    ("gelu", "gelu"),
+    ("silu", "silu"),
+    ("swish", "silu"),
+    ("mish", "mish"),
+)
+
+
+def module_kind(class_name: str) -> str | None:
+    """The nonlinearity a module class computes, by its name: torch.nn's own classes,
+    and other libraries' activation modules (whatever ops they are written with: HF's
+    NewGELUActivation computes 0.5 x (1 + tanh(...)) and is GELU, not tanh)."""
+    if class_name in MODULE_KINDS:
+        return MODULE_KINDS[class_name]
+    low = class_name.lower().removesuffix("activation").removesuffix("me")
+    if low.endswith("gelutanh"):
+        low = low.removesuffix("tanh")
+    return next((kind for ending, kind in _NAME_ENDINGS if low.endswith(ending)), None)
 
 
 def lookup(kind: str | None) -> Nonlinearity | None:

@@ -176,3 +176,33 @@ def test_deepcopy_equivalence_of_results() -> None:
     b = run_pass(twin, x, mse, Plan(seed=5), examples=12)
     assert [s.var for s in a.sites] == [s.var for s in b.sites]
     assert a.loss == b.loss
+
+
+def test_other_libraries_norm_classes_are_norms_by_name() -> None:
+    """LlamaRMSNorm, T5LayerNorm...: normalization layers from their class names, so
+    what follows them is judged as normalized (NH601, NH202, NH103)."""
+    from nnhealth.capture.structure import is_norm
+
+    class LlamaRMSNorm(nn.Module):  # the shape of transformers' own class
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(dim))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    class T5LayerNorm(LlamaRMSNorm):
+        pass
+
+    class NormalizedBlock(nn.Module):  # a name that ends in Norm but holds layers
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+
+    NormalizedBlock.__name__ = "BlockLayerNorm"
+    assert is_norm(LlamaRMSNorm(4)) and is_norm(T5LayerNorm(4)) and is_norm(nn.LayerNorm(4))
+    assert not is_norm(NormalizedBlock()) and not is_norm(nn.Linear(4, 4))
+    model = nn.Sequential(nn.Linear(8, 8), LlamaRMSNorm(8), nn.Linear(8, 2))
+    cap = run_pass(model, torch.randn(16, 8), mse, Plan(), examples=16)
+    roles = {s.name: (s.kind, s.role) for s in cap.sites}
+    assert roles["1"] == ("LlamaRMSNorm", "norm") and roles["0"][1] == "layer"

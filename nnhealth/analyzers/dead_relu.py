@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from nnhealth.analyzers._advice import py_str
-from nnhealth.analyzers._fixes import Fix, FixContext, reinit_fix, replace_submodule, submodule
+from nnhealth.analyzers._fixes import (
+    Fix,
+    FixContext,
+    reinit,
+    reinit_fix,
+    replace_submodule,
+    submodule,
+)
 from nnhealth.analyzers.base import Check, Option, pct
 from nnhealth.capture.stats import LAYER, NORM, Capture, SiteStats
 from nnhealth.findings import Finding, Severity
-from nnhealth.nonlinearities import HE
+from nnhealth.nonlinearities import HE, Init, he
 from nnhealth.plan import Request
 
 
@@ -104,7 +111,7 @@ class DeadRelu(Check):
             else (f"for all {examples} examples")
         )
         unit = "channels" if site.unit_dim == 1 and len(site.shape) >= 3 else "units"
-        fix, snippet = _fix(site, preceding_layer(capture, site, (LAYER, NORM)))
+        fix, snippet = _fix(capture, site, preceding_layer(capture, site, (LAYER, NORM)))
         return self.finding(
             severity,
             site.name,
@@ -134,6 +141,10 @@ class DeadRelu(Check):
         feeder = ctx.feeder(finding.layer)
         if feeder is not None and feeder.get("role") == "norm":
             fixes.append(Fix(f"reset {feeder['module']} shift to 0", _reset_norm(feeder["module"])))
+        elif feeder is not None and str(feeder.get("kind", "")).startswith("ConvTranspose"):
+            fixes.append(
+                Fix(f"He init + bias 0.01 on {feeder['module']}", _he_transposed(feeder["module"]))
+            )
         elif feeder is not None:
             fixes.append(
                 reinit_fix(f"He init + bias 0.01 on {feeder['module']}", feeder["module"], HE, 0.01)
@@ -162,7 +173,28 @@ class DeadRelu(Check):
         return f"{100 * finding.evidence.get('dead_fraction', 0):.0f}% dead"
 
 
-def _fix(site: SiteStats, feeder: SiteStats | None) -> tuple[str, str]:
+def he_rule(capture: Capture, layer: SiteStats) -> Init:
+    """He init for ``layer``: torch's kaiming_normal_, or for a transposed convolution
+    (whose fan-in torch.nn.init misreads) Var(w) = 2 / its fan-in."""
+    w = next((w for w in capture.weights if w.module == layer.module), None)
+    if w is not None and layer.kind.startswith("ConvTranspose"):
+        return he(w.fan_in)
+    return HE
+
+
+def _he_transposed(module: str):
+    """He init with the transposed convolution's own fan-in, bias 0.01."""
+
+    def apply(model) -> None:
+        from nnhealth.capture.weights import transposed_fans
+
+        layer = submodule(model, module)
+        reinit(layer, he(transposed_fans(layer)[0]), 0.01)
+
+    return apply
+
+
+def _fix(capture: Capture, site: SiteStats, feeder: SiteStats | None) -> tuple[str, str]:
     """(fix, snippet): reset the norm layer or re-initialize the layer feeding ``site``,
     and swap the ReLU for LeakyReLU."""
     fix = (
@@ -184,7 +216,7 @@ def _fix(site: SiteStats, feeder: SiteStats | None) -> tuple[str, str]:
     elif feeder is not None:
         lines += [
             f"layer = model.get_submodule({py_str(feeder.module)})",
-            HE.snippet("layer.weight"),
+            he_rule(capture, feeder).snippet("layer.weight"),
             "if layer.bias is not None:",
             "    nn.init.constant_(layer.bias, 0.01)",
         ]

@@ -7,7 +7,7 @@ from nnhealth.analyzers._advice import py_str
 from nnhealth.analyzers._fixes import Fix, FixContext, reinit_fix
 from nnhealth.analyzers.base import Check, Option, num, pct
 from nnhealth.analyzers.dead_relu import preceding_layer
-from nnhealth.capture.stats import Capture
+from nnhealth.capture.stats import Capture, GateStats
 from nnhealth.findings import Finding, Severity
 from nnhealth.nonlinearities import XAVIER, Init
 from nnhealth.plan import Request
@@ -18,6 +18,113 @@ def desaturating_init(kind: str | None) -> Init:
     smooth one (tanh, sigmoid), plain Xavier for the hard ones."""
     entry = nonlinearities.lookup(kind)
     return entry.init if entry is not None and entry.derivative in {"tanh", "sigmoid"} else XAVIER
+
+
+# what a gate stuck on its harmful side does: (gate, side) -> consequence; side "low"
+# counts values at or below the low bound, "high" at or above the high one
+_GATE_HARM: dict[tuple[str, str], str] = {
+    ("forget", "low"): "the cell state is erased at every step: nothing is remembered and "
+    "the gradient through time vanishes",
+    ("input", "low"): "nothing is written to the cell state",
+    ("output", "low"): "the hidden state is near 0: the layer passes almost no signal",
+    ("cell", "low"): "the candidate values sit at -1: their gradient vanishes",
+    ("cell", "high"): "the candidate values sit at +1: their gradient vanishes",
+    ("reset", "low"): "the candidate state ignores the previous hidden state",
+    ("update", "low"): "the state is replaced at every step: nothing is remembered",
+    ("update", "high"): "the state never changes: the input is ignored",
+    ("new", "low"): "the candidate values sit at -1: their gradient vanishes",
+    ("new", "high"): "the candidate values sit at +1: their gradient vanishes",
+}
+
+
+def gate_saturation(g: GateStats) -> tuple[float, str]:
+    """(share of values on the gate's harmful side, that side): a closed sigmoid gate
+    (a forget gate near 1 keeps memory and is no harm), either end of a GRU update gate
+    or of a tanh candidate."""
+    if not g.values:
+        return 0.0, "low"
+    low, high = g.below / g.values, g.above / g.values
+    if (g.gate, "high") in _GATE_HARM and high > low:
+        return high, "high"
+    return low, "low"
+
+
+def gate_bias_change(gate: GateStats, bias_driven: bool) -> tuple[int, float, bool]:
+    """(chunk, b_ih value, reset_parameters first) of the fix: a bias that closes the gate
+    goes to 1 for an LSTM forget gate (Jozefowicz et al. 2015), to 0 for another gate;
+    weights that saturate it are re-initialized, with the LSTM forget bias at 1."""
+    if bias_driven:
+        return gate.chunk, 1.0 if gate.gate == "forget" else 0.0, False
+    if gate.kind.startswith("LSTM"):
+        return 1, 1.0, True
+    return gate.chunk, 0.0, True
+
+
+def gate_chunk_lines(module: str, gate: GateStats, suffixes: list[str], bias_driven: bool):
+    """Snippet lines making the change of ``gate_bias_change`` on each of ``suffixes``."""
+    chunk, value, reset = gate_bias_change(gate, bias_driven)
+    lines = [f"rnn = model.get_submodule({py_str(module)})"]
+    if reset:
+        lines.append("rnn.reset_parameters()  # uniform(-1/sqrt(hidden), 1/sqrt(hidden))")
+    lstm = gate.kind.startswith("LSTM")
+    names = ("input", "forget", "cell", "output") if lstm else ("reset", "update", "new")
+    order = "i, f, g, o" if lstm else "r, z, n"
+    rows = {0: ": h", 1: "h : 2 * h"}.get(chunk, f"{chunk} * h : {chunk + 1} * h")
+    lines += ["h = rnn.hidden_size", f"with torch.no_grad():  # {names[chunk]} gate ({order})"]
+    for suffix in suffixes:
+        lines.append(f"    rnn.bias_ih{suffix}[{rows}].fill_({value})")
+        lines.append(f"    rnn.bias_hh{suffix}[{rows}].zero_()")
+    return lines
+
+
+def _set_gate_bias(module: str, chunk: int, suffixes: list[str], value: float, reset: bool):
+    """--what-if: the gate's bias chunk to ``value`` (b_ih) and 0 (b_hh) on each suffix,
+    after ``reset_parameters()`` when ``reset``."""
+
+    def apply(model) -> str | None:
+        import torch
+
+        from nnhealth.analyzers._fixes import submodule
+
+        rnn = submodule(model, module)
+        if rnn is None:
+            return f"no module {module}"
+        if reset:
+            rnn.reset_parameters()
+        h = rnn.hidden_size
+        with torch.no_grad():
+            for suffix in suffixes:
+                for name, v in (("bias_ih", value), ("bias_hh", 0.0)):
+                    bias = getattr(rnn, name + suffix, None)
+                    if bias is not None:
+                        bias[chunk * h : (chunk + 1) * h].fill_(v)
+        return None
+
+    return apply
+
+
+def _gate_of(finding: Finding) -> GateStats:
+    """The gate a finding names, enough of it for ``gate_bias_change``."""
+    e = finding.evidence
+    kind, _, rest = finding.message.partition(" ")
+    gate = rest.split(": ", 1)[1].split(" gate", 1)[0]
+    return GateStats(
+        finding.layer or "",
+        kind,
+        int(e["layer"]),
+        int(e["direction"]),
+        gate,
+        "",
+        int(e["chunk"]),
+        0,
+        0,
+        0,
+        0.0,
+        1.0,
+        0.0,
+        0.0,
+        0.0,
+    )
 
 
 class Saturation(Check):
@@ -143,7 +250,60 @@ class Saturation(Check):
                     snippet,
                 )
             )
-        return out
+        return out + self._gate_findings(capture, options)
+
+    def _gate_findings(self, capture: Capture, options: dict) -> list[Finding]:
+        """One finding per recurrent module and gate whose harmful side holds at least
+        ``warn_fraction`` of its values, at its worst layer/direction."""
+        flagged: dict[tuple[str, str], list[tuple[float, str, GateStats]]] = {}
+        for g in capture.gates:
+            frac, side = gate_saturation(g)
+            if frac >= options["warn_fraction"]:
+                flagged.setdefault((g.module, g.gate), []).append((frac, side, g))
+        return [self._gate_finding(hits, options) for hits in flagged.values()]
+
+    def _gate_finding(self, hits: list[tuple[float, str, GateStats]], options: dict) -> Finding:
+        frac, side, g = max(hits, key=lambda h: h[0])
+        severity = Severity.ERROR if frac >= options["error_fraction"] else Severity.WARNING
+        suffixes = [h[2].suffix for h in hits]
+        bias_driven = abs(g.pre_mean) > g.pre_std
+        where = f"layer {g.layer}" + (" (reverse)" if g.direction else "")
+        bound = f"at or below {g.lo:.3g}" if side == "low" else f"at or above {g.hi:.3g}"
+        others = f" ({len(hits) - 1} more layer/direction(s) too)" if len(hits) > 1 else ""
+        if bias_driven and g.gate == "forget":
+            fix = (
+                "set the forget-gate bias to 1 (Jozefowicz et al. 2015): the bias_ih forget "
+                "chunk to 1, the bias_hh one to 0, so the gate starts near 0.73 and the cell "
+                "keeps its state"
+            )
+        elif bias_driven:
+            fix = f"reset the {g.gate}-gate bias to 0 so the gate starts near 0.5"
+        else:
+            fix = (
+                "its weights, not its bias, push the gate to its bound: re-initialize the "
+                "module (reset_parameters) and set the forget-gate bias to 1"
+            )
+        return self.finding(
+            severity,
+            g.module,
+            f"{g.kind} {g.module}: {g.gate} gate of {where}: {pct(frac)} of its {g.values} "
+            f"values {bound} (derivative under {pct(options['derivative_fraction'])} of its "
+            f"peak), mean {num(g.mean)}; {_GATE_HARM[(g.gate, side)]}{others}",
+            {
+                "saturated_values_fraction": frac,
+                "values": g.values,
+                "gate_mean": g.mean,
+                "preactivation_mean": g.pre_mean,
+                "preactivation_std": g.pre_std,
+                "layer": g.layer,
+                "direction": g.direction,
+                "chunk": g.chunk,
+                "layers_flagged": len(hits),
+                "suffixes": ",".join(suffixes),
+            },
+            fix,
+            "\n".join(gate_chunk_lines(g.module, g, suffixes, bias_driven)),
+        )
 
     def metrics(self, capture: Capture, options: dict) -> dict[str, dict]:
         rows = {}
@@ -159,6 +319,16 @@ class Saturation(Check):
         return rows
 
     def fixes(self, finding: Finding, ctx: FixContext) -> list[Fix]:
+        e = finding.evidence
+        if "suffixes" in e:  # a recurrent gate
+            suffixes = str(e["suffixes"]).split(",")
+            bias_driven = abs(e["preactivation_mean"]) > e["preactivation_std"]
+            gate = _gate_of(finding)
+            chunk, value, reset = gate_bias_change(gate, bias_driven)
+            named = "forget" if reset and gate.kind.startswith("LSTM") else gate.gate
+            label = "reset_parameters + " if reset else ""
+            label += f"{named}-gate bias {value:g} on {finding.layer}"
+            return [Fix(label, _set_gate_bias(finding.layer, chunk, suffixes, value, reset))]
         feeder = ctx.feeder(finding.layer)
         if feeder is None or feeder.get("role") != "layer":
             return []  # a norm layer (or nothing) feeds it: no init to change

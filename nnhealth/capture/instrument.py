@@ -26,10 +26,12 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from nnhealth import nonlinearities
 from nnhealth._util import escaped, first_line, out_of_memory, tensors_in
-from nnhealth.capture.activations import build_table
+from nnhealth.capture.activations import build_table, spec
 from nnhealth.capture.params import module_owners, param_stats
 from nnhealth.capture.precision import dtype_name, readable
+from nnhealth.capture.recurrent import RECURRENT_TYPES, GateRecorder
 from nnhealth.capture.reducers import GradientMoments, Output, Reducer, switched_on
 from nnhealth.capture.state import preserved_state
 from nnhealth.capture.stats import (
@@ -42,13 +44,17 @@ from nnhealth.capture.stats import (
 )
 from nnhealth.capture.structure import (
     _CHANNEL_FIRST_TYPES,
+    activation_kind,
     is_activation_module,
     is_norm,
+    is_torch_activation,
 )
 from nnhealth.errors import CaptureError, flag
 
 if TYPE_CHECKING:
     from nnhealth.plan import Plan
+
+GATES_FN = ("sigmoid", "tanh")  # the functions of recurrent gates
 
 
 def _first_tensor(obj: Any) -> torch.Tensor | None:
@@ -82,6 +88,10 @@ class _Frame:
     name: str
     module: nn.Module
     input_shapes: list[list[int]] = field(default_factory=list)
+    # a nonlinearity module: the first tracked op inside it (its output is recorded once,
+    # as the module's kind, not the ops it is written with)
+    activation: bool = False
+    inner: ActivationSpec | None = None
 
 
 class _Recorder:
@@ -89,7 +99,9 @@ class _Recorder:
         self.model = model
         # without a saturation request the bounds are never compared against: any will do
         fraction = plan.saturation_derivative
-        self.table = build_table(0.0 if fraction is None else fraction)
+        self.fraction = 0.0 if fraction is None else fraction
+        self.table = build_table(self.fraction)
+        self._activation_types: dict[type, tuple[bool, ActivationSpec | None]] = {}
         self.reducers = switched_on(plan)
         self.keep_grads = plan.gradients
         self.seed = plan.seed
@@ -104,21 +116,57 @@ class _Recorder:
         self.grad_events = 0
         self.failure: _Frame | None = None
         self.examples = examples
+        self.gates: GateRecorder | None = None
+        if plan.saturation_derivative is not None:
+            bounds = {k: nonlinearities.NONLINEARITIES[k].bounds(self.fraction) for k in GATES_FN}
+            self.gates = GateRecorder(bounds)
+
+    def gate_hook(self, name: str) -> Callable:
+        """Forward hook of a recurrent module: its gates, recomputed (recurrent.py)."""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if self.done or self.gates is None:
+                return
+            self.busy = True  # the recomputation's sigmoids are not the model's
+            try:
+                self.gates.on_call(name, module, args, kwargs)
+            except Exception as exc:  # noqa: BLE001 (an input layout we cannot read)
+                self.gates.notes.append(f"{name}: gates not measured ({first_line(exc)[:120]})")
+            finally:
+                self.busy = False
+
+        return hook
 
     # ---- module stack ---------------------------------------------------------------
     def pre_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             if not self.done:  # hooks also fire in checkpoint recomputation during backward
-                self.stack.append(_Frame(name, module, _shapes(args)))
+                native, by_name = self._activation_type(module)
+                is_act = native or by_name is not None
+                self.stack.append(_Frame(name, module, _shapes(args), is_act))
 
         return hook
+
+    def _activation_type(self, module: nn.Module) -> tuple[bool, ActivationSpec | None]:
+        """(a torch.nn activation module, the spec of the kind its class name says)."""
+        cls = type(module)
+        if cls not in self._activation_types:
+            kind = activation_kind(module)
+            entry = nonlinearities.lookup(kind)
+            by_name = None if entry is None else spec(entry, self.fraction)
+            self._activation_types[cls] = (is_torch_activation(module), by_name)
+        return self._activation_types[cls]
 
     def post_hook(self, name: str, tracked: bool) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if self.done:
                 return
+            frame = None
             if self.stack and self.stack[-1].module is module:
-                self.stack.pop()
+                frame = self.stack.pop()
+            if frame is not None and frame.activation:
+                self._module_activation(frame, output)
+                return
             if not tracked:
                 return
             out = _first_tensor(output)
@@ -148,23 +196,38 @@ class _Recorder:
             self.failure = self.stack[-1]
 
     # ---- activations --------------------------------------------------------------
+    def _on_batch(self, out: torch.Tensor) -> bool:
+        """Whether a nonlinearity's output is of the batch (not of parameters: a learned
+        gate), seen during the forward."""
+        return not self.done and out.ndim > 0 and self.examples in tuple(out.shape)
+
+    def _channel_first(self, out: torch.Tensor) -> bool:
+        return self.channels is not None and out.ndim >= 3 and out.shape[1] == self.channels
+
     def on_activation(self, spec: ActivationSpec, out: torch.Tensor) -> None:
-        if self.done or out.ndim == 0 or self.examples not in tuple(out.shape):
-            return  # after the forward, or a nonlinearity of parameters (a learned gate)
-        channel_first = (
-            self.channels is not None and out.ndim >= 3 and out.shape[1] == self.channels
+        if self.stack and self.stack[-1].activation:
+            top = self.stack[-1]  # inside nn.GELU, NewGELUActivation...: the module's output
+            top.inner = top.inner or spec
+            return
+        if not self._on_batch(out):
+            return
+        owner = self.stack[-1].name if self.stack else ""
+        base = f"{owner or '(root)'}:{spec.kind}"
+        self.record(out, base, spec.kind, ACTIVATION, True, self._channel_first(out), spec)
+
+    def _module_activation(self, frame: _Frame, output: Any) -> None:
+        """One site for a nonlinearity module's output, of the kind its class names (a
+        torch.nn one: of the op it called, whose arguments set its bounds: ReLU6)."""
+        native, by_name = self._activation_type(frame.module)
+        chosen = frame.inner if native else by_name
+        out = _first_tensor(output)
+        if chosen is None or out is None or not self._on_batch(out):
+            return
+        functional = not frame.name  # the model itself is the nonlinearity
+        base = f"(root):{chosen.kind}" if functional else frame.name
+        self.record(
+            out, base, chosen.kind, ACTIVATION, functional, self._channel_first(out), chosen
         )
-        if self.stack:
-            top = self.stack[-1]
-            owner, module = top.name, top.module
-        else:
-            owner, module = "", self.model
-        module_form = is_activation_module(module)
-        if module_form and owner:
-            self.record(out, owner, spec.kind, ACTIVATION, False, channel_first, spec)
-        else:
-            base = f"{owner or '(root)'}:{spec.kind}"
-            self.record(out, base, spec.kind, ACTIVATION, True, channel_first, spec)
 
     # ---- reduction ----------------------------------------------------------------
     def record(
@@ -308,7 +371,11 @@ def run_pass(
             "an entry point (pkg.module:factory --weights FILE) to see them"
         )
         notes.append("TorchScript: weights and gradients only, no per-layer activations")
+    gates = recorder.gates
+    if gates is not None:
+        notes += gates.notes
     return Capture(
+        gates=() if gates is None else gates.freeze(),
         sites=tuple(s.freeze(examples) for s in recorder.sites),
         params=param_stats(named, module_owners(model), grads),
         has_activations=instrument,
@@ -349,6 +416,9 @@ def _hooked(model: nn.Module, recorder: _Recorder, instrument: bool) -> Iterator
                 )
                 handles.append(module.register_forward_pre_hook(recorder.pre_hook(mname)))
                 handles.append(module.register_forward_hook(recorder.post_hook(mname, tracked)))
+                if recorder.gates is not None and isinstance(module, RECURRENT_TYPES):
+                    hook = recorder.gate_hook(mname)
+                    handles.append(module.register_forward_hook(hook, with_kwargs=True))
         yield
     finally:
         for h in handles:

@@ -163,7 +163,7 @@ class WeightStats:
     param: str
     kind: str
     shape: tuple[int, ...]
-    fan_in: int
+    fan_in: int | float  # a transposed convolution's is in/groups x prod(k) / prod(stride)
     fan_out: int
     mean: float
     var: float
@@ -177,10 +177,12 @@ class WeightStats:
     # pairs of units expected to be equal by chance if the layer were randomly initialized
     # at its own scale and stored in ``dtype`` (float8 rows of a few inputs collide often)
     chance_pairs: float = 0.0
+    # output units (0: the weight's first dim; a transposed convolution's: dim 1 x groups)
+    unit_count: int = 0
 
     @property
     def units(self) -> int:
-        return self.shape[0]
+        return self.unit_count or self.shape[0]
 
     @property
     def duplicated(self) -> int:
@@ -190,6 +192,51 @@ class WeightStats:
     @property
     def effective_width(self) -> int:
         return self.units - self.duplicated
+
+
+@dataclass(frozen=True)
+class GateStats:
+    """One gate of one layer and direction of a recurrent module (LSTM i/f/g/o, GRU
+    r/z/n), over every example and step of the pass: how many values sit at or below
+    ``lo`` and at or above ``hi`` (the saturation bounds of its function), and the sums
+    of the values and of their pre-activations."""
+
+    module: str
+    kind: str  # "LSTM", "GRU", "LSTMCell", "GRUCell"
+    layer: int
+    direction: int  # 1: the reverse direction of a bidirectional module
+    gate: str  # "input", "forget", "cell", "output"; "reset", "update", "new"
+    function: str  # "sigmoid" or "tanh"
+    chunk: int  # its block of rows in weight_ih/bias_ih (torch's gate order)
+    values: int
+    below: int
+    above: int
+    lo: float
+    hi: float
+    total: float
+    pre_total: float
+    pre_squares: float
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.values if self.values else 0.0
+
+    @property
+    def pre_mean(self) -> float:
+        return self.pre_total / self.values if self.values else 0.0
+
+    @property
+    def pre_std(self) -> float:
+        if not self.values:
+            return 0.0
+        return max(self.pre_squares / self.values - self.pre_mean**2, 0.0) ** 0.5
+
+    @property
+    def suffix(self) -> str:
+        """Its parameters' suffix: "_l0", "_l1_reverse"; "" for a cell."""
+        if self.kind.endswith("Cell"):
+            return ""
+        return f"_l{self.layer}" + ("_reverse" if self.direction else "")
 
 
 @dataclass(frozen=True)
@@ -266,6 +313,8 @@ class Capture:
     curvature_reason: str | None = None  # why no curvature was measured, when asked for
     # which module each parameter belongs to is known (False: a bare state_dict)
     has_modules: bool = True
+    # the gates of recurrent modules (LSTM, GRU), when saturation counts were asked for
+    gates: tuple[GateStats, ...] = ()
 
     def activation_sites(self) -> list[SiteStats]:
         return [s for s in self.sites if s.role == ACTIVATION]

@@ -69,6 +69,40 @@ def fans(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[1] * receptive, shape[0] * receptive
 
 
+def is_transposed(module: nn.Module) -> bool:
+    return bool(getattr(module, "transposed", False)) and kind_of(module).startswith(
+        "ConvTranspose"
+    )
+
+
+def transposed_fans(module: nn.Module) -> tuple[int | float, int]:
+    """fan_in, fan_out of a transposed convolution (weight [in, out/groups, k...]).
+
+    Each output value sums in/groups x prod(k) / prod(stride) input taps on average (each
+    input value reaches prod(k) outputs per channel, and there are prod(stride) outputs
+    per input): Var(y) = fan_in Var(w) Var(x) away from the borders. Each input value
+    feeds out/groups x prod(k) outputs: the fan of the backward pass. torch.nn.init reads
+    the weight as a convolution's and gets both wrong.
+    """
+    w = module.weight
+    receptive = math.prod(w.shape[2:])
+    stride = math.prod(module.stride)
+    groups = max(int(module.groups), 1)
+    fan_in = w.shape[0] // groups * receptive / stride
+    return (int(fan_in) if fan_in.is_integer() else fan_in), w.shape[1] * receptive
+
+
+def unit_rows(weight: torch.Tensor, transposed: bool, conv_groups: int) -> torch.Tensor:
+    """The weight as one row per output unit (a transposed convolution's output channel
+    g * out/groups + j is column j of group g's block of input channels)."""
+    if not transposed:
+        return weight
+    g = max(conv_groups, 1)
+    cin, per_group = weight.shape[0], weight.shape[1]
+    blocks = weight.reshape(g, cin // g, per_group, *weight.shape[2:])
+    return blocks.transpose(1, 2).reshape(g * per_group, cin // g, *weight.shape[2:])
+
+
 def _groups(weight: torch.Tensor, bias: torch.Tensor | None, conv_groups: int, rtol: float):
     """Duplicate units: rows of [weight | bias], compared within each conv group.
 
@@ -120,7 +154,8 @@ def chance_pairs(
 
 
 def _usable_bias(bias: object, weight: torch.Tensor) -> torch.Tensor | None:
-    """The bias to compare units with: one readable float per unit, else none."""
+    """The bias to compare units with: one readable float per unit (row of ``weight``),
+    else none."""
     if (
         isinstance(bias, torch.Tensor)
         and readable(bias)
@@ -143,15 +178,20 @@ def _stats(
     is_output: bool,
     conv_groups: int,
     rtol: float | None,
+    transposed: tuple[int | float, int] | None = None,
 ) -> WeightStats:
+    """``transposed``: the fans of a transposed convolution (its units are the weight's
+    dim 1 within each group)."""
     w = weight.detach()
-    fan_in, fan_out = fans(tuple(w.shape))
+    fan_in, fan_out = fans(tuple(w.shape)) if transposed is None else transposed
     mean, var = moments64(w)  # float64 whatever the dtype: a bfloat16 sum drifts
+    rows = unit_rows(w, transposed is not None, conv_groups)
+    usable = _usable_bias(bias, rows)
     groups, exact, chance = ((), True, 0.0)
-    if rtol is not None and w.shape[0] > 1:
-        groups, exact = _groups(w, bias, conv_groups, rtol)
+    if rtol is not None and rows.shape[0] > 1:
+        groups, exact = _groups(rows, usable, conv_groups, rtol)
         if groups:
-            chance = chance_pairs(w, bias, conv_groups, rtol, var)
+            chance = chance_pairs(rows, usable, conv_groups, rtol, var)
     return WeightStats(
         module=module,
         param=param,
@@ -159,6 +199,7 @@ def _stats(
         shape=tuple(w.shape),
         fan_in=fan_in,
         fan_out=fan_out,
+        unit_count=rows.shape[0],
         mean=mean,
         var=var,
         trainable=trainable,
@@ -232,20 +273,20 @@ def from_model(
         weight = getattr(mod, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.ndim < 2 or not readable(weight):
             continue
-        bias = getattr(mod, "bias", None)
         out.append(
             _stats(
                 name,
                 f"{name}.weight" if name else "weight",
                 kind_of(mod),
                 weight,
-                _usable_bias(bias, weight),
+                getattr(mod, "bias", None),
                 weight.requires_grad,
                 i,
                 follow.get(name),
                 name == output,
                 getattr(mod, "groups", 1),
                 rtol,
+                transposed_fans(mod) if is_transposed(mod) else None,
             )
         )
     return tuple(out)
@@ -262,7 +303,7 @@ def from_state_dict(state: dict[str, torch.Tensor], rtol: float | None) -> tuple
     for rank, (i, name, t) in enumerate(layers):
         nxt = modules[i + 1][1] if i + 1 < len(modules) else None
         followed = "norm" if nxt is not None and nxt.ndim == 1 else None
-        bias = _usable_bias(state.get(f"{name}.bias" if name else "bias"), t)
+        bias = state.get(f"{name}.bias" if name else "bias")
         out.append(
             _stats(
                 name,
