@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nnhealth.analyzers._trend import fit, verdict
+from nnhealth.analyzers._trend import envelope_fit, fit, verdict
 
 
 def geometric(
@@ -57,3 +57,38 @@ def test_exact_zero_is_reported_not_fitted() -> None:
 def test_flat_is_healthy_and_growth_is_exploding() -> None:
     assert verdict(fit(geometric(1.0, 1.0, 8)), 3, 100) == "healthy"
     assert verdict(fit(geometric(1.0, 3.0, 6)), 3, 100) == "exploding"
+
+
+def test_envelope_of_a_chain_is_the_plain_fit() -> None:
+    """A chain that shrinks (or grows) at every layer is its own envelope."""
+    for factor in (0.05, 7.0):
+        pts = geometric(1.0, factor, 6)
+        t = envelope_fit(pts)
+        assert t.factor == pytest.approx(factor, rel=1e-12)
+        assert t.total == pytest.approx(factor**5, rel=1e-12)
+
+
+def test_small_branches_beside_a_live_path_are_not_depth() -> None:
+    """From the output back: path, branch 1e-12 of it, path, branch, ...: flat."""
+    pts = [(f"l{i}", 1.0 if i % 2 == 0 else 1e-12, False) for i in range(10)]
+    t = envelope_fit(pts)
+    assert t.factor == pytest.approx(1.0) and verdict(t, 3, 100) == "healthy"
+
+
+def test_envelope_still_sees_vanishing_past_a_branch() -> None:
+    """A chain losing x0.1 per layer, with a small branch near the output: vanishing."""
+    pts = geometric(1.0, 0.1, 6)
+    pts.insert(1, ("branch", 1e-9, False))
+    t = envelope_fit(pts)
+    assert verdict(t, 3, 100) == "vanishing" and t.factor == pytest.approx(0.1, rel=0.5)
+
+
+def test_envelope_runs_and_zeros() -> None:
+    runs = geometric(1.0, 0.1, 3, "a") + [
+        (n, v, i == 0) for i, (n, v, _) in enumerate(geometric(5.0, 0.1, 3, "b"))
+    ]
+    t = envelope_fit(runs)
+    assert t.runs == 2 and t.factor == pytest.approx(0.1)
+    z = envelope_fit([("a", 1.0, False), ("b", 0.0, False), ("c", 0.5, False)])
+    assert z.zeros == ("b",)
+    assert envelope_fit([("a", 1.0, False)]) is None

@@ -6,6 +6,12 @@ the median of pairwise slopes). A BatchNorm/LayerNorm
 between two layers rescales the signal, so the trend is fitted within the runs of
 layers between normalization layers (one shared slope, each run with its own offset),
 and the total change is taken over the longest run.
+
+``envelope_fit`` is for a scale-free quantity measured at every layer of a network with
+branches (residual blocks, attention): it fits the running maximum from each end, so
+that a branch whose output is small by design (layer scale 1e-6, attention logits
+near 0 at init) does not pass for depth, while a chain that really loses (or gains)
+signal layer after layer still shows the same trend as ``fit``.
 """
 
 from __future__ import annotations
@@ -91,6 +97,46 @@ def fit(points: list[tuple[str, float, bool]]) -> Trend | None:
     )
 
 
+def _running_max(values: list[float]) -> list[float]:
+    out, top = [], -math.inf
+    for v in values:
+        top = max(top, v)
+        out.append(top)
+    return out
+
+
+def envelope_fit(points: list[tuple[str, float, bool]]) -> Trend | None:
+    """``points``: (name, value, starts_new_run) from the output back to the input.
+
+    Within each run, vanishing towards the input is judged on a_k = max(v_j, j >= k):
+    the most a site at depth k or nearer the input still gets; exploding on
+    b_k = max(v_j, j <= k): the most a site at depth k or nearer the output gets. A
+    chain that shrinks has a = v, so its fit is ``fit``'s; a small branch next to a
+    live path is hidden by the path's larger value on the side that matters. Of the
+    two, the trend further from flat is returned (factor < 1: vanishing, > 1:
+    exploding).
+    """
+    pts = [(n, v, new) for n, v, new in points if v is not None and math.isfinite(v)]
+    if any(v == 0 for _, v, _ in pts):
+        return fit(pts)
+    runs: list[list[tuple[str, float]]] = []
+    for name, value, new_run in pts:
+        if new_run or not runs:
+            runs.append([])
+        runs[-1].append((name, value))
+    vanish: list[tuple[str, float, bool]] = []
+    explode: list[tuple[str, float, bool]] = []
+    for run in runs:
+        values = [v for _, v in run]
+        toward_input = _running_max(values[::-1])[::-1]
+        toward_output = _running_max(values)
+        for i, (name, _) in enumerate(run):
+            vanish.append((name, toward_input[i], i == 0))
+            explode.append((name, toward_output[i], i == 0))
+    trends = [t for t in (fit(vanish), fit(explode)) if t is not None]
+    return max(trends, key=lambda t: abs(math.log(t.factor)), default=None)
+
+
 def verdict(trend: Trend | None, min_depth: int, warn_ratio: float) -> str:
     """'vanishing', 'exploding' or 'healthy' (also when there is too little depth to judge)."""
     if trend is not None and trend.zeros:
@@ -125,7 +171,9 @@ def describe(trend: Trend, what: str, unit: str) -> str:
     )
 
 
-def evidence(trend: Trend, verdict: str) -> dict[str, float | int | str]:
+def evidence(
+    trend: Trend, verdict: str, quantity: str = "variance"
+) -> dict[str, float | int | str]:
     """The numbers of a trend finding: per-layer factor, total change, and its ends."""
     big, small = ("largest", "smallest") if verdict == "vanishing" else ("smallest", "largest")
     return {
@@ -133,6 +181,6 @@ def evidence(trend: Trend, verdict: str) -> dict[str, float | int | str]:
         "factor_per_layer": trend.factor,
         "total_ratio": trend.total,
         "depth": trend.depth,
-        f"{big}_variance": trend.first,
-        f"{small}_variance": trend.last,
+        f"{big}_{quantity}": trend.first,
+        f"{small}_{quantity}": trend.last,
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from nnhealth.analyzers import _trend
-from nnhealth.analyzers._advice import dominant_nonlinearity, init_fix
+from nnhealth.analyzers._advice import dominant_nonlinearity, init_fix, scoped_layers
 from nnhealth.analyzers._fixes import Fix, FixContext, depth_fixes
 from nnhealth.analyzers.base import Check, Option, deviation
 from nnhealth.capture.stats import ACTIVATION, LAYER, NORM, Capture
@@ -125,7 +125,9 @@ class ActivationVariance(Check):
         what = "nonlinearity outputs" if role == ACTIVATION else "layer outputs"
         if trend.zeros and all(v == 0 for _, v, _ in pts):
             what += " (all of them)"
-        fix, snippet = init_fix(dominant_nonlinearity(capture))
+        last = max(s.order for s in capture.sites if s.name in {n for n, _, _ in pts})
+        feeding = [s for s in capture.layer_sites() if s.order < last]
+        fix, snippet = init_fix(dominant_nonlinearity(capture), scoped_layers(capture, feeding))
         return [
             self.finding(
                 trend_severity(trend, options),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from nnhealth.analyzers._fixes import Fix, FixContext, lars_fix, reinit_fix
+from nnhealth.analyzers._fixes import Fix, FixContext, lars_fix, lower_lr_fix, reinit_fix
 from nnhealth.analyzers.base import Check, Option, deviation
 from nnhealth.capture.stats import Capture, ParamStats
 from nnhealth.findings import Finding, Severity
@@ -31,18 +31,49 @@ def trust_ratio(p: ParamStats) -> float | None:
     return p.norm / p.grad_norm
 
 
+def _names(items: list[ParamStats], limit: int = 4) -> str:
+    shown = ", ".join(p.name for p in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def isolated_outlier(rated: list[tuple[ParamStats, float]], gap: float) -> ParamStats | None:
+    """The one weight whose ratio is at least ``gap`` times away from every other
+    weight's (of three or more): a layer on its own scale, not a family of layers."""
+    if len(rated) < 3:
+        return None
+    ordered = sorted(rated, key=lambda pr: pr[1])
+    ends = [
+        (ordered[0], ordered[1][1] / ordered[0][1]),
+        (ordered[-1], ordered[-1][1] / ordered[-2][1]),
+    ]
+    (p, _), ratio = max(ends, key=lambda e: e[1])
+    return p if ratio >= gap else None
+
+
 class NormRatio(Check):
     """Per-layer weight-to-gradient norm ratios (the LARS trust ratio) far apart.
 
     What it detects:
-        For each weight matrix (Linear, Conv, Embedding...): ||w||, ||grad w|| and the
-        ratio ||w|| / ||grad w||. A spread of the ratio over orders of magnitude across
-        layers means one global learning rate is too large for some layers and too small
-        for others. With ``--lr`` it also computes each layer's relative update
-        lr * ||grad w|| / ||w|| and flags layers whose step would be far too large
-        (divergence risk) or too small (frozen). Biases and normalization parameters are
-        reported apart (in the layer table and JSON), not mixed into the spread; zero
-        weights (NH501) and zero gradients (NH101) are left out of it.
+        For each weight matrix or filter bank of a Linear, Conv, Embedding, recurrent or
+        attention layer: ||w||, ||grad w|| and the ratio ||w|| / ||grad w||. Free tensors
+        (class tokens, positional embeddings, ConvNeXt/CaiT layer scale), biases and
+        normalization parameters are reported apart (in the layer table and JSON), not
+        mixed into the spread; so are embedding tables whose batch leaves rows untouched
+        (their ratio over the whole table is not a layer's), zero weights (NH501) and
+        zero gradients (NH101). A spread of the ratio over orders of magnitude is a
+        hint (info) that layer-wise rates (LARS/LAMB) would help: stock architectures
+        have it by design (a layer-scaled branch's gradient is 1e-6 of the stream's).
+        It is a warning when one layer sits alone, ``outlier_gap`` away from every other
+        layer. With ``--lr`` it computes each layer's relative update lr * ||grad w|| /
+        ||w|| and reports, grouped, the layers whose step is far too large (divergence
+        risk) or too small (frozen). Weights followed by a normalization layer are
+        scale-invariant: their relative update makes ||w|| grow (the gradient is
+        orthogonal to w), which shrinks their effective step lr / ||w||^2 (van Laarhoven
+        2017; Arora et al. 2019); they are not a divergence risk, and are reported
+        together, as a warning only beyond ``invariant_extreme``. The output layer's
+        relative update is reported as info up to ``output_update_high``: its scale is
+        learned (a zero-initialized or std-0.01 head is standard), and whether the lr
+        suits it is the curvature's question; beyond that it counts as a divergence.
 
     Why it matters:
         SGD moves every layer by lr * ||grad w||: a layer whose ratio is 1e4 times
@@ -50,18 +81,19 @@ class NormRatio(Check):
         2017) was made for exactly this: in large-batch training the ratio differs across
         layers by orders of magnitude, so each layer gets its own rate
         eta * ||w|| / ||grad w||. A relative update above ~0.1 per step rewrites a layer
-        in a few steps; below ~1e-6 it does not learn.
+        (that is not scale-invariant) in a few steps; below ~1e-6 it does not learn.
 
     Example:
         A BatchNorm network with one layer's weights scaled by 100: BatchNorm makes the
         output scale-invariant, so that layer's gradient shrinks 100x while its norm grows
-        100x: its ratio is 1e4 times the others'.
+        100x: its ratio is 1e4 times the others', and its effective step 1e-4 of theirs.
 
     How to fix:
         Use layer-wise adaptive rates: LARS for SGD, LAMB for Adam (local rate
-        eta * ||w|| / ||grad w||, eta ~ 1e-3); or re-initialize the outlying layers; with
-        ``--lr``, lower the rate for layers whose relative update is too large (or the
-        global rate, with warmup), raise it or check for dead paths where it is too small.
+        eta * ||w|| / ||grad w||, eta ~ 1e-3); or re-initialize the outlying layer; with
+        ``--lr``, lower the rate (or use warmup) when layers that are not followed by a
+        normalization layer step too far, raise it or check for dead paths where it is
+        too small.
     """
 
     code = "NH301"
@@ -73,7 +105,13 @@ class NormRatio(Check):
             "spread_warn",
             1000.0,
             "three orders of magnitude; a healthy BatchNorm network's head already sits "
-            "10-100x below its normalized layers",
+            "10-100x below its normalized layers (reported as info: a LARS hint)",
+        ),
+        Option(
+            "outlier_gap",
+            100.0,
+            "one layer 100x from every other layer's ratio: stock models spread their "
+            "ratios over families of layers, none sits alone by 100x",
         ),
         Option("lr", None, "the learning rate, from --lr; enables the relative-update findings"),
         Option("update_high", 0.1, "a step that changes a layer by 10% rewrites it in ~10 steps"),
@@ -81,68 +119,155 @@ class NormRatio(Check):
         Option(
             "update_low", 1e-6, "1000x below the ~1e-3 of healthy training: the layer is frozen"
         ),
+        Option(
+            "output_update_high",
+            10.0,
+            "the output layer's scale is learned and may start small (std 0.01) or at 0, "
+            "so a step of 10-100% of it is normal early on; one of 10x its norm is not",
+        ),
+        Option(
+            "invariant_extreme",
+            1e4,
+            "a scale-invariant layer whose first step grows ||w|| 1e4x has its effective "
+            "step cut 1e8x: it stops learning until weight decay shrinks it back",
+        ),
     )
 
     def _weights(self, capture: Capture) -> list[ParamStats]:
         return [p for p in capture.params if p.role == "weight" and p.trainable]
 
     def run(self, capture: Capture, options: dict) -> list[Finding]:
-        out = []
         rated = [(p, trust_ratio(p)) for p in self._weights(capture)]
         rated = [(p, r) for p, r in rated if r is not None]
+        updates = self._update_findings(capture, rated, options)
+        out = []
         if len(rated) >= 2:
             lo = min(rated, key=lambda pr: pr[1])
             hi = max(rated, key=lambda pr: pr[1])
             spread = hi[1] / lo[1]
             if spread >= options["spread_warn"]:
                 median = statistics.median(r for _, r in rated)
-                out.append(self._spread_finding(lo, hi, spread, len(rated), median, options))
+                outlier = isolated_outlier(rated, options["outlier_gap"])
+                severe = outlier is not None or any(f.severity >= Severity.WARNING for f in updates)
+                out.append(
+                    self._spread_finding(lo, hi, spread, len(rated), median, options, severe)
+                )
+        return out + updates
+
+    def _update_findings(
+        self, capture: Capture, rated: list[tuple[ParamStats, float]], options: dict
+    ) -> list[Finding]:
         lr = options.get("lr")
-        if lr is not None:
-            for p, r in rated:
-                update = lr / r
+        if lr is None:
+            return []
+        invariant = {w.param for w in capture.weights if w.followed_by == "norm"}
+        outputs = {w.param for w in capture.weights if w.is_output}
+        high, low, inv, head = [], [], [], []
+        for p, r in rated:
+            update = lr / r
+            if p.name in outputs and update >= options["output_update_high"]:
+                high.append((p, update))
+            elif p.name in invariant or p.name in outputs:
                 if update >= options["update_high"]:
-                    sev = Severity.ERROR if update >= options["update_error"] else Severity.WARNING
-                    out.append(
-                        self.finding(
-                            sev,
-                            p.module or None,
-                            f"at lr {lr:g} one SGD step changes {p.name} by {update:.3g} of its "
-                            f"norm (||grad w|| = {p.grad_norm:.3g}, ||w|| = {p.norm:.3g}): "
-                            "divergence risk",
-                            {
-                                "lr": lr,
-                                "relative_update": update,
-                                "weight_norm": p.norm,
-                                "grad_norm": p.grad_norm,
-                            },
-                            f"lower this layer's rate to about {lr * 1e-3 / update:.3g} (a 1e-3 "
-                            "relative update), clip gradients, or use LARS/LAMB",
-                            _LARS_SNIPPET,
-                        )
-                    )
-                elif update <= options["update_low"]:
-                    out.append(
-                        self.finding(
-                            Severity.WARNING,
-                            p.module or None,
-                            f"at lr {lr:g} one SGD step changes {p.name} by {update:.3g} of its "
-                            "norm: the layer is effectively frozen",
-                            {
-                                "lr": lr,
-                                "relative_update": update,
-                                "weight_norm": p.norm,
-                                "grad_norm": p.grad_norm,
-                            },
-                            "raise this layer's rate (LARS/LAMB do it per layer), or find why "
-                            "its gradient is so small (NH202, NH101, NH102)",
-                            _LARS_SNIPPET,
-                        )
-                    )
+                    (inv if p.name in invariant else head).append((p, update))
+            elif update >= options["update_high"]:
+                high.append((p, update))
+            elif update <= options["update_low"]:
+                low.append((p, update))
+        out = []
+        if high:
+            out.append(self._divergence(high, lr, options))
+        if low:
+            out.append(self._frozen(low, lr))
+        if inv:
+            out.append(self._invariant(inv, lr, options))
+        if head:
+            out.append(self._output_layer(head, lr))
         return out
 
+    @staticmethod
+    def _evidence(group: list[tuple[ParamStats, float]], lr: float) -> dict:
+        p, update = max(group, key=lambda pu: pu[1])
+        lo = min(u for _, u in group)
+        return {
+            "lr": lr,
+            "layers": len(group),
+            "relative_update": update,
+            "min_relative_update": lo,
+            "weight_norm": p.norm,
+            "grad_norm": p.grad_norm,
+        }
+
+    def _divergence(self, group, lr: float, options: dict) -> Finding:
+        group = sorted(group, key=lambda pu: -pu[1])
+        p, update = group[0]
+        sev = Severity.ERROR if update >= options["update_error"] else Severity.WARNING
+        return self.finding(
+            sev,
+            p.module or None,
+            f"at lr {lr:g} one SGD step changes {len(group)} weight matrix(es) by "
+            f"{group[-1][1]:.3g} to {update:.3g} of their norm ({_names([q for q, _ in group])}; "
+            f"{p.name}: ||grad w|| = {p.grad_norm:.3g}, ||w|| = {p.norm:.3g}), and no "
+            "normalization layer follows them to absorb it: divergence risk",
+            self._evidence(group, lr),
+            f"lower the rate to about {lr * 1e-3 / update:.3g} for these layers (a 1e-3 "
+            "relative update for the worst), clip gradients, or use LARS/LAMB",
+            _LARS_SNIPPET,
+            kind="divergence",
+        )
+
+    def _frozen(self, group, lr: float) -> Finding:
+        group = sorted(group, key=lambda pu: pu[1])
+        p, update = group[0]
+        return self.finding(
+            Severity.WARNING,
+            p.module or None,
+            f"at lr {lr:g} one SGD step changes {len(group)} weight matrix(es) by "
+            f"{update:.3g} to {group[-1][1]:.3g} of their norm ({_names([q for q, _ in group])}): "
+            "effectively frozen",
+            self._evidence(group, lr),
+            "raise these layers' rate (LARS/LAMB do it per layer), or find why their "
+            "gradient is so small (NH202, NH101, NH102)",
+            _LARS_SNIPPET,
+            kind="frozen",
+        )
+
+    def _invariant(self, group, lr: float, options: dict) -> Finding:
+        group = sorted(group, key=lambda pu: -pu[1])
+        p, update = group[0]
+        extreme = update >= options["invariant_extreme"]
+        return self.finding(
+            Severity.WARNING if extreme else Severity.INFO,
+            p.module or None,
+            f"at lr {lr:g} one SGD step changes {len(group)} weight matrix(es) followed by a "
+            f"normalization layer by up to {update:.3g} of their norm "
+            f"({_names([q for q, _ in group])}): they are scale-invariant, so the step "
+            "(orthogonal to w) grows ||w|| to about sqrt(1 + u^2) times itself and cuts "
+            "their effective step lr / ||w||^2 instead of diverging"
+            + (f"; at u = {update:.3g} they stop learning for a long time" if extreme else ""),
+            self._evidence(group, lr),
+            "nothing to do at moderate values (the norm settles in a few steps; weight decay "
+            "keeps it in range); if extreme, use warmup or LARS/LAMB",
+            _LARS_SNIPPET if extreme else None,
+            kind="scale-invariant",
+        )
+
+    def _output_layer(self, group, lr: float) -> Finding:
+        p, update = max(group, key=lambda pu: pu[1])
+        return self.finding(
+            Severity.INFO,
+            p.module or None,
+            f"at lr {lr:g} one SGD step changes the output layer {p.name} by {update:.3g} of "
+            "its norm: its scale is set by training, not by its init (it may start at 0, as "
+            "ViT's head does), so this is no divergence risk by itself; the learning rate "
+            "against the loss's curvature is NH401's (--hessian)",
+            self._evidence(group, lr),
+            "nothing to do unless NH401 reports the lr above 2 / lambda_max",
+            kind="output-layer",
+        )
+
     def _spread_finding(
-        self, lo, hi, spread: float, n: int, median: float, options: dict
+        self, lo, hi, spread: float, n: int, median: float, options: dict, severe: bool
     ) -> Finding:
         (plo, rlo), (phi, rhi) = lo, hi
         lr = options.get("lr")
@@ -153,7 +278,7 @@ class NormRatio(Check):
                 f"{lr * LARS_ETA * rlo:.3g} (lr x {LARS_ETA:g} x ratio)"
             )
         return self.finding(
-            Severity.WARNING,
+            Severity.WARNING if severe else Severity.INFO,
             None,
             f"the weight-to-gradient norm ratio spans x{spread:.3g} across {n} weight matrices: "
             f"{rlo:.3g} at {plo.name}, {rhi:.3g} at {phi.name}; one global learning rate "
@@ -200,6 +325,8 @@ class NormRatio(Check):
             module = outlier.rpartition(".")[0]
             rule = init_rule(ctx.nonlinearity)
             fixes.append(reinit_fix(f"{rule.name} on {module}", module, rule))
+        if finding.kind == "divergence" and ctx.lr and e.get("relative_update"):
+            fixes.append(lower_lr_fix(ctx, ctx.lr * 1e-3 / e["relative_update"]))
         if ctx.lr:
             fixes.append(lars_fix(ctx))
         return fixes

@@ -11,15 +11,37 @@ from nnhealth.capture.precision import dtype_name, nonfinite_count, norm64, read
 from nnhealth.capture.stats import Capture, ParamStats
 from nnhealth.capture.structure import is_norm
 
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def is_layer_weight(pname: str, ndim: int) -> bool:
+    """A layer's weight matrix or filters: ``weight`` of Linear/Conv/Embedding (and
+    HF's Conv1D), ``weight_ih_l0``/``in_proj_weight`` of recurrent and attention
+    modules. Not a free tensor of two or more dimensions (a class token, positional
+    embeddings, a ConvNeXt ``layer_scale`` or ``gamma`` of shape [C, 1, 1])."""
+    return ndim >= 2 and "weight" in pname
+
 
 def param_role(module: nn.Module | None, pname: str, p: torch.Tensor) -> str:
     if module is not None and is_norm(module):
         return "norm"
     if pname.endswith("bias"):
         return "bias"
-    if p.ndim >= 2:
+    if is_layer_weight(pname, p.ndim):
         return "weight"
+    if type(module).__name__ == "ParametrizationList" and p.ndim >= 2:
+        return "weight"  # parametrizations.weight.original (weight_norm, spectral_norm)
     return "other"
+
+
+def _sparse_rows(module_kind: str, role: str, g: torch.Tensor) -> bool:
+    """An embedding table whose gradient leaves rows at exactly 0 (tokens absent from
+    the batch): ||w|| / ||grad w|| over the whole table is not a layer's ratio."""
+    if role != "weight" or module_kind not in {t.__name__ for t in _EMBEDDINGS}:
+        return False
+    if g.layout != torch.strided:
+        return True  # nn.Embedding(sparse=True): only the rows in the batch
+    return bool((g.reshape(g.shape[0], -1) == 0).all(dim=1).any())
 
 
 def param_stats(
@@ -41,6 +63,8 @@ def param_stats(
                 gnorm = norm64(g)
                 if not math.isfinite(gnorm):
                     gbad = nonfinite_count(g)
+                if _sparse_rows(kind, role, g):
+                    role = "embedding"
             elif grads is not None and p.requires_grad:
                 gnorm = 0.0  # trainable but unused by this loss: its gradient is zero
             out.append(
@@ -93,7 +117,9 @@ def capture_weights(
         module = name.rsplit(".", 1)[0] if "." in name else ""
         pname = name.rsplit(".", 1)[-1]
         kind = owners_hint.get(module, "?")
-        role = "bias" if pname == "bias" else ("weight" if t.ndim >= 2 else "other")
+        role = (
+            "bias" if pname == "bias" else ("weight" if is_layer_weight(pname, t.ndim) else "other")
+        )
         owners[name] = (modules or {}).get(name, (module, kind, role))
     return Capture(
         sites=(),
