@@ -73,7 +73,9 @@ SAMPLE_FINDINGS = {
     # sample name: {code: (severity, layer or None)}: every finding its scan must report
     "healthy_relu_mlp": {},
     "cnn_bn": {},
-    "tanh_vanishing": {"NH201": ("error", None), "NH202": ("error", None), "NH601": ("error", "0")},
+    # a chain that only shrinks the signal: every layer's sensitivity ||y||^2 ||dL/dy||^2
+    # is the same, so NH202 is silent and NH201 names the collapse
+    "tanh_vanishing": {"NH201": ("error", None), "NH601": ("error", "0")},
     "tanh_saturated": {
         "NH102": ("error", "1"),
         "NH202": ("error", None),
@@ -93,10 +95,10 @@ SAMPLE_FINDINGS = {
     "xavier_deep_relu": {
         "NH601": ("warning", "0"),
         "NH201": ("warning", None),
-        "NH202": ("warning", None),
         "NH101": ("warning", "19"),
     },
-    "norm_spread_bn": {"NH301": ("warning", None)},
+    # the x100 Linear before BatchNorm: 1e-4 of the others' effective step (NH601, NH301)
+    "norm_spread_bn": {"NH301": ("warning", None), "NH601": ("warning", "3")},
 }
 
 

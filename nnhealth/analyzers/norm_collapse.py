@@ -7,7 +7,7 @@ import math
 from nnhealth.analyzers._advice import py_str
 from nnhealth.analyzers._fixes import Fix, FixContext, submodule
 from nnhealth.analyzers.base import Check, Option, deviation, num
-from nnhealth.capture.stats import Capture, ParamStats
+from nnhealth.capture.stats import LAYER, NORM, Capture, ParamStats, SiteStats
 from nnhealth.findings import Finding, Severity
 
 _DECAY_SNIPPET = (
@@ -32,6 +32,22 @@ def _scales(capture: Capture) -> list[ParamStats]:
 
 def _rms(p: ParamStats) -> float:
     return p.norm / math.sqrt(max(p.numel, 1))
+
+
+def _consumers(capture: Capture) -> dict[str, tuple[SiteStats, SiteStats]]:
+    """For each normalization layer (its first call): the next site the pass saw, i.e.
+    what consumes its output. A parametric layer there reads the norm's output directly
+    (pre-norm: GPT-2's ln_1/ln_2/ln_f, ViT's norms); a nonlinearity or nothing means
+    the output was summed into a residual stream first (ResNet's last BN of a block)."""
+    ordered = sorted(capture.sites, key=lambda s: s.order)
+    out: dict[str, tuple[SiteStats, SiteStats]] = {}
+    for i, site in enumerate(ordered):
+        if site.role != NORM or site.module in out:
+            continue
+        nxt = next((s for s in ordered[i + 1 :] if s.module != site.module), None)
+        if nxt is not None:
+            out[site.module] = (site, nxt)
+    return out
 
 
 class NormCollapse(Check):
@@ -73,7 +89,7 @@ class NormCollapse(Check):
     name = "norm-collapse"
     summary = "normalization layers whose scale (gamma) collapsed to zero"
     needs = frozenset({"weights", "modules"})
-    uses = frozenset({"gradients"})
+    uses = frozenset({"gradients", "activations"})  # activations: what reads each norm
     options = (
         Option(
             "collapse_rms",
@@ -84,11 +100,52 @@ class NormCollapse(Check):
 
     def run(self, capture: Capture, options: dict) -> list[Finding]:
         out = []
+        consumers = _consumers(capture)
+        grads = {q.name: q.grad_norm for q in capture.params}
         for p in _scales(capture):
             rms = _rms(p)
-            if math.isfinite(rms) and rms < options["collapse_rms"]:
+            if not (math.isfinite(rms) and rms < options["collapse_rms"]):
+                continue
+            norm, nxt = consumers.get(p.module, (None, None))
+            grad = grads.get(f"{nxt.module}.weight") if nxt is not None else None
+            # the layer that runs next reads the norm's output only if its measured weight
+            # gradient is 0 too (its input is the norm's zero output); otherwise it is on
+            # another branch (ResNet's downsample after a block's last BN). A weight tied
+            # to another (GPT-2's lm_head) has no gradient of its own: next-site order alone
+            consumed = nxt is not None and nxt.role == LAYER and grad in (0.0, None)
+            if rms == 0.0 and p.grad_norm and consumed:
+                out.append(self._consumed_finding(p, norm, nxt, grad))
+            else:
                 out.append(self._finding(p, rms))
         return out
+
+    def _consumed_finding(
+        self, p: ParamStats, norm: SiteStats, nxt: SiteStats, grad: float | None
+    ) -> Finding:
+        """A zero gain whose output a layer reads directly: that layer's input is the
+        norm's shift alone, the same for every example."""
+        layer = py_str(p.module)
+        grad_text = "" if grad is None else f", its weight gradient norm {num(grad)}"
+        return self.finding(
+            Severity.ERROR,
+            p.module,
+            f"{p.kind} scale is all zero and its output feeds {nxt.module} directly (a "
+            f"pre-norm layer): {nxt.module} sees only the norm's shift, the same for every "
+            f"example (the norm's measured output variance {num(norm.var)}{grad_text}), "
+            f"and no gradient passes back through {p.module}",
+            {
+                "parameter": p.name,
+                "scale_rms": 0.0,
+                "values": p.numel,
+                "grad_norm": p.grad_norm,
+                "consumer_weight_grad_norm": grad,
+                "output_var": norm.var,
+            },
+            "reset the scale to 1 (nn.init.ones_): a zero gain belongs only at the end of a "
+            "residual branch (zero_init_residual), not before a layer",
+            f"nn.init.ones_(model.get_submodule({layer}).weight)",
+            "consumed",
+        )
 
     def _finding(self, p: ParamStats, rms: float) -> Finding:
         stuck = not p.trainable or p.grad_norm == 0.0

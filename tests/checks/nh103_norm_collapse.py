@@ -81,6 +81,22 @@ BAD = [
     Case("zero-batchnorm-before-relu", lambda: with_norm(nn.BatchNorm1d, 0.0), Severity.ERROR, "4"),
 ]
 
+
+class PreNorm(nn.Module):
+    """x + fc(ln(x)) then a head, the LayerNorm's gain at zero: fc reads a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.ln, self.fc, self.head = nn.LayerNorm(128), nn.Linear(128, 128), nn.Linear(128, 10)
+        nn.init.zeros_(self.ln.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x + self.fc(self.ln(x)))
+
+
+BAD.append(Case("zero-gain-before-a-layer", PreNorm, Severity.ERROR, "ln"))
+
 GOOD = [
     Case("zero-init-residual", ZeroInitResidual, verify=zero_init_is_info),
     Case("small-but-alive-layernorm", lambda: with_norm(nn.LayerNorm, 0.05)),

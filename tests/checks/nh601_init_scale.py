@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import Case, he, healthy_cases, stack, xavier, zero_head
+from conftest import CNN_INPUTS, Case, he, healthy_cases, small_cnn, stack, xavier, zero_head
 from torch import nn
 
 from nnhealth.findings import Finding, Severity
@@ -18,6 +18,15 @@ def one_layer_scaled(factor: float) -> nn.Module:
     return model
 
 
+def cnn_scaled(factor: float) -> nn.Module:
+    model = small_cnn()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(factor)
+    return model
+
+
 # the bad case on which --what-if must resolve the finding (tests/test_registry.py)
 WHAT_IF = "default-init-deep-relu"
 
@@ -27,6 +36,14 @@ BAD = [
     Case("xavier-scale-deep-relu", lambda: stack(128, 8, nn.ReLU, xavier), Severity.WARNING, "0"),
     Case("tanh-0.01", lambda: stack(128, 5, nn.Tanh, lambda n: 0.01), Severity.ERROR, "0"),
     Case("one-layer-100x", lambda: one_layer_scaled(10.0), Severity.WARNING, "2"),
+    # scale-invariant behind BatchNorm: the step, not the signal (effective step x1e4)
+    Case(
+        "convs-x0.012-before-batchnorm",
+        lambda: cnn_scaled(0.012),
+        Severity.WARNING,
+        "any",
+        inputs=CNN_INPUTS,
+    ),
 ]
 
 GOOD = [
