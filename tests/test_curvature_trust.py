@@ -5,7 +5,8 @@ torch.func.grad) of the same network written with the built-in op, and numpy's
 eigvalsh, all in float64. A custom autograd Function with a broken second derivative
 (marked @once_differentiable, or a backward that detaches what it gets) makes Lanczos
 converge, with a small certified bound, to the wrong lambda_max; the scan must refuse
-(NH401 skipped with the reason, naming the Function and its layer) instead. Healthy
+(naming the Function and its layer, and taking the products by finite differences of
+gradients instead: tests/test_hvp_fallback.py). Healthy
 operators must pass the symmetry test with a wide margin (asserted below 10x the
 products' rounding error, against a refusal at SYMMETRY_TOL = 50x).
 """
@@ -115,6 +116,14 @@ def true_lambda_max() -> float:
     return float(np.linalg.eigvalsh(dense_hessian(softplus_mlp(), x, y))[-1])
 
 
+def fallback_reason(report) -> str:
+    """Why the double backward was refused: now a note, NH401 measured by finite
+    differences of gradients (tests/test_hvp_fallback.py checks their values)."""
+    assert not report.skipped and report.curvature["hvp"] == "finite-difference"
+    (note,) = [n for n in report.notes if "central differences of gradients" in n]
+    return note
+
+
 def skip_reason(report) -> str:
     (skip,) = [s for s in report.skipped if s.code == "NH401"]
     assert report.curvature is None and "NH101" in report.run["checks"]  # the rest ran
@@ -150,10 +159,13 @@ def test_without_the_checks_lanczos_certifies_a_wrong_lambda_max(monkeypatch) ->
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_broken_custom_backward_skips_nh401_naming_it(fn, says, dtype) -> None:
+def test_a_broken_custom_backward_falls_back_naming_it(fn, says, dtype) -> None:
     x, y = batch(dtype)
     report = nnhealth.scan(softplus_mlp(fn, dtype), (x, y), select=["NH401", "NH101"], hessian=True)
-    reason = skip_reason(report)
+    reason = fallback_reason(report)
+    c = report.curvature
+    truth = float(np.linalg.eigvalsh(dense_hessian(softplus_mlp(), x.double(), y))[-1])
+    assert abs(c["top_eigenvalues"][0] - truth) <= c["lambda_max_error"]
     assert says in reason and f"{fn.__name__} (layers '1', '3' [Act])" in reason
     assert "\n" not in reason
 
@@ -437,7 +449,7 @@ class FunctionalNet(nn.Module):
 def test_a_function_in_the_models_own_forward_or_in_the_loss_is_located() -> None:
     x, y = batch()
     torch.manual_seed(0)
-    reason = skip_reason(
+    reason = fallback_reason(
         nnhealth.scan(FunctionalNet().double(), (x, y), select=["NH401", "NH101"], hessian=True)
     )
     assert "SoftplusOnce (the model's own forward [FunctionalNet])" in reason
@@ -446,7 +458,7 @@ def test_a_function_in_the_models_own_forward_or_in_the_loss_is_located() -> Non
         return F.cross_entropy(SoftplusOnce.apply(out), target)
 
     report = nnhealth.scan(softplus_mlp(), (x, y), loss, select=["NH401", "NH101"], hessian=True)
-    assert "SoftplusOnce (the loss function)" in skip_reason(report)
+    assert "SoftplusOnce (the loss function)" in fallback_reason(report)
 
 
 class StraightThroughRound(torch.autograd.Function):
@@ -643,7 +655,7 @@ class RaisesUnderCreateGraph(torch.autograd.Function):
         return g * (1 - torch.tanh(x) ** 2)
 
 
-def test_a_backward_that_raises_with_create_graph_skips_nh401() -> None:
+def test_a_backward_that_raises_with_create_graph_falls_back() -> None:
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -653,9 +665,10 @@ def test_a_backward_that_raises_with_create_graph_skips_nh401() -> None:
             return self.fc2(RaisesUnderCreateGraph.apply(self.fc1(x)))
 
     x, y = batch(torch.float32)
-    reason = skip_reason(nnhealth.scan(Net(), (x, y), select=["NH401", "NH101"], hessian=True))
+    reason = fallback_reason(nnhealth.scan(Net(), (x, y), select=["NH401", "NH101"], hessian=True))
     assert reason.startswith(
-        "the backward for Hessian products (with create_graph) raised RuntimeError: this "
+        "no exact Hessian-vector products here (the backward for Hessian products (with "
+        "create_graph) raised RuntimeError: this "
         "backward is not differentiable in RaisesUnderCreateGraph.backward ("
     )
     assert "a custom autograd Function used in the model's own forward [Net]" in reason
@@ -688,13 +701,14 @@ class OnceRaising(torch.autograd.Function):
         )
 
 
-def test_a_double_backward_raising_the_once_differentiable_error_skips_nh401() -> None:
+def test_a_double_backward_raising_the_once_differentiable_error_falls_back() -> None:
     x, y = batch()
-    reason = skip_reason(
+    reason = fallback_reason(
         nnhealth.scan(softplus_mlp(RaisingTwice), (x, y), select=["NH401", "NH101"], hessian=True)
     )
     assert reason.startswith(
-        "Hessian-vector product 1 failed: trying to differentiate twice a function that was "
+        "no exact Hessian-vector products here (Hessian-vector product 1 failed: trying to "
+        "differentiate twice a function that was "
         "marked with @once_differentiable: a custom autograd Function's backward "
         "(RaisingTwice (layers '1', '3' [Act])) has no second derivative"
     )
@@ -747,11 +761,11 @@ def test_a_forward_that_fails_the_second_time_skips_nh401() -> None:
     assert "does the model keep state between calls?" in reason
 
 
-def test_an_op_without_a_second_derivative_skips_nh401() -> None:
+def test_an_op_without_a_second_derivative_falls_back() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Hardsigmoid(), nn.Linear(8, 3))
     x, y = batch(torch.float32)
-    reason = skip_reason(nnhealth.scan(model, (x, y), select=["NH401", "NH101"], hessian=True))
+    reason = fallback_reason(nnhealth.scan(model, (x, y), select=["NH401", "NH101"], hessian=True))
     assert "has no second derivative" in reason and "hardsigmoid" in reason
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from nnhealth.analyzers._fixes import Fix, FixContext, lower_lr_fix
 from nnhealth.analyzers.base import Check, Option
 from nnhealth.capture.stats import Capture, CurvatureStats
+from nnhealth.curvature.stats import FINITE
 from nnhealth.findings import Finding, Severity
 from nnhealth.plan import Request
 
@@ -32,9 +33,16 @@ class Curvature(Check):
         Function on the loss's graph must itself be differentiable (not
         @once_differentiable, no torch.no_grad() or .detach() inside), and u.Hv must
         equal v.Hu on random pairs up to the products' rounding (two products more
-        than Lanczos takes, counted in hvps). Otherwise, or when user code fails or
-        memory runs out while products are taken, NH401 is skipped with the reason and
-        the other checks stand.
+        than Lanczos takes, counted in hvps). When the double backward cannot be had
+        (an op without a second derivative, such as hardsigmoid in MobileNetV3) or
+        trusted, the products are taken by central differences of gradients instead
+        (two forward+backward passes each, on a float64 copy, the step calibrated on
+        the first vector): the finding then gives lambda_max with an estimated error
+        bar (the Ritz residual plus the products' error measured at the top Ritz
+        vector), says it is not certified, and the report's curvature section says
+        hvp "finite-difference", certified false. When that fails too, or user code
+        fails or memory runs out while products are taken, NH401 is skipped with the
+        reason and the other checks stand.
 
     Why it matters:
         On a quadratic with curvature lambda, gradient descent converges for
@@ -116,6 +124,16 @@ class Curvature(Check):
             "lr_limit": limit,
             "mode": c.mode,
         }
+        if getattr(c, "hvp", None) == FINITE:  # MeasuredCurvature, finite differences
+            status += (
+                f" ± {c.lambda_max_error:.2g} (Hessian products by finite differences of "
+                "gradients: an estimate, not certified)"
+            )
+            evidence |= {
+                "certified": False,
+                "hvp_error": c.hvp_error,
+                "lambda_max_error": c.lambda_max_error,
+            }
         lr = options.get("lr")
         if limit is None:
             return self.finding(

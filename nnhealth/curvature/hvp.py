@@ -11,9 +11,12 @@ modes, buffers and RNG are restored afterwards.
 While that graph is built, the backward of every custom autograd Function on it is
 audited (trust.py): one that the double backward cannot differentiate refuses the
 operator before any product; the scan also tests the products' symmetry before Lanczos
-trusts them. User code that fails (the forward, the loss, a backward, once or on the
-Nth product) or memory that runs out becomes a NoCurvature reason, never a crash;
-KeyboardInterrupt propagates.
+trusts them. A double backward that cannot be had or trusted (an op without a second
+derivative, a custom backward refused by the audit or raising under create_graph, an
+asymmetric operator) raises NoSecondDerivative: measure.py then takes the products by
+finite differences of gradients (finite.py). Other user code that fails (the forward,
+the loss, a backward on the Nth product) or memory that runs out becomes a NoCurvature
+reason, never a crash; KeyboardInterrupt propagates.
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ def _no_second_derivative(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _NO_DOUBLE_BACKWARD)
 
 
+def _attention(exc: BaseException) -> bool:
+    """The op without a second derivative is a fused attention kernel."""
+    return "attention" in str(exc)
+
+
 @contextlib.contextmanager
 def _math_attention(enabled: bool) -> Iterator[None]:
     if not enabled:
@@ -57,6 +65,33 @@ class NoCurvature(CaptureError):
     """No Hessian to measure or none to trust here (nothing trainable, a linear loss, a
     backward that cannot be differentiated, a failure while taking products): NH401 is
     skipped with this reason, the other checks stand."""
+
+
+class NoSecondDerivative(NoCurvature):
+    """The double backward cannot be had, or cannot be trusted, here: the operator can
+    still be measured by finite differences of gradients (first derivatives only)."""
+
+
+def enter_products(
+    stack: contextlib.ExitStack, model: nn.Module, mode: str, seed: int, notes: list[str]
+) -> None:
+    """The model set up for taking products (restored when ``stack`` closes): the scan's
+    mode, its buffers and RNG saved, dropout off (a product must not resample masks)."""
+    stack.enter_context(preserved_state(model, mode))
+    stack.enter_context(torch.random.fork_rng(devices=[]))
+    torch.default_generator.manual_seed(seed)
+    # dropout modules, and attention's own dropout (MultiheadAttention applies it
+    # functionally when training); functional dropout in a custom forward follows
+    # its module's mode and cannot be switched off from here
+    dropouts = [
+        m
+        for m in model.modules()
+        if isinstance(m, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention))
+    ]
+    for m in dropouts:
+        m.training = False  # restored by preserved_state
+    if dropouts and mode == "train":
+        notes.append(f"dropout off while taking Hessian products ({len(dropouts)} modules)")
 
 
 class HessianOperator:
@@ -84,6 +119,7 @@ class HessianOperator:
         self.n = sum(p.numel() for p in self.params)
         self.products = 0
         self.backend = "default"
+        self.asymmetry_floor = 0.0  # exact products: rounding alone (trust.check_symmetry)
         self.notes: list[str] = []
         self.functions: list[trust.CustomFunction] = []  # custom autograd Functions on the graph
         self._grads: tuple[torch.Tensor, ...] | None = None
@@ -94,52 +130,39 @@ class HessianOperator:
             raise NoCurvature("the model has no trainable parameters: there is no Hessian")
         self._stack = contextlib.ExitStack()
         try:
-            self._stack.enter_context(preserved_state(self.model, self.mode))
-            self._stack.enter_context(torch.random.fork_rng(devices=[]))
-            torch.default_generator.manual_seed(self.seed)
-            # dropout modules, and attention's own dropout (MultiheadAttention applies it
-            # functionally when training); functional dropout in a custom forward follows
-            # its module's mode and cannot be switched off from here
-            dropouts = [
-                m
-                for m in self.model.modules()
-                if isinstance(m, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention))
-            ]
-            for m in dropouts:
-                m.training = False  # restored by preserved_state
-            if dropouts and self.mode == "train":
-                self.notes.append(
-                    f"dropout off while taking Hessian products ({len(dropouts)} modules)"
-                )
+            enter_products(self._stack, self.model, self.mode, self.seed, self.notes)
             self._build(math_attention=False)
         except BaseException:
             self._stack.close()
             raise
         return self
 
+    def _forward_loss(self, spans: trust.ModuleSpans) -> torch.Tensor:
+        """The model's forward and the loss, with graph, for the products."""
+        try:
+            with spans:
+                output = call_model(self.model, self.inputs)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # the user's model, with sys.exit and BaseException
+            raise self._failure(
+                "the model's forward for Hessian products",
+                exc,
+                "it ran in the scan's first pass: does the model keep state between calls?",
+            ) from exc
+        try:
+            return self.make_loss(output)
+        except KeyboardInterrupt:
+            raise
+        except NnhealthError as exc:  # the loss's own one-line reason
+            raise NoCurvature(f"the loss for Hessian products failed: {exc.message}") from exc
+        except BaseException as exc:
+            raise self._failure("the loss for Hessian products", exc, "") from exc
+
     def _build(self, math_attention: bool) -> None:
         spans = trust.ModuleSpans(self.model)
         with torch.enable_grad(), _math_attention(math_attention):
-            try:
-                with spans:
-                    output = call_model(self.model, self.inputs)
-            except KeyboardInterrupt:
-                raise
-            except BaseException as exc:  # the user's model, with sys.exit and BaseException
-                raise self._failure(
-                    "the model's forward for Hessian products",
-                    exc,
-                    "it ran in the scan's first pass: does the model keep state between calls?",
-                ) from exc
-            try:
-                loss = self.make_loss(output)
-            except KeyboardInterrupt:
-                raise
-            except NnhealthError as exc:  # the loss's own one-line reason
-                raise NoCurvature(f"the loss for Hessian products failed: {exc.message}") from exc
-            except BaseException as exc:
-                raise self._failure("the loss for Hessian products", exc, "") from exc
-            del output
+            loss = self._forward_loss(spans)
             self.loss = float(loss.detach())
             if not loss.requires_grad:
                 raise NoCurvature(
@@ -158,14 +181,18 @@ class HessianOperator:
                 raise
             except BaseException as exc:  # a custom backward or a tensor hook: user code
                 self.functions = audit.report(forward, spans, rerun=False)  # for names
-                raise self._failure(
+                failure = self._failure(
                     "the backward for Hessian products (with create_graph)", exc, _DIFFERENTIABLE
-                ) from exc
+                )
+                if out_of_memory(exc):
+                    raise failure from exc
+                # the scan's own backward ran: this one fails for create_graph alone
+                raise NoSecondDerivative(failure.message) from exc
             self.functions = audit.report(forward, spans, self.seed)
             del forward, audit
             reason = trust.refusal(self.functions)
             if reason:
-                raise NoCurvature(reason)
+                raise NoSecondDerivative(reason)
             note = trust.linear_note(self.functions)
             if note and note not in self.notes:
                 self.notes.append(note)
@@ -198,12 +225,12 @@ class HessianOperator:
         if isinstance(exc, RuntimeError) and "once_differentiable" in str(exc):
             once = [f for f in self.functions if f.once_differentiable] or self.functions
             named = f" ({trust.listing(once)})" if once else ""
-            return NoCurvature(
+            return NoSecondDerivative(
                 f"{what} failed: {first_line(exc)}: a custom autograd Function's backward"
                 f"{named} has no second derivative; {trust.FIX}"
             )
         if _no_second_derivative(exc):
-            return NoCurvature(
+            return NoSecondDerivative(
                 f"{what} failed: an operation on the loss's graph has no second derivative "
                 f"({first_line(exc)}); Hessian-vector products need one for every operation: "
                 "use one that has it (a smooth activation, say) to measure curvature"
@@ -251,7 +278,7 @@ class HessianOperator:
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # user code (a custom backward, twice), an op, memory
-            if self.backend == "default" and _no_second_derivative(exc):
+            if self.backend == "default" and _no_second_derivative(exc) and _attention(exc):
                 # found on the first product, not by a wasted probe
                 self._fall_back_to_math_attention()
                 return self.matvec(v)

@@ -69,6 +69,7 @@ class LanczosResult:
     converged: bool
     restarts: int = 0  # thick restarts forced by max_basis
     basis: int = 0  # the most vectors in use at once (their memory: basis * n * 8 bytes)
+    top_vector: torch.Tensor | None = None  # the top Ritz vector (unit), when asked for
 
 
 def _ritz(t: np.ndarray, tridiagonal: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -172,8 +173,10 @@ def lanczos(
     max_basis: int | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int, float, float], None] | None = None,
+    vector: bool = False,
 ) -> LanczosResult:
-    """Top-``k`` eigenvalues (and the smallest when ``smallest``) of the operator.
+    """Top-``k`` eigenvalues (and the smallest when ``smallest``) of the operator, and
+    the top Ritz vector when ``vector``.
 
     ``start`` seeds the first vector (a random part is always mixed in, see above).
     ``max_basis`` caps the vectors held at once (thick restarts; at least
@@ -207,6 +210,7 @@ def lanczos(
         if it == steps:
             break
         krylov.advance(w, b, theta, vecs, k, smallest)
+    y = krylov.vector(vecs[:, int(np.argmax(theta))]) if vector else None
     return LanczosResult(
         top=top,
         bottom=bottom,
@@ -214,6 +218,7 @@ def lanczos(
         converged=converged,
         restarts=krylov.restarts,
         basis=cap if krylov.restarts else krylov.size,  # size only shrinks at a restart
+        top_vector=y,
     )
 
 
@@ -250,6 +255,12 @@ class _Krylov:
         if not (np.isfinite(t[j, j]) and np.isfinite(b)):
             raise NonFiniteProduct(f"product {it} of the operator is not finite")
         return w, b
+
+    def vector(self, coefficients: np.ndarray) -> torch.Tensor:
+        """The Ritz vector V^T s of the current basis, normalized."""
+        s = torch.as_tensor(coefficients, dtype=torch.float64, device=self.basis.device)
+        y = s @ self.basis[: self.size]
+        return y / torch.linalg.vector_norm(y)
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray]:
         return _ritz(self.t[: self.size, : self.size], tridiagonal=self.restarts == 0)

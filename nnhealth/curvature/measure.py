@@ -1,8 +1,12 @@
-"""One curvature measurement: the operator, Lanczos, and optionally the trace."""
+"""One curvature measurement: the operator (exact products, or finite differences of
+gradients when the double backward cannot be had or trusted), Lanczos, and optionally
+the trace."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -10,9 +14,9 @@ from torch import nn
 
 from nnhealth import memory
 from nnhealth._util import Progress, out_of_memory
-from nnhealth.capture.stats import CurvatureStats
 from nnhealth.curvature import trust
-from nnhealth.curvature.hvp import HessianOperator, NoCurvature
+from nnhealth.curvature.finite import MAX_ERROR, FiniteDifferenceOperator, product_error
+from nnhealth.curvature.hvp import HessianOperator, NoCurvature, NoSecondDerivative
 from nnhealth.curvature.lanczos import (
     LanczosResult,
     NonFiniteProduct,
@@ -20,11 +24,14 @@ from nnhealth.curvature.lanczos import (
     min_basis,
     start_vector,
 )
+from nnhealth.curvature.stats import FINITE, MeasuredCurvature
 from nnhealth.curvature.trace import hutchinson
 from nnhealth.errors import flag, report_text
 
 if TYPE_CHECKING:
     from nnhealth.plan import Plan
+
+Operator = HessianOperator | FiniteDifferenceOperator
 
 MEMORY_SHARE = 0.5  # of the memory available once the gradient graph is built
 
@@ -78,7 +85,7 @@ class _Reuse:
 
 
 def scan_lanczos(
-    op: HessianOperator,
+    op: Operator,
     *,
     top: int = 1,
     smallest: bool = False,
@@ -87,13 +94,14 @@ def scan_lanczos(
     seed: int = 0,
     seeded: bool = True,
     progress: Callable[[int, float, float], None] | None = None,
+    vector: bool = False,
 ) -> LanczosResult:
     """Lanczos on ``op`` as a scan runs it: the basis capped by free memory, started
     from the loss gradient (plus a random part; ``seeded=False``: random alone), after
     the operator passed the symmetry test (trust.py: two products beyond Lanczos's,
     three when rounding must be measured; Lanczos reuses the test's product of its start
-    vector). A non-finite product, an asymmetric operator or running out of memory is
-    reported as NoCurvature."""
+    vector). A non-finite product or running out of memory is reported as NoCurvature,
+    an asymmetric operator as NoSecondDerivative. ``vector``: keep the top Ritz vector."""
     device = op.params[0].device
     cap = basis_cap(op.n, device, top, smallest, budget)  # refuses before any product
     try:
@@ -103,10 +111,16 @@ def scan_lanczos(
         if not bool(torch.isfinite(hq0).all()):
             raise NonFiniteProduct("product 1 of the operator is not finite")
         sym = trust.check_symmetry(
-            op.matvec, op.n, q0, hq0, dtypes=[p.dtype for p in op.params], seed=seed
+            op.matvec,
+            op.n,
+            q0,
+            hq0,
+            dtypes=[p.dtype for p in op.params],
+            seed=seed,
+            floor=op.asymmetry_floor,
         )
         if not sym.symmetric:
-            raise NoCurvature(trust.asymmetry_reason(sym, op.functions))
+            raise NoSecondDerivative(trust.asymmetry_reason(sym, op.functions))
         reuse = _Reuse(op.matvec, q0, hq0)
         del q0, hq0  # held by reuse until Lanczos's first product only
         return lanczos(
@@ -121,6 +135,7 @@ def scan_lanczos(
             max_basis=cap,
             device=device,
             progress=progress,
+            vector=vector,
         )
     except NonFiniteProduct as exc:
         raise NoCurvature(
@@ -132,6 +147,18 @@ def scan_lanczos(
         if not out_of_memory(exc):
             raise
         raise NoCurvature(trust.oom_reason("during Lanczos", exc)) from exc
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What to measure: measure()'s keyword arguments after the operator's."""
+
+    top: int = 1
+    smallest: bool = False
+    tol: float = 1e-3
+    budget: int = 100
+    trace_probes: int = 0
+    seed: int = 0
 
 
 def measure(
@@ -147,8 +174,43 @@ def measure(
     budget: int = 100,
     trace_probes: int = 0,
     progress: Progress | None = None,
-) -> tuple[CurvatureStats, list[str]]:
-    """Top-``top`` Hessian eigenvalues (and the smallest), within ``budget`` products."""
+) -> tuple[MeasuredCurvature, list[str]]:
+    """Top-``top`` Hessian eigenvalues (and the smallest), within ``budget`` products:
+    by exact products (double backward), or, when those cannot be had or trusted, by
+    finite differences of gradients (an estimate, with its error bar)."""
+    settings = Settings(top, smallest, tol, budget, trace_probes, seed)
+    try:
+        with HessianOperator(model, inputs, make_loss, mode=mode, seed=seed) as op:
+            return _measured(op, settings, progress)
+    except NoSecondDerivative as exc:
+        why = exc.message
+    if progress is not None:
+        progress("Hessian: no double backward here, finite differences of gradients")
+    try:
+        with FiniteDifferenceOperator(model, inputs, make_loss, mode=mode, seed=seed) as op:
+            stats, notes = _measured(op, settings, progress)
+    except NoCurvature as exc:
+        raise NoCurvature(
+            f"{why}; Hessian-vector products by finite differences of gradients failed too: "
+            f"{exc.message}"
+        ) from exc
+    head = (
+        f"no exact Hessian-vector products here ({why}): NH401 took them by central "
+        f"differences of gradients (two forward+backward passes each, step "
+        f"{stats.hvp_step:.2g}), estimated relative error {stats.hvp_error:.1g}, lambda_max "
+        f"± {stats.lambda_max_error:.2g}: an estimate, not certified"
+    )
+    return stats, [head, *notes]
+
+
+def _measured(
+    op: Operator,
+    settings: Settings,
+    progress: Progress | None,
+) -> tuple[MeasuredCurvature, list[str]]:
+    """Lanczos (and the trace) on ``op``; for finite differences, the products' error
+    measured at the top Ritz vector."""
+    tol, budget = settings.tol, settings.budget
 
     def report(it: int, value: float, rel_bound: float) -> None:
         if progress is not None:
@@ -157,54 +219,79 @@ def measure(
                 steps=(it, budget),
             )
 
-    with HessianOperator(model, inputs, make_loss, mode=mode, seed=seed) as op:
-        result = scan_lanczos(
-            op,
-            top=top,
-            smallest=smallest,
-            tol=tol,
-            budget=budget,
-            seed=seed,
-            progress=report,
-        )
-        lanczos_hvps = result.iterations  # the symmetry test's products are in hvps only
-        trace = stderr = None
-        if trace_probes:
-            if progress is not None:
-                progress(f"Hessian: trace, {trace_probes} Hutchinson probes")
-            try:
-                trace, stderr = hutchinson(op.matvec, op.n, trace_probes, seed, op.params[0].device)
-            except (MemoryError, RuntimeError) as exc:
-                if not out_of_memory(exc):
-                    raise
-                raise NoCurvature(trust.oom_reason("during the Hessian trace", exc)) from exc
-        stats = CurvatureStats(
-            top=tuple(r.value for r in result.top),
-            bounds=tuple(r.residual for r in result.top),
-            estimates=tuple(r.estimate for r in result.top),
-            converged=result.converged,
-            hvps=op.products,
-            lanczos_hvps=lanczos_hvps,
-            tol=tol,
-            mode=mode,
-            backend=op.backend,
-            params=op.n,
-            lambda_min=None if result.bottom is None else result.bottom.value,
-            lambda_min_bound=None if result.bottom is None else result.bottom.residual,
-            trace=trace,
-            trace_stderr=stderr,
-            trace_probes=trace_probes,
-            basis_vectors=result.basis,
-            restarts=result.restarts,
-        )
-        notes = list(op.notes)
-        if result.restarts:
-            notes.append(
-                f"Lanczos held at most {result.basis} vectors ({_gb(result.basis * 8 * op.n)}, "
-                f"half the free memory) and restarted {result.restarts} time(s): more "
-                "products than an unrestarted run, the same certified bound"
+    finite = isinstance(op, FiniteDifferenceOperator)
+    result = scan_lanczos(
+        op,
+        top=settings.top,
+        smallest=settings.smallest,
+        tol=tol,
+        budget=budget,
+        seed=settings.seed,
+        progress=report,
+        vector=finite,
+    )
+    lanczos_hvps = result.iterations  # the symmetry test's products are in hvps only
+    how: dict[str, Any] = {"lambda_max_error": result.top[0].residual}
+    if finite and result.top_vector is not None:
+        error, size = product_error(op, result.top_vector)
+        if not error <= MAX_ERROR * size:
+            raise NoCurvature(
+                f"finite differences of gradients do not settle at the top eigenvector: "
+                f"products there change by {error / size if size else math.inf:.2g} of "
+                "their size between steps (the loss has kinks within the step: ReLU units "
+                "at zero, a normalization over very few values; try a larger batch or "
+                f"{flag('mode')} eval)"
             )
-        return stats, notes
+        how = {
+            "hvp": FINITE,
+            "hvp_step": op.step(result.top_vector),
+            "hvp_error": error / size if size else math.inf,
+            "lambda_max_error": result.top[0].residual + error,
+        }
+    trace = stderr = None
+    if settings.trace_probes:
+        trace, stderr = _trace(op, settings, progress)
+    stats = MeasuredCurvature(
+        top=tuple(r.value for r in result.top),
+        bounds=tuple(r.residual for r in result.top),
+        estimates=tuple(r.estimate for r in result.top),
+        converged=result.converged,
+        hvps=op.products,
+        lanczos_hvps=lanczos_hvps,
+        tol=tol,
+        mode=op.mode,
+        backend=op.backend,
+        params=op.n,
+        lambda_min=None if result.bottom is None else result.bottom.value,
+        lambda_min_bound=None if result.bottom is None else result.bottom.residual,
+        trace=trace,
+        trace_stderr=stderr,
+        trace_probes=settings.trace_probes,
+        basis_vectors=result.basis,
+        restarts=result.restarts,
+        **how,
+    )
+    notes = list(op.notes)
+    if result.restarts:
+        notes.append(
+            f"Lanczos held at most {result.basis} vectors ({_gb(result.basis * 8 * op.n)}, "
+            f"half the free memory) and restarted {result.restarts} time(s): more "
+            "products than an unrestarted run, the same bound"
+        )
+    return stats, notes
+
+
+def _trace(op: Operator, settings: Settings, progress: Progress | None) -> tuple[float, float]:
+    if progress is not None:
+        progress(f"Hessian: trace, {settings.trace_probes} Hutchinson probes")
+    try:
+        return hutchinson(
+            op.matvec, op.n, settings.trace_probes, settings.seed, op.params[0].device
+        )
+    except (MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        raise NoCurvature(trust.oom_reason("during the Hessian trace", exc)) from exc
 
 
 def measure_planned(
@@ -213,7 +300,7 @@ def measure_planned(
     make_loss: Callable[[Any], Any],
     plan: Plan,
     progress: Progress | None = None,
-) -> tuple[CurvatureStats | None, str | None, list[str]]:
+) -> tuple[MeasuredCurvature | None, str | None, list[str]]:
     """The Hessian measured as ``plan`` says: (stats, None, notes); or (None, the reason,
     []) when there is none to measure or trust here, or the plan measures none."""
     hessian = plan.curvature

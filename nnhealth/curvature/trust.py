@@ -560,10 +560,12 @@ def check_symmetry(
     *,
     dtypes: Iterator[torch.dtype] | list[torch.dtype],
     seed: int = 0,
+    floor: float = 0.0,
 ) -> Symmetry:
     """S over the pairs (u, v), (u, w), (v, w): ``u`` a unit vector whose product ``hu``
     is known, v and w random unit vectors. The rounding floor: the parameters' dtype's
-    machine epsilon, and n float64 epsilons for the dot products themselves."""
+    machine epsilon, n float64 epsilons for the dot products themselves, and ``floor``
+    (the S that the products' known error can explain: finite differences)."""
     gen = torch.Generator(device="cpu").manual_seed(seed + _PAIR_SEED)
     v = _unit(n, gen, u.device)
     hv = matvec(v)
@@ -574,7 +576,7 @@ def check_symmetry(
             raise NonFiniteProduct(f"product {i} of the operator is not finite")
     s = max(_pair(n, u, hu, v, hv), _pair(n, u, hu, w, hw), _pair(n, v, hv, w, hw))
     floor = max(
-        [torch.finfo(d).eps for d in dtypes] + [n * torch.finfo(torch.float64).eps],
+        [torch.finfo(d).eps for d in dtypes] + [n * torch.finfo(torch.float64).eps, floor],
     )
     if s <= SYMMETRY_TOL * floor:
         return Symmetry(s, floor, 2)
