@@ -25,7 +25,7 @@ from nnhealth.curvature.measure import measure_planned
 from nnhealth.errors import UsageError, flag
 from nnhealth.findings import AnalyzerError, Finding, Report, Skipped
 from nnhealth.loading.batch import Batch, prepare
-from nnhealth.loading.loss import LossResolver
+from nnhealth.loading.loss import LossResolver, objective
 from nnhealth.loading.model import LoadedModel
 from nnhealth.options import ScanOptions, validate
 from nnhealth.plan import Plan, is_opt_in, make_plan
@@ -288,6 +288,7 @@ def _curvature(
     if plan.curvature is None:
         return capture, []
     hess_model, hess_inputs, widened = _for_products(model, batch, prepared, device)
+    hess_inputs = resolver.with_labels(hess_inputs)  # the same call as the pass's
     stats, reason, notes = measure_planned(hess_model, hess_inputs, resolver, plan, progress)
     capture = replace(capture, curvature=stats, curvature_reason=reason)
     return capture, [widened, *notes] if widened else notes
@@ -310,10 +311,12 @@ def _instrumented(
     device = _device(model, opts.device)
     prepared = prepare(batch, _model_dtype(model), device)
     notes = list(prepared.notes)
-    resolver = LossResolver(opts.loss, prepared.targets, opts.seed, custom=loaded.loss_fn)
+    inputs, resolver = objective(
+        model, prepared.inputs, prepared.targets, opts.loss, opts.seed, loaded.loss_fn
+    )
     if progress:
         progress("forward and backward pass")
-    capture = run_pass(model, prepared.inputs, resolver, plan, examples=prepared.examples)
+    capture = run_pass(model, inputs, resolver, plan, examples=prepared.examples)
     capture = replace(
         capture, weights=weight_stats.from_model(model, capture.sites, plan.symmetry_rtol)
     )

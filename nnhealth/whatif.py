@@ -28,7 +28,7 @@ from nnhealth.capture.instrument import call_model
 from nnhealth.errors import report_text
 from nnhealth.findings import Finding, Report, Severity
 from nnhealth.loading.batch import Batch, prepare
-from nnhealth.loading.loss import LossResolver
+from nnhealth.loading.loss import objective
 from nnhealth.loading.model import LoadedModel
 
 SGD_STEPS = 5
@@ -169,11 +169,14 @@ def _sgd_check(
 
     def run(m: nn.Module, rate: float, scaled: bool) -> float:
         m.train(opts.mode == "train")
-        resolver = LossResolver(opts.loss, prepared.targets, opts.seed, custom=loaded.loss_fn)
+        # the scan's objective: the same labels passed through, the same loss
+        inputs, resolver = objective(
+            m, prepared.inputs, prepared.targets, opts.loss, opts.seed, loaded.loss_fn
+        )
         params = [p for p in m.parameters() if p.requires_grad]
 
         def loss() -> torch.Tensor:
-            return resolver(call_model(m, prepared.inputs))
+            return resolver(call_model(m, inputs))
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(opts.seed)

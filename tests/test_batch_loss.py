@@ -35,8 +35,12 @@ def test_pt_tensor_tuple_and_dict(cli, tmp_path: Path, model_file: Path) -> None
         torch.save(obj, tmp_path / name)
         report = scan_json(cli, model_file, "--data", tmp_path / name)
         assert report["run"]["batch"]["shape"] == [20, 6]
-        assert report["run"]["loss"] == "cross-entropy"
         has_targets = name != "t.pt"
+        assert report["run"]["loss"] == (
+            "cross-entropy"
+            if has_targets
+            else "cross-entropy against seeded random labels (no targets given)"
+        )
         assert (report["run"]["batch"]["targets_shape"] == [20]) == has_targets
         assert any("random class labels" in n for n in report["notes"]) != has_targets
 
@@ -162,10 +166,12 @@ def test_auto_loss_matches_torch() -> None:
 def test_auto_loss_without_targets() -> None:
     r = LossResolver("auto", None, 0)
     r(torch.randn(10, 4))
-    assert r.description == "cross-entropy" and "random class labels over 4 classes" in r.notes[0]
+    assert r.description == "cross-entropy against seeded random labels (no targets given)"
+    assert "random class labels over 4 classes" in r.notes[0]
     r = LossResolver("auto", None, 0)
     r(torch.randn(10, 7, 16))  # a sequence of features: not logits
-    assert r.description == "mse" and "random unit-Gaussian" in r.notes[0]
+    assert r.description == "mse against seeded random targets (no targets given)"
+    assert "random unit-Gaussian" in r.notes[0]
     # seeded: the same labels every time
     assert LossResolver("ce", None, 5)(
         torch.zeros(6, 3, requires_grad=False) + torch.arange(3.0)
