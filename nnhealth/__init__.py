@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 def scan(
     model: Any,
-    batch: Any,
+    batch: Any = None,
     loss_fn: Callable | None = None,
     *,
     select: list[str] | None = _DEFAULTS["select"],
@@ -47,6 +47,10 @@ def scan(
     baseline_tolerance: float = _DEFAULTS["baseline_tolerance"],
 ) -> Report:
     """Scan an in-memory ``model`` on ``batch`` (a tensor, ``(inputs, targets)`` or a dict).
+
+    Without a ``batch``, one is inferred from the model's first layer (as ``nnhealth
+    scan model.pt`` does; the report's ``run["batch"]["source"]`` says how) or
+    ``NnhealthError`` says why none can be.
 
     The model is left exactly as it was found: train/eval mode, ``requires_grad``,
     ``.grad``, buffers (BatchNorm statistics) and hooks. ``loss_fn(output, targets)``
@@ -88,7 +92,7 @@ def scan(
     )
     return pipeline.run(
         loaded,
-        interpret(batch, "batch"),
+        None if batch is None else interpret(batch, "batch"),
         opts,
         what_if=what_if,
         what_if_budget=what_if_budget,

@@ -50,6 +50,12 @@ def run(
     )
     # a baseline that cannot be read is refused before the scan, not after it
     accepted = baselines.read(Path(baseline)) if baseline is not None else None
+    if batch is None and loaded.model is not None and _needs_pass(opts):
+        from nnhealth.loading.batch import inferred
+
+        if progress:
+            progress("inferring a batch from the model")
+        batch = inferred(loaded.model, opts.seed)
     report = runner.run(loaded, batch, opts, progress=progress)
     if what_if:
         if loaded.model is None or batch is None:
@@ -64,3 +70,18 @@ def run(
         compared = baselines.compare(report, accepted, baseline_tolerance)
         report = replace(report, baseline={"file": str(baseline), **compared})
     return report
+
+
+def _needs_pass(opts: ScanOptions) -> bool:
+    """Whether the selected checks run the model (a batch is needed). Options the runner
+    would refuse answer False: the runner then says what is wrong with them."""
+    from nnhealth import runner
+    from nnhealth.errors import NnhealthError
+    from nnhealth.options import validate
+
+    try:
+        validate(opts)
+        # the runner's own selection and plan (private there: one source of truth)
+        return runner._plan(runner._resolve_checks(opts), opts).forward
+    except NnhealthError:
+        return False

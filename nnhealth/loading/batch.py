@@ -17,8 +17,8 @@ from torch import nn
 from nnhealth import memory
 from nnhealth._util import first_line, regular_file, tensors_in
 from nnhealth.capture.precision import nonfinite_count
-from nnhealth.errors import DataError, UsageError, flag
-from nnhealth.loading import detect, limits
+from nnhealth.errors import DataError, UsageError, flag, report_text
+from nnhealth.loading import detect, infer, limits
 
 _MAX_SYNTHETIC = 2**31 - 1  # values in a synthetic batch (8 GiB of float32)
 # The pass holds several tensors the size of its input: the input itself, its cast to the
@@ -74,37 +74,76 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def synthetic(shape: tuple[int, ...], seed: int, model: nn.Module | None) -> Batch:
-    """Unit-Gaussian inputs from a seeded generator (integer ids for an Embedding model)."""
+    """Unit-Gaussian inputs from a seeded generator (integer ids for an Embedding model).
+    A shape that is one example of the model's first layer (3x32x32 for a Conv2d(3, ...),
+    784 for a Linear(784, ...)) gets the batch dimension it forgot: INFER_EXAMPLES."""
+    layer = infer.input_layer(model, shape) if model is not None else None
+    text = "x".join(map(str, shape))
+    source = "synthetic " + text
+    if layer is not None and layer.one_example(shape):
+        shape = (infer.examples_for(shape), *shape)
+        source = report_text(
+            f"synthetic {'x'.join(map(str, shape))}: {flag('input_shape')} {text} read as one "
+            f"example of {layer.label}: {layer.describe()}"
+        )
+    ids = layer.ids_below if layer is not None else None
+    batch = _generate(shape, seed, ids, flag("input_shape"))
+    batch.source = source
+    return batch
+
+
+def _generate(shape: tuple[int, ...], seed: int, ids_below: int | None, what: str) -> Batch:
+    """Seeded unit-Gaussian floats, or integer ids in [0, ids_below), of ``shape``; refused
+    when the pass could not hold it. ``what`` names where the shape came from."""
     values = math.prod(shape)
     text = "x".join(map(str, shape))
     if values > _MAX_SYNTHETIC:
         raise UsageError(
-            f"{flag('input_shape')} {text}: {values:.3g} values is more than this "
+            f"{what} {text}: {values:.3g} values is more than this "
             f"tool will allocate ({_MAX_SYNTHETIC:.0e}); use a smaller batch"
         )
-    first = None
-    if model is not None:
-        first = next(
-            (m for m in model.modules() if next(m.parameters(False), None) is not None), None
-        )
-    dtype = torch.int64 if isinstance(first, nn.Embedding) else torch.float32
+    dtype = torch.int64 if ids_below is not None else torch.float32
     nbytes = values * dtype.itemsize
     free = memory.available()
     if free is not None and nbytes * PASS_INPUT_MULTIPLE > free:
         raise UsageError(
-            f"{flag('input_shape')} {text}: {values:,} {str(dtype).removeprefix('torch.')} "
+            f"{what} {text}: {values:,} {str(dtype).removeprefix('torch.')} "
             f"values are {limits.size_text(nbytes)}, and the pass needs about "
             f"{PASS_INPUT_MULTIPLE}x its input ({limits.size_text(nbytes * PASS_INPUT_MULTIPLE)}), "
             f"more than the {limits.size_text(free)} of free memory; use a smaller batch"
         )
     gen = torch.Generator().manual_seed(seed)
-    if isinstance(first, nn.Embedding):
-        x = torch.randint(0, first.num_embeddings, shape, generator=gen)
-        note = f"synthetic token ids in [0, {first.num_embeddings}) (seed {seed})"
+    if ids_below is not None:
+        x = torch.randint(0, ids_below, shape, generator=gen)
+        note = f"synthetic token ids in [0, {ids_below}) (seed {seed})"
     else:
         x = torch.randn(shape, generator=gen)
         note = f"synthetic unit-Gaussian inputs (seed {seed})"
     return Batch(inputs=x, targets=None, source="synthetic " + text, notes=[note])
+
+
+def inferred(model: nn.Module, seed: int) -> Batch:
+    """A synthetic batch built from the model's first layer, for a scan given no batch.
+    Raises UsageError saying why when none can be built."""
+    layer = infer.input_layer(model)
+    if layer.shape is None:
+        raise UsageError(
+            f"no batch, and none can be inferred from the model: {layer.why}; give {flag('data')} "
+            f"FILE (.pt/.npz/.npy) or {flag('input_shape')} (batch first, e.g. 16x3x64x64)"
+        )
+    shape = (layer.examples, *layer.shape)
+    text = "x".join(map(str, shape))
+    batch = _generate(shape, seed, layer.ids_below, f"the inferred batch of {layer.name}")
+    kind = f"token ids in [0, {layer.ids_below})" if layer.ids_below else "unit Gaussian"
+    batch.source = f"inferred from {layer.label}: {layer.describe()} → {text} {kind}, seed {seed}"
+    batch.notes = [
+        report_text(
+            f"no batch given: inferred from the first layer to receive the input "
+            f"({layer.label}, {layer.how}); {layer.defaults}; give {flag('data')} or "
+            f"{flag('input_shape')} to scan your own"
+        )
+    ]
+    return batch
 
 
 def _pick(d: dict, keys: tuple[str, ...]) -> Any:

@@ -7,6 +7,7 @@ the user said ``--trust``. Importing an entry point the user named is their choi
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
 import importlib.util
@@ -551,6 +552,10 @@ def load_model(spec: str, *, trust: bool = False, weights: str | None = None) ->
         return LoadedModel(model=None, format="safetensors state_dict", source=spec, state=state)
     if kind == detect.TORCHSCRIPT:
         return _from_torchscript(path, spec, trust)
+    if kind == detect.UNKNOWN:
+        source = _python_factories(path, spec)
+        if source is not None:
+            raise source
     raise _not_a_model(kind, spec)
 
 
@@ -648,4 +653,115 @@ def _not_a_model(kind: str, spec: str) -> LoadError:
     return LoadError(
         f"{spec}: not a model format nnhealth reads (torch.save, TorchScript, safetensors) "
         "or an entry point (pkg.module:factory)"
+    )
+
+
+_MAX_SOURCE = 10 * 2**20  # bytes of Python source parsed to list its factories
+_SHOWN_FACTORIES = 8
+
+
+def _python_factories(path: Path, spec: str) -> UsageError | None:
+    """For Python source given as MODEL without ``:factory``: the error that lists what
+    it could name, read with ``ast`` (nothing in the file runs). None when the file is
+    not Python source."""
+    try:
+        if path.stat().st_size > _MAX_SOURCE:
+            return None
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError, UnicodeDecodeError, RecursionError, MemoryError, OSError):
+        return None
+    defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    if path.suffix != ".py" and not defs:
+        return None  # text that happens to parse as Python ("hello")
+    modules = _module_classes(tree)
+    ready, needy = [], []
+    for node in defs:
+        if node.name.startswith("_") or (
+            isinstance(node, ast.ClassDef) and node.name not in modules
+        ):
+            continue
+        signature, required = _signature(node)
+        (needy if required else ready).append(signature)
+    head = f"{spec}: Python source, not a saved model"
+    if ready:
+        return UsageError(f"{head}; name the factory to call as {spec}:NAME, one of {_few(ready)}")
+    found = f" (found {_few(needy)}, which need arguments)" if needy else ""
+    return UsageError(
+        f"{head}, and it defines no function or nn.Module class that can be called without "
+        f"arguments{found}; add one that returns the model and scan {spec}:NAME"
+    )
+
+
+def _few(items: list[str]) -> str:
+    more = len(items) - _SHOWN_FACTORIES
+    return ", ".join(items[:_SHOWN_FACTORIES]) + (f" and {more} more" if more > 0 else "")
+
+
+def _dotted(node: ast.expr) -> str:
+    return ast.unparse(node) if isinstance(node, (ast.Name, ast.Attribute)) else ""
+
+
+def _module_classes(tree: ast.Module) -> set[str]:
+    """Top-level classes that derive from nn.Module, as far as the source tells: a base
+    from torch.nn (``nn.Module``, ``torch.nn.Sequential``, a name imported from
+    torch.nn), one named ``*Module`` (LightningModule), or another such class here."""
+    from_nn = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch.nn")
+        for alias in node.names
+    }
+    classes = {
+        n.name: [_dotted(b) for b in n.bases] for n in tree.body if isinstance(n, ast.ClassDef)
+    }
+    found: set[str] = set()
+
+    def is_module(base: str) -> bool:
+        return (
+            base.startswith(("nn.", "torch.nn."))
+            or base.split(".")[0] in from_nn
+            or base.rpartition(".")[2].endswith("Module")
+            or base in found
+        )
+
+    for _ in range(len(classes)):  # a class may derive from one defined after it
+        grown = {name for name, bases in classes.items() if any(map(is_module, bases))}
+        if grown == found:
+            break
+        found = grown
+    return found
+
+
+def _signature(node: ast.FunctionDef | ast.ClassDef) -> tuple[str, bool]:
+    """``Net(width=64)`` (a class: its ``__init__`` without self) and whether a call
+    needs arguments."""
+    args = node.args if isinstance(node, ast.FunctionDef) else None
+    if isinstance(node, ast.ClassDef):
+        init = next(
+            (n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"),
+            None,
+        )
+        if init is not None:
+            args = copy_args(init.args)
+    if args is None:
+        return f"{node.name}()", False
+    positional = [*args.posonlyargs, *args.args]
+    required = len(positional) > len(args.defaults) or any(d is None for d in args.kw_defaults)
+    text = ast.unparse(args)
+    text = text if len(text) <= 60 else text[:59] + "…"
+    return f"{node.name}({text})", required
+
+
+def copy_args(args: ast.arguments) -> ast.arguments:
+    """``args`` without its first parameter (a method's self)."""
+    positional = [*args.posonlyargs, *args.args][1:]
+    posonly = max(0, len(args.posonlyargs) - 1)
+    return ast.arguments(
+        posonlyargs=positional[:posonly],
+        args=positional[posonly:],
+        vararg=args.vararg,
+        kwonlyargs=args.kwonlyargs,
+        kw_defaults=args.kw_defaults,
+        kwarg=args.kwarg,
+        defaults=args.defaults[-len(positional) :] if positional else [],
     )
