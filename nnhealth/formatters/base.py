@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from nnhealth.findings import Report
+from nnhealth.findings import Finding, Report
 
 # the characters Python's repr writes by name
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -38,6 +40,16 @@ def _escape(c: str) -> str:
     if code < 0x10000:
         return f"\\u{code:04x}"
     return f"\\U{code:08x}"
+
+
+def number_snippets(findings: Iterable[Finding], shared_only: bool = False) -> dict[str, int]:
+    """Each distinct fix snippet of ``findings`` numbered 1, 2, ... in the order given
+    (with ``shared_only``, only those more than one finding carries): a human report
+    prints each snippet once and points the other findings at its number."""
+    order = [f.fix_snippet for f in findings if f.fix_snippet]
+    counts = Counter(order)
+    kept = dict.fromkeys(s for s in order if counts[s] > 1 or not shared_only)
+    return {s: i for i, s in enumerate(kept, 1)}
 
 
 @dataclass(frozen=True)

@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from rich.console import Console, Group
+from rich.cells import cell_len
+from rich.console import Console, Group, RenderableType
 from rich.padding import Padding
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
 from nnhealth.findings import Report, Severity
-from nnhealth.formatters.base import Formatter, visible
+from nnhealth.formatters.base import Formatter, number_snippets, visible
 
 BAR_WIDTH = 8
+GAP = 2  # cells between two table columns (padding 1 on either side)
+NAME_ROOM = 24  # cells the layer column keeps before other columns are dropped for it
+NAME_FLOOR = 12  # names are not shortened below this (unless they are shorter)
+SNIPPET_INDENT = 4
 STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 TITLE = {Severity.ERROR: "Errors", Severity.WARNING: "Warnings", Severity.INFO: "Info"}
 
@@ -57,6 +66,243 @@ def _range(values: list[float | None]) -> tuple[float, float]:
     return (min(good), max(good)) if good else (1.0, 1.0)
 
 
+@dataclass(frozen=True)
+class Column:
+    """One column of the layer table. When the terminal is too narrow for all of them,
+    the highest ``rank`` goes first; ``needs`` hides a column no row has a value for."""
+
+    header: str
+    label: str  # how the note on left-out columns names it
+    cell: Callable[[dict], str]
+    rank: int
+    needs: str | None = None
+    left: bool = False
+    partner: str = ""  # a bar's numbers; without them beside it the header is ``apart``
+    apart: str = ""
+
+
+def _pct(key: str) -> Callable[[dict], str]:
+    return lambda r: "" if r.get(key) is None else f"{100 * r[key]:.0f}%"
+
+
+def _init(r: dict) -> str:
+    if r.get("init_rule", "").startswith("not judged"):
+        return "norm"
+    return "" if r.get("init_ratio") is None else f"x{fmt(r['init_ratio'])}"
+
+
+def _width(r: dict) -> str:
+    eff, units = r.get("effective_width"), r.get("units")
+    if eff is None or eff == units or r.get("symmetry_groups") == 0:
+        return ""
+    return str(eff) if units is None else f"{eff}/{units}"  # no pass: units unknown
+
+
+def layer_columns(rows: tuple[dict, ...]) -> list[Column]:
+    """The columns after the layer name, in display order, that some row fills."""
+    alo, ahi = _range([r.get("act_var") for r in rows])
+    glo, ghi = _range([r.get("grad_var") for r in rows])
+    columns = [
+        Column("kind", "kind", lambda r: r["kind"] + ("()" if r.get("functional") else ""), 5),
+        Column("units", "units", lambda r: fmt(r.get("units")), 12),
+        Column("act var", "act var", lambda r: fmt(r.get("act_var")), 1, "act_var"),
+        Column(
+            "log scale",
+            "act var bars",
+            lambda r: log_bar(r.get("act_var"), alo, ahi),
+            10,
+            "act_var",
+            left=True,
+            partner="act var",
+            apart="act log",
+        ),
+        Column("grad var", "grad var", lambda r: fmt(r.get("grad_var")), 2, "grad_var"),
+        Column(
+            "log scale",
+            "grad var bars",
+            lambda r: log_bar(r.get("grad_var"), glo, ghi),
+            11,
+            "grad_var",
+            left=True,
+            partner="grad var",
+            apart="grad log",
+        ),
+        Column("dead", "dead", _pct("dead_fraction"), 3, "dead_fraction"),
+        Column("sat", "sat", _pct("saturated_fraction"), 4, "saturated_fraction"),
+        Column("‖w‖", "‖w‖", lambda r: fmt(r.get("weight_norm")), 13, "weight_norm"),
+        Column("‖w‖/‖∇w‖", "‖w‖/‖∇w‖", lambda r: fmt(r.get("trust_ratio")), 6, "trust_ratio"),
+        Column("upd", "upd", lambda r: fmt(r.get("relative_update")), 7, "relative_update"),
+        Column("init", "init", _init, 8, "init_rule"),
+        Column("width", "width", _width, 9, "effective_width"),
+    ]
+    columns[0] = Column(**{**columns[0].__dict__, "left": True})
+    kept = [c for c in columns if c.needs is None or any(r.get(c.needs) is not None for r in rows)]
+    # every layer at full width: nothing to show
+    return [c for c in kept if c.header != "width" or any(_width(r) for r in rows)]
+
+
+def shorten_left(name: str, width: int, snap: bool = True) -> str:
+    """``name`` in at most ``width`` cells, cut from the left so that the end that tells
+    layers apart stays: ``transformer.h.0.ln_1`` -> ``…h.0.ln_1``. With ``snap`` the cut
+    moves to just after a ``.`` when that costs at most a third of the room."""
+    if cell_len(name) <= width:
+        return name
+    room, used, keep = max(width - 1, 1), 0, len(name)
+    while keep > 1 and used + cell_len(name[keep - 1]) <= room:
+        keep -= 1
+        used += cell_len(name[keep])
+    tail = name[keep:]
+    dot = tail.find(".")
+    if snap and name[keep - 1] != "." and 0 <= dot < min(room // 3, len(tail) - 1):
+        tail = tail[dot + 1 :]
+    return "…" + tail
+
+
+def shorten_names(names: list[str], width: int) -> list[str] | None:
+    """Every name in ``width`` cells (``shorten_left``), or None when two different names
+    would read the same. A cut snaps to a ``.`` only where that keeps the names apart."""
+    short = {n: shorten_left(n, width, snap=False) for n in dict.fromkeys(names)}
+    taken = set(short.values())
+    if len(taken) < len(short):
+        return None
+    for n, plain in short.items():
+        snapped = shorten_left(n, width)
+        if snapped not in taken:
+            taken.discard(plain)
+            taken.add(snapped)
+            short[n] = snapped
+    return [short[n] for n in names]
+
+
+def name_width(names: list[str], room: int) -> int:
+    """The widest layer column up to ``room`` (at least the narrowest at which shortened
+    names stay apart) at which no two names shorten to the same string."""
+    natural = max(map(cell_len, names), default=0)
+    floor = min(NAME_FLOOR, natural)
+    narrowest = next((w for w in range(floor, natural) if shorten_names(names, w)), natural)
+    return next(
+        (w for w in range(min(room, natural), narrowest, -1) if shorten_names(names, w)),
+        narrowest,
+    )
+
+
+def _fit(columns: list[Column], widths: dict[int, int], used: int, room: int) -> list[Column]:
+    """The columns, best rank first, until the next one does not fit in ``room``."""
+    kept: list[Column] = []
+    for c in sorted(columns, key=lambda c: c.rank):
+        if kept and used + GAP + widths[id(c)] > room:
+            break
+        kept.append(c)
+        used += GAP + widths[id(c)]
+    return [c for c in columns if c in kept]  # display order
+
+
+def layer_tables(rows: tuple[dict, ...], width: int, verbose: bool) -> list[RenderableType]:
+    """The layer table in ``width`` cells: no number is ever cut. Columns that do not fit
+    are left out, lowest priority first, and named in a note; with ``verbose`` they follow
+    in further tables, each led by the layer names. Long names are cut from the left."""
+    columns = layer_columns(rows)
+    cells = {id(c): [visible(c.cell(r)) for r in rows] for c in columns}
+    widths = {id(c): max(map(cell_len, [c.header, *cells[id(c)]])) for c in columns}
+    names = [visible(r["name"]) or "(model)" for r in rows]  # "": the root module
+    narrowest = name_width(names, 0)
+    reserve = max(narrowest, min(NAME_ROOM, name_width(names, width)))
+    parts: list[RenderableType] = []
+    left = columns
+    while left and (verbose or not parts):
+        shown = _fit(left, widths, reserve, width)
+        used = sum(widths[id(c)] + GAP for c in shown)
+        name_w = name_width(names, width - used)
+        title = "Layers (forward order)" if not parts else "Layers, continued"
+        parts.append(_render_table(title, rows, names, name_w, shown, cells, widths))
+        left = [c for c in left if c not in shown]
+    if left:
+        dropped = ", ".join(c.label for c in left)
+        parts.append(
+            Text(
+                f"left out at {width} columns: {dropped} (-v adds them in a second table; "
+                "a wider terminal or --format json shows every column)",
+                style="dim",
+            )
+        )
+    return parts
+
+
+def _render_table(
+    title: str,
+    rows: tuple[dict, ...],
+    names: list[str],
+    name_w: int,
+    shown: list[Column],
+    cells: dict[int, list[str]],
+    widths: dict[int, int],
+) -> Table:
+    table = Table(
+        title=title,
+        title_justify="left",
+        box=None,
+        header_style="bold",
+        pad_edge=False,
+        padding=(0, 1),
+    )
+    table.add_column("layer", width=name_w, no_wrap=True, overflow="fold")
+    headers = {c.header for c in shown}
+    for c in shown:  # fold, never ellipsis: a number is wrapped, not cut
+        header = c.apart if c.partner and c.partner not in headers else c.header
+        justify = "left" if c.left else "right"
+        table.add_column(header, justify=justify, width=widths[id(c)], overflow="fold")
+    short = shorten_names(names, name_w) or names  # name_width chose a width where they differ
+    for i, r in enumerate(rows):
+        bad = r.get("nonfinite") or r.get("param_nonfinite")
+        row = [short[i], *(cells[id(c)][i] for c in shown)]
+        table.add_row(*(Text(cell) for cell in row), style="red" if bad else None)
+    return table
+
+
+def wrap_comments(code: str, width: int) -> str:
+    """``code`` with each comment line longer than ``width`` wrapped into more comment
+    lines (a wrapped comment must stay a comment); code lines are left to the terminal."""
+    out = []
+    for line in code.splitlines():
+        body = line.lstrip()
+        if body.startswith("#") and cell_len(line) > width:
+            lead = line[: len(line) - len(body)] + "# "
+            text = body.lstrip("#").strip()
+            out += textwrap.wrap(
+                text,
+                width,
+                initial_indent=lead,
+                subsequent_indent=lead,
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
+def _snippet(
+    code: str, number: int | None, uses: Counter, printed: set[str], width: int
+) -> list[Any]:
+    """A fix snippet under its finding, the first time it is met; a pointer to it after.
+    Long lines wrap (a cropped line of code is a wrong line of code)."""
+    if code in printed:
+        return [Padding(Text(f"snippet: see [{number}] above", style="dim"), (0, 0, 0, 2))]
+    printed.add(code)
+    parts: list[Any] = []
+    if number is not None:
+        label = f"snippet [{number}] ({uses[code]} findings use it):"
+        parts.append(Padding(Text(label, style="dim"), (0, 0, 0, 2)))
+    syntax = Syntax(
+        wrap_comments(visible(code, keep="\n"), width - SNIPPET_INDENT),
+        "python",
+        theme="ansi_dark",
+        background_color="default",
+        word_wrap=True,
+    )
+    return [*parts, Padding(syntax, (0, 0, 0, SNIPPET_INDENT))]
+
+
 class TextFormatter(Formatter):
     """Rich text for a terminal (colour only when writing to one)."""
 
@@ -75,8 +321,9 @@ class TextFormatter(Formatter):
         if not self.options.quiet:
             console.print(self._header(report))
             if report.layers:
-                console.print()
-                console.print(self._table(report))
+                for part in layer_tables(report.layers, self.options.width, self.options.verbose):
+                    console.print()
+                    console.print(part)
             if report.notes or report.skipped or report.errors:
                 console.print()
             self._notes(console, report)
@@ -157,67 +404,6 @@ class TextFormatter(Formatter):
             grid.add_row("hessian", safe(" · ".join(bits)))
         return grid
 
-    def _table(self, report: Report) -> Table:
-        rows = report.layers
-        alo, ahi = _range([r.get("act_var") for r in rows])
-        glo, ghi = _range([r.get("grad_var") for r in rows])
-
-        def pct_of(key: str):
-            return lambda r: "" if r.get(key) is None else f"{100 * r[key]:.0f}%"
-
-        def init(r: dict) -> str:
-            if r.get("init_rule", "").startswith("not judged"):
-                return "norm"
-            return "" if r.get("init_ratio") is None else f"x{fmt(r['init_ratio'])}"
-
-        def width(r: dict) -> str:
-            eff, units = r.get("effective_width"), r.get("units")
-            if eff is None or eff == units or r.get("symmetry_groups") == 0:
-                return ""
-            return str(eff) if units is None else f"{eff}/{units}"  # no pass: units unknown
-
-        # (header, cell, shown when this key has a value in some row)
-        columns: list[tuple[str, Any, str | None]] = [
-            ("layer", lambda r: r["name"], None),
-            ("kind", lambda r: r["kind"] + ("()" if r.get("functional") else ""), None),
-            ("units", lambda r: fmt(r.get("units")), None),
-            ("act var", lambda r: fmt(r.get("act_var")), "act_var"),
-            ("log scale", lambda r: log_bar(r.get("act_var"), alo, ahi), "act_var"),
-            ("grad var", lambda r: fmt(r.get("grad_var")), "grad_var"),
-            ("log scale", lambda r: log_bar(r.get("grad_var"), glo, ghi), "grad_var"),
-            ("dead", pct_of("dead_fraction"), "dead_fraction"),
-            ("sat", pct_of("saturated_fraction"), "saturated_fraction"),
-            ("‖w‖", lambda r: fmt(r.get("weight_norm")), "weight_norm"),
-            ("‖w‖/‖∇w‖", lambda r: fmt(r.get("trust_ratio")), "trust_ratio"),
-            ("upd", lambda r: fmt(r.get("relative_update")), "relative_update"),
-            ("init", init, "init_rule"),
-            ("width", width, "effective_width"),
-        ]
-        shown = [c for c in columns if c[2] is None or any(r.get(c[2]) is not None for r in rows)]
-        if not any(width(r) for r in rows):  # every layer at full width: nothing to show
-            shown = [c for c in shown if c[0] != "width"]
-        table = Table(
-            title="Layers (forward order)",
-            title_justify="left",
-            box=None,
-            header_style="bold",
-            pad_edge=False,
-            padding=(0, 1),
-        )
-        for header, _, _ in shown:
-            left = header in ("layer", "kind") or header == "log scale"
-            table.add_column(
-                header,
-                justify="left" if left else "right",
-                no_wrap=True,
-                overflow="ellipsis",
-                max_width=34 if header == "layer" else None,
-            )
-        for r in rows:
-            bad = r.get("nonfinite") or r.get("param_nonfinite")
-            table.add_row(*(safe(cell(r)) for _, cell, _ in shown), style="red" if bad else None)
-        return table
-
     def _notes(self, console: Console, report: Report) -> None:
         for note in report.notes:
             console.print(safe(f"note: {note}", style="dim"))
@@ -230,8 +416,12 @@ class TextFormatter(Formatter):
             console.print(safe(f"analyzer error in {e.check}: {e.message}", style="red"))
 
     def _findings(self, console: Console, report: Report) -> None:
+        order = sorted(report.findings, key=lambda f: -f.severity)  # stable within a severity
+        shared = number_snippets(order, shared_only=True)
+        uses = Counter(f.fix_snippet for f in order)
+        printed: set[str] = set()
         for sev in sorted(Severity, reverse=True):
-            group = [f for f in report.findings if f.severity == sev]
+            group = [f for f in order if f.severity == sev]
             if not group:
                 continue
             console.print()
@@ -247,17 +437,8 @@ class TextFormatter(Formatter):
                     Padding(safe("fix: " + f.fix, style="green"), (0, 0, 0, 2)),
                 ]
                 if f.fix_snippet and not self.options.quiet:
-                    parts.append(
-                        Padding(
-                            Syntax(
-                                visible(f.fix_snippet, keep="\n"),
-                                "python",
-                                theme="ansi_dark",
-                                background_color="default",
-                            ),
-                            (0, 0, 0, 4),
-                        )
-                    )
+                    number = shared.get(f.fix_snippet)
+                    parts += _snippet(f.fix_snippet, number, uses, printed, self.options.width)
                 if self.options.verbose and f.evidence:
                     ev = ", ".join(f"{k}={fmt(v)}" for k, v in f.evidence.items())
                     parts.append(Padding(safe(ev, style="dim"), (0, 0, 0, 2)))
