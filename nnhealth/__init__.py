@@ -67,11 +67,19 @@ def scan(
     ``{"dead-relu": {"warn_fraction": 0.2}}``. Raises ``NnhealthError`` on bad input;
     its message names options by these keywords.
     """
+    from torch import nn
+
     from nnhealth import pipeline
+    from nnhealth.errors import UsageError
     from nnhealth.loading.batch import interpret
     from nnhealth.loading.model import LoadedModel
     from nnhealth.options import ScanOptions
 
+    if not isinstance(model, nn.Module):
+        raise UsageError(
+            f"scan() takes a torch.nn.Module, not {type(model).__name__}: for a file, run "
+            "`nnhealth scan PATH` (it loads safely), or load the module yourself"
+        )
     loaded = LoadedModel(
         model=model, format="in-memory module", source=type(model).__name__, loss_fn=loss_fn
     )

@@ -100,3 +100,10 @@ def test_python_booleans_may_be_0_or_1_and_infinity_is_named() -> None:
         nnhealth.scan(model, batch, lr=float("inf"))
     with pytest.raises(UsageError, match=r"^hessian_top 0: expected an integer in \[1, 100,000\]"):
         nnhealth.scan(model, batch, hessian_top=0)
+
+
+def test_scan_refuses_what_is_not_a_module() -> None:
+    """A path or a state_dict is not a model: one clear error, not an AttributeError."""
+    for wrong in ("model.pt", {"weight": torch.zeros(2, 2)}):
+        with pytest.raises(UsageError, match="takes a torch.nn.Module"):
+            nnhealth.scan(wrong, torch.randn(4, 2))
