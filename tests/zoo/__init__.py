@@ -1,0 +1,1 @@
+"""The zoo suite: a package, so its conftest does not shadow tests/conftest.py."""
