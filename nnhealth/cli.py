@@ -121,11 +121,18 @@ class _DelayedStatus:
         with self._lock:
             self.message = message
             self.steps = steps
-            if self._status is not None:
+            if self._status is not None and not self._closed:
                 self._show()
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Remove the progress line (before the report is written, so a terminal does
+        not show the spinner in front of it); later updates are ignored."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             if self._timer is not None:
                 self._timer.cancel()
@@ -423,7 +430,9 @@ def scan(ctx: typer.Context, **params: Any) -> int:
         sources = _loaded_sources()
         _refuse_overwrite("-o", output, sources)
         _refuse_overwrite("--write-baseline", write_baseline, sources)
-        _emit(_render(report, values, report_stream), output, report_stream)
+        rendered = _render(report, values, report_stream)
+        status.stop()
+        _emit(rendered, output, report_stream)
     if write_baseline is not None:
         from nnhealth import baseline as baselines
 

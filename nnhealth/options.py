@@ -477,7 +477,13 @@ OPTIONS: tuple[Option, ...] = (
         Scope.SCAN,
     ),
     Option("quiet", Flag(), False, "Findings and verdict only.", flags=("--quiet", "-q")),
-    Option("verbose", Flag(), False, "Add each finding's evidence.", flags=("--verbose", "-v")),
+    Option(
+        "verbose",
+        Flag(),
+        False,
+        "Add each finding's evidence and the table columns that do not fit the terminal.",
+        flags=("--verbose", "-v"),
+    ),
     Option(
         "debug",
         Flag(),

@@ -259,6 +259,14 @@ def test_progress_appears_only_after_a_moment() -> None:
         slow.update("Hessian: trace, 10 Hutchinson probes")  # steps, then none: bar gone
         assert drawn() == (False, "")
     assert slow._closed
+    with _DelayedStatus(enabled=True, delay=0.01) as early:
+        deadline = time.monotonic() + 5
+        while early._status is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        early.stop()  # the report is about to be written: the progress line goes first
+        assert early._closed and not early._status.live.is_started
+        early.update("analyzing")  # a late update draws nothing
+        assert early._status.tasks[0].description == "loading…"
     with _DelayedStatus(enabled=False, delay=0.0) as off:
         time.sleep(0.05)
     assert off._status is None
