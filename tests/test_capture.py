@@ -206,3 +206,24 @@ def test_other_libraries_norm_classes_are_norms_by_name() -> None:
     cap = run_pass(model, torch.randn(16, 8), mse, Plan(), examples=16)
     roles = {s.name: (s.kind, s.role) for s in cap.sites}
     assert roles["1"] == ("LlamaRMSNorm", "norm") and roles["0"][1] == "layer"
+
+
+def test_each_layer_knows_which_site_it_read() -> None:
+    """A layer's input taken straight from another site's output is linked to it (NH103
+    tells a pre-norm zero gain from a residual-end one by this); one read from a sum or
+    from the model's input is not."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+            self.inner = nn.Linear(8, 8)
+            self.after = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x + self.inner(self.norm(x))  # pre-norm branch into a residual sum
+            return self.after(h)
+
+    cap = run_pass(Block(), torch.randn(16, 8), mse, Plan(), examples=16)
+    reads = {s.name: s.reads for s in cap.sites if s.role in ("layer", "norm")}
+    assert reads == {"norm": None, "inner": "norm", "after": None}

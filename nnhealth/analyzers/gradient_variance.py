@@ -49,6 +49,16 @@ def sensitivity(s: SiteStats, after: SiteStats | None = None) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
+def zero_gains(capture: Capture) -> list[str]:
+    """Normalization layers whose scale (gamma) is exactly zero: no gradient passes back
+    through them."""
+    return [
+        p.module
+        for p in capture.params
+        if p.role == "norm" and p.name.endswith("weight") and p.norm == 0.0
+    ]
+
+
 def _parallel(s: SiteStats, group: list[SiteStats]) -> bool:
     """q, k and v of one attention module: named siblings (not the numbered children of
     a Sequential) with outputs of one shape, one after the other."""
@@ -183,6 +193,9 @@ class GradientVariance(Check):
         heads = zero_heads(capture)
         if trend is not None and trend.zeros and heads:
             return [self._behind_zero_head(heads[0][0].module, trend)]
+        gains = zero_gains(capture)
+        if trend is not None and trend.zeros and gains:
+            return [self._behind_zero_gain(gains, trend)]
         verdict = _trend.verdict(trend, options["min_depth"], options["warn_ratio"])
         if verdict == "healthy":
             return []
@@ -203,6 +216,19 @@ class GradientVariance(Check):
                 snippet,
             )
         ]
+
+    def _behind_zero_gain(self, gains: list[str], trend: _trend.Trend) -> Finding:
+        names = ", ".join(gains[:3]) + (" ..." if len(gains) > 3 else "")
+        return self.finding(
+            Severity.INFO,
+            None,
+            f"the gradient is exactly 0 at {len(trend.zeros)} layer(s) behind normalization "
+            f"layer(s) whose scale is exactly 0 ({names}): nothing flows back through a "
+            "zero gain, so gradient flow cannot be judged here; NH103 says whether each "
+            "zero is deliberate (a zero-init residual branch) or a fault",
+            {"zero_gains": len(gains), "zero_layers": len(trend.zeros)},
+            "see NH103 for each zero-gain normalization layer",
+        )
 
     def _behind_zero_head(self, head: str, trend: _trend.Trend) -> Finding:
         return self.finding(

@@ -34,19 +34,33 @@ def _rms(p: ParamStats) -> float:
     return p.norm / math.sqrt(max(p.numel, 1))
 
 
+def _energy(s: SiteStats) -> float | None:
+    if not s.grad_count or s.grad_m2 is None or s.grad_mean is None:
+        return None
+    return s.grad_m2 + s.grad_count * s.grad_mean**2
+
+
 def _consumers(capture: Capture) -> dict[str, tuple[SiteStats, SiteStats]]:
-    """For each normalization layer (its first call): the next site the pass saw, i.e.
-    what consumes its output. A parametric layer there reads the norm's output directly
-    (pre-norm: GPT-2's ln_1/ln_2/ln_f, ViT's norms); a nonlinearity or nothing means
-    the output was summed into a residual stream first (ResNet's last BN of a block)."""
+    """For each normalization layer (its first call) whose output a parametric layer
+    depends on alone: (the norm's site, that layer's site). Either the layer took the
+    norm's output as its input, as the pass saw it (the same storage: GPT-2's
+    ln_1/ln_2/ln_f, a ViT's norm1), or the norm is the last one and no gradient reached
+    any site before it (a final norm pooled into the head: nothing bypasses it). A norm whose output is
+    summed into a residual stream (ResNet's last BN of a block), or pooled into a
+    squeeze-excitation gate there, has none: the layers before it still get gradient."""
     ordered = sorted(capture.sites, key=lambda s: s.order)
     out: dict[str, tuple[SiteStats, SiteStats]] = {}
-    for i, site in enumerate(ordered):
+    for site in ordered:
         if site.role != NORM or site.module in out:
             continue
-        nxt = next((s for s in ordered[i + 1 :] if s.module != site.module), None)
-        if nxt is not None:
-            out[site.module] = (site, nxt)
+        later = [s for s in ordered if s.order > site.order and s.role == LAYER]
+        reader = next((s for s in later if s.reads == site.name), None)
+        before = [e for e in (_energy(s) for s in ordered if s.order < site.order) if e is not None]
+        final = not any(s.role == NORM for s in ordered if s.order > site.order)
+        if reader is None and final and later and before and not any(before):
+            reader = later[0]
+        if reader is not None:
+            out[site.module] = (site, reader)
     return out
 
 
@@ -108,12 +122,7 @@ class NormCollapse(Check):
                 continue
             norm, nxt = consumers.get(p.module, (None, None))
             grad = grads.get(f"{nxt.module}.weight") if nxt is not None else None
-            # the layer that runs next reads the norm's output only if its measured weight
-            # gradient is 0 too (its input is the norm's zero output); otherwise it is on
-            # another branch (ResNet's downsample after a block's last BN). A weight tied
-            # to another (GPT-2's lm_head) has no gradient of its own: next-site order alone
-            consumed = nxt is not None and nxt.role == LAYER and grad in (0.0, None)
-            if rms == 0.0 and p.grad_norm and consumed:
+            if rms == 0.0 and p.grad_norm and nxt is not None:
                 out.append(self._consumed_finding(p, norm, nxt, grad))
             else:
                 out.append(self._finding(p, rms))

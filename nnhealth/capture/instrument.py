@@ -92,6 +92,7 @@ class _Frame:
     # as the module's kind, not the ops it is written with)
     activation: bool = False
     inner: ActivationSpec | None = None
+    input_ptr: int | None = None  # the first input's storage: which site it came from
 
 
 class _Recorder:
@@ -143,7 +144,9 @@ class _Recorder:
             if not self.done:  # hooks also fire in checkpoint recomputation during backward
                 native, by_name = self._activation_type(module)
                 is_act = native or by_name is not None
-                self.stack.append(_Frame(name, module, _shapes(args), is_act))
+                first = _first_tensor(args)
+                ptr = None if first is None else first.data_ptr()
+                self.stack.append(_Frame(name, module, _shapes(args), is_act, input_ptr=ptr))
 
         return hook
 
@@ -179,8 +182,17 @@ class _Recorder:
                 self.channels = None
             role = NORM if is_norm(module) else LAYER
             self.record(out, name, type(module).__name__, role, False, channel_first)
+            if frame is not None and self.sites and self.sites[-1].identity["module"] == name:
+                self.sites[-1].identity["reads"] = self._site_of(frame.input_ptr)
 
         return hook
+
+    def _site_of(self, ptr: int | None) -> str | None:
+        """The latest site whose output lives at ``ptr`` (a module's input read directly
+        from another site's output, not through a sum or a reshape that copies)."""
+        if ptr is None:
+            return None
+        return next((s.identity["name"] for s in reversed(self.sites[:-1]) if s.ptr == ptr), None)
 
     def mark_output(self, out: torch.Tensor | None) -> None:
         """Flag the last site whose output is the model's output (it feeds the loss)."""

@@ -75,6 +75,9 @@ class SiteStats:
     grad_nonfinite: int = 0
     grad_order: int | None = None
     dtype: str = "float32"  # the output's dtype (statistics are in float32 whatever it is)
+    # a layer or norm module: the site whose output it took as its first input (same
+    # storage), None when it read something no site produced (a sum, the model's input)
+    reads: str | None = None
     # its relative spacing (2**-mantissa bits): bfloat16 0.0078, float16 0.00098
     eps: float = 2.0**-23
 

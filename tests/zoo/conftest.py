@@ -138,6 +138,8 @@ CATALOG = [
     ZooModel("timm/efficientnet_b0", _timm("efficientnet_b0"), lambda: images(64)),
     ZooModel("timm/resnet26d", _timm("resnet26d"), lambda: images(64)),
     ZooModel("timm/regnetx_002", _timm("regnetx_002"), lambda: images(64)),
+    # squeeze-excitation after a zero-initialized last BatchNorm of each block
+    ZooModel("timm/seresnet18", _timm("seresnet18"), lambda: images(64)),
     ZooModel("transformers/gpt2", _hf("GPT2LMHeadModel", "GPT2Config", **_GPT2), token_ids),
     ZooModel(
         "transformers/bert",

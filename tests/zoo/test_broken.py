@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -15,10 +16,14 @@ def _found(report: Report, code: str, layer: str | None = None) -> Finding:
     return hits[0]
 
 
-def test_gpt2_zeroed_pre_norm_gain_is_an_error_naming_the_norm(zoo_fresh) -> None:
+@pytest.mark.parametrize("bias", [0.0, 0.1], ids=["bias-0", "bias-trained"])
+def test_gpt2_zeroed_pre_norm_gain_is_an_error_naming_the_norm(zoo_fresh, bias: float) -> None:
+    """With a zero shift the next layer's input is 0; with a trained one it is the same
+    constant for every example: an error either way."""
     model, ids = zoo_fresh("transformers/gpt2")
     with torch.no_grad():
         model.transformer.h[0].ln_2.weight.zero_()
+        model.transformer.h[0].ln_2.bias.normal_(0.0, bias)
     report = nnhealth.scan(model, ids)
     finding = _found(report, "NH103", "transformer.h.0.ln_2")
     assert finding.severity == Severity.ERROR
@@ -30,9 +35,12 @@ def test_gpt2_zeroed_final_norm_names_ln_f(zoo_fresh) -> None:
     model, ids = zoo_fresh("transformers/gpt2")
     with torch.no_grad():
         model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.normal_(0.0, 0.1)
     report = nnhealth.scan(model, ids)
     finding = _found(report, "NH103", "transformer.ln_f")
     assert finding.severity == Severity.ERROR
+    errors = [f for f in report.findings if f.severity == Severity.ERROR]
+    assert errors == [finding], errors  # the layers below it: NH202 defers to NH103
     assert all("tanh" not in (f.fix or "") for f in report.findings), report.findings
 
 

@@ -29,11 +29,17 @@ def _state(model: torch.nn.Module) -> dict:
             n: (p.detach().clone(), p.requires_grad, p.grad) for n, p in model.named_parameters()
         },
         "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+        "hooks": [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()
+        ],
     }
 
 
 def _same(before: dict, after: dict) -> bool:
-    if before["training"] != after["training"] or before["params"].keys() != after["params"].keys():
+    if before["training"] != after["training"] or before["hooks"] != after["hooks"]:
+        return False
+    if before["params"].keys() != after["params"].keys():
         return False
     for name, (value, grad_flag, grad) in before["params"].items():
         now, now_flag, now_grad = after["params"][name]
@@ -59,7 +65,9 @@ def test_stock_model_scans_clean(zoo, zoo_name: str) -> None:
 )
 def test_stock_model_with_hessian_keeps_the_report(zoo, name: str) -> None:
     model, batch = zoo(name)
+    before = _state(model)
     report = nnhealth.scan(model, batch, hessian=True)
+    assert _same(before, _state(model)), "the Hessian products changed the model"
     assert not report.errors, render(report)
     assert report.curvature is not None and report.curvature["top_eigenvalues"][0] > 0
     assert not [f for f in report.findings if f.severity == Severity.ERROR]
