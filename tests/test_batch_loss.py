@@ -199,3 +199,14 @@ def test_segmentation_targets() -> None:
 def test_targets_that_do_not_fit(out, y, needle: str) -> None:
     with pytest.raises(DataError, match=needle):
         LossResolver("auto", y, 0)(out)
+
+
+def test_random_targets_do_not_depend_on_the_output_dtype() -> None:
+    """The finite-difference Hessian runs a float64 copy: its random MSE targets must be
+    the scan's own (torch.randn draws other values in float64 from 16 values on)."""
+    out = torch.randn(8, 5)
+    single = LossResolver("auto", None, 3)
+    double = LossResolver("auto", None, 3)
+    assert torch.allclose(
+        single(out.reshape(8, 5, 1)).double(), double(out.double().reshape(8, 5, 1))
+    )

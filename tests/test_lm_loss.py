@@ -460,3 +460,29 @@ def test_gpt2_from_the_cli(cli, tmp_path: Path) -> None:
     model.eval()
     with torch.no_grad():
         assert close(run["loss_value"], float(model(input_ids=ids, labels=ids).loss))
+
+
+def test_masked_lm_is_not_shifted() -> None:
+    """A masked LM predicts token t from the whole sequence: targets equal to the inputs
+    (or none) are scored per token, never as the next token."""
+    from nnhealth.loading.loss import objective
+
+    class TinyForMaskedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(20, 8)
+            self.head = nn.Linear(8, 20)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(ids))
+
+    torch.manual_seed(0)
+    model = TinyForMaskedLM()
+    ids = torch.randint(0, 20, (3, 7), generator=torch.Generator().manual_seed(0))
+    logits = model(ids)
+    expected = F.cross_entropy(logits.reshape(-1, 20).double(), ids.reshape(-1)).item()
+    for targets in (ids, None):
+        inputs, resolver = objective(model, ids, targets, "auto", 0)
+        loss = resolver(model(inputs)).item()
+        assert loss == pytest.approx(expected, rel=1e-6)
+        assert "per token" in resolver.description and "next" not in resolver.description

@@ -333,3 +333,19 @@ def test_text_that_is_not_python_keeps_its_error(cli, tmp_path: Path) -> None:
     path = tmp_path / "notes.py"
     path.write_text("this is not ( python\n")
     assert "not a model format" in one_line_error(cli("scan", path))
+
+
+def test_inference_does_not_run_the_users_hooks() -> None:
+    """The first-layer probe runs a meta-device copy: a hook the user put on the model
+    (collecting activations into a list) must see only the real scan's tensors."""
+    import nnhealth
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    seen: list[torch.Tensor] = []
+    handle = model[0].register_forward_hook(lambda m, i, o: seen.append(o))
+    pre = model[0].register_forward_pre_hook(lambda m, i: seen.append(i[0]))
+    nnhealth.scan(model)
+    handle.remove()
+    pre.remove()
+    assert seen and all(t.device.type != "meta" for t in seen)

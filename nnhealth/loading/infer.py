@@ -241,9 +241,19 @@ def _meta_copy(model: nn.Module) -> nn.Module | None:
                 if isinstance(t, nn.Parameter):
                     meta = nn.Parameter(meta, requires_grad=t.requires_grad)
                 memo[id(t)] = meta
-        return copy.deepcopy(model, memo)
+        copied = copy.deepcopy(model, memo)
     except Exception:  # noqa: BLE001 (parametrized, lazy, exotic tensors: no probe)
         return None
+    for module in copied.modules():  # the user's hooks (shared functions) must not see it
+        for hooks in (
+            module._forward_hooks,
+            module._forward_pre_hooks,
+            getattr(module, "_forward_hooks_with_kwargs", {}),
+            getattr(module, "_forward_pre_hooks_with_kwargs", {}),
+            getattr(module, "_forward_hooks_always_called", {}),
+        ):
+            hooks.clear()
+    return copied
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:

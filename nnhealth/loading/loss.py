@@ -106,7 +106,14 @@ def objective(
     if choice == "auto" and custom is None and targets is not None and isinstance(inputs, dict):
         key = next((k for k in LABEL_KEYWORDS if k not in inputs and accepts(model, k)), None)
     resolver = LossResolver(choice, targets, seed, custom, inputs=inputs, labels_key=key)
+    resolver.masked = masked_lm(model)
     return resolver.with_labels(inputs), resolver
+
+
+def masked_lm(model: Any) -> bool:
+    """A masked (bidirectional) language model: token t is predicted from the whole
+    sequence, so its target is token t itself, not t + 1 (BertForMaskedLM, ...)."""
+    return "MaskedLM" in type(model).__name__
 
 
 class LossResolver:
@@ -128,6 +135,7 @@ class LossResolver:
         self.seed = seed
         self.custom = custom
         self.ids = token_ids(inputs)
+        self.masked = False  # a masked LM: targets equal to the inputs are not shifted
         self.labels_key = labels_key
         self.description = ""
         self.notes: list[str] = []
@@ -285,6 +293,9 @@ class LossResolver:
             )
         if y is None:
             if self.ids is not None and self._causal(out):
+                if self.masked:
+                    why = "per token (no targets: a masked LM reconstructs its input ids)"
+                    return self._tokens(out, self.ids, False, why)
                 why = "next token (no targets: the input ids shifted)"
                 return self._tokens(out, self.ids, True, why)
             return self._random_classes(out)
@@ -293,7 +304,7 @@ class LossResolver:
             return F.cross_entropy(out, y.to(out.dtype))
         expected = [out.shape[0], *out.shape[2:]]
         if out.ndim >= 3 and list(y.shape) == list(out.shape[:-1]):
-            if self._targets_are_inputs(y):
+            if self._targets_are_inputs(y) and not self.masked:
                 return self._tokens(out, y, True, "next token (targets = inputs shifted)")
             if list(y.shape) != expected:
                 return self._tokens(out, y, False, "per token (class dimension last)")
@@ -333,7 +344,7 @@ class LossResolver:
         gen = self._gen(out.device)
         y = self._float_targets(
             out,
-            lambda: torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype),
+            lambda: torch.randn(out.shape, generator=gen, device=out.device).to(out.dtype),
             "regression to random unit-Gaussian targets",
         )
         self.description = (
