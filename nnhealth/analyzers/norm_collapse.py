@@ -40,6 +40,14 @@ def _energy(s: SiteStats) -> float | None:
     return s.grad_m2 + s.grad_count * s.grad_mean**2
 
 
+def _cuts_off(site: SiteStats, ordered: list[SiteStats]) -> bool:
+    """``site`` is the last norm and no site before it got any gradient."""
+    if any(s.role == NORM for s in ordered if s.order > site.order):
+        return False
+    before = [e for e in (_energy(s) for s in ordered if s.order < site.order) if e is not None]
+    return bool(before) and not any(before)
+
+
 def _consumers(capture: Capture) -> dict[str, tuple[SiteStats, SiteStats]]:
     """For each normalization layer (its first call) whose output a parametric layer
     depends on alone: (the norm's site, that layer's site). Either the layer took the
@@ -55,9 +63,7 @@ def _consumers(capture: Capture) -> dict[str, tuple[SiteStats, SiteStats]]:
             continue
         later = [s for s in ordered if s.order > site.order and s.role == LAYER]
         reader = next((s for s in later if s.reads == site.name), None)
-        before = [e for e in (_energy(s) for s in ordered if s.order < site.order) if e is not None]
-        final = not any(s.role == NORM for s in ordered if s.order > site.order)
-        if reader is None and final and later and before and not any(before):
+        if reader is None and later and _cuts_off(site, ordered):
             reader = later[0]
         if reader is not None:
             out[site.module] = (site, reader)
