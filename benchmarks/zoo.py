@@ -152,7 +152,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['model']} | {r['error']} |||||||")
             continue
         mb = [
-            "n/a" if r[k] is None else f"{r[k]:.0f} MB" for k in ("plain_peak_mb", "scan_peak_mb")
+            "n/a" if r[k] is None else f"{max(r[k], 0.0) + 0.0:.0f} MB"  # -0: noise
+            for k in ("plain_peak_mb", "scan_peak_mb")
         ]
         lines.append(
             f"| {r['model']} | {r['params_m']:.1f}M | {r['plain_s'] * 1e3:.0f} ms "
