@@ -17,6 +17,7 @@ with ``torch.autograd.grad`` so the caller's ``.grad`` fields are never touched.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -75,6 +76,8 @@ class _Site:
     reducers: list[Reducer]
     ptr: int  # the output's storage: finds the model's output among the sites
     is_output: bool = False
+    # the output itself, weakly: while it lives, no other tensor can reuse its memory
+    alive: Callable[[], torch.Tensor | None] = lambda: None
 
     def freeze(self, examples: int) -> SiteStats:
         values = {**self.identity, "examples": examples, "is_output": self.is_output}
@@ -192,7 +195,14 @@ class _Recorder:
         from another site's output, not through a sum or a reshape that copies)."""
         if ptr is None:
             return None
-        return next((s.identity["name"] for s in reversed(self.sites[:-1]) if s.ptr == ptr), None)
+        return next(
+            (
+                s.identity["name"]
+                for s in reversed(self.sites[:-1])
+                if s.ptr == ptr and s.alive() is not None  # not freed memory reused
+            ),
+            None,
+        )
 
     def mark_output(self, out: torch.Tensor | None) -> None:
         """Flag the last site whose output is the model's output (it feeds the loss)."""
@@ -280,7 +290,7 @@ class _Recorder:
                 "dtype": dtype_name(out.dtype),
                 "eps": float(torch.finfo(out.dtype).eps),
             }
-            self.sites.append(_Site(identity, reducers, out.data_ptr()))
+            self.sites.append(_Site(identity, reducers, out.data_ptr(), alive=weakref.ref(out)))
             if self.keep_grads and out.requires_grad:
                 grads = GradientMoments()
                 reducers.append(grads)
