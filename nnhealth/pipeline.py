@@ -81,7 +81,6 @@ def _needs_pass(opts: ScanOptions) -> bool:
 
     try:
         validate(opts)
-        # the runner's own selection and plan (private there: one source of truth)
-        return runner._plan(runner._resolve_checks(opts), opts).forward
+        return runner.needs_pass(opts)
     except NnhealthError:
         return False

@@ -366,6 +366,11 @@ def _captured(
     return capture, info, notes + list(capture.notes)
 
 
+def needs_pass(opts: ScanOptions) -> bool:
+    """Whether the checks ``opts`` selects run the model (so a batch is needed)."""
+    return _plan(_resolve_checks(opts), opts).forward
+
+
 def _plan(checks: list[tuple[type[Check], dict[str, Any]]], opts: ScanOptions) -> Plan:
     try:
         return make_plan(checks, opts)
