@@ -11,9 +11,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.func import functional_call, grad, jacrev
 
 import nnhealth
 from nnhealth.findings import Finding, Report, Severity, Skipped
@@ -507,3 +511,63 @@ def zero_head(frozen: bool = False) -> nn.Module:
     nn.init.zeros_(model[-1].bias)
     model[-1].weight.requires_grad_(not frozen)
     return model
+
+
+# -- curvature ground truth (test_curvature_trust, test_hvp_fallback) --------------------
+
+
+class SoftplusOnce(torch.autograd.Function):
+    """Right first derivative; backward marked once_differentiable (PyTorch's own way
+    to say "no second derivative"), which autograd.grad silently ignores."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return F.softplus(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.sigmoid(x)
+
+
+class Act(nn.Module):
+    """softplus, or the custom Function ``fn`` computing it."""
+
+    def __init__(self, fn=None) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return F.softplus(x) if self.fn is None else self.fn.apply(x)
+
+
+def softplus_mlp(fn=None, dtype=torch.float64) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), Act(fn), nn.Linear(8, 8), Act(fn), nn.Linear(8, 3)).to(
+        dtype
+    )
+
+
+def softplus_batch(dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(16, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (16,), generator=gen)
+
+
+def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """The cross-entropy loss's Hessian over every parameter, by reverse-over-reverse
+    autodiff (torch.func.jacrev of grad), in the model's dtype."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(flat):
+        params, offset = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            k = math.prod(s)
+            params[n] = flat[offset : offset + k].view(s)
+            offset += k
+        return F.cross_entropy(functional_call(model, params, (x,)), y)
+
+    return jacrev(grad(loss))(flat0).detach().numpy()

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SoftplusOnce, dense_hessian, softplus_mlp
+from conftest import softplus_batch as batch
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.func import functional_call, grad, jacrev
 
 import nnhealth
@@ -30,22 +31,6 @@ from nnhealth.curvature.lanczos import lanczos, start_vector
 from nnhealth.curvature.measure import measure, scan_lanczos
 
 # -- custom activations: softplus with a hand-written backward ---------------------------
-
-
-class SoftplusOnce(torch.autograd.Function):
-    """Right first derivative; backward marked once_differentiable (PyTorch's own way
-    to say "no second derivative"), which autograd.grad silently ignores."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return F.softplus(x)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * torch.sigmoid(x)
 
 
 class SoftplusDetachedGrad(SoftplusOnce):
@@ -72,43 +57,6 @@ class SoftplusDetachedInput(SoftplusOnce):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         return g * torch.sigmoid(x.detach())
-
-
-class Act(nn.Module):
-    def __init__(self, fn=None) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return F.softplus(x) if self.fn is None else self.fn.apply(x)
-
-
-def softplus_mlp(fn=None, dtype=torch.float64) -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 8), Act(fn), nn.Linear(8, 8), Act(fn), nn.Linear(8, 3)).to(
-        dtype
-    )
-
-
-def batch(dtype=torch.float64):
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(16, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (16,), generator=gen)
-
-
-def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def loss(flat):
-        params, offset = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            k = math.prod(s)
-            params[n] = flat[offset : offset + k].view(s)
-            offset += k
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
-
-    return jacrev(grad(loss))(flat0).detach().numpy()
 
 
 def true_lambda_max() -> float:

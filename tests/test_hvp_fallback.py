@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SoftplusOnce, dense_hessian, softplus_mlp
+from conftest import softplus_batch as batch
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.func import functional_call, grad, jacrev
 
 import nnhealth
@@ -35,28 +36,6 @@ class Linearized(nn.Module):
         return x / 6 + 0.5
 
 
-class SoftplusOnce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return F.softplus(x)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * torch.sigmoid(x)
-
-
-class Act(nn.Module):
-    def __init__(self, custom: bool) -> None:
-        super().__init__()
-        self.custom = custom
-
-    def forward(self, x):
-        return SoftplusOnce.apply(x) if self.custom else F.softplus(x)
-
-
 def hardsigmoid_mlp(act: type[nn.Module] = nn.Hardsigmoid, dtype=torch.float32) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(5, 16), act(), nn.Linear(16, 16), act(), nn.Linear(16, 3)).to(
@@ -64,33 +43,8 @@ def hardsigmoid_mlp(act: type[nn.Module] = nn.Hardsigmoid, dtype=torch.float32) 
     )
 
 
-def softplus_mlp(custom: bool, dtype=torch.float32) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(5, 8), Act(custom), nn.Linear(8, 8), Act(custom), nn.Linear(8, 3)
-    ).to(dtype)
-
-
-def batch(dtype=torch.float32):
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(16, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (16,), generator=gen)
-
-
 def dense_lambda_max(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model = model.double()
-    x = x.double()
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def loss(flat):
-        params, offset = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            params[n] = flat[offset : offset + math.prod(s)].view(s)
-            offset += math.prod(s)
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
-
-    return float(np.linalg.eigvalsh(jacrev(grad(loss))(flat0).detach().numpy())[-1])
+    return float(np.linalg.eigvalsh(dense_hessian(model.double(), x.double(), y))[-1])
 
 
 def fd_note(report) -> str:
@@ -122,9 +76,11 @@ def test_a_hardsigmoid_mlp_gets_lambda_max_by_finite_differences(dtype) -> None:
 
 
 def test_a_once_differentiable_function_gets_lambda_max_by_finite_differences() -> None:
-    x, y = batch()
-    truth = dense_lambda_max(softplus_mlp(False), x, y)
-    report = nnhealth.scan(softplus_mlp(True), (x, y), select=["NH401", "NH101"], hessian=True)
+    x, y = batch(torch.float32)
+    truth = dense_lambda_max(softplus_mlp(None, torch.float32), x, y)
+    report = nnhealth.scan(
+        softplus_mlp(SoftplusOnce, torch.float32), (x, y), select=["NH401", "NH101"], hessian=True
+    )
     c = report.curvature
     assert c["hvp"] == "finite-difference" and not report.skipped
     assert abs(c["top_eigenvalues"][0] - truth) <= c["lambda_max_error"] <= 2e-3 * truth
@@ -135,9 +91,9 @@ def test_the_products_error_matches_the_truth_and_the_model_of_scales() -> None:
     """One product against the dense Hessian: the calibrated step's error is at most the
     stated estimate, and, on this smooth loss, near (3u)^(2/3)/2 for float64."""
     x, y = batch(torch.float64)
-    model = softplus_mlp(True, torch.float64)
+    model = softplus_mlp(SoftplusOnce, torch.float64)
     names = [n for n, _ in model.named_parameters()]
-    twin = softplus_mlp(False, torch.float64)
+    twin = softplus_mlp(None, torch.float64)
     flat0 = torch.cat([p.detach().reshape(-1) for p in twin.parameters()])
     shapes = [p.shape for p in twin.parameters()]
 
@@ -164,9 +120,9 @@ def test_the_products_error_matches_the_truth_and_the_model_of_scales() -> None:
 
 def test_the_exact_path_is_kept_when_double_backward_works() -> None:
     x, y = batch(torch.float64)
-    truth = dense_lambda_max(softplus_mlp(False), x, y)
+    truth = dense_lambda_max(softplus_mlp(None, torch.float32), x, y)
     stats, notes = measure(
-        softplus_mlp(False, torch.float64), x, lambda o: F.cross_entropy(o, y), tol=1e-8, budget=200
+        softplus_mlp(None, torch.float64), x, lambda o: F.cross_entropy(o, y), tol=1e-8, budget=200
     )
     assert stats.hvp == "double-backward" and stats.certified and stats.hvp_error is None
     assert stats.top[0] == pytest.approx(truth, rel=1e-8)
@@ -197,7 +153,7 @@ def test_the_model_is_left_exactly_as_found() -> None:
     model = Mixed()
     model.frozen.requires_grad_(False)
     model.drop.eval()  # a mixed mode, to be restored module by module
-    x, y = batch()
+    x, y = batch(torch.float32)
     model.fc1.weight.grad = torch.full_like(model.fc1.weight, 7.0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     grad_before = model.fc1.weight.grad
@@ -237,7 +193,7 @@ class Kinked(nn.Module):
 
 
 def test_a_loss_finite_differences_cannot_resolve_skips_nh401_with_both_reasons() -> None:
-    x, y = batch()
+    x, y = batch(torch.float32)
     report = nnhealth.scan(Kinked(), (x, y), select=["NH401", "NH101"], hessian=True)
     (skip,) = [s for s in report.skipped if s.code == "NH401"]
     assert report.curvature is None and "NH101" in report.run["checks"]  # the rest ran
