@@ -113,6 +113,7 @@ class _Recorder:
         self._probe_cache: dict[tuple, torch.Tensor] = {}
         self.stack: list[_Frame] = []
         self.sites: list[_Site] = []
+        self._latest_at: dict[int, _Site] = {}  # data_ptr -> the latest site output there
         self.calls: Counter[str] = Counter()
         self.busy = False
         self.done = False  # set once the forward has returned
@@ -184,9 +185,10 @@ class _Recorder:
             elif not is_norm(module):
                 self.channels = None
             role = NORM if is_norm(module) else LAYER
+            reads = None if frame is None else self._site_of(frame.input_ptr)
             self.record(out, name, type(module).__name__, role, False, channel_first)
-            if frame is not None and self.sites and self.sites[-1].identity["module"] == name:
-                self.sites[-1].identity["reads"] = self._site_of(frame.input_ptr)
+            if self.sites and self.sites[-1].identity["module"] == name:
+                self.sites[-1].identity["reads"] = reads
 
         return hook
 
@@ -195,14 +197,9 @@ class _Recorder:
         from another site's output, not through a sum or a reshape that copies)."""
         if ptr is None:
             return None
-        return next(
-            (
-                s.identity["name"]
-                for s in reversed(self.sites[:-1])
-                if s.ptr == ptr and s.alive() is not None  # not freed memory reused
-            ),
-            None,
-        )
+        site = self._latest_at.get(ptr)
+        # a dead output's memory may hold another tensor now (a sum's result)
+        return None if site is None or site.alive() is None else site.identity["name"]
 
     def mark_output(self, out: torch.Tensor | None) -> None:
         """Flag the last site whose output is the model's output (it feeds the loss)."""
@@ -290,7 +287,9 @@ class _Recorder:
                 "dtype": dtype_name(out.dtype),
                 "eps": float(torch.finfo(out.dtype).eps),
             }
-            self.sites.append(_Site(identity, reducers, out.data_ptr(), alive=weakref.ref(out)))
+            site = _Site(identity, reducers, out.data_ptr(), alive=weakref.ref(out))
+            self.sites.append(site)
+            self._latest_at[site.ptr] = site
             if self.keep_grads and out.requires_grad:
                 grads = GradientMoments()
                 reducers.append(grads)

@@ -31,12 +31,15 @@ _CHANNEL_FIRST_TYPES: tuple[type, ...] = (
 _NORM_NAME = re.compile(r"(Batch|Layer|Group|RMS|Instance)Norm(\d+d)?$")
 
 
+def is_norm_name(class_name: str) -> bool:
+    """A normalization layer's class name (BatchNorm2d, LayerNorm, LlamaRMSNorm...)."""
+    return bool(_NORM_NAME.search(class_name))
+
+
 def is_norm(module: nn.Module) -> bool:
     if isinstance(module, _NORM_TYPES):
         return True
-    return bool(_NORM_NAME.search(type(module).__name__)) and not any(
-        True for _ in module.children()
-    )
+    return is_norm_name(type(module).__name__) and not any(True for _ in module.children())
 
 
 def is_torch_activation(module: nn.Module) -> bool:

@@ -21,8 +21,8 @@ from nnhealth.capture.precision import (
     readable,
 )
 from nnhealth.capture.stats import ACTIVATION, LAYER, NORM, SiteStats, WeightStats
-from nnhealth.capture.structure import is_norm
-from nnhealth.nonlinearities import MODULE_KINDS
+from nnhealth.capture.structure import is_norm, is_norm_name
+from nnhealth.nonlinearities import module_kind
 
 JUDGED_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.Bilinear)
 JUDGED_NAMES = {
@@ -48,19 +48,6 @@ def kind_of(module: nn.Module) -> str:
 
 def judged(module: nn.Module) -> bool:
     return isinstance(module, JUDGED_TYPES) or kind_of(module) in JUDGED_NAMES
-
-
-_NORM_NAMES = {
-    "BatchNorm1d",
-    "BatchNorm2d",
-    "BatchNorm3d",
-    "LayerNorm",
-    "GroupNorm",
-    "RMSNorm",
-    "InstanceNorm1d",
-    "InstanceNorm2d",
-    "InstanceNorm3d",
-}
 
 
 def fans(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -242,10 +229,11 @@ def _next_from_modules(model: nn.Module) -> dict[str, str]:
             continue
         follow[name] = "none"
         for _, nxt in leaves[i + 1 :]:
-            if is_norm(nxt) or kind_of(nxt) in _NORM_NAMES:
+            kind = kind_of(nxt)  # a scripted module's original class name too
+            if is_norm(nxt) or is_norm_name(kind):
                 follow[name] = "norm"
-            elif kind_of(nxt) in MODULE_KINDS:
-                follow[name] = MODULE_KINDS[kind_of(nxt)]
+            elif module_kind(kind) is not None:
+                follow[name] = module_kind(kind)
             elif isinstance(nxt, (nn.Dropout, nn.Identity, nn.Flatten)) or not any(
                 True for _ in nxt.parameters(recurse=False)
             ):
