@@ -44,7 +44,7 @@ from torch.func import functional_call
 
 from nnhealth._util import escaped, out_of_memory
 from nnhealth.curvature import trust
-from nnhealth.curvature.hvp import NoCurvature, enter_products
+from nnhealth.curvature.hvp import NoCurvature, ProductOperator, enter_products
 from nnhealth.errors import NnhealthError
 
 MAX_ERROR = 0.05  # a product's estimated relative error above which none is trusted
@@ -90,9 +90,10 @@ def _float64_copy(model: nn.Module) -> tuple[nn.Module | None, str]:
         return None, f"deepcopy {escaped(exc)}"
 
 
-class FiniteDifferenceOperator:
+class FiniteDifferenceOperator(ProductOperator):
     """``matvec(v)`` ~ H v by central differences of gradients (HessianOperator's
-    interface). Use as a context manager: set up on entry, restored on exit."""
+    interface). Use as a context manager: set up on entry, restored on exit. Its
+    ``functions`` stay empty: first derivatives need no audit."""
 
     backend = "finite differences"
 
@@ -105,23 +106,14 @@ class FiniteDifferenceOperator:
         mode: str = "train",
         seed: int = 0,
     ) -> None:
-        self.model = model
-        self.inputs = inputs
-        self.make_loss = make_loss
-        self.mode = mode
-        self.seed = seed
+        super().__init__(model, inputs, make_loss, mode=mode, seed=seed)
+        # the parameters with a gradient, on the model products run on (set on entry)
         self.named: list[tuple[str, torch.Tensor]] = []
-        self.params: list[torch.Tensor] = []
-        self.n = 0
-        self.products = 0
-        self.notes: list[str] = []
-        self.functions: list[trust.CustomFunction] = []  # no audit: first derivatives only
         self.loss = math.nan
         self.relative = 0.0  # the calibrated step relative to max(|w|, 1)
         self.calibration_error = math.nan  # the estimated relative error it leaves
         self.weight_scale = 1.0
         self._g0: torch.Tensor | None = None
-        self._stack: contextlib.ExitStack | None = None
 
     def __enter__(self) -> Self:
         if isinstance(self.model, torch.jit.ScriptModule):

@@ -94,12 +94,11 @@ def enter_products(
         notes.append(f"dropout off while taking Hessian products ({len(dropouts)} modules)")
 
 
-class HessianOperator:
-    """``matvec(v)`` = H v for the flat float64 vector ``v`` over the trainable params.
-
-    Use as a context manager: the model is set up (mode, dropout off) on entry and
-    restored on exit, where the retained graph is freed.
-    """
+class ProductOperator:
+    """What every Hessian-vector product operator holds: the model, its inputs and loss,
+    the mode and seed of the products, their count, notes, and the custom autograd
+    Functions on the graph. Subclasses: HessianOperator (double backward) and
+    finite.FiniteDifferenceOperator."""
 
     def __init__(
         self,
@@ -115,15 +114,34 @@ class HessianOperator:
         self.make_loss = make_loss
         self.mode = mode
         self.seed = seed
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
         self.n = sum(p.numel() for p in self.params)
         self.products = 0
+        self.notes: list[str] = []
+        self.functions: list[trust.CustomFunction] = []
+        self._stack: contextlib.ExitStack | None = None
+
+
+class HessianOperator(ProductOperator):
+    """``matvec(v)`` = H v for the flat float64 vector ``v`` over the trainable params.
+
+    Use as a context manager: the model is set up (mode, dropout off) on entry and
+    restored on exit, where the retained graph is freed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Any,
+        make_loss: Callable[[Any], torch.Tensor],
+        *,
+        mode: str = "train",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(model, inputs, make_loss, mode=mode, seed=seed)
         self.backend = "default"
         self.asymmetry_floor = 0.0  # exact products: rounding alone (trust.check_symmetry)
-        self.notes: list[str] = []
-        self.functions: list[trust.CustomFunction] = []  # custom autograd Functions on the graph
         self._grads: tuple[torch.Tensor, ...] | None = None
-        self._stack: contextlib.ExitStack | None = None
 
     def __enter__(self) -> Self:
         if not self.params:
