@@ -392,3 +392,17 @@ def test_torchscript_layers_get_the_weight_checks(cli, tmp_path: Path) -> None:
     )
     report = json.loads(res.out)
     assert res.code == 1 and ("NH501", "2") in {(f["code"], f["layer"]) for f in report["findings"]}
+
+
+def test_a_safetensors_header_of_384_bytes_is_not_taken_for_a_pickle(tmp_path: Path) -> None:
+    """A header length of 0x180 starts the file with 0x80 0x01, as a pickle does."""
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    from nnhealth.loading import detect
+
+    for pad in range(0, 400, 7):  # some header length lands on 128, 384 or 640
+        path = tmp_path / f"w{pad}.safetensors"
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"x": "y" * pad})
+        length = int.from_bytes(path.read_bytes()[:8], "little")
+        assert detect.sniff(path) == detect.SAFETENSORS, length

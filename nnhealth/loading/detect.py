@@ -35,6 +35,10 @@ def sniff(path: Path, error: type[Exception] = LoadError) -> str:
         return _sniff_zip(path, error)
     if head.startswith(b"\x93NUMPY"):
         return NPY
+    # safetensors first: a header of 128, 384, 640... bytes starts with 0x80 0x01..0x05,
+    # as a pickle does; a legacy torch.save pickle has its magic number where the "{" is
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= _MAX_HEADER:
+        return _sniff_safetensors(path, head)
     if head[:1] == b"\x80" and head[1:2] and head[1] <= 5:
         return TORCH_PICKLE  # legacy (non-zip) torch.save: a pickle stream
     if len(head) >= 9 and head[8:9] == b"{":

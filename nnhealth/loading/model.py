@@ -20,14 +20,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from nnhealth._util import ENTRY_POINT, escaped, first_line, regular_file
-from nnhealth.errors import LoadError, UsageError, flag
+from nnhealth.errors import LoadError, UsageError, flag, report_text
 from nnhealth.loading import detect, limits
+
+if TYPE_CHECKING:
+    from nnhealth.loading.training_state import SavedOptimizer
 
 # Activation functions a pickled module may reference (e.g. TransformerEncoderLayer
 # stores F.relu). Pure functions of tensors: harmless to reference while unpickling.
@@ -63,6 +66,7 @@ class LoadedModel:
     example: Any = None
     loss_fn: Callable | None = None
     notes: list[str] = field(default_factory=list)
+    optimizer: SavedOptimizer | None = None  # the optimizer state saved with the weights
 
 
 @cache
@@ -400,14 +404,27 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A state_dict from FILE (torch.save, Lightning .ckpt, safetensors), never unpickling code."""
+    return read_checkpoint(path, [])[0]
+
+
+def read_checkpoint(
+    path: Path, notes: list[str]
+) -> tuple[dict[str, torch.Tensor], SavedOptimizer | None]:
+    """A state_dict from FILE (torch.save, Lightning .ckpt, safetensors) or a Hugging Face
+    Trainer checkpoint folder, and the optimizer state saved with it (or None), never
+    unpickling code. An optimizer state that cannot be read is left out, with a note."""
+    from nnhealth.loading import training_state
+
     if not path.exists():
         raise LoadError(f"{path}: no such weights file")
+    if path.is_dir():
+        return _read_trainer_folder(path, notes)
     regular_file(path, "weights", LoadError)  # a FIFO blocks, /dev/zero never ends
     kind = _sniff(path, str(path), LoadError)
     if kind == detect.SAFETENSORS:
         state = _read_safetensors(path)
         _check_weights(state.items(), str(path), "tensor")
-        return state
+        return state, None
     if kind == detect.BAD_SAFETENSORS:
         raise LoadError(detect.malformed_safetensors(str(path)))
     if kind in (detect.CORRUPT_ZIP, detect.TRUNCATED_ZIP):
@@ -429,9 +446,50 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
     except (Exception, SystemExit) as exc:  # torch.load on a damaged file raises anything
         raise _unreadable(path, exc) from exc
+    optimizer = _optional(lambda: training_state.find_saved_optimizer(obj, str(path)), notes)
+    _not_only_an_optimizer(obj, optimizer, str(path))
     state = unwrap_state_dict(obj, str(path))
     _check_weights(state.items(), str(path), "tensor")
-    return state
+    return state, optimizer
+
+
+def _optional(read: Callable[[], SavedOptimizer | None], notes: list[str]) -> SavedOptimizer | None:
+    """The optimizer state saved beside the weights: one that cannot be read does not
+    stop the scan (the weights are what MODEL asked for); say why it was left out."""
+    try:
+        return read()
+    except LoadError as exc:
+        notes.append(report_text(f"optimizer state not used: {exc.message}"))
+        return None
+
+
+def _not_only_an_optimizer(obj: Any, optimizer: SavedOptimizer | None, where: str) -> None:
+    if optimizer is not None and optimizer.state_dict is obj:
+        raise LoadError(
+            f"{where}: an optimizer state_dict, not model weights; give it as "
+            f"{flag('optimizer_state')} {where}, with the model or its weights"
+        )
+
+
+def _read_trainer_folder(
+    path: Path, notes: list[str]
+) -> tuple[dict[str, torch.Tensor], SavedOptimizer | None]:
+    """A Hugging Face Trainer checkpoint folder: its weights file, and its optimizer.pt
+    (with scheduler.pt) when there is one. Other directories are refused."""
+    from nnhealth.loading import training_state
+
+    files = [path / name for name in training_state.TRAINER_WEIGHTS if (path / name).is_file()]
+    if not files:
+        sharded = any(path.glob("*.index.json"))
+        raise LoadError(
+            f"{path}: is a directory without {' or '.join(training_state.TRAINER_WEIGHTS)}"
+            + (" (sharded checkpoints are not read)" if sharded else "")
+            + "; give a weights file or a Hugging Face Trainer checkpoint folder"
+        )
+    state, _ = read_checkpoint(files[0], [])
+    if not (path / training_state.TRAINER_OPTIMIZER).exists():
+        return state, None
+    return state, _optional(lambda: training_state.read_optimizer_state(path), notes)
 
 
 def _sniff(path: Path, where: str, error: type[Exception]) -> str:
@@ -565,7 +623,8 @@ def _load_entry_point(spec: str, weights: str | None) -> LoadedModel:
     result, _ = _entry_point(spec)
     loaded = _from_factory_result(result, spec)
     if weights:
-        apply_weights(loaded.model, read_weights(Path(weights)), weights)
+        state, loaded.optimizer = read_checkpoint(Path(weights), loaded.notes)
+        apply_weights(loaded.model, state, weights)
         loaded.notes.append(f"weights from {weights}")
     return loaded
 
@@ -589,16 +648,34 @@ def _model_file(spec: str, weights: str | None) -> Path:
 
 def _from_torch_save(path: Path, spec: str, trust: bool) -> LoadedModel:
     """A pickled module (its skeleton and tensors checked), or a state_dict."""
+    from nnhealth.loading.training_state import find_saved_optimizer
+
     obj, how = _load_pickle(path, trust)
+    notes: list[str] = []
+    optimizer = _optional(lambda: find_saved_optimizer(obj, spec), notes)
+    _not_only_an_optimizer(obj, optimizer, spec)
     if isinstance(obj, dict) and isinstance(obj.get("model"), nn.Module):
         obj = obj["model"]
     if not isinstance(obj, nn.Module):
         state = unwrap_state_dict(obj, spec)
         _check_weights(state.items(), spec, "tensor")
-        return LoadedModel(model=None, format="state_dict", source=spec, state=state)
+        return LoadedModel(
+            model=None,
+            format="state_dict",
+            source=spec,
+            state=state,
+            notes=notes,
+            optimizer=optimizer,
+        )
     _check_module(obj, spec)
     _check_weights(_module_tensors(obj), spec, "parameter or buffer")
-    loaded = LoadedModel(model=obj, format=f"torch.save module ({how})", source=spec)
+    loaded = LoadedModel(
+        model=obj,
+        format=f"torch.save module ({how})",
+        source=spec,
+        notes=notes,
+        optimizer=optimizer,
+    )
     views = _materialize_views(obj)
     if views:
         loaded.notes.append(f"{views} expanded (stride-0) parameters or buffers made contiguous")
