@@ -183,7 +183,7 @@ def test_convs_scaled_before_batchnorm_report_the_step_and_fix_those_convs() -> 
     assert tried["applied"] and tried["resolved"], tried
     copy = _scaled(ConvBN(), 0.01)
     fc_before = copy.fc.weight.detach().clone()
-    ctx = FixContext.of(report, None, sgd=lambda *a, **k: (0.0, 0.0, ""))
+    ctx = FixContext.of(report, None, train=lambda *a, **k: (0.0, 0.0, ""))
     (fix,) = InitScale().fixes(f, ctx)
     assert fix.apply(copy) is None
     assert torch.equal(copy.fc.weight, fc_before)

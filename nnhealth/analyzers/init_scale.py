@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ CONVENTION_SHARE = 0.9  # "everywhere": 9 layers in 10
 # is a minor part of the norm's input (a residual branch): not scale-invariant
 INVARIANT_SHARE = 0.1
 HEAD_DEPTH = 2  # at most this many layers between the last norm and the output: a "head"
+# one weight is one draw: a scale the rule itself draws with under 0.1% probability is
+# not chance (|w| under 0.00125 of the rule's std; PyTorch's default Linear(1, 1) draws
+# |w| = 0.0075 at seed 0)
+DRAW_QUANTILE = 1e-3
 
 
 def target(w: WeightStats) -> tuple[str, float | None, float | None]:
@@ -53,16 +58,53 @@ def target(w: WeightStats) -> tuple[str, float | None, float | None]:
     return f"LeCun 1/fan_in ({label})", 1.0 / w.fan_in, 1.0 / w.fan_in
 
 
+def one_per_unit(w: WeightStats) -> bool:
+    """One weight per output unit (Linear(1, n), a 1x1 conv of one input channel per
+    group): the variance over units of a single draw each is no scale; E[w^2] is."""
+    return math.prod(w.shape) == w.units
+
+
+def scale(w: WeightStats) -> float:
+    """What the rule sets: Var(w), or E[w^2] = ||w||^2 / n with one weight per unit
+    (Linear(1, 1): Var(w) is 0 by definition, w^2 is what scales the signal)."""
+    return w.var + w.mean**2 if one_per_unit(w) else w.var
+
+
+@functools.cache
+def _draw_band(n: int) -> tuple[float, float]:
+    """E[w^2] / Var of n independent normal draws: the 0.1% and 99.9% quantiles of
+    chi2(n)/n. One weight drawn by the rule lands anywhere in (1.6e-6, 10.8) x its variance."""
+    from scipy.stats import chi2
+
+    return float(chi2.ppf(DRAW_QUANTILE, n) / n), float(chi2.ppf(1 - DRAW_QUANTILE, n) / n)
+
+
 def ratio(w: WeightStats) -> float | None:
-    """Var(w) over the target (1 inside an unknown-nonlinearity range); None: not judged."""
+    """The layer's scale over the target (1 inside an unknown-nonlinearity range, and
+    with one weight per unit, inside what the rule itself draws 99.8% of the time);
+    None: not judged."""
     _, lo, hi = target(w)
     if lo is None:
         return None
-    if w.var < lo:
-        return w.var / lo
-    if w.var > hi:
-        return w.var / hi
-    return 1.0
+    v = scale(w)
+    r = v / lo if v < lo else (v / hi if v > hi else 1.0)
+    if r != 1.0 and one_per_unit(w):
+        band_lo, band_hi = _draw_band(math.prod(w.shape))
+        return 1.0 if band_lo <= r <= band_hi else r
+    return r
+
+
+def scale_text(w: WeightStats) -> str:
+    """The layer's scale as its message says it: |w| for one weight, rms(w) with one per
+    unit, else Var(w); with the rule's expected value for the first two."""
+    _, lo, _ = target(w)
+    n = math.prod(w.shape)
+    if not one_per_unit(w):
+        return f"Var(w) = {w.var:.3g}"
+    expected = "" if lo is None else f" (the rule's std: {math.sqrt(lo):.3g})"
+    if n == 1:
+        return f"|w| = {abs(w.mean):.3g}{expected}"
+    return f"rms(w) = {math.sqrt(scale(w)):.3g} over its {n} single-weight units{expected}"
 
 
 def step_factor(w: WeightStats) -> float | None:
@@ -266,6 +308,12 @@ class InitScale(Check):
         measured from the gradients (a residual branch summed with a larger stream is
         not scale-invariant and is left alone).
 
+        A layer with one weight per output unit (Linear(1, 1), Linear(1, n)) has no
+        variance to speak of (Var(w) of one number is 0): it is judged by E[w^2] (|w|^2
+        for one weight) against the rule's variance, and with so few draws only outside
+        what the rule itself draws 99.8% of the time (chi2(n)/n: for one weight, |w| under
+        0.00125 or over 3.3 x the rule's std).
+
         An output layer whose weights are all exactly zero while its gradient is not
         (torchvision's ViT head) is info. From a bare state_dict there is no pass: the
         formula decides, against the LeCun..He range (nonlinearity unknown); std 0.02 in
@@ -372,7 +420,6 @@ class InitScale(Check):
         ratios = [ratio(w) for w in stack]
         geo = 0.0 if 0 in ratios else math.exp(sum(map(math.log, ratios)) / len(ratios))
         worst = max(stack, key=lambda w: math.inf if ratio(w) == 0 else abs(math.log(ratio(w))))
-        rule = target(worst)[0]
         kinds = Counter(w.followed_by for w in stack if w.followed_by not in (None, "none"))
         nonlinearity = kinds.most_common(1)[0][0] if kinds else None
         severity = (
@@ -380,22 +427,8 @@ class InitScale(Check):
             if total <= 1 / options["error_ratio"] or total >= options["error_ratio"]
             else Severity.WARNING
         )
-        direction = "shrink" if total < 1 else "growth"
         fix, snippet = init_fix(nonlinearity)
-        seen = "" if measured is None else f" (measured: x{measured:.2g} of the input's)"
-        if total == 0:
-            zeros = [w.module for w in stack if ratio(w) == 0]
-            message = (
-                f"Var(w) is exactly 0 in {len(zeros)} of {len(stack)} layers ({', '.join(zeros[:4])}"
-                f"{' ...' if len(zeros) > 4 else ''}; target {rule}): no signal passes them"
-            )
-        else:
-            message = (
-                f"{len(stack)} layers from {stack[0].module} to {stack[-1].module} have Var(w) at "
-                f"x{geo:.3g} of their target on average (worst {worst.module}: "
-                f"x{ratio(worst):.3g} of {rule}): expected variance {direction} x{total:.3g} "
-                f"through depth{seen}"
-            )
+        message = _stack_message(stack, worst, geo, total, measured)
         # the layer to look at: the first with no variance at all, else where the stack starts
         zero = next((w for w in stack if ratio(w) == 0), None)
         evidence = {
@@ -411,7 +444,10 @@ class InitScale(Check):
         }
         if measured is not None:
             evidence["measured_change"] = measured
-        return self.finding(severity, (zero or stack[0]).module, message, evidence, fix, snippet)
+        if one_per_unit(worst):
+            evidence["worst_rms_w"] = math.sqrt(scale(worst))
+        at = zero or (worst if one_per_unit(worst) else stack[0])  # a single weight: itself
+        return self.finding(severity, at.module, message, evidence, fix, snippet)
 
     def _layer_finding(self, group: list[WeightStats]) -> Finding:
         w = max(group, key=lambda w: abs(math.log(ratio(w))))
@@ -426,16 +462,18 @@ class InitScale(Check):
             "fan_in": w.fan_in,
             "fan_out": w.fan_out,
         }
+        if one_per_unit(w):
+            evidence["rms_w"] = math.sqrt(scale(w))
         if len(group) == 1:
             message = (
-                f"Var(w) = {w.var:.3g} is x{r:.3g} of {rule} for fan_in {w.fan_in}, fan_out "
-                f"{w.fan_out}"
+                f"{scale_text(w)} is x{r:.3g} of {rule} for fan_in {w.fan_in}, fan_out {w.fan_out}"
             )
         else:
             ratios = [ratio(v) for v in group]
+            measure = "their weight scale" if any(map(one_per_unit, group)) else "Var(w)"
             message = (
-                f"{len(group)} {_kinds(group)} layers have Var(w) at {_spread(ratios)} of "
-                f"their target ({_names(group)}; worst {w.module}: Var(w) = {w.var:.3g}, x{r:.3g} "
+                f"{len(group)} {_kinds(group)} layers have {measure} at {_spread(ratios)} of "
+                f"their target ({_names(group)}; worst {w.module}: {scale_text(w)}, x{r:.3g} "
                 f"of {rule})"
             )
             evidence |= {"layers": len(group), "first_layer": group[0].module}
@@ -623,6 +661,33 @@ class InitScale(Check):
         if "expected_change" in e:
             return f"x{e['expected_change']:.3g} through depth"
         return f"x{e.get('ratio', 0):.3g}"
+
+
+def _stack_message(
+    stack: list[WeightStats], worst: WeightStats, geo: float, total: float, measured: float | None
+) -> str:
+    """A stack finding's message: its layers with no signal, or its expected change."""
+    rule = target(worst)[0]
+    if total == 0:
+        zeros = [w for w in stack if ratio(w) == 0]
+        names = ", ".join(w.module for w in zeros[:4]) + (" ..." if len(zeros) > 4 else "")
+        what = "Var(w) is exactly 0"
+        if all(map(one_per_unit, zeros)):  # a variance of single draws says nothing
+            what = f"{scale_text(zeros[0])}: every weight is exactly 0"
+        return (
+            f"{what} in {len(zeros)} of {len(stack)} layers ({names}; target {rule}): no "
+            "signal passes them"
+        )
+    measure = "their weight scale" if any(map(one_per_unit, stack)) else "Var(w)"
+    shown = f"{scale_text(worst)}, " if one_per_unit(worst) else ""
+    direction = "shrink" if total < 1 else "growth"
+    seen = "" if measured is None else f" (measured: x{measured:.2g} of the input's)"
+    return (
+        f"{len(stack)} layers from {stack[0].module} to {stack[-1].module} have {measure} "
+        f"at x{geo:.3g} of their target on average (worst {worst.module}: {shown}"
+        f"x{ratio(worst):.3g} of {rule}): expected variance {direction} x{total:.3g} "
+        f"through depth{seen}"
+    )
 
 
 def _short(names: list[str]) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 from nnhealth import nonlinearities
 from nnhealth.analyzers._advice import py_str
 from nnhealth.analyzers._fixes import Fix, FixContext, reinit_fix
 from nnhealth.analyzers.base import Check, Option, num, pct
 from nnhealth.analyzers.dead_relu import preceding_layer
-from nnhealth.capture.stats import Capture, GateStats
+from nnhealth.capture.stats import LAYER, NORM, Capture, GateStats, SiteStats
 from nnhealth.findings import Finding, Severity
 from nnhealth.nonlinearities import XAVIER, Init
 from nnhealth.plan import Request
@@ -18,6 +20,64 @@ def desaturating_init(kind: str | None) -> Init:
     smooth one (tanh, sigmoid), plain Xavier for the hard ones."""
     entry = nonlinearities.lookup(kind)
     return entry.init if entry is not None and entry.derivative in {"tanh", "sigmoid"} else XAVIER
+
+
+def loss_sensitivity(capture: Capture, site: SiteStats) -> float | None:
+    """sqrt(n) ||dL/dz|| / L at the pre-activations z of the nonlinearity ``site`` (the
+    n outputs of the layer that ran just before it): the relative change of the loss for a
+    unit step of every pre-activation along the gradient. A loss that undoes the
+    saturation (BCE on a sigmoid: dL/dz = y - t) keeps it near 1/|z|; one that does not
+    (MSE on a saturated sigmoid: dL/dz = 2 (y - t) y (1 - y)) takes it to the derivative,
+    1e-3 and below. Scale-free (a loss x c scales both). None when not measured: no
+    backward, no positive finite loss, or no gradient at the layer."""
+    loss = capture.loss
+    if not capture.has_gradients or loss is None or not math.isfinite(loss) or loss <= 0:
+        return None
+    feeder = preceding_layer(capture, site, (LAYER, NORM))
+    if feeder is None or not feeder.grad_count or feeder.grad_m2 is None:
+        return None
+    energy = feeder.grad_m2 + feeder.grad_count * (feeder.grad_mean or 0.0) ** 2
+    if not math.isfinite(energy):
+        return None
+    return math.sqrt(feeder.grad_count * energy) / loss
+
+
+def _logits_loss(kind: str) -> str:
+    """The loss on the pre-activation that replaces a loss on ``kind``'s values."""
+    if kind in {"sigmoid", "hardsigmoid"}:
+        return f"return the logits (drop the {kind}) and train with nn.BCEWithLogitsLoss()"
+    return f"return the pre-activation (drop the {kind}) and compute the loss on it"
+
+
+def _hidden_fix(kind: str) -> str:
+    if kind in {"tanh", "sigmoid"}:
+        return (
+            f"initialize the layer feeding this {kind} with Xavier init, or "
+            f"normalize its input (BatchNorm/LayerNorm before the {kind})"
+        )
+    return (
+        f"scale down the input of this {kind} (smaller init or a "
+        "normalization layer before it) so it leaves its flat region"
+    )
+
+
+def _output_fix(kind: str) -> str:
+    return (
+        f"compute the loss on the pre-activation: {_logits_loss(kind)} (F.cross_entropy on "
+        "the logits for classes), which keeps the gradient however confident the output; or "
+        f"scale down the layer feeding it (init below) or its inputs so the {kind} leaves "
+        "its flat region"
+    )
+
+
+def _past_the_loss(capture: Capture, site: SiteStats) -> bool:
+    """No gradient reached ``site`` or any site after it, while one reached a site before
+    it: an output the loss does not use, whose saturation blocks no gradient. (Sites of a
+    checkpointed block get no gradient either, but the sites after them do.)"""
+    if not capture.has_gradients:
+        return False
+    before = any(s.grad_count for s in capture.sites if s.order < site.order)
+    return before and not any(s.grad_count for s in capture.sites if s.order >= site.order)
 
 
 # what a gate stuck on its harmful side does: (gate, side) -> consequence; side "low"
@@ -139,8 +199,23 @@ class Saturation(Check):
         saturated values (every example, position and unit); the finding also counts
         the units stuck, saturated on at least ``unit_fraction`` of the batch, and the
         mean derivative relative to its peak (from the output's moments: sigmoid'
-        = y(1-y), tanh' = 1-y^2). The nonlinearity that produces the model's output is
-        not judged: with a matching loss (BCE on a sigmoid) its gradient does not vanish.
+        = y(1-y), tanh' = 1-y^2).
+
+        The nonlinearity that produces the model's output feeds the loss, and a loss
+        can undo its saturation: BCE on a sigmoid has dL/dz = y - t at the
+        pre-activation z, however flat the sigmoid. It is judged only when the measured
+        gradient says the loss does not: the loss sensitivity sqrt(n) ||dL/dz|| / L
+        (the relative change of the loss for a unit step of every pre-activation, scale
+        free) under ``collapse_sensitivity``. Measured on a sigmoid head whose
+        pre-activations sit near +8 or -12 (tests/test_output_nonlinearity.py): BCE on
+        its values 0.12-0.18 (intact); MSE 1.1e-3 and 2.2e-5, cross-entropy on its
+        values as if they were logits 5.8e-4 and 1.4e-5, MSE on a tanh near +4 3e-3
+        (collapsed); an unsaturated head 0.95; pre-activations of std 16, saturated on
+        part of the batch, still pass gradient through the rest (0.1-0.25). With no
+        gradient (no backward, or a loss that is not positive) the output is not judged.
+        A nonlinearity the loss does not use at all (probabilities returned beside the
+        logits the loss takes: no gradient reaches it or anything after it) is not
+        judged either.
 
     Why it matters:
         The gradient through a saturated unit is multiplied by a derivative near zero,
@@ -150,19 +225,24 @@ class Saturation(Check):
 
     Example:
         A 5 x 500 tanh MLP with W = randn: about 95% of every hidden layer's outputs
-        have |tanh| > 0.975 and the mean derivative is 4% of its peak.
+        have |tanh| > 0.975 and the mean derivative is 4% of its peak. A regression head
+        sigmoid(Linear) with a bias of 8, trained with MSE on the sigmoid's output:
+        every output saturated, loss sensitivity 1.1e-3: an error on the sigmoid.
 
     How to fix:
         Initialize the layer feeding the nonlinearity with Xavier/Glorot init (gain for
         tanh or sigmoid), normalize its input (BatchNorm/LayerNorm before the
         nonlinearity), lower the learning rate if weights grew during training, or use
         a ReLU-family activation in hidden layers (keep sigmoid for gates and outputs).
+        For a saturated output: compute the loss on the logits (nn.BCEWithLogitsLoss,
+        F.cross_entropy) instead of on the sigmoid's values, or scale the last layer.
     """
 
     code = "NH102"
     name = "saturation"
     summary = "sigmoid/tanh (and hard variants) units stuck near their bounds"
     needs = frozenset({"activations"})
+    uses = frozenset({"gradients"})  # whether the loss undoes an output's saturation
     options = (
         Option(
             "derivative_fraction",
@@ -184,6 +264,12 @@ class Saturation(Check):
             0.50,
             "more than half closed: the rule DeepDiagnosis uses, most of the gradient is gone",
         ),
+        Option(
+            "collapse_sensitivity",
+            0.01,
+            "a unit step of every output pre-activation changing the loss by under 1%: BCE on "
+            "a saturated sigmoid measured 0.12-0.18 (intact), MSE on it 2e-5 to 3e-3",
+        ),
     )
 
     @classmethod
@@ -193,64 +279,80 @@ class Saturation(Check):
     def run(self, capture: Capture, options: dict) -> list[Finding]:
         out = []
         for site in capture.activation_sites():
-            if site.saturated_count is None or site.is_output:
-                continue  # an output sigmoid's gradient through the loss does not vanish
+            if site.saturated_count is None:
+                continue
             frac = site.saturated_fraction_values or 0.0
             if frac < options["warn_fraction"]:
                 continue
-            severity = Severity.ERROR if frac >= options["error_fraction"] else Severity.WARNING
-            stuck = site.saturated_units(options["unit_fraction"]) or 0
-            deriv = site.mean_derivative
-            entry = nonlinearities.lookup(site.kind)
-            peak = None if entry is None else entry.peak
-            ratio = deriv / peak if (deriv is not None and peak) else None
-            feeder = preceding_layer(capture, site)
-            if site.kind in {"tanh", "sigmoid"}:
-                fix = (
-                    f"initialize the layer feeding this {site.kind} with Xavier init, or "
-                    f"normalize its input (BatchNorm/LayerNorm before the {site.kind})"
-                )
-            else:
-                fix = (
-                    f"scale down the input of this {site.kind} (smaller init or a "
-                    "normalization layer before it) so it leaves its flat region"
-                )
-            snippet = None
-            if feeder is not None:
-                snippet = "\n".join(
-                    [
-                        f"layer = model.get_submodule({py_str(feeder.module)})",
-                        desaturating_init(site.kind).snippet("layer.weight"),
-                        "if layer.bias is not None:",
-                        "    nn.init.zeros_(layer.bias)",
-                    ]
-                )
-            deriv_txt = (
-                f"; mean derivative {num(deriv)} ({pct(ratio)} of its peak)"
-                if ratio is not None
-                else ""
-            )
-            out.append(
-                self.finding(
-                    severity,
-                    site.name,
-                    f"{pct(frac)} of {site.kind} outputs saturated (derivative under "
-                    f"{pct(options['derivative_fraction'])} of its peak); {stuck} of "
-                    f"{site.units} units saturated on >= {pct(options['unit_fraction'])} of the "
-                    f"batch{deriv_txt}",
-                    {
-                        "saturated_values_fraction": frac,
-                        "saturated_units": stuck,
-                        "units": site.units,
-                        "saturated_units_fraction": stuck / site.units,
-                        "mean_derivative": deriv,
-                        "mean_derivative_ratio": ratio,
-                    },
-                    fix,
-                    snippet,
-                )
-            )
+            if _past_the_loss(capture, site):
+                continue  # e.g. probabilities returned beside the logits the loss uses
+            sensitivity = None
+            if site.is_output:
+                sensitivity = loss_sensitivity(capture, site)
+                if sensitivity is None or sensitivity >= options["collapse_sensitivity"]:
+                    continue  # the loss undoes the saturation (or no gradient to tell)
+            out.append(self._site_finding(capture, site, frac, sensitivity, options))
         return out + self._gate_findings(capture, options)
+
+    def _site_finding(
+        self,
+        capture: Capture,
+        site: SiteStats,
+        frac: float,
+        sensitivity: float | None,
+        options: dict,
+    ) -> Finding:
+        """One saturated nonlinearity; ``sensitivity`` (the output's, see
+        ``loss_sensitivity``) is set when it produces the model's output."""
+        severity = Severity.ERROR if frac >= options["error_fraction"] else Severity.WARNING
+        stuck = site.saturated_units(options["unit_fraction"]) or 0
+        deriv = site.mean_derivative
+        entry = nonlinearities.lookup(site.kind)
+        peak = None if entry is None else entry.peak
+        ratio = deriv / peak if (deriv is not None and peak) else None
+        feeder = preceding_layer(capture, site)
+        snippet = None
+        if feeder is not None:
+            snippet = "\n".join(
+                [
+                    f"layer = model.get_submodule({py_str(feeder.module)})",
+                    desaturating_init(site.kind).snippet("layer.weight"),
+                    "if layer.bias is not None:",
+                    "    nn.init.zeros_(layer.bias)",
+                ]
+            )
+        deriv_txt = (
+            f"; mean derivative {num(deriv)} ({pct(ratio)} of its peak)"
+            if ratio is not None
+            else ""
+        )
+        evidence = {
+            "saturated_values_fraction": frac,
+            "saturated_units": stuck,
+            "units": site.units,
+            "saturated_units_fraction": stuck / site.units,
+            "mean_derivative": deriv,
+            "mean_derivative_ratio": ratio,
+        }
+        message = (
+            f"{pct(frac)} of {site.kind} outputs saturated (derivative under "
+            f"{pct(options['derivative_fraction'])} of its peak); {stuck} of "
+            f"{site.units} units saturated on >= {pct(options['unit_fraction'])} of the "
+            f"batch{deriv_txt}"
+        )
+        if sensitivity is None:
+            fix = _hidden_fix(site.kind)
+        else:
+            evidence["loss_sensitivity"] = sensitivity
+            message += (
+                f"; it is the model's output and the loss, computed on it, does not undo the "
+                f"saturation: a unit step of every pre-activation changes the loss by "
+                f"{pct(sensitivity)} (the gradient collapses across the {site.kind})"
+            )
+            fix = _output_fix(site.kind)
+            if snippet is not None:
+                snippet += f"\n# or: {_logits_loss(site.kind)}"
+        return self.finding(severity, site.name, message, evidence, fix, snippet)
 
     def _gate_findings(self, capture: Capture, options: dict) -> list[Finding]:
         """One finding per recurrent module and gate whose harmful side holds at least

@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from nnhealth._util import escaped, tensors_in
 from nnhealth.errors import DataError, flag
 
-NAMES = {"ce": "cross-entropy", "mse": "mse", "bce": "bce-with-logits"}
+NAMES = {
+    "ce": "cross-entropy",
+    "mse": "mse",
+    "bce": "bce-with-logits",
+    "nll": "cross-entropy on the softmax's probabilities",
+    "bce_prob": "binary cross-entropy on the sigmoid's probabilities",
+}
 IGNORE_INDEX = -100  # F.cross_entropy's default, and Hugging Face's padding label
 # forward() keywords a keyword batch's targets are passed under, first match wins
 LABEL_KEYWORDS = ("labels", "targets")
@@ -228,12 +234,39 @@ class LossResolver:
 
     def _auto(self, out: torch.Tensor) -> str:
         y = self.targets
+        probabilities = self._probabilities(out)
+        if probabilities is not None:
+            return probabilities
         if y is None:
             logits = (out.ndim == 2 and out.shape[1] >= 2) or self._causal(out)
             return "ce" if logits else "mse"
         if not (y.is_floating_point() or y.is_complex()):
             return "ce"
         return "mse"
+
+    def _probabilities(self, out: torch.Tensor) -> str | None:
+        """A model that ends in a sigmoid or softmax outputs probabilities: the loss that
+        goes with them is cross-entropy on those probabilities (what nn.BCELoss or
+        NLLLoss of their log compute), not a loss that would read them as logits."""
+        fn = type(out.grad_fn).__name__ if out.grad_fn is not None else ""
+        y = self.targets
+        if fn.startswith("SigmoidBackward") and (y is None or y.is_floating_point()):
+            return "bce_prob"
+        softmax = fn.startswith("SoftmaxBackward") and out.ndim == 2 and out.shape[1] >= 2
+        if softmax and (y is None or not y.is_floating_point()):
+            return "nll"
+        return None
+
+    def _nll(self, out: torch.Tensor) -> torch.Tensor:
+        # log p floored where p underflowed to 0, as nn.BCELoss floors its logs
+        loss = self._ce(out.clamp_min(torch.finfo(out.dtype).tiny).log())
+        self.description = self.description.replace("cross-entropy", NAMES["nll"], 1)
+        return loss
+
+    def _bce_prob(self, out: torch.Tensor) -> torch.Tensor:
+        loss = self._bce(out, F.binary_cross_entropy)
+        self.description = self.description.replace("bce-with-logits", NAMES["bce_prob"], 1)
+        return loss
 
     def _causal(self, out: torch.Tensor) -> bool:
         """Whether ``out`` is [N, T, V] logits over the input token ids [N, T] (T >= 2),
@@ -352,7 +385,9 @@ class LossResolver:
         )
         return F.mse_loss(out, y)
 
-    def _bce(self, out: torch.Tensor) -> torch.Tensor:
+    def _bce(
+        self, out: torch.Tensor, fn: Callable = F.binary_cross_entropy_with_logits
+    ) -> torch.Tensor:
         gen = self._gen(out.device)
         y = self._float_targets(
             out,
@@ -366,4 +401,4 @@ class LossResolver:
             if self.targets is not None
             else f"bce-with-logits against seeded random 0/1 targets {NO_TARGETS}"
         )
-        return F.binary_cross_entropy_with_logits(out, y)
+        return fn(out, y)

@@ -27,6 +27,42 @@ def cnn_scaled(factor: float) -> nn.Module:
     return model
 
 
+def one_weight(w: float | None) -> nn.Module:
+    """A tanh stack narrowing to one unit, a Linear(1, 1) (weight ``w``; None: PyTorch's
+    default), a tanh and a 4-way head; biases zero."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 16),
+        nn.Tanh(),
+        nn.Linear(16, 16),
+        nn.Tanh(),
+        nn.Linear(16, 1),
+        nn.Tanh(),
+        nn.Linear(1, 1),
+        nn.Tanh(),
+        nn.Linear(1, 4),
+    )
+    with torch.no_grad():
+        if w is not None:
+            model[6].weight.fill_(w)
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.bias.zero_()
+    return model
+
+
+def one_to_eight() -> nn.Module:
+    """Linear(1, 8) -> ReLU -> Linear(8, 1), PyTorch's default init."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def regression(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(out.squeeze(1), y.to(out.dtype))
+
+
+ONE = {"inputs": (128, 16), "classes": 4}
+
 # the bad case on which --what-if must resolve the finding (tests/test_registry.py)
 WHAT_IF = "default-init-deep-relu"
 
@@ -46,7 +82,17 @@ BAD = [
     ),
 ]
 
+# a Linear(1, 1) is judged by |w|: 1e-4 and 0 are no draw of any rule
+BAD += [
+    Case("one-weight-1e-4", lambda: one_weight(1e-4), Severity.ERROR, "6", **ONE),
+    Case("one-weight-zero", lambda: one_weight(0.0), Severity.ERROR, "6", **ONE),
+]
+
 GOOD = [
+    # Var(w) of one weight is 0 by definition: not "no signal passes"
+    Case("one-weight-default", lambda: one_weight(None), **ONE),
+    Case("one-weight-0.7", lambda: one_weight(0.7), **ONE),
+    Case("one-to-eight-relu", one_to_eight, inputs=(128, 1), kwargs=(("loss_fn", regression),)),
     Case("healthy-he-relu", lambda: stack(128, 8, nn.ReLU, he)),
     Case("xavier-tanh", lambda: stack(128, 8, nn.Tanh, xavier)),
     Case("default-init-shallow-relu", lambda: stack(128, 1, nn.ReLU, None)),
