@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nnhealth.analyzers._trend import envelope_fit, fit, verdict
+from nnhealth.analyzers._trend import describe, envelope_fit, fit, project, verdict
 
 
 def geometric(
@@ -92,3 +92,16 @@ def test_envelope_runs_and_zeros() -> None:
     z = envelope_fit([("a", 1.0, False), ("b", 0.0, False), ("c", 0.5, False)])
     assert z.zeros == ("b",)
     assert envelope_fit([("a", 1.0, False)]) is None
+
+
+def test_projection_over_a_whole_stack() -> None:
+    """Segments of one shape (own offsets) share the slope; the total spans every point."""
+    pts = geometric(1.0, 1.5, 4, "a") + [
+        (n, v, i == 0) for i, (n, v, _) in enumerate(geometric(40.0, 1.5, 4, "b"))
+    ]
+    t = project(envelope_fit(pts), pts)
+    assert t.factor == pytest.approx(1.5, rel=1e-12)
+    assert t.total == pytest.approx(1.5**7, rel=1e-12)
+    assert (t.depth, t.first_name, t.last_name) == (8, "a0", "b3")
+    assert verdict(t, 6, 10) == "exploding" and verdict(t, 9, 10) == "healthy"
+    assert "x17.1 in all (1 at a0, 135 at b3)" in describe(t, "s", "layer", ends=True)

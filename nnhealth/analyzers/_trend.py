@@ -137,6 +137,23 @@ def envelope_fit(points: list[tuple[str, float, bool]]) -> Trend | None:
     return max(trends, key=lambda t: abs(math.log(t.factor)), default=None)
 
 
+def project(trend: Trend, points: list[tuple[str, float, bool]]) -> Trend:
+    """``trend``'s per-layer factor projected over every one of ``points`` (from the
+    output back), not only its longest run: the change over the whole depth, with the
+    two ends (output end first)."""
+    (first_name, first, _), (last_name, last, _) = points[0], points[-1]
+    return Trend(
+        factor=trend.factor,
+        total=trend.factor ** (len(points) - 1),
+        depth=len(points),
+        runs=trend.runs,
+        first=first,
+        last=last,
+        first_name=first_name,
+        last_name=last_name,
+    )
+
+
 def verdict(trend: Trend | None, min_depth: int, warn_ratio: float) -> str:
     """'vanishing', 'exploding' or 'healthy' (also when there is too little depth to judge)."""
     if trend is not None and trend.zeros:
@@ -154,11 +171,18 @@ def is_error(trend: Trend, error_ratio: float) -> bool:
     return bool(trend.zeros) or trend.total <= 1.0 / error_ratio or trend.total >= error_ratio
 
 
-def describe(trend: Trend, what: str, unit: str) -> str:
-    """The numbers of a trend in words, for a finding's message."""
+def describe(trend: Trend, what: str, unit: str, ends: bool = False) -> str:
+    """The numbers of a trend in words, for a finding's message; ``ends``: name the two
+    ends of a ``project``-ed trend (output end first) instead of its extremes."""
     if trend.zeros:
         shown = ", ".join(trend.zeros[:4]) + (" ..." if len(trend.zeros) > 4 else "")
         return f"{what} is exactly 0 at {len(trend.zeros)} {unit}(s) ({shown}): no signal passes"
+    if ends:
+        return (
+            f"{what} changes x{trend.factor:.3g} per {unit} over {trend.depth} {unit}s, "
+            f"x{trend.total:.3g} in all ({trend.first:.3g} at {trend.first_name}, "
+            f"{trend.last:.3g} at {trend.last_name})"
+        )
     largest, smallest = (
         ((trend.first, trend.first_name), (trend.last, trend.last_name))
         if trend.factor < 1

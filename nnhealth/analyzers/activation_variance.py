@@ -95,7 +95,11 @@ class ActivationVariance(Check):
         is not 1 (after the nonlinearity's own gain), the signal shrinks or grows by that
         factor at every layer: the deep layers see almost nothing (vanishing) or huge
         values (exploding), and the weight gradients, which are proportional to each
-        layer's input, go the same way.
+        layer's input, go the same way. Severity follows the total change over the
+        whole run (first layer to last), not the per-layer factor: a warning from 100x,
+        an error from 1e4x (NH202 explains why, with measured stacks). Measured here:
+        the classic 5 x 500 tanh stack with W = 0.01 randn, x6.2e-6 (error); 4 GELU
+        layers of 256 at PyTorch's default init, x2.4e-3 (a warning: it trains).
 
     Example:
         The classic 5 x 500 tanh MLP with W = 0.01 * randn: each layer multiplies the

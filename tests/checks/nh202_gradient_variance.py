@@ -102,6 +102,48 @@ class LayerScaleNet(nn.Module):
         return self.head(x)
 
 
+def bn_stack(depth: int, width: int = 256) -> nn.Sequential:
+    """depth Linear-BatchNorm1d-ReLU blocks, PyTorch's default init, then a 10-way head."""
+    return stack(width, depth, nn.ReLU, None, nn.BatchNorm1d)
+
+
+class _ResidualBN(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1, self.bn1 = nn.Linear(width, width), nn.BatchNorm1d(width)
+        self.fc2, self.bn2 = nn.Linear(width, width), nn.BatchNorm1d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.fc1(x)))
+        return torch.relu(x + self.bn2(self.fc2(h)))
+
+
+def residual_bn(blocks: int = 25, width: int = 256) -> nn.Sequential:
+    """The BAD stack's 50 normalized layers in 25 residual blocks: a stem, the blocks, a head."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(width, width), *(_ResidualBN(width) for _ in range(blocks)), nn.Linear(width, 10)
+    )
+
+
+def whole_stack_explodes(findings: list[Finding], model: nn.Module) -> None:
+    """Mean field (Yang et al. 2019): x pi/(pi-1) = 1.467 per BatchNorm+ReLU block."""
+    (f,) = findings
+    assert f.kind == "normalized-stack" and f.evidence["verdict"] == "exploding"
+    assert f.evidence["depth"] == 50 and f.evidence["normalization_layers"] == 49
+    assert f.evidence["factor_per_layer"] == pytest.approx(math.pi / (math.pi - 1), rel=0.03)
+    assert "residual" in f.fix and "clip_grad_norm_" in f.fix_snippet
+
+
+def at_most_warning(findings: list[Finding], model: nn.Module) -> None:
+    """4 GELU layers at PyTorch's default init train: neither depth check may fail CI."""
+    report = nnhealth.scan(model, case_batch(GELU_4), select=["NH201", "NH202"])
+    assert all(f.severity <= Severity.WARNING for f in report.findings), report.findings
+
+
+GELU_4 = Case("gelu-4-default-init", lambda: stack(256, 4, nn.GELU, None), inputs=(128, 256))
+
+
 def homogeneous_vanishing_is_nh201(findings: list[Finding], model: nn.Module) -> None:
     """tanh near 0 is linear: each layer shrinks the signal and the gradient alike, so
     the sensitivity is the same at every layer and every weight gradient is equally small
@@ -128,6 +170,14 @@ BAD = [
         None,
     ),
     Case(
+        "bn-relu-50-stack",
+        lambda: bn_stack(50),
+        Severity.ERROR,
+        None,
+        inputs=(128, 256),
+        verify=whole_stack_explodes,
+    ),
+    Case(
         "he-tanh-60-chaotic",
         lambda: stack(128, 60, nn.Tanh, he, seed=2),
         Severity.WARNING,
@@ -141,6 +191,9 @@ GOOD = [
     Case("xavier-tanh", lambda: stack(128, 6, nn.Tanh, xavier)),
     Case("tiny-init-batchnorm", lambda: stack(128, 6, nn.Tanh, lambda n: 0.01, nn.BatchNorm1d)),
     Case("default-cnn-avgpool", relu_cnn_avgpool, inputs=(4, 3, 32, 32)),
+    Case("bn-relu-4-stack", lambda: bn_stack(4), inputs=(128, 256)),
+    Case("residual-bn-50", residual_bn, inputs=(128, 256)),
+    Case(GELU_4.id, GELU_4.build, inputs=GELU_4.inputs, verify=at_most_warning),
     Case("layer-scale-residual", LayerScaleNet, inputs=(16, 128)),
     # He-init tanh 30 deep: mean-field chi 1.106 per layer, x18 in all, below warn_ratio
     Case("he-tanh-30-mild", lambda: stack(128, 30, nn.Tanh, he)),
