@@ -34,6 +34,12 @@ def scan(
     seed: int = _DEFAULTS["seed"],
     mode: str = _DEFAULTS["mode"],
     lr: float | None = _DEFAULTS["lr"],
+    optimizer: Any = _DEFAULTS["optimizer"],
+    momentum: float | None = _DEFAULTS["momentum"],
+    betas: tuple[float, float] | None = _DEFAULTS["betas"],
+    eps: float | None = _DEFAULTS["eps"],
+    weight_decay: float | None = _DEFAULTS["weight_decay"],
+    optimizer_state: Any = _DEFAULTS["optimizer_state"],
     hessian: bool | None = _DEFAULTS["hessian"],
     hessian_top: int = _DEFAULTS["hessian_top"],
     hessian_min: bool = _DEFAULTS["hessian_min"],
@@ -55,7 +61,12 @@ def scan(
     The model is left exactly as it was found: train/eval mode, ``requires_grad``,
     ``.grad``, buffers (BatchNorm statistics) and hooks. ``loss_fn(output, targets)``
     overrides the automatic loss choice; ``lr`` is the learning rate the norm-ratio
-    and curvature checks judge against. ``hessian=True`` (or selecting NH401) measures
+    and curvature checks judge against, for ``optimizer``: a name ("sgd", "momentum",
+    "nesterov", "adam", "adamw", "rmsprop", "lars", "lamb") with ``momentum``, ``betas``,
+    ``eps``, ``weight_decay``, or a live ``torch.optim.Optimizer`` over the model's
+    parameters (its class, hyper-parameters, lr and state are read, nothing changed).
+    ``optimizer_state``: a saved ``optimizer.state_dict()`` (a dict, or a file or Hugging
+    Face Trainer checkpoint folder read with weights_only=True) to judge by. ``hessian=True`` (or selecting NH401) measures
     the Hessian's top ``hessian_top`` eigenvalues by Lanczos (and the smallest with
     ``hessian_min``, the trace with ``hessian_trace`` Hutchinson probes) to relative
     error ``hessian_tol`` within ``hessian_budget`` Hessian-vector products.
@@ -67,13 +78,14 @@ def scan(
     ``{"dead-relu": {"warn_fraction": 0.2}}``. Raises ``NnhealthError`` on bad input;
     its message names options by these keywords.
     """
+    given = dict(locals())  # the keywords, before any other name is bound
     from torch import nn
 
     from nnhealth import pipeline
     from nnhealth.errors import UsageError
     from nnhealth.loading.batch import interpret
     from nnhealth.loading.model import LoadedModel
-    from nnhealth.options import ScanOptions
+    from nnhealth.options import OPTIONS, Betas, ScanOptions, Scope
 
     if not isinstance(model, nn.Module):
         raise UsageError(
@@ -83,21 +95,15 @@ def scan(
     loaded = LoadedModel(
         model=model, format="in-memory module", source=type(model).__name__, loss_fn=loss_fn
     )
-    opts = ScanOptions(
-        select=select,
-        ignore=ignore,
-        loss=loss,
-        seed=seed,
-        mode=mode,
-        lr=lr,
-        hessian=hessian,
-        hessian_top=hessian_top,
-        hessian_min=hessian_min,
-        hessian_trace=hessian_trace,
-        hessian_tol=hessian_tol,
-        hessian_budget=hessian_budget,
-        check_options=dict(options or {}),
+    scan_keywords = {
+        o.name: given[o.name] for o in OPTIONS if o.scope == Scope.SCAN and o.name in given
+    }
+    scan_keywords["optimizer"], loaded.optimizer = _optimizer_arguments(
+        optimizer, optimizer_state, model
     )
+    if betas is not None:
+        scan_keywords["betas"] = Betas().coerce(betas)
+    opts = ScanOptions(**scan_keywords, check_options=dict(options or {}))
     return pipeline.run(
         loaded,
         None if batch is None else interpret(batch, "batch"),
@@ -107,3 +113,56 @@ def scan(
         baseline=baseline,
         baseline_tolerance=baseline_tolerance,
     )
+
+
+def _optimizer_arguments(optimizer: Any, state: Any, model: Any) -> tuple[str | None, Any]:
+    """scan()'s ``optimizer`` as a name, and the saved state to judge by (a
+    SavedOptimizer): from a live torch.optim.Optimizer, a state_dict, or a path."""
+    from pathlib import Path
+
+    from nnhealth.loading.training_state import (
+        SavedOptimizer,
+        find_saved_optimizer,
+        read_optimizer_state,
+    )
+    from nnhealth.options import BY_NAME
+
+    saved = None
+    if isinstance(state, str):
+        BY_NAME["optimizer_state"].refuse(state)  # "" is no path
+    if state is not None:
+        if isinstance(state, (str, Path)):
+            saved = read_optimizer_state(Path(state))
+        else:
+            saved = find_saved_optimizer(state, "optimizer_state")
+            if saved is None:
+                from nnhealth.errors import UsageError
+
+                raise UsageError(
+                    "optimizer_state: expected an optimizer.state_dict(), a checkpoint dict "
+                    f"holding one, or a path; got {type(state).__name__}"
+                )
+    if optimizer is not None and not isinstance(optimizer, str):
+        if not hasattr(optimizer, "state_dict") or not hasattr(optimizer, "param_groups"):
+            from nnhealth.errors import UsageError
+
+            raise UsageError(
+                "optimizer: expected a name (sgd, momentum, nesterov, adam, adamw, rmsprop, "
+                f"lars, lamb) or a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        where = f"the {type(optimizer).__name__} passed to scan()"
+        saved = saved or SavedOptimizer(_named_state(optimizer, model), None, where)
+        optimizer = None  # its class comes from its param groups, as from a file
+    return optimizer, saved
+
+
+def _named_state(optimizer: Any, model: Any) -> dict:
+    """A live optimizer's state_dict with each group's ``param_names`` (its parameter
+    objects are known: no guessing by order). The state's tensors are the optimizer's
+    own: nnhealth only reads them, and steps copies."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    sd = optimizer.state_dict()
+    for group, live in zip(sd["param_groups"], optimizer.param_groups, strict=True):
+        if all(id(p) in names for p in live["params"]):
+            group["param_names"] = [names[id(p)] for p in live["params"]]
+    return sd

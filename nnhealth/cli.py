@@ -318,7 +318,9 @@ def _check_targets(values: dict[str, Any]) -> None:
             f"no MODEL: give it on the command line, as {model.env}, or as {model.key} in "
             "[tool.nnhealth] (pyproject.toml) or nnhealth.toml"
         )
-    user_files = _user_files(*(values[k] for k in ("model", "data", "weights", "arch")))
+    user_files = _user_files(
+        *(values[k] for k in ("model", "data", "weights", "arch", "optimizer_state"))
+    )
     for flag, target in (("-o", values["output"]), ("--write-baseline", values["write_baseline"])):
         _refuse_overwrite(flag, target, user_files)
         if target is not None and target.is_dir():  # /dev/null and pipes are fine
@@ -337,6 +339,11 @@ def _load(values: dict[str, Any], status: _DelayedStatus) -> tuple[Any, Any]:
         loaded = load_model(arch, weights=model)
     else:
         loaded = load_model(model, trust=values["trust"], weights=weights)
+    if values["optimizer_state"]:
+        from nnhealth.loading.training_state import read_optimizer_state
+
+        status.update("loading the optimizer state")
+        loaded.optimizer = read_optimizer_state(Path(values["optimizer_state"]))
     if data:
         status.update("loading the batch")
         return loaded, load_batch(data)

@@ -50,6 +50,17 @@ class Format(enum.StrEnum):  # formatters.FORMATTERS maps each to its class
 Level = enum.StrEnum("Level", [(s.label, s.label) for s in sorted(Severity, reverse=True)])
 
 
+class OptimizerKind(enum.StrEnum):  # optim.KINDS: what each limit and step is
+    sgd = "sgd"
+    momentum = "momentum"
+    nesterov = "nesterov"
+    adam = "adam"
+    adamw = "adamw"
+    rmsprop = "rmsprop"
+    lars = "lars"
+    lamb = "lamb"
+
+
 class Device(enum.StrEnum):
     cpu = "cpu"
     cuda = "cuda"
@@ -222,6 +233,27 @@ class Codes(Kind):
         return super().refusal(where, value, problem, placed)
 
 
+class Betas(Kind):
+    """Adam's (beta1, beta2): two numbers in [0, 1), as "0.9,0.999" or a pair."""
+
+    def problem(self, value: Any) -> str | None:
+        ok = (
+            isinstance(value, tuple)
+            and len(value) == 2
+            and all(isinstance(b, float) and 0.0 <= b < 1.0 for b in value)
+        )
+        return None if ok else "expected two numbers in [0, 1) such as 0.9,0.999"
+
+    def coerce(self, value: Any) -> Any:
+        pair = value.replace(" ", "").split(",") if isinstance(value, str) else value
+        if isinstance(pair, (list, tuple)) and len(pair) == 2:
+            try:
+                return tuple(float(v) for v in pair)
+            except (TypeError, ValueError):
+                return value
+        return value  # refused as given
+
+
 # ---- the options ---------------------------------------------------------------------
 
 _FROM_NAME = ""  # key/env not given: derived from the option's name
@@ -333,8 +365,59 @@ OPTIONS: tuple[Option, ...] = (
         "lr",
         Number(),
         None,
-        "Learning rate: judged against 2/lambda_max (NH401) and per-layer update size (NH301).",
+        "Learning rate: judged against the optimizer's stability limit (NH401) and the "
+        "update size of each layer (NH301). Default: the saved optimizer's (after its scheduler).",
         Scope.SCAN,
+    ),
+    Option(
+        "optimizer",
+        Choice(choices=OptimizerKind),
+        None,
+        "The optimizer whose limits NH401 and NH301 judge the lr by. Default: the one saved "
+        "with the model (checkpoint, --optimizer-state), else sgd (sgd with --momentum).",
+        Scope.SCAN,
+        show_default=False,
+    ),
+    Option(
+        "momentum",
+        Number(0.0, 1.0, closed=True),
+        None,
+        "Momentum of sgd/momentum/nesterov/rmsprop/lars (default: saved, else 0.9 for "
+        "momentum, nesterov and lars).",
+        Scope.SCAN,
+        show_default=False,
+    ),
+    Option(
+        "betas",
+        Betas(),
+        None,
+        "Adam/AdamW/LAMB betas as B1,B2 (default: saved, else 0.9,0.999).",
+        Scope.SCAN,
+        show_default=False,
+    ),
+    Option(
+        "eps",
+        Number(),
+        None,
+        "Epsilon of adam/adamw/rmsprop/lamb (default: saved, else 1e-8; lamb 1e-6).",
+        Scope.SCAN,
+        show_default=False,
+    ),
+    Option(
+        "weight_decay",
+        Number(closed=True),
+        None,
+        "Weight decay (default: saved, else 0).",
+        Scope.SCAN,
+        show_default=False,
+    ),
+    Option(
+        "optimizer_state",
+        Text(),
+        None,
+        "Optimizer state to judge by: a saved optimizer.state_dict(), a checkpoint holding "
+        "one, or a Hugging Face Trainer checkpoint folder. Read with weights_only=True.",
+        role=Role.READ,
     ),
     Option(
         "hessian",
@@ -364,8 +447,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "hessian_tol",
         Number(0.0, 1.0),
-        1e-3,
-        "Relative error bound at which Lanczos stops.",
+        1e-2,
+        "Relative error bound at which Lanczos stops (1e-2: the lr limit needs lambda_max "
+        "to about 1%; the true error is usually far smaller).",
         Scope.SCAN,
     ),
     Option(

@@ -11,7 +11,7 @@ more. No module outside ``analyzers/`` names a check.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class Hessian:
     top: int = 1
     smallest: bool = False
     trace_probes: int = 0
-    tol: float = 1e-3
+    tol: float = 1e-2
     budget: int = 100
 
 
@@ -80,6 +80,9 @@ class Plan:
     curvature: Hessian | None = None  # measure the Hessian this way (None: not measured)
     mode: str = "train"
     seed: int = 0
+    # the scan's optimizer (optim.Optimizer): each parameter's update, the Hessian's
+    # preconditioner; None: no update norms
+    optimizer: Any = field(default=None, compare=False)
 
 
 def is_opt_in(check: type[Check]) -> bool:
@@ -88,7 +91,9 @@ def is_opt_in(check: type[Check]) -> bool:
     return check.request(check.defaults()).curvature
 
 
-def make_plan(checks: Iterable[tuple[type[Check], dict[str, Any]]], opts: ScanOptions) -> Plan:
+def make_plan(
+    checks: Iterable[tuple[type[Check], dict[str, Any]]], opts: ScanOptions, optimizer: Any = None
+) -> Plan:
     """The plan for ``checks`` (each with its resolved options) under ``opts``.
 
     ``opts.hessian`` False keeps the Hessian unmeasured even when a check asks for it
@@ -119,4 +124,5 @@ def make_plan(checks: Iterable[tuple[type[Check], dict[str, Any]]], opts: ScanOp
         curvature=hessian,
         mode=opts.mode,
         seed=opts.seed,
+        optimizer=optimizer,
     )

@@ -22,16 +22,19 @@ from nnhealth.capture.params import capture_weights, module_owners
 from nnhealth.capture.stats import ACTIVATION, Capture
 from nnhealth.config import layer_ignored
 from nnhealth.curvature.measure import measure_planned
-from nnhealth.errors import UsageError, flag
+from nnhealth.errors import UsageError, flag, report_text
 from nnhealth.findings import AnalyzerError, Finding, Report, Skipped
 from nnhealth.loading.batch import Batch, prepare
 from nnhealth.loading.loss import LossResolver, objective
 from nnhealth.loading.model import LoadedModel
+from nnhealth.optim import LAYERWISE, Optimizer, lr_note, resolve
 from nnhealth.options import ScanOptions, validate
 from nnhealth.plan import Plan, is_opt_in, make_plan
 
 
-def _resolve_checks(opts: ScanOptions) -> list[tuple[type[Check], dict[str, Any]]]:
+def _resolve_checks(
+    opts: ScanOptions, lr: float | None = None
+) -> list[tuple[type[Check], dict[str, Any]]]:
     try:
         checks = select_checks(opts.select, opts.ignore)
     except ValueError as exc:
@@ -47,18 +50,19 @@ def _resolve_checks(opts: ScanOptions) -> list[tuple[type[Check], dict[str, Any]
     for key in opts.check_options:
         if key not in known:
             raise UsageError(f"options for unknown check {key!r}")
-    return [(check, _check_options(check, opts)) for check in checks]
+    return [(check, _check_options(check, opts, lr)) for check in checks]
 
 
-def _check_options(check: type[Check], opts: ScanOptions) -> dict[str, Any]:
+def _check_options(check: type[Check], opts: ScanOptions, lr: float | None) -> dict[str, Any]:
     """The check's options: its defaults, overridden by the config (by code, then by
-    name) and the scan's learning rate."""
+    name) and the scan's learning rate (``lr``: the optimizer's, else ``opts.lr``)."""
     overrides = {
         **opts.check_options.get(check.code, {}),
         **opts.check_options.get(check.name, {}),
     }
-    if opts.lr is not None and "lr" in check.defaults():
-        overrides.setdefault("lr", opts.lr)
+    lr = opts.lr if lr is None else lr
+    if lr is not None and "lr" in check.defaults():
+        overrides.setdefault("lr", lr)
     try:
         return check.resolve_options(overrides)
     except ValueError as exc:
@@ -289,9 +293,59 @@ def _curvature(
         return capture, []
     hess_model, hess_inputs, widened = _for_products(model, batch, prepared, device)
     hess_inputs = resolver.with_labels(hess_inputs)  # the same call as the pass's
-    stats, reason, notes = measure_planned(hess_model, hess_inputs, resolver, plan, progress)
+    wrap = _preconditioner(hess_model, plan.optimizer)
+    stats, reason, notes = measure_planned(
+        hess_model, hess_inputs, resolver, plan, progress, wrap=wrap
+    )
+    if stats is not None and plan.optimizer is not None:
+        stats = replace(
+            stats,
+            limit_factor=plan.optimizer.limit_factor(),
+            suggest_factor=plan.optimizer.suggest_factor(),
+            optimizer=plan.optimizer.name,
+            operator="preconditioned" if wrap.applied else "hessian",
+            preconditioner=wrap.how if wrap.applied else None,
+        )
     capture = replace(capture, curvature=stats, curvature_reason=reason)
     return capture, [widened, *notes] if widened else notes
+
+
+class _Wrap:
+    """measure()'s ``wrap``: the Hessian operator seen through the optimizer's
+    preconditioner (Adam's P^-1 from this batch's gradient and the saved state), or the
+    operator itself when the optimizer has none (SGD with one learning rate)."""
+
+    def __init__(self, names: dict[int, str], optimizer: Any) -> None:
+        self.names = names  # id(parameter) -> name: the operator holds only those the loss uses
+        self.optimizer = optimizer
+        self.applied = False
+        self.how: str | None = None
+
+    def __call__(self, op: Any) -> Any:
+        if self.optimizer is None or self.optimizer.kind in LAYERWISE:
+            return op  # LARS/LAMB: the Hessian itself (their step is rescaled per layer)
+        from nnhealth.curvature.preconditioned import Preconditioned
+
+        flat = op.gradient()
+        grads, offset = [], 0
+        for p in op.params:
+            grads.append(flat[offset : offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        if hasattr(op, "named"):  # finite differences: on a float64 copy, by name
+            names = [n for n, _ in op.named]
+        else:
+            names = [self.names[id(p)] for p in op.params]
+        scale, decay, how = self.optimizer.diagonal(names, op.params, grads)
+        if scale is None and decay is None:
+            return op
+        if scale is None:
+            scale = torch.ones(op.n, dtype=torch.float64, device=flat.device)
+        self.applied, self.how = True, how
+        return Preconditioned(op, scale, decay, how)
+
+
+def _preconditioner(model: nn.Module, optimizer: Any) -> _Wrap:
+    return _Wrap({id(p): n for n, p in model.named_parameters()}, optimizer)
 
 
 def _instrumented(
@@ -366,14 +420,41 @@ def _captured(
     return capture, info, notes + list(capture.notes)
 
 
+def scan_optimizer(loaded: LoadedModel, opts: ScanOptions) -> tuple[Optimizer, list[str]]:
+    """The scan's optimizer: the options over the one saved with the model (bound to
+    its parameters by name and shape), else plain SGD."""
+    saved = getattr(loaded, "optimizer", None)
+    if saved is None or loaded.model is None:
+        return resolve(opts)
+    from nnhealth.loading.training_state import bind
+
+    return resolve(opts, bind(saved, loaded.model), saved.where)
+
+
+def _rendered(summary: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's summary with option references spelled as the report spells them."""
+    return {k: report_text(v) if isinstance(v, str) else v for k, v in summary.items()}
+
+
+def _optimizer_notes(optimizer: Optimizer, plan: Plan) -> list[str]:
+    """Which optimizer the lr was judged for, and why, when anything was judged by it
+    (an lr, the Hessian's limit) or it is not the default plain SGD."""
+    default = optimizer.kind == "sgd" and not optimizer.has_state
+    if default and optimizer.lr is None and plan.curvature is None:
+        return []
+    return [lr_note(optimizer)]
+
+
 def needs_pass(opts: ScanOptions) -> bool:
     """Whether the checks ``opts`` selects run the model (so a batch is needed)."""
     return _plan(_resolve_checks(opts), opts).forward
 
 
-def _plan(checks: list[tuple[type[Check], dict[str, Any]]], opts: ScanOptions) -> Plan:
+def _plan(
+    checks: list[tuple[type[Check], dict[str, Any]]], opts: ScanOptions, optimizer: Any = None
+) -> Plan:
     try:
-        return make_plan(checks, opts)
+        return make_plan(checks, opts, optimizer)
     except ValueError as exc:  # two checks asking for different thresholds
         raise UsageError(str(exc)) from None
 
@@ -388,8 +469,10 @@ def run(
     """Scan a loaded model on a batch. Raises NnhealthError for what the user must fix."""
     started = time.perf_counter()
     validate(opts)
-    checks = _resolve_checks(opts)
-    plan = _plan(checks, opts)  # what the selected checks need or can use, nothing more
+    optimizer, optimizer_notes = scan_optimizer(loaded, opts)
+    checks = _resolve_checks(opts, optimizer.lr)
+    # what the selected checks need or can use, nothing more
+    plan = _plan(checks, opts, optimizer)
     model = loaded.model
     run_info: dict[str, Any] = {
         "model": loaded.source,
@@ -400,11 +483,13 @@ def run(
         "mode": None,
         "device": None,
         "seed": opts.seed,
-        "lr": opts.lr,
+        "lr": optimizer.lr,
+        "optimizer": _rendered(optimizer.summary()),
         "torch": torch.__version__,
         "model_source": source_location(loaded),
     }
     capture, info, pass_notes = _captured(loaded, batch, opts, plan, progress)
+    capture = replace(capture, optimizer=_rendered(optimizer.summary()))
     run_info.update(info)
     if progress:
         progress("analyzing")
@@ -424,7 +509,15 @@ def run(
         findings=tuple(findings),
         errors=tuple(errors),
         skipped=tuple(skipped),
-        notes=tuple(dict.fromkeys([*loaded.notes, *pass_notes])),
+        notes=tuple(
+            dict.fromkeys(
+                [
+                    *loaded.notes,
+                    *map(report_text, [*_optimizer_notes(optimizer, plan), *optimizer_notes]),
+                    *pass_notes,
+                ]
+            )
+        ),
         curvature=None if capture.curvature is None else capture.curvature.to_dict(),
         tool_version=__version__,
     )

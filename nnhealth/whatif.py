@@ -2,7 +2,8 @@
 
 For every warning or error whose fix can be applied in memory (a re-initialization, a
 bias reset, a swapped nonlinearity, normalization inserted after layers, noise to break
-a tie, a lower learning rate or layer-wise LARS rates checked by a few SGD steps), the
+a tie, a lower learning rate or layer-wise LARS/LAMB rates checked by a few steps of
+the scan's optimizer, from its saved state), the
 fix is applied to a deep copy, the finding's check runs again on the same batch, and
 the result records the metric before and after. The model itself is never modified.
 Each check says which fixes it has (``Check.fixes``) and how its metric reads
@@ -30,8 +31,9 @@ from nnhealth.findings import Finding, Report, Severity
 from nnhealth.loading.batch import Batch, prepare
 from nnhealth.loading.loss import objective
 from nnhealth.loading.model import LoadedModel
+from nnhealth.optim import Optimizer, Stepper
 
-SGD_STEPS = 5
+TRAIN_STEPS = 5  # plain SGD; with momentum beta the oscillation needs ~1/(1-beta) to build
 
 
 def candidates(f: Finding, ctx: FixContext) -> list[Fix]:
@@ -58,12 +60,16 @@ def explore(
 ) -> tuple[dict[str, Any], ...]:
     """Before/after for each applicable fix of each warning or error in ``report``."""
 
-    def sgd(
+    from nnhealth.runner import scan_optimizer
+
+    optimizer, _ = scan_optimizer(loaded, opts)
+
+    def train(
         model: nn.Module, lr: float, old_lr: float, lars: bool = False
     ) -> tuple[float, float, str]:
-        return _sgd_check(model, batch, opts, loaded, lr, old_lr, lars)
+        return _train_check(model, batch, opts, loaded, optimizer, lr, old_lr, lars)
 
-    ctx = FixContext.of(report, opts.lr, sgd)
+    ctx = FixContext.of(report, optimizer.lr, train)
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
     for f in report.findings:
@@ -152,54 +158,64 @@ def _compare(report: Report, rescan: Report, f: Finding) -> dict[str, Any]:
     }
 
 
-def _sgd_check(
+def train_steps(optimizer: Optimizer) -> int:
+    """Steps for a training check: 5 for plain SGD; with momentum beta (Adam's beta1)
+    3/(1-beta), 30 at 0.9, the time heavy-ball needs for an unstable mode to outgrow
+    the transient (at most 50)."""
+    beta = optimizer.betas[0] if optimizer.kind in ("adam", "adamw", "lamb") else optimizer.momentum
+    if beta <= 0:
+        return TRAIN_STEPS
+    return max(TRAIN_STEPS, min(50, math.ceil(round(3 / (1 - beta), 6))))
+
+
+def _train_check(
     model: nn.Module,
     batch: Batch,
     opts: Any,
     loaded: LoadedModel,
+    optimizer: Optimizer,
     lr: float,
     old_lr: float,
-    lars: bool,
+    layerwise: bool,
 ) -> tuple[float, float, str]:
-    """Loss change over a few full-batch SGD steps at ``old_lr`` and at the fixed rate
-    (or with LARS-scaled layer rates); negative is a decrease."""
+    """Loss change over a few full-batch steps of the scan's optimizer (torch.optim's
+    own, from the saved state) at ``old_lr`` and at the fixed rate, or, ``layerwise``,
+    with its layer-wise counterpart (LARS for SGD, LAMB for Adam); negative is a
+    decrease."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     prepared = prepare(batch, dtype, device)
+    fixed = replace(optimizer, kind=optimizer.layerwise_kind) if layerwise else optimizer
+    steps = train_steps(optimizer)
 
-    def run(m: nn.Module, rate: float, scaled: bool) -> float:
+    def run(m: nn.Module, rate: float, opt: Optimizer) -> float:
         m.train(opts.mode == "train")
         # the scan's objective: the same labels passed through, the same loss
         inputs, resolver = objective(
             m, prepared.inputs, prepared.targets, opts.loss, opts.seed, loaded.loss_fn
         )
-        params = [p for p in m.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
 
         def loss() -> torch.Tensor:
             return resolver(call_model(m, inputs))
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(opts.seed)
+            stepper = Stepper(opt, named, rate)
             start = float(loss().detach())
-            for _ in range(SGD_STEPS):
-                grads = torch.autograd.grad(loss(), params, allow_unused=True)
-                with torch.no_grad():
-                    for p, g in zip(params, grads, strict=True):
-                        if g is None:
-                            continue
-                        step = rate
-                        if scaled and p.ndim > 1:  # LARS: eta * ||w|| / ||g||, eta from lr
-                            step = rate * 1e-3 * float(p.norm()) / (float(g.norm()) + 1e-12)
-                        p.sub_(step * g)
+            for _ in range(steps):
+                stepper.step(
+                    list(torch.autograd.grad(loss(), [p for _, p in named], allow_unused=True))
+                )
             end = float(loss().detach())
         return end - start if math.isfinite(end) else math.inf
 
-    baseline_change = run(copy.deepcopy(model), old_lr, False)
-    change = run(model, lr, lars)
-    how = "LARS" if lars else f"lr {lr:.3g}"
+    baseline_change = run(copy.deepcopy(model), old_lr, optimizer)
+    change = run(model, lr, fixed)
+    how = fixed.name if layerwise else f"lr {lr:.3g}"
     verdict = "loss falls" if change < 0 else "loss rises"
     note = (
-        f"{SGD_STEPS} SGD steps: lr {old_lr:g} changes the loss by {baseline_change:+.3g}, "
-        f"{how} by {change:+.3g} ({verdict})"
+        f"{steps} {optimizer.name} steps: lr {old_lr:g} changes the loss by "
+        f"{baseline_change:+.3g}, {how} by {change:+.3g} ({verdict})"
     )
     return baseline_change, change, note

@@ -309,8 +309,9 @@ def test_objective_passes_labels_only_to_a_forward_that_names_them() -> None:
 def test_hessian_and_what_if_call_the_model_the_same_way() -> None:
     from nnhealth.loading.batch import interpret
     from nnhealth.loading.model import LoadedModel
+    from nnhealth.optim import Optimizer
     from nnhealth.options import ScanOptions
-    from nnhealth.whatif import _sgd_check
+    from nnhealth.whatif import _train_check
 
     model, ids = LabelledLM("dict"), ids_batch()
     batch = {"input_ids": ids, "labels": ids}
@@ -319,8 +320,8 @@ def test_hessian_and_what_if_call_the_model_the_same_way() -> None:
     assert model.seen and all(model.seen)
     model.seen.clear()
     loaded = LoadedModel(model=model, format="in-memory module", source="m", loss_fn=None)
-    before, after, _ = _sgd_check(
-        model, interpret(batch, "b"), ScanOptions(), loaded, 0.1, 0.1, False
+    before, after, _ = _train_check(
+        model, interpret(batch, "b"), ScanOptions(), loaded, Optimizer(lr=0.1), 0.1, 0.1, False
     )
     assert model.seen and all(model.seen)
     assert math.isfinite(before) and math.isfinite(after)

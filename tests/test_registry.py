@@ -94,7 +94,7 @@ def test_fixes_score_and_label_on_a_real_finding(check: type[Check]) -> None:
     assert isinstance(value, (int, float)) and value > 0
     assert baseline.score(f) == float(value)
 
-    ctx = FixContext.of(report, kwargs.get("lr"), sgd=lambda *a, **k: (0.0, 0.0, ""))
+    ctx = FixContext.of(report, kwargs.get("lr"), train=lambda *a, **k: (0.0, 0.0, ""))
     fixes = instance.fixes(f, ctx)
     assert fixes and all(isinstance(x, Fix) for x in fixes)
     tried = [w for w in report.what_if if w["finding"] == f.key]
@@ -110,7 +110,7 @@ def test_fixes_score_and_label_on_a_real_finding(check: type[Check]) -> None:
 def test_no_fix_and_no_score_are_said_explicitly() -> None:
     """A finding a check cannot fix in memory gets [] (not an error) and its label."""
     info = Finding("NH101", "dead-relu", Severity.INFO, None, "too few", {}, "scan more")
-    ctx = FixContext((), None, None, sgd=lambda *a, **k: (0.0, 0.0, ""))
+    ctx = FixContext((), None, None, train=lambda *a, **k: (0.0, 0.0, ""))
     assert lookup("NH101")().fixes(info, ctx) == []
     assert lookup("NH401")().fixes(info, ctx) == []  # no curvature, no lr
     assert lookup("NH101")().score(info) is None

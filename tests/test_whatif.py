@@ -176,7 +176,7 @@ def test_the_fix_tried_is_the_snippet_shown(kind: str) -> None:
     x = torch.randn(64, 16)
     report = nnhealth.scan(model, x, select=["NH102"])
     (f,) = [f for f in report.findings if f.code == "NH102"]
-    (fix,) = lookup("NH102")().fixes(f, FixContext.of(report, None, sgd=None))
+    (fix,) = lookup("NH102")().fixes(f, FixContext.of(report, None, train=None))
     by_fix, by_snippet = copy.deepcopy(model), copy.deepcopy(model)
     torch.manual_seed(7)
     assert fix.apply(by_fix) is None

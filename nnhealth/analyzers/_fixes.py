@@ -33,23 +33,25 @@ class Fix:
 
 
 # (model, lr, old_lr, lars=False) -> (loss change at old_lr, loss change with the fix,
-# note): a few full-batch SGD steps on ``model``
-Sgd = Callable[..., tuple[float, float, str]]
+# note): a few full-batch steps of the scan's optimizer on ``model`` (lars: its
+# layer-wise counterpart, LARS or LAMB)
+Train = Callable[..., tuple[float, float, str]]
 
 
 @dataclass(frozen=True)
 class FixContext:
     """What the fixes need to know about the scanned model: its report's layer rows,
-    the learning rate and curvature, and the SGD check for training fixes."""
+    the learning rate and curvature, and the optimizer's training check for training
+    fixes."""
 
     rows: tuple[dict[str, Any], ...]
     lr: float | None
     curvature: dict[str, Any] | None
-    sgd: Sgd
+    train: Train
 
     @classmethod
-    def of(cls, report: Report, lr: float | None, sgd: Sgd) -> FixContext:
-        return cls(tuple(report.layers), lr, report.curvature, sgd)
+    def of(cls, report: Report, lr: float | None, train: Train) -> FixContext:
+        return cls(tuple(report.layers), lr, report.curvature, train)
 
     @property
     def nonlinearity(self) -> str | None:
@@ -172,7 +174,7 @@ def lower_lr_fix(ctx: FixContext, rate: float) -> Fix:
     old = ctx.lr
 
     def train(model: nn.Module) -> tuple[float, float, str, bool]:
-        before, after, note = ctx.sgd(model, rate, old)
+        before, after, note = ctx.train(model, rate, old)
         return before, after, note, after < 0 < before
 
     return Fix(f"lr {old:g} -> {rate:.3g}", train=train)
@@ -183,10 +185,10 @@ def lars_fix(ctx: FixContext) -> Fix:
     the scan's lr does."""
 
     def train(model: nn.Module) -> tuple[float, float, str, bool]:
-        before, after, note = ctx.sgd(model, ctx.lr, ctx.lr, lars=True)
+        before, after, note = ctx.train(model, ctx.lr, ctx.lr, lars=True)
         return before, after, note, after < 0 and after <= before
 
-    return Fix("LARS-scaled layer rates", train=train)
+    return Fix("layer-wise trust ratios (LARS; LAMB for Adam)", train=train)
 
 
 def noise_fix(label: str, module: str, scale: float) -> Fix:

@@ -10,19 +10,77 @@ from nnhealth.findings import Finding, Severity
 from nnhealth.plan import Request
 
 
+class _Words:
+    """How a finding names the measured matrix, its eigenvalue, the optimizer and its
+    limit: the Hessian and gradient descent for SGD (2/lambda_max), the preconditioned
+    Hessian P^-1 H and Adam's (2+2*beta1)/((1-beta1)*lambda_max(P^-1 H)) for Adam."""
+
+    def __init__(self, c: CurvatureStats) -> None:
+        pre = c.operator == "preconditioned"
+        sgd = c.optimizer == "SGD" and not pre
+        self.matrix = "preconditioned Hessian P^-1 H" if pre else "Hessian"
+        self.lam = "lambda_max(P^-1 H)" if pre else "lambda_max"
+        self.who = "gradient descent" if sgd else c.optimizer
+        self.who_s = "the" if sgd else f"{c.optimizer}'s"
+        self.how = f"; {c.preconditioner}" if pre and c.preconditioner else ""
+        self.formula = _formula(c, pre)
+
+
+def _formula(c: CurvatureStats, pre: bool) -> str:
+    lam = "lambda_max(P^-1 H)" if pre else "lambda_max"
+    if abs(c.limit_factor - 2.0) < 1e-12:
+        return f"2/{lam}"
+    return f"{c.limit_factor:.4g}/{lam}"
+
+
+def _suggested(c: CurvatureStats) -> float:
+    return c.suggest_factor / c.lambda_max
+
+
+def _why_suggested(c: CurvatureStats) -> str:
+    if c.operator == "preconditioned" and c.optimizer in ("Adam", "AdamW"):
+        return "(half the limit)"
+    if abs(c.suggest_factor - 1.0) < 1e-12:
+        return "(1/lambda_max, the optimal step on the top eigendirection)"
+    return "((1-beta)/lambda_max: an effective step lr/(1-beta) of 1/lambda_max)"
+
+
 class Curvature(Check):
-    """The Hessian's top eigenvalue, the learning-rate limit 2/lambda_max, and negative
+    """The Hessian's top eigenvalue, the optimizer's learning-rate limit, and negative
     curvature.
 
     What it detects:
         The largest eigenvalues of the loss Hessian (mean loss over the batch, all
         trainable parameters) by Lanczos with full reorthogonalization, stopped when the
-        Ritz residual (a certified bound) of each wanted eigenvalue is within ``--hessian-tol`` (default 1e-3
+        Ritz residual (a certified bound) of each wanted eigenvalue is within ``--hessian-tol`` (default 1e-2
         relative), or when the budget of Hessian-vector products runs out (then reported
         as not converged, with the bound reached). From lambda_max it gives the step-size
-        limit 2/lambda_max. With ``--lr``: an error when lr >= 2/lambda_max, a warning
-        when lr is above ``warn_fraction`` of it, with a suggested rate (1/lambda_max,
-        the optimal rate on the top eigendirection); without ``--lr``, an info finding
+        limit of the scan's optimizer (``--optimizer``, else the one saved with the
+        model, else SGD), on the quadratic model lr < c / lambda_max:
+          SGD                      c = 2
+          SGD, momentum beta       c = (2+2 beta)/(1-dampening)   (3.8 at 0.9)
+          Nesterov, beta           c = (2+2 beta)/(1+2 beta)      (1.36 at 0.9)
+          RMSprop                  c = 2+2 beta (its momentum; 2 without)
+          Adam, AdamW              c = (2+2 beta1)/(1-beta1)      (38 at 0.9)
+        (momentum: the roots of the heavy-ball iteration x' = x - lr(beta v + g) leave
+        the unit disc at lr*lambda = 2+2beta; Nesterov's at (2+2beta)/(1+2beta); Adam:
+        Cohen et al., "Adaptive Gradient Methods at the Edge of Stability", 2022). LARS
+        and LAMB rescale each layer's step at every step, so no fixed curvature limit
+        applies: lambda_max is reported as info and NH301's relative update is the
+        verdict. For Adam, AdamW and RMSprop lambda is that of the preconditioned Hessian
+        P^-1 H, P = diag(sqrt(v_hat)+eps) (Adam, with v from the saved exp_avg_sq and
+        this batch's gradient), measured by Lanczos on the symmetric D H D, D = P^-1/2;
+        a coupled weight decay adds wd to H. With no saved state P is that of Adam's
+        first step, v_hat = g^2 of this batch: reported as info only, never a verdict,
+        since one batch's g^2 understates the v_hat Adam builds up (on stock models
+        trained at lr 1e-3, 38/lambda from it is 1.8e-6 for ResNet-18, 7.7e-5 for a small
+        ViT, 5e-4 for a small GPT-2); the info gives 2/lambda, the bound of the first
+        steps (m_hat = g, no momentum yet), the case for warmup. With an lr (``--lr`` or
+        the saved one): an error when lr >= the limit, a warning when lr is above
+        ``warn_fraction`` of it, with a suggested rate: 1/lambda_max for SGD (the optimal
+        rate on the top eigendirection); (1-beta)/lambda_max with momentum (the same
+        effective step lr/(1-beta); half the limit, 1.9/lambda_max at 0.9, still
+        diverged on a tanh MLP); half the limit for Adam. Without an lr, an info finding
         with the limit. With ``--hessian-min``, a negative smallest eigenvalue is
         reported as info (a saddle region), relative to lambda_max. Off by default
         (``--hessian``, or ``--select NH401``, turns it on): it costs tens of products,
@@ -63,7 +121,8 @@ class Curvature(Check):
     code = "NH401"
     name = "curvature"
     summary = (
-        "Hessian top eigenvalue(s) by Lanczos; lr vs the 2/lambda_max limit; negative curvature"
+        "Hessian top eigenvalue(s) by Lanczos; lr vs the optimizer's limit (SGD 2/lambda_max, "
+        "Adam 38/lambda_max(P^-1 H)); negative curvature"
     )
     needs = frozenset({"curvature"})
     options = (
@@ -86,7 +145,14 @@ class Curvature(Check):
         c = capture.curvature
         if c is None:
             return []
-        out = [self._limit(c, options)]
+        opt = capture.optimizer or {}
+        first_step = c.operator == "preconditioned" and opt.get("adaptive") and not opt["state"]
+        if opt.get("layerwise"):
+            out = [self._layerwise(c, opt, options)]
+        elif first_step:
+            out = [self._first_step(c, options)]
+        else:
+            out = [self._limit(c, options)]
         if c.lambda_min is not None and c.lambda_max > 0 and c.lambda_min < 0:
             ratio = -c.lambda_min / c.lambda_max
             if ratio >= options["negative_ratio"]:
@@ -108,7 +174,8 @@ class Curvature(Check):
         return [f for f in out if f is not None]
 
     def _limit(self, c: CurvatureStats, options: dict) -> Finding | None:
-        """lambda_max and the step-size limit 2/lambda_max, against ``lr`` when given."""
+        """lambda_max (of P^-1 H for an adaptive optimizer) and the optimizer's step-size
+        limit, against ``lr`` when given."""
         lam = c.lambda_max
         limit = c.lr_limit
         status = (
@@ -122,6 +189,7 @@ class Curvature(Check):
             "converged": c.converged,
             "hvps": c.hvps,
             "lr_limit": limit,
+            "limit_factor": c.limit_factor,
             "mode": c.mode,
         }
         if getattr(c, "hvp", None) == FINITE:  # MeasuredCurvature, finite differences
@@ -134,13 +202,14 @@ class Curvature(Check):
                 "hvp_error": c.hvp_error,
                 "lambda_max_error": c.lambda_max_error,
             }
+        words = _Words(c)
         lr = options.get("lr")
         if limit is None:
             return self.finding(
                 Severity.INFO,
                 None,
-                f"the Hessian has no positive eigenvalue (lambda_max = {lam:.4g}){status}: "
-                "no step-size limit from curvature",
+                f"the {words.matrix} has no positive eigenvalue ({words.lam} = {lam:.4g})"
+                f"{status}: no step-size limit from curvature",
                 evidence,
                 "no action needed from curvature",
             )
@@ -148,42 +217,117 @@ class Curvature(Check):
             return self.finding(
                 Severity.INFO,
                 None,
-                f"lambda_max = {lam:.4g}{status} in {c.mode} mode: gradient descent is stable "
-                f"for lr < 2/lambda_max = {limit:.4g}",
+                f"{words.lam} = {lam:.4g}{status} in {c.mode} mode{words.how}: {words.who} is "
+                f"stable for lr < {words.formula} = {limit:.4g}",
                 evidence,
-                f"keep the learning rate below {limit:.3g} (1/lambda_max = {limit / 2:.3g} is "
-                "the optimal step on the top eigendirection); pass --lr to check yours",
+                f"keep the learning rate below {limit:.3g}; about {_suggested(c):.3g} "
+                f"{_why_suggested(c)} leaves room for sharper batches; pass --lr to check yours",
             )
         if lr >= limit:
             return self.finding(
                 Severity.ERROR,
                 None,
-                f"lr {lr:g} >= 2/lambda_max = {limit:.4g} (lambda_max = {lam:.4g}{status}, "
-                f"{c.mode} mode): gradient descent diverges along the top eigenvector",
+                f"lr {lr:g} >= {words.formula} = {limit:.4g} ({words.lam} = {lam:.4g}{status}, "
+                f"{c.mode} mode{words.how}): {words.who} diverges along the top eigenvector",
                 {**evidence, "lr": lr, "lr_over_limit": lr / limit},
-                f"lower the learning rate to about {limit / 2:.3g} (1/lambda_max) or below, or "
-                "warm up from a small rate",
-                f"for group in optimizer.param_groups:\n    group['lr'] = {limit / 2:.3g}",
+                f"lower the learning rate to about {_suggested(c):.3g} {_why_suggested(c)} or "
+                "below, or warm up from a small rate",
+                f"for group in optimizer.param_groups:\n    group['lr'] = {_suggested(c):.3g}",
             )
         if lr >= options["warn_fraction"] * limit:
             return self.finding(
                 Severity.WARNING,
                 None,
-                f"lr {lr:g} is {lr / limit:.0%} of the stability limit 2/lambda_max = "
-                f"{limit:.4g} (lambda_max = {lam:.4g}{status})",
+                f"lr {lr:g} is {lr / limit:.0%} of {words.who_s} stability limit "
+                f"{words.formula} = {limit:.4g} ({words.lam} = {lam:.4g}{status})",
                 {**evidence, "lr": lr, "lr_over_limit": lr / limit},
-                f"a rate of about {limit / 2:.3g} (1/lambda_max) leaves room for sharper batches",
+                f"a rate of about {limit / 2:.3g} (half the limit) leaves room for sharper batches",
             )
         return None
+
+    def _first_step(self, c: CurvatureStats, options: dict) -> Finding:
+        """An adaptive optimizer with no saved state: P from this batch's gradient alone
+        (Adam's first step, v_hat = g^2). Info, never a verdict: one batch's g^2 is far
+        below the v Adam accumulates (the noise of later batches adds to it), so the
+        limit is pessimistic by orders of magnitude on stock models (ResNet-18 1.8e-6,
+        ViT 7.7e-5, GPT-2 5e-4, all trained at 1e-3); it measures how far the first
+        steps overshoot before v_hat settles, the case for warmup."""
+        lam, lr = c.lambda_max, options.get("lr")
+        # bias correction makes the first updates m_hat = g: no momentum yet, so the
+        # first steps are those of preconditioned gradient descent, stable below 2/lambda
+        limit = 2.0 / lam if lam > 0 else None
+        words = _Words(c)
+        evidence = {
+            "lambda_max": lam,
+            "bound": c.bounds[0],
+            "converged": c.converged,
+            "hvps": c.hvps,
+            "lr_limit": limit,
+            "limit_factor": 2.0,
+            "mode": c.mode,
+            "first_step": True,
+        }
+        over = ""
+        if lr is not None and limit is not None:
+            evidence |= {"lr": lr, "lr_over_limit": lr / limit}
+            over = f"; lr {lr:g} is {lr / limit:.3g}x that"
+        bound = (
+            "no step-size limit"
+            if limit is None
+            else f"its first steps (m_hat = g: no momentum yet) are stable for lr < 2/{words.lam}"
+            f" = {limit:.4g}"
+        )
+        return self.finding(
+            Severity.INFO,
+            None,
+            f"{words.lam} = {lam:.4g} at {c.optimizer}'s first step (no saved optimizer state: "
+            f"v_hat = g^2 of this batch), {c.mode} mode: {bound}{over}. One batch's g^2 "
+            f"understates the v_hat {c.optimizer} builds up, so the later limit "
+            f"{words.formula} cannot be judged from it",
+            evidence,
+            "for a verdict, scan a checkpoint that holds the optimizer state (or pass "
+            "--optimizer-state); meanwhile warm the rate up from about this limit over the "
+            "first few hundred steps (the early v_hat rests on few gradients: Liu et al., "
+            "RAdam, 2020)",
+            kind="first-step",
+        )
+
+    def _layerwise(self, c: CurvatureStats, opt: dict, options: dict) -> Finding:
+        """LARS and LAMB rescale each layer's step at every step (to lr * eta * ||w||, or
+        lr * ||w||): a fixed curvature limit predicts neither (tests/
+        test_optimizer_limits.py: LAMB's loss rises at half a frozen-trust limit, LARS
+        overshoots and recovers at 1.5x). Info: lambda_max, and where the verdict is."""
+        lam, lr = c.lambda_max, options.get("lr")
+        name = opt.get("name", c.optimizer)
+        evidence = {"lambda_max": lam, "bound": c.bounds[0], "hvps": c.hvps, "mode": c.mode}
+        step = "lr * eta * ||w||" if opt.get("kind") == "lars" else "lr * ||w||"
+        tail = (
+            f"; each layer moves by about {step} per step whatever the curvature: NH301's "
+            "relative update is the lr's verdict"
+        )
+        if lr is not None:
+            evidence["lr"] = lr
+        return self.finding(
+            Severity.INFO,
+            None,
+            f"lambda_max = {lam:.4g} in {c.mode} mode; {name} rescales each layer's step by "
+            f"its trust ratio at every step, so no fixed curvature limit applies{tail}",
+            evidence,
+            "no action from curvature; keep each layer's relative step (NH301) near 1e-3",
+            kind="layer-wise",
+        )
 
     def metrics(self, capture: Capture, options: dict) -> dict[str, dict]:
         return {}  # the Hessian is the whole model's: the report's curvature section
 
     def fixes(self, finding: Finding, ctx: FixContext) -> list[Fix]:
-        limit = (ctx.curvature or {}).get("lr_limit")
-        if not (limit and ctx.lr):
-            return []  # no limit, or no rate to lower
-        return [lower_lr_fix(ctx, limit / 2)]
+        curvature = ctx.curvature or {}
+        rate = curvature.get("suggested_lr")
+        if rate is None and curvature.get("lr_limit"):
+            rate = curvature["lr_limit"] / 2
+        if not (rate and ctx.lr) or finding.evidence.get("first_step"):
+            return []  # no limit, no rate to lower, or no verdict
+        return [lower_lr_fix(ctx, rate)]
 
     def score(self, finding: Finding) -> float | None:
         return finding.evidence.get("lr_over_limit")

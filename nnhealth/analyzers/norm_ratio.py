@@ -31,6 +31,26 @@ def trust_ratio(p: ParamStats) -> float | None:
     return p.norm / p.grad_norm
 
 
+def relative_update(p: ParamStats, lr: float) -> float | None:
+    """||the optimizer's step|| / ||w||: the step the scan's optimizer would take now
+    (``update_norm``), else plain SGD's lr * ||grad w|| / ||w||."""
+    if p.norm == 0:
+        return None
+    if p.update_norm is not None:
+        return p.update_norm / p.norm
+    r = trust_ratio(p)
+    return None if r is None else lr / r
+
+
+def _step_name(capture: Capture) -> str:
+    """ "SGD" or the scan's optimizer, and how its step was had when that matters."""
+    opt = capture.optimizer or {}
+    name = opt.get("name", "SGD")
+    if opt.get("adaptive") and not opt.get("state"):
+        return f"{name} (first step, no saved state: about lr per coordinate)"
+    return name
+
+
 def _names(items: list[ParamStats], limit: int = 4) -> str:
     shown = ", ".join(p.name for p in items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
@@ -64,8 +84,13 @@ class NormRatio(Check):
         hint (info) that layer-wise rates (LARS/LAMB) would help: stock architectures
         have it by design (a layer-scaled branch's gradient is 1e-6 of the stream's).
         It is a warning when one layer sits alone, ``outlier_gap`` away from every other
-        layer. With ``--lr`` it computes each layer's relative update lr * ||grad w|| /
-        ||w|| and reports, grouped, the layers whose step is far too large (divergence
+        layer, for the SGD family only: Adam and RMSprop divide each coordinate's step by
+        its gradient's scale, LARS and LAMB rescale each layer by its trust ratio. With
+        an lr (``--lr`` or the saved optimizer's) it computes each layer's relative
+        update ||delta w|| / ||w||, the step the scan's optimizer would take now
+        (torch.optim's own step on a copy, from the saved state: SGD lr * ||grad w|| /
+        ||w||; Adam about lr per coordinate, lr * sqrt(n) / ||w||, on its first step),
+        and reports, grouped, the layers whose step is far too large (divergence
         risk) or too small (frozen). Weights followed by a normalization layer are
         scale-invariant: their relative update makes ||w|| grow (the gradient is
         orthogonal to w), which shrinks their effective step lr / ||w||^2 (van Laarhoven
@@ -149,8 +174,11 @@ class NormRatio(Check):
                 median = statistics.median(r for _, r in rated)
                 outlier = isolated_outlier(rated, options["outlier_gap"])
                 severe = outlier is not None or any(f.severity >= Severity.WARNING for f in updates)
+                kind = (capture.optimizer or {}).get("kind", "sgd")
+                # LARS/LAMB rescale each layer; Adam and RMSprop divide out the gradient's scale
+                severe = severe and kind in ("sgd", "momentum", "nesterov")
                 out.append(
-                    self._spread_finding(lo, hi, spread, len(rated), median, options, severe)
+                    self._spread_finding(lo, hi, spread, len(rated), median, options, severe, kind)
                 )
         return out + updates
 
@@ -163,8 +191,10 @@ class NormRatio(Check):
         invariant = {w.param for w in capture.weights if w.followed_by == "norm"}
         outputs = {w.param for w in capture.weights if w.is_output}
         high, low, inv, head = [], [], [], []
-        for p, r in rated:
-            update = lr / r
+        for p, _ in rated:
+            update = relative_update(p, lr)
+            if update is None:
+                continue
             if p.name in outputs and update >= options["output_update_high"]:
                 high.append((p, update))
             elif p.name in invariant or p.name in outputs:
@@ -175,14 +205,15 @@ class NormRatio(Check):
             elif update <= options["update_low"]:
                 low.append((p, update))
         out = []
+        step = _step_name(capture)
         if high:
-            out.append(self._divergence(high, lr, options))
+            out.append(self._divergence(high, lr, options, step))
         if low:
-            out.append(self._frozen(low, lr))
+            out.append(self._frozen(low, lr, step))
         if inv:
-            out.append(self._invariant(inv, lr, options))
+            out.append(self._invariant(inv, lr, options, step))
         if head:
-            out.append(self._output_layer(head, lr))
+            out.append(self._output_layer(head, lr, step))
         return out
 
     @staticmethod
@@ -198,14 +229,14 @@ class NormRatio(Check):
             "grad_norm": p.grad_norm,
         }
 
-    def _divergence(self, group, lr: float, options: dict) -> Finding:
+    def _divergence(self, group, lr: float, options: dict, step: str) -> Finding:
         group = sorted(group, key=lambda pu: -pu[1])
         p, update = group[0]
         sev = Severity.ERROR if update >= options["update_error"] else Severity.WARNING
         return self.finding(
             sev,
             p.module or None,
-            f"at lr {lr:g} one SGD step changes {len(group)} weight matrix(es) by "
+            f"at lr {lr:g} one {step} step changes {len(group)} weight matrix(es) by "
             f"{group[-1][1]:.3g} to {update:.3g} of their norm ({_names([q for q, _ in group])}; "
             f"{p.name}: ||grad w|| = {p.grad_norm:.3g}, ||w|| = {p.norm:.3g}), and no "
             "normalization layer follows them to absorb it: divergence risk",
@@ -216,13 +247,13 @@ class NormRatio(Check):
             kind="divergence",
         )
 
-    def _frozen(self, group, lr: float) -> Finding:
+    def _frozen(self, group, lr: float, step: str) -> Finding:
         group = sorted(group, key=lambda pu: pu[1])
         p, update = group[0]
         return self.finding(
             Severity.WARNING,
             p.module or None,
-            f"at lr {lr:g} one SGD step changes {len(group)} weight matrix(es) by "
+            f"at lr {lr:g} one {step} step changes {len(group)} weight matrix(es) by "
             f"{update:.3g} to {group[-1][1]:.3g} of their norm ({_names([q for q, _ in group])}): "
             "effectively frozen",
             self._evidence(group, lr),
@@ -232,14 +263,14 @@ class NormRatio(Check):
             kind="frozen",
         )
 
-    def _invariant(self, group, lr: float, options: dict) -> Finding:
+    def _invariant(self, group, lr: float, options: dict, step: str) -> Finding:
         group = sorted(group, key=lambda pu: -pu[1])
         p, update = group[0]
         extreme = update >= options["invariant_extreme"]
         return self.finding(
             Severity.WARNING if extreme else Severity.INFO,
             p.module or None,
-            f"at lr {lr:g} one SGD step changes {len(group)} weight matrix(es) followed by a "
+            f"at lr {lr:g} one {step} step changes {len(group)} weight matrix(es) followed by a "
             f"normalization layer by up to {update:.3g} of their norm "
             f"({_names([q for q, _ in group])}): they are scale-invariant, so the step "
             "(orthogonal to w) grows ||w|| to about sqrt(1 + u^2) times itself and cuts "
@@ -252,27 +283,46 @@ class NormRatio(Check):
             kind="scale-invariant",
         )
 
-    def _output_layer(self, group, lr: float) -> Finding:
+    def _output_layer(self, group, lr: float, step: str) -> Finding:
         p, update = max(group, key=lambda pu: pu[1])
         return self.finding(
             Severity.INFO,
             p.module or None,
-            f"at lr {lr:g} one SGD step changes the output layer {p.name} by {update:.3g} of "
+            f"at lr {lr:g} one {step} step changes the output layer {p.name} by {update:.3g} of "
             "its norm: its scale is set by training, not by its init (it may start at 0, as "
             "ViT's head does), so this is no divergence risk by itself; the learning rate "
             "against the loss's curvature is NH401's (--hessian)",
             self._evidence(group, lr),
-            "nothing to do unless NH401 reports the lr above 2 / lambda_max",
+            "nothing to do unless NH401 reports the lr above its stability limit",
             kind="output-layer",
         )
 
     def _spread_finding(
-        self, lo, hi, spread: float, n: int, median: float, options: dict, severe: bool
+        self,
+        lo,
+        hi,
+        spread: float,
+        n: int,
+        median: float,
+        options: dict,
+        severe: bool,
+        kind: str = "sgd",
     ) -> Finding:
         (plo, rlo), (phi, rhi) = lo, hi
         lr = options.get("lr")
         rates = ""
-        if lr is not None:
+        if kind in ("lars", "lamb"):
+            rates = (
+                f"; {kind.upper()} already scales each layer's step by its trust ratio "
+                "(||w|| / ||step||), which is what this spread asks for"
+            )
+        elif kind in ("adam", "adamw", "rmsprop"):
+            rates = (
+                "; the optimizer divides each coordinate's step by its gradient's scale, so "
+                "the spread does not reach its steps (see the relative updates; LAMB adds a "
+                "per-layer trust ratio)"
+            )
+        elif lr is not None:
             rates = (
                 f"; LARS would step {phi.name} at {lr * LARS_ETA * rhi:.3g} and {plo.name} at "
                 f"{lr * LARS_ETA * rlo:.3g} (lr x {LARS_ETA:g} x ratio)"
@@ -311,8 +361,9 @@ class NormRatio(Check):
             if p.role == "weight":
                 row["grad_norm"] = p.grad_norm
                 row["lars_local_rate"] = None if r is None else LARS_ETA * r
-                if lr is not None and r is not None:
-                    row["relative_update"] = lr / r
+                update = None if lr is None else relative_update(p, lr)
+                if update is not None:
+                    row["relative_update"] = update
         return rows
 
     def fixes(self, finding: Finding, ctx: FixContext) -> list[Fix]:

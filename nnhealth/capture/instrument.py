@@ -398,7 +398,7 @@ def run_pass(
     return Capture(
         gates=() if gates is None else gates.freeze(),
         sites=tuple(s.freeze(examples) for s in recorder.sites),
-        params=param_stats(named, module_owners(model), grads),
+        params=param_stats(named, module_owners(model), grads, _update(plan)),
         has_activations=instrument,
         has_gradients=grads is not None,
         loss=loss_value,
@@ -407,6 +407,13 @@ def run_pass(
         notes=tuple(notes),
         missing_reason=missing,
     )
+
+
+def _update(plan: Plan) -> Callable | None:
+    """The plan's optimizer step (for each parameter's update norm), when it has a rate
+    and is not plain SGD (whose lr * ||g|| the checks take from the gradient norm)."""
+    opt = plan.optimizer
+    return None if opt is None or opt.lr is None or opt.plain_sgd else opt.update
 
 
 @contextlib.contextmanager

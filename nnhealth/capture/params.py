@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -12,6 +13,8 @@ from nnhealth.capture.stats import Capture, ParamStats
 from nnhealth.capture.structure import is_norm
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+# (name, parameter, gradient) -> the change one optimizer step makes (None: none)
+Update = Callable[[str, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 
 def is_layer_weight(pname: str, ndim: int) -> bool:
@@ -48,8 +51,10 @@ def param_stats(
     named: list[tuple[str, torch.Tensor]],
     owners: dict[str, tuple[str, str, str]],
     grads: dict[str, torch.Tensor | None] | None,
+    update: Update | None = None,
 ) -> tuple[ParamStats, ...]:
-    """Norms of each parameter (float64) and of its gradient when ``grads`` has it."""
+    """Norms of each parameter (float64) and of its gradient when ``grads`` has it;
+    with ``update(name, p, grad)`` (the optimizer's step), the norm of that step."""
     out = []
     with torch.no_grad():
         for name, p in named:
@@ -57,10 +62,11 @@ def param_stats(
             norm = norm64(t)  # float64 whatever the dtype (float8 has no such reduction)
             nonfinite = 0 if math.isfinite(norm) else nonfinite_count(t)
             module, kind, role = owners[name]
-            gnorm, gbad = None, 0
+            gnorm, gbad, unorm = None, 0, None
             g = grads.get(name) if grads is not None else None
             if g is not None:
                 gnorm = norm64(g)
+                unorm = _update_norm(update, name, p, g)
                 if not math.isfinite(gnorm):
                     gbad = nonfinite_count(g)
                 if _sparse_rows(kind, role, g):
@@ -79,9 +85,21 @@ def param_stats(
                     nonfinite=nonfinite,
                     grad_norm=gnorm,
                     grad_nonfinite=gbad,
+                    update_norm=unorm,
                 )
             )
     return tuple(out)
+
+
+def _update_norm(
+    update: Update | None, name: str, p: torch.Tensor, g: torch.Tensor
+) -> float | None:
+    """||the optimizer's step|| for ``p`` (None: no optimizer step to take, or a sparse
+    or non-finite gradient that it would not take as such)."""
+    if update is None or g.layout != torch.strided or not bool(torch.isfinite(g).all()):
+        return None
+    step = update(name, p, g)
+    return None if step is None else norm64(step)
 
 
 def module_owners(model: nn.Module) -> dict[str, tuple[str, str, str]]:

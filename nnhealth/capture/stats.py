@@ -146,6 +146,8 @@ class ParamStats:
     nonfinite: int
     grad_norm: float | None = None
     grad_nonfinite: int = 0
+    # ||the change one step of the scan's optimizer makes now|| (None: no lr, no gradient)
+    update_norm: float | None = None
 
     @property
     def numel(self) -> int:
@@ -263,6 +265,13 @@ class CurvatureStats:
     trace_probes: int = 0
     basis_vectors: int = 0  # the most Lanczos vectors held at once (8 bytes x params each)
     restarts: int = 0  # thick restarts forced by the memory cap
+    # the optimizer's: lr < limit_factor / lambda_max is stable on the quadratic model;
+    # "hessian", or "preconditioned" (the eigenvalues are of P^-1 H) and how P was had
+    limit_factor: float = 2.0
+    suggest_factor: float = 1.0  # the rate to suggest is suggest_factor / lambda_max
+    operator: str = "hessian"
+    preconditioner: str | None = None
+    optimizer: str = "SGD"
 
     @property
     def lambda_max(self) -> float:
@@ -270,8 +279,14 @@ class CurvatureStats:
 
     @property
     def lr_limit(self) -> float | None:
-        """2 / lambda_max: gradient descent diverges along the top eigenvector above it."""
-        return 2.0 / self.lambda_max if self.lambda_max > 0 else None
+        """limit_factor / lambda_max (2 / lambda_max for SGD): the optimizer diverges
+        along the top eigenvector above it."""
+        return self.limit_factor / self.lambda_max if self.lambda_max > 0 else None
+
+    @property
+    def suggested_lr(self) -> float | None:
+        """The rate to suggest below the limit (1/lambda_max for SGD)."""
+        return self.suggest_factor / self.lambda_max if self.lambda_max > 0 else None
 
     def to_dict(self) -> dict:
         return {
@@ -293,6 +308,11 @@ class CurvatureStats:
             "params": self.params,
             "basis_vectors": self.basis_vectors,
             "restarts": self.restarts,
+            "optimizer": self.optimizer,
+            "operator": self.operator,
+            "preconditioner": self.preconditioner,
+            "limit_factor": self.limit_factor,
+            "suggested_lr": self.suggested_lr,
         }
 
 
@@ -318,6 +338,8 @@ class Capture:
     has_modules: bool = True
     # the gates of recurrent modules (LSTM, GRU), when saturation counts were asked for
     gates: tuple[GateStats, ...] = ()
+    # the scan's optimizer as optim.Optimizer.summary() gives it (kind, name, lr, limit)
+    optimizer: dict | None = None
 
     def activation_sites(self) -> list[SiteStats]:
         return [s for s in self.sites if s.role == ACTIVATION]

@@ -24,6 +24,7 @@ from nnhealth.curvature.lanczos import (
     min_basis,
     start_vector,
 )
+from nnhealth.curvature.preconditioned import Preconditioned
 from nnhealth.curvature.stats import FINITE, MeasuredCurvature
 from nnhealth.curvature.trace import hutchinson
 from nnhealth.errors import flag, report_text
@@ -31,7 +32,9 @@ from nnhealth.errors import flag, report_text
 if TYPE_CHECKING:
     from nnhealth.plan import Plan
 
-Operator = HessianOperator | FiniteDifferenceOperator
+Operator = HessianOperator | FiniteDifferenceOperator | Preconditioned
+# wraps an operator into the one to measure (the optimizer's preconditioned Hessian)
+Wrap = Callable[[Any], Any]
 
 MEMORY_SHARE = 0.5  # of the memory available once the gradient graph is built
 
@@ -89,7 +92,7 @@ def scan_lanczos(
     *,
     top: int = 1,
     smallest: bool = False,
-    tol: float = 1e-3,
+    tol: float = 1e-2,
     budget: int = 100,
     seed: int = 0,
     seeded: bool = True,
@@ -155,7 +158,7 @@ class Settings:
 
     top: int = 1
     smallest: bool = False
-    tol: float = 1e-3
+    tol: float = 1e-2
     budget: int = 100
     trace_probes: int = 0
     seed: int = 0
@@ -170,25 +173,28 @@ def measure(
     seed: int = 0,
     top: int = 1,
     smallest: bool = False,
-    tol: float = 1e-3,
+    tol: float = 1e-2,
     budget: int = 100,
     trace_probes: int = 0,
     progress: Progress | None = None,
+    wrap: Wrap | None = None,
 ) -> tuple[MeasuredCurvature, list[str]]:
     """Top-``top`` Hessian eigenvalues (and the smallest), within ``budget`` products:
     by exact products (double backward), or, when those cannot be had or trusted, by
-    finite differences of gradients (an estimate, with its error bar)."""
+    finite differences of gradients (an estimate, with its error bar). ``wrap(op)``:
+    the operator to measure instead (the optimizer's preconditioned Hessian)."""
+    wrap = wrap or (lambda op: op)
     settings = Settings(top, smallest, tol, budget, trace_probes, seed)
     try:
         with HessianOperator(model, inputs, make_loss, mode=mode, seed=seed) as op:
-            return _measured(op, settings, progress)
+            return _measured(wrap(op), settings, progress)
     except NoSecondDerivative as exc:
         why = exc.message
     if progress is not None:
         progress("Hessian: no double backward here, finite differences of gradients")
     try:
         with FiniteDifferenceOperator(model, inputs, make_loss, mode=mode, seed=seed) as op:
-            stats, notes = _measured(op, settings, progress)
+            stats, notes = _measured(wrap(op), settings, progress)
     except NoCurvature as exc:
         raise NoCurvature(
             f"{why}; Hessian-vector products by finite differences of gradients failed too: "
@@ -219,7 +225,8 @@ def _measured(
                 steps=(it, budget),
             )
 
-    finite = isinstance(op, FiniteDifferenceOperator)
+    inner = op.inner if isinstance(op, Preconditioned) else op
+    finite = isinstance(inner, FiniteDifferenceOperator)
     result = scan_lanczos(
         op,
         top=settings.top,
@@ -233,7 +240,9 @@ def _measured(
     lanczos_hvps = result.iterations  # the symmetry test's products are in hvps only
     how: dict[str, Any] = {"lambda_max_error": result.top[0].residual}
     if finite and result.top_vector is not None:
-        error, size = product_error(op, result.top_vector)
+        # the products' error is the wrapped operator's, taken where D maps the vector
+        at = op.lift(result.top_vector) if inner is not op else result.top_vector
+        error, size = product_error(inner, at)
         if not error <= MAX_ERROR * size:
             raise NoCurvature(
                 f"finite differences of gradients do not settle at the top eigenvector: "
@@ -244,9 +253,10 @@ def _measured(
             )
         how = {
             "hvp": FINITE,
-            "hvp_step": op.step(result.top_vector),
+            "hvp_step": inner.step(at),
             "hvp_error": error / size if size else math.inf,
-            "lambda_max_error": result.top[0].residual + error,
+            "lambda_max_error": result.top[0].residual
+            + (error if inner is op else error / size * abs(result.top[0].value)),
         }
     trace = stderr = None
     if settings.trace_probes:
@@ -300,6 +310,7 @@ def measure_planned(
     make_loss: Callable[[Any], Any],
     plan: Plan,
     progress: Progress | None = None,
+    wrap: Wrap | None = None,
 ) -> tuple[MeasuredCurvature | None, str | None, list[str]]:
     """The Hessian measured as ``plan`` says: (stats, None, notes); or (None, the reason,
     []) when there is none to measure or trust here, or the plan measures none."""
@@ -319,6 +330,7 @@ def measure_planned(
             budget=hessian.budget,
             trace_probes=hessian.trace_probes,
             progress=progress,
+            wrap=wrap,
         )
     except NoCurvature as exc:
         return None, report_text(exc.message), []

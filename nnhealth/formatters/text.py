@@ -303,6 +303,16 @@ def _snippet(
     return [*parts, Padding(syntax, (0, 0, 0, SNIPPET_INDENT))]
 
 
+def _limit_formula(c: dict) -> str:
+    """The optimizer's limit as the header writes it: 2/λmax for SGD, 38/λmax(P⁻¹H) for
+    Adam at beta1 0.9 (and the optimizer's name when it is not plain SGD)."""
+    factor = c.get("limit_factor", 2.0)
+    lam = "λmax(P⁻¹H)" if c.get("operator") == "preconditioned" else "λmax"
+    name = c.get("optimizer", "SGD")
+    who = "" if name == "SGD" else f" ({name})"
+    return f"{factor:.4g}/{lam}{who}"
+
+
 class TextFormatter(Formatter):
     """Rich text for a terminal (colour only when writing to one)."""
 
@@ -395,8 +405,10 @@ class TextFormatter(Formatter):
                     f"{c['lanczos_hvps']} HVPs, {c['mode']} mode)"
                 )
             ]
+            if c.get("operator") == "preconditioned":
+                bits[0] = bits[0].replace("λmax", "λmax(P⁻¹H)", 1)
             if c.get("lr_limit") is not None:
-                bits.append(f"lr limit 2/λmax = {c['lr_limit']:.4g}")
+                bits.append(f"lr limit {_limit_formula(c)} = {c['lr_limit']:.4g}")
             if c.get("lambda_min") is not None:
                 bits.append(f"λmin {c['lambda_min']:.4g}")
             if c.get("trace") is not None:
