@@ -1,42 +1,40 @@
-"""Top Hessian eigenvalue: nnhealth's Lanczos against PyHessian, power iteration and
-scipy's eigsh, on the same models, batches and operator, in one process.
+"""Top Hessian eigenvalue: nnhealth's Lanczos against PyHessian's power iteration and
+scipy's eigsh, at the default --hessian-tol (1e-2) and at 1e-3, on the same models,
+batches and operator, in one process.
 
-For each model (the 5 x 500 tanh MLP at batch 1000, a small CNN at batch 128, a
-TransformerEncoder) and each method, the table gives the lambda_max estimate, its true
-relative error against a long float64 Lanczos run, the Hessian-vector products used and
-the median wall time of ``--repeats`` runs:
+For each model and tolerance the table gives, per method, the Hessian-vector products
+(median over ``--seeds`` start vectors, with the range when they differ), the median
+wall time (building the gradient graph included, as a scan or PyHessian pays it) and
+the true relative error of lambda_max (median, and the worst in parentheses):
 
-* ours: ``nnhealth.curvature`` Lanczos with a scan's settings (the default budget of
-  products, the basis capped by free memory, started from the loss gradient plus a
-  random part), stopping when the certified bound (the Ritz residual) is at most 1e-3 of
-  the estimate; "ours, random start" is the same from a purely random vector;
-* power iteration on our operator, from a random vector, run until its true error is
-  <= 1e-3 (it is told the truth: no stopping rule could do better); the same from our
-  start vector; run until its true error is as small as ours turned out to be (the
-  accuracy we deliver, but never below twice the float32 floor, see below); and
-  stopped on the same certified bound as ours (residual <= 1e-3). Power iteration
-  stops at 2000 products; a row that got there (or ours, out of its budget) is marked
-  "(limit)";
-* PyHessian: ``hessian(model, criterion, data).eigenvalues()`` with its defaults (power
-  iteration stopping when successive estimates change by < 1e-3, at most 100 products),
-  and with tol=1e-5 and maxIter=1000;
-* scipy ``eigsh(k=1, which="LA", tol=1e-3)`` (ARPACK, the same residual test) on our
-  operator.
+* ours: ``nnhealth.curvature`` Lanczos as a scan runs it (the loss gradient plus a
+  random part as the start, the symmetry test's products counted, the basis capped by
+  free memory), stopping when the certified bound is at most ``tol`` of the estimate;
+  the bound column is the largest certified relative bound over the seeds; ">bound"
+  marks a run whose true error exceeded its bound (the bound certifies the eigenvalue
+  nearest the estimate: with a top pair closer than ``tol`` that can be the second);
+* PyHessian: the power iteration of ``hessian.eigenvalues(maxIter=100, tol)``
+  (github.com/amirgholami/PyHessian, pyhessian/hessian.py), reimplemented on our
+  operator: a random float32 start; each step renormalizes v (dividing by ||v|| +
+  1e-6), takes Hv and the Rayleigh quotient v.Hv in float32, sets v = Hv / (||Hv|| +
+  1e-6), and stops when |previous - new| / (|previous| + 1e-6) < tol, returning the
+  previous estimate (the last one when it runs out of its 100 steps: marked "limit").
+  Its default is tol=1e-3, the 1e-3 rows; the 1e-2 rows run it at tol=1e-2;
+* scipy ``eigsh(k=1, which="LA", tol)`` (ARPACK, the same residual test as ours) on
+  our operator from a random start.
 
-Below each table: "ours first within 1e-3" is the first Lanczos step whose estimate had
-a true error <= 1e-3 (what a stop that knew the truth would cost); the rest of our
-products buy the certificate. Then the ratios of the issue's targets.
+The products are the same for every method: a double backward through a gradient graph
+built once (PyHessian does the same), in eval mode (PyHessian forces it: dropout off,
+BatchNorm on running statistics), attention on the math SDPA backend (the fused CPU
+kernel has no second derivative). Every method runs on the float32 model.
 
-The models and every method run in float32; the truth is a float64 copy of the model.
-The float32 operator's own top eigenvalue (a long Lanczos run on it) differs from the
-truth by the "float32 floor" printed above each table: no float32 method can get closer.
+The truth is a float64 copy of the model: its dense Hessian's top eigenvalue when it
+has at most ``DENSE_MAX`` parameters, else a long float64 Lanczos run certified to
+1e-10. The "float32 floor" printed per model is how far the float32 operator's own
+lambda_max (a long run on it) lies from the truth: no float32 method gets closer.
 
-PyHessian switches the model to eval mode, so every method runs in eval mode (dropout
-off, BatchNorm on running statistics): the same operator for all. Attention runs on the
-math SDPA backend (the fused CPU kernel has no second derivative). PyHessian is a
-benchmark-only extra: ``pip install -c constraints.txt '.[bench]'``.
-
-    python benchmarks/curvature.py [--repeats N] [--models mlp,cnn,transformer]
+    python benchmarks/curvature.py [--seeds N] [--models mlp-small,mlp,cnn,transformer]
+                                   [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -44,11 +42,13 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import os
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse.linalg as sla
@@ -62,9 +62,20 @@ from nnhealth.curvature.lanczos import lanczos
 from nnhealth.curvature.measure import scan_lanczos
 from nnhealth.runner import ScanOptions
 
-TOL = 1e-3
+DEFAULT_TOL = ScanOptions().hessian_tol  # 1e-2
+TOLS = (DEFAULT_TOL, 1e-3)
 BUDGET = ScanOptions().hessian_budget  # a scan's default product budget
-POWER_LIMIT = 2000
+PYHESSIAN_MAX_ITER = 100  # PyHessian's default maxIter
+PYHESSIAN_EPS = 1e-6  # added to norms and to the denominator of its stopping test
+DENSE_MAX = 4000  # parameters up to which the truth is the dense Hessian
+METHODS = ("ours", "PyHessian", "eigsh")
+
+
+def mlp_small() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    model = nn.Sequential(
+        nn.Linear(20, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 10)
+    )
+    return model, torch.randn(64, 20), torch.randint(0, 10, (64,))
 
 
 def mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -110,197 +121,214 @@ def transformer() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return Transformer(), torch.randn(16, 32, 64), torch.randint(0, 10, (16,))
 
 
-MODELS = {"mlp": mlp, "cnn": cnn, "transformer": transformer}
+MODELS = {"mlp-small": mlp_small, "mlp": mlp, "cnn": cnn, "transformer": transformer}
 
 
-def timed(
-    fn: Callable[[], tuple[float, int, bool]], repeats: int
-) -> tuple[float, int, float, bool]:
-    """(estimate, products, median seconds, stopped as meant) of ``fn`` over ``repeats``
-    runs; the last is False for a run that hit its product limit."""
-    times, result = [], (0.0, 0, True)
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return result[0], result[1], statistics.median(times), result[2]
+@dataclass(frozen=True)
+class Run:
+    value: float
+    hvps: int
+    seconds: float
+    bound: float = float("nan")  # certified relative bound (ours only)
+    limit: bool = False  # stopped by its iteration limit, not its test
 
 
-def long_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """lambda_max of ``model``'s own operator (its dtype), to 1e-10 certified."""
-    with HessianOperator(model, x, lambda o: F.cross_entropy(o, y), mode="eval") as op:
-        res = lanczos(op.matvec, op.n, tol=1e-10, max_iter=1000, seed=123)
-    if not res.converged:
-        print(
-            f"warning: the reference run stopped at bound {res.top[0].relative_bound:.1e}",
-            file=sys.stderr,
-        )
-    return res.top[0].value
+def operator(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> HessianOperator:
+    return HessianOperator(model, x, lambda o: F.cross_entropy(o, y), mode="eval")
 
 
-def truth(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(the float64 truth, the float32 floor: how far the float32 operator's own
-    lambda_max lies from it, relative)."""
-    true = long_run(copy.deepcopy(model).double().eval(), x.double(), y)
-    own = long_run(model, x, y)
-    return true, abs(own - true) / abs(true)
+def timed(fn: Callable[[], tuple[float, int, float, bool]]) -> Run:
+    start = time.perf_counter()
+    value, hvps, bound, limit = fn()
+    return Run(value, hvps, time.perf_counter() - start, bound, limit)
 
 
-def ours(
-    model, x, y, random_start: bool = False, true: float | None = None, first: list | None = None
-) -> tuple[float, int, bool]:
-    """(estimate, products, converged) of Lanczos as a scan runs it; the first step
-    within TOL of ``true`` is appended to ``first``."""
-
-    def watch(it: int, value: float, _bound: float) -> None:
-        if first is not None and not first and abs(value - true) <= TOL * abs(true):
-            first.append(it)
-
-    with HessianOperator(model, x, lambda o: F.cross_entropy(o, y), mode="eval") as op:
-        res = scan_lanczos(op, tol=TOL, budget=BUDGET, seeded=not random_start, progress=watch)
-        return res.top[0].value, op.products, res.converged
+def ours(model, x, y, tol: float, seed: int) -> tuple[float, int, float, bool]:
+    with operator(model, x, y) as op:
+        res = scan_lanczos(op, tol=tol, budget=BUDGET, seed=seed)
+        return res.top[0].value, op.products, res.top[0].relative_bound, not res.converged
 
 
-def power(
-    model, x, y, true: float | None, start: str = "random", tol: float = TOL
-) -> tuple[float, int, bool]:
-    """Power iteration from a random vector (or ``start="gradient"``: ours, same seed),
-    until the true error is <= ``tol`` (``true`` given) or, without the truth, until
-    the certified residual ||Hv - rho v|| is <= TOL * |rho|, as our Lanczos stops."""
-    with HessianOperator(model, x, lambda o: F.cross_entropy(o, y), mode="eval") as op:
-        gen = torch.Generator().manual_seed(0)
-        v = torch.randn(op.n, dtype=torch.float64, generator=gen)
-        v /= v.norm()
-        if start == "gradient":
-            g = op.gradient()
-            v = v + g / g.norm()
-            v /= v.norm()
-        est = 0.0
-        for _ in range(POWER_LIMIT):
-            hv = op.matvec(v)
-            est = float(v @ hv)
-            if true is not None and abs(est - true) <= tol * abs(true):
-                return est, op.products, True
-            if true is None and float((hv - est * v).norm()) <= TOL * abs(est):
-                return est, op.products, True
-            v = hv / hv.norm()
-        return est, op.products, False
+def _pyhessian_normalized(v: torch.Tensor) -> torch.Tensor:
+    return v / (float(torch.dot(v, v)) ** 0.5 + PYHESSIAN_EPS)
 
 
-def scipy_eigsh(model, x, y) -> tuple[float, int, bool]:
-    with HessianOperator(model, x, lambda o: F.cross_entropy(o, y), mode="eval") as op:
-        operator = sla.LinearOperator(
+def pyhessian(model, x, y, tol: float, seed: int) -> tuple[float, int, float, bool]:
+    """PyHessian's ``eigenvalues(maxIter=100, tol=tol, top_n=1)``: see the module doc."""
+    with operator(model, x, y) as op:
+        gen = torch.Generator().manual_seed(seed)
+        v = _pyhessian_normalized(torch.randn(op.n, generator=gen, dtype=torch.float32))
+        estimate = None
+        for _ in range(PYHESSIAN_MAX_ITER):
+            v = _pyhessian_normalized(v)  # its orthonormalization against no eigenvectors
+            hv = op.matvec(v.double()).float()  # float32 products, as in the model
+            new = float(torch.dot(hv, v))
+            v = _pyhessian_normalized(hv)
+            if estimate is not None and abs(estimate - new) / (abs(estimate) + PYHESSIAN_EPS) < tol:
+                return estimate, op.products, float("nan"), False
+            estimate = new
+        return estimate, op.products, float("nan"), True
+
+
+def eigsh(model, x, y, tol: float, seed: int) -> tuple[float, int, float, bool]:
+    with operator(model, x, y) as op:
+        linear = sla.LinearOperator(
             (op.n, op.n),
             dtype=np.float64,
             matvec=lambda v: op.matvec(torch.from_numpy(np.asarray(v).ravel())).numpy(),
         )
-        v0 = np.random.default_rng(0).standard_normal(op.n)
-        value = sla.eigsh(operator, k=1, which="LA", tol=TOL, v0=v0, return_eigenvectors=False)
-        return float(value[0]), op.products, True
+        v0 = np.random.default_rng(seed).standard_normal(op.n)
+        value = sla.eigsh(linear, k=1, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
+        return float(value[0]), op.products, float("nan"), False
 
 
-def pyhessian_module():
-    """PyHessian's ``pyhessian.hessian`` module (its package shadows it with the class)."""
-    try:
-        import importlib
-
-        importlib.import_module("pyhessian")
-        return sys.modules["pyhessian.hessian"]
-    except ImportError:
-        return None
+RUNNERS = {"ours": ours, "PyHessian": pyhessian, "eigsh": eigsh}
 
 
-def pyhessian(model, x, y, tol: float = 1e-3, max_iter: int = 100) -> tuple[float, int, bool]:
-    ph = pyhessian_module()
-    calls = {"n": 0}
-    original = ph.hessian_vector_product
+def long_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """lambda_max of ``model``'s own operator (its dtype), certified to 1e-10."""
+    with operator(model, x, y) as op:
+        res = lanczos(op.matvec, op.n, tol=1e-10, max_iter=1000, seed=123)
+    if not res.converged:
+        bound = res.top[0].relative_bound
+        print(f"warning: the reference run stopped at bound {bound:.1e}", file=sys.stderr)
+    return res.top[0].value
 
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return original(*args, **kwargs)
 
-    ph.hessian_vector_product = counted
-    try:
-        with warnings.catch_warnings():  # its backward(create_graph=True) warns of a cycle
-            warnings.simplefilter("ignore", UserWarning)
-            m = copy.deepcopy(model)
-            h = ph.hessian(m, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
-            values, _ = h.eigenvalues(maxIter=max_iter, tol=tol)
-        return float(values[0]), calls["n"], True
-    finally:
-        ph.hessian_vector_product = original
+def dense(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The top eigenvalue of the dense Hessian, its columns taken one product each."""
+    with operator(model, x, y) as op:
+        eye = torch.eye(op.n, dtype=torch.float64)
+        h = torch.stack([op.matvec(e) for e in eye]).numpy()
+    return float(np.linalg.eigvalsh((h + h.T) / 2)[-1])
+
+
+def truth(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, str]:
+    """(the float64 truth, the float32 floor, how the truth was had)."""
+    wide = copy.deepcopy(model).double().eval()
+    n = sum(p.numel() for p in model.parameters())
+    how = "dense Hessian" if n <= DENSE_MAX else "float64 Lanczos to 1e-10"
+    true = dense(wide, x.double(), y) if n <= DENSE_MAX else long_run(wide, x.double(), y)
+    return true, abs(long_run(model, x, y) - true) / abs(true), how
+
+
+def cells(runs: list[Run], true: float, certified: bool) -> list[str]:
+    """HVPs (median [range]), seconds (median), true error (median (worst)) and, for a
+    certified method, the largest relative bound; ">bound" when a run's true error
+    exceeded its own bound (a close top pair: Lanczos certifies the eigenvalue nearest its
+    estimate, which need not be lambda_max)."""
+    hvps = sorted(r.hvps for r in runs)
+    errors = [abs(r.value - true) / abs(true) for r in runs]
+    count = f"{statistics.median(hvps):g}"
+    if hvps[0] != hvps[-1]:
+        count += f" [{hvps[0]}-{hvps[-1]}]"
+    if any(r.limit for r in runs):
+        count += " limit"
+    out = [
+        count,
+        f"{statistics.median(r.seconds for r in runs):.2f}",
+        f"{statistics.median(errors):.1e} ({max(errors):.1e})",
+    ]
+    if certified:
+        out.append(f"{max(r.bound for r in runs):.1e}")
+        if any(e > r.bound for e, r in zip(errors, runs, strict=True)):
+            out[2] += " >bound"  # it found another eigenvalue within its bound, not lambda_max
+    return out
+
+
+HEADER = [
+    "model",
+    "tol",
+    "ours HVPs",
+    "ours s",
+    "ours true err",
+    "ours bound",
+    "PyHessian HVPs",
+    "PyHessian s",
+    "PyHessian true err",
+    "eigsh HVPs",
+    "eigsh s",
+    "eigsh true err",
+]
+
+
+def model_rows(name: str, seeds: int) -> tuple[list[list[str]], str]:
+    """The table's rows for one model (one per tolerance) and a line describing it."""
+    torch.manual_seed(0)
+    model, x, y = MODELS[name]()
+    model.eval()
+    with sdpa_kernel(SDPBackend.MATH):
+        true, floor, how = truth(model, x, y)
+        rows = []
+        for tol in TOLS:
+            row = [name, f"{tol:g}"]
+            for method in METHODS:
+                runner = RUNNERS[method]
+                runs = [timed(functools.partial(runner, model, x, y, tol, s)) for s in range(seeds)]
+                row += cells(runs, true, method == "ours")
+            rows.append(row)
+    params = sum(p.numel() for p in model.parameters())
+    line = (
+        f"{name}: {params:,} params, batch {list(x.shape)}, lambda_max {true:.6g} "
+        f"({how}), float32 floor {floor:.1e}"
+    )
+    return rows, line
+
+
+def text_table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [HEADER, *rows]]
+    return "\n".join(lines)
+
+
+def markdown(rows: list[list[str]], setting: str, notes: list[str], command: str) -> str:
+    table = [
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(HEADER))) + "|",
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
+    return "\n".join(
+        [
+            *table,
+            "",
+            (
+                f"{setting}. HVPs: median over the start vectors [range]; s: median seconds; "
+                "true err: relative error of lambda_max, median (worst); bound: ours' largest "
+                "certified relative bound (>bound: a run's true error exceeded it). "
+                "PyHessian's default is tol 1e-3 (the 1e-3 rows)."
+            ),
+            "",
+            *(f"- {n}" for n in notes),
+            "",
+            f"Rerun: `{command}`",
+            "",
+        ]
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="start vectors per method")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, eval mode, "
-        f"target relative error {TOL:g}, median of {args.repeats}"
+    setting = (
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, eval mode, "
+        f"float32 models, {args.seeds} start vectors, load average {os.getloadavg()[0]:.1f} "
+        "at the start"
     )
-    header = (
-        f"{'model':<12} {'method':<26} {'lambda_max':>12} {'true rel err':>13} "
-        f"{'HVPs':>6} {'seconds':>8}"
-    )
+    print(setting, flush=True)
+    rows, notes = [], []
     for name in args.models.split(","):
-        model, x, y = MODELS[name]()
-        model.eval()
-        run = functools.partial
-        with sdpa_kernel(SDPBackend.MATH):
-            true, floor = truth(model, x, y)
-            first: list[int] = []
-            ours_est, _, _ = ours(model, x, y, true=true, first=first)
-            # power iteration in float32 cannot get closer than the floor: ask for at
-            # least twice it
-            achieved = max(abs(ours_est - true) / abs(true), 2 * floor)
-            methods = {
-                "ours (Lanczos)": (run(ours, model, x, y), args.repeats),
-                "ours, random start": (run(ours, model, x, y, True), args.repeats),
-                "power to 1e-3, random": (run(power, model, x, y, true), 1),
-                "power to 1e-3, our start": (run(power, model, x, y, true, "gradient"), 1),
-                f"power to {achieved:.0e} (ours)": (
-                    run(power, model, x, y, true, "random", achieved),
-                    1,
-                ),
-                "power, certified 1e-3": (run(power, model, x, y, None), 1),
-                "scipy eigsh": (run(scipy_eigsh, model, x, y), args.repeats),
-            }
-            if pyhessian_module() is not None:
-                methods["PyHessian default"] = (run(pyhessian, model, x, y), args.repeats)
-                methods["PyHessian tol=1e-5"] = (run(pyhessian, model, x, y, 1e-5, 1000), 1)
-            rows = {method: timed(fn, repeats) for method, (fn, repeats) in methods.items()}
-        print(
-            f"\n{name}: {sum(p.numel() for p in model.parameters()):,} params, "
-            f"batch {list(x.shape)}, true lambda_max {true:.6g}, float32 floor {floor:.1e}"
-        )
-        print(header)
-        for method, (est, hvps, secs, reached) in rows.items():
-            print(
-                f"{name:<12} {method:<26} {est:>12.6g} {abs(est - true) / abs(true):>13.2e} "
-                f"{hvps:>6} {secs:>8.2f}{'' if reached else ' (limit)'}"
-            )
-        o = rows["ours (Lanczos)"]
-        p_rand, p_ours = rows["power to 1e-3, random"], rows["power to 1e-3, our start"]
-        p_cert = rows["power, certified 1e-3"]
-        p_same = rows[f"power to {achieved:.0e} (ours)"]
-        print(
-            f"ours first within 1e-3 at step {first[0] if first else None}; HVPs, ours / power to 1e-3: "
-            f"{o[1] / p_rand[1]:.2f}x (random start), {o[1] / p_ours[1]:.2f}x (our start); "
-            f"ours / power to our accuracy: {o[1] / p_same[1]:.2f}x; "
-            f"ours / power at the same certified bound: {o[1] / p_cert[1]:.2f}x"
-        )
-        ph = rows.get("PyHessian default")
-        if ph is not None:
-            tight = rows["PyHessian tol=1e-5"]
-            print(
-                f"wall time, ours / PyHessian default: {o[2] / ph[2]:.2f}x; "
-                f"ours / PyHessian tol=1e-5: {o[2] / tight[2]:.2f}x"
-            )
-        else:
-            print("PyHessian not installed (pip install -c constraints.txt '.[bench]')")
+        model_table, line = model_rows(name, args.seeds)
+        rows += model_table
+        notes.append(line)
+        print(line, file=sys.stderr, flush=True)  # progress
+    print(text_table(rows))
+    print("\n".join(notes))
+    if args.markdown is not None:
+        command = f"python benchmarks/curvature.py --seeds {args.seeds} --models {args.models}"
+        args.markdown.write_text(markdown(rows, setting, notes, command))
 
 
 if __name__ == "__main__":
