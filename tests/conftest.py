@@ -571,3 +571,31 @@ def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndar
         return F.cross_entropy(functional_call(model, params, (x,)), y)
 
     return jacrev(grad(loss))(flat0).detach().numpy()
+
+
+def sensitivities(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, modules: list[tuple[str, nn.Module]]
+) -> dict[str, float]:
+    """E_n ||y_n||^2 * E_n ||g_n||^2 of each of ``modules``' outputs under cross-entropy,
+    from the tensors themselves (NH202's sensitivity by brute force)."""
+    outs: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            out.retain_grad()
+            outs[name] = out
+
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in modules]
+    try:
+        nn.functional.cross_entropy(model(x), y).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    model.zero_grad(set_to_none=True)
+    b = x.shape[0]
+    return {
+        n: float((o.detach().double() ** 2).sum() / b * (o.grad.double() ** 2).sum() / b)
+        for n, o in outs.items()
+    }

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import sensitivities
 from scipy import stats
 from torch import nn
 
@@ -48,28 +49,8 @@ def nh202(cap) -> list:
 
 def brute_force(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """E_n ||y_n||^2 * E_n ||g_n||^2 of every hidden Linear's output, from the tensors."""
-    outs: dict[str, torch.Tensor] = {}
-
-    def keep(name):
-        def hook(module, args, out):
-            out.retain_grad()
-            outs[name] = out
-
-        return hook
-
     hidden = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][:-1]
-    handles = [m.register_forward_hook(keep(n)) for n, m in hidden]
-    try:
-        nn.functional.cross_entropy(model(x), y).backward()
-    finally:
-        for h in handles:
-            h.remove()
-    model.zero_grad(set_to_none=True)
-    b = x.shape[0]
-    return {
-        n: float((o.detach().double() ** 2).sum() / b * (o.grad.double() ** 2).sum() / b)
-        for n, o in outs.items()
-    }
+    return sensitivities(model, x, y, hidden)
 
 
 def test_stack_points_and_factor_against_brute_force() -> None:

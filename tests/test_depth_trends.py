@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import sensitivities
 from torch import nn
 
 import nnhealth
@@ -29,31 +30,10 @@ def ce(targets: torch.Tensor):
 
 def brute_force(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """E_n ||y_n||^2 * E_n ||g_n||^2 of every Conv/Linear/norm output, from the tensors."""
-    outs: dict[str, torch.Tensor] = {}
-
-    def keep(name):
-        def hook(module, args, out):
-            out.retain_grad()
-            outs[name] = out
-
-        return hook
-
-    handles = [
-        m.register_forward_hook(keep(n))
-        for n, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))
-    ]
-    try:
-        nn.functional.cross_entropy(model(x), y).backward()
-    finally:
-        for h in handles:
-            h.remove()
-    model.zero_grad(set_to_none=True)
-    b = x.shape[0]
-    return {
-        n: float((o.detach().double() ** 2).sum() / b * (o.grad.double() ** 2).sum() / b)
-        for n, o in outs.items()
-    }
+    kinds = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
+    return sensitivities(
+        model, x, y, [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+    )
 
 
 def _cnn() -> nn.Sequential:

@@ -33,6 +33,18 @@ def _formula(c: CurvatureStats, pre: bool) -> str:
     return f"{c.limit_factor:.4g}/{lam}"
 
 
+def _evidence(c: CurvatureStats, limit: float | None, factor: float) -> dict:
+    return {
+        "lambda_max": c.lambda_max,
+        "bound": c.bounds[0],
+        "converged": c.converged,
+        "hvps": c.hvps,
+        "lr_limit": limit,
+        "limit_factor": factor,
+        "mode": c.mode,
+    }
+
+
 def _suggested(c: CurvatureStats) -> float:
     return c.suggest_factor / c.lambda_max
 
@@ -183,15 +195,7 @@ class Curvature(Check):
             if c.converged
             else (f" (not converged in {c.lanczos_hvps} products: bound {c.bounds[0]:.2g})")
         )
-        evidence = {
-            "lambda_max": lam,
-            "bound": c.bounds[0],
-            "converged": c.converged,
-            "hvps": c.hvps,
-            "lr_limit": limit,
-            "limit_factor": c.limit_factor,
-            "mode": c.mode,
-        }
+        evidence = _evidence(c, limit, c.limit_factor)
         if getattr(c, "hvp", None) == FINITE:  # MeasuredCurvature, finite differences
             status += (
                 f" ± {c.lambda_max_error:.2g} (Hessian products by finite differences of "
@@ -257,16 +261,7 @@ class Curvature(Check):
         # first steps are those of preconditioned gradient descent, stable below 2/lambda
         limit = 2.0 / lam if lam > 0 else None
         words = _Words(c)
-        evidence = {
-            "lambda_max": lam,
-            "bound": c.bounds[0],
-            "converged": c.converged,
-            "hvps": c.hvps,
-            "lr_limit": limit,
-            "limit_factor": 2.0,
-            "mode": c.mode,
-            "first_step": True,
-        }
+        evidence = {**_evidence(c, limit, 2.0), "first_step": True}
         over = ""
         if lr is not None and limit is not None:
             evidence |= {"lr": lr, "lr_over_limit": lr / limit}
