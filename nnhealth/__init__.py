@@ -133,8 +133,11 @@ def _optimizer_arguments(optimizer: Any, state: Any, model: Any) -> tuple[str | 
     if state is not None:
         if isinstance(state, (str, Path)):
             saved = read_optimizer_state(Path(state))
+            saved = SavedOptimizer(saved.state_dict, saved.scheduler, saved.where, True)
         else:
             saved = find_saved_optimizer(state, "optimizer_state")
+            if saved is not None:
+                saved = SavedOptimizer(saved.state_dict, saved.scheduler, saved.where, True)
             if saved is None:
                 from nnhealth.errors import UsageError
 
@@ -151,7 +154,7 @@ def _optimizer_arguments(optimizer: Any, state: Any, model: Any) -> tuple[str | 
                 f"lars, lamb) or a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
         where = f"the {type(optimizer).__name__} passed to scan()"
-        saved = saved or SavedOptimizer(_named_state(optimizer, model), None, where)
+        saved = saved or SavedOptimizer(_named_state(optimizer, model), None, where, True)
         optimizer = None  # its class comes from its param groups, as from a file
     return optimizer, saved
 

@@ -11,6 +11,7 @@ import shutil
 import sys
 import threading
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Self
 
@@ -343,7 +344,8 @@ def _load(values: dict[str, Any], status: _DelayedStatus) -> tuple[Any, Any]:
         from nnhealth.loading.training_state import read_optimizer_state
 
         status.update("loading the optimizer state")
-        loaded.optimizer = read_optimizer_state(Path(values["optimizer_state"]))
+        saved = read_optimizer_state(Path(values["optimizer_state"]))
+        loaded.optimizer = replace(saved, explicit=True)
     if data:
         status.update("loading the batch")
         return loaded, load_batch(data)

@@ -84,6 +84,8 @@ class Optimizer:
     param_lr: dict[str, float] = field(default_factory=dict, compare=False)
     param_weight_decay: dict[str, float] = field(default_factory=dict, compare=False)
     step: int | None = None
+    # the parameters the saved optimizer steps (None: all); the others are not trained
+    members: frozenset[str] | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -106,6 +108,7 @@ class Optimizer:
         """Plain SGD at one rate without weight decay: the step is -lr * g."""
         return (
             self.kind == "sgd"
+            and self.members is None
             and not self.weight_decay
             and not any(self.param_weight_decay.values())
             and all(v == self.lr for v in self.param_lr.values())
@@ -173,6 +176,8 @@ class Optimizer:
             "suggest_factor": self.suggest_factor(),
             "limit_formula": self.limit_formula(),
             "adaptive": self.adaptive,
+            # each parameter's update is the optimizer's own step (False: lr * grad)
+            "own_step": not self.plain_sgd,
             "layerwise": self.kind in LAYERWISE,
             "state": self.has_state,
             "step": self.step,
@@ -193,6 +198,8 @@ class Optimizer:
         return out
 
     def lr_of(self, name: str) -> float | None:
+        if self.members is not None and name not in self.members:
+            return 0.0  # outside the optimizer: never stepped
         return self.param_lr.get(name, self.lr)
 
     def weight_decay_of(self, name: str) -> float:
@@ -251,15 +258,18 @@ class Optimizer:
 
     def update(self, name: str, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
         """The change one step makes to ``param`` now (new minus old), given this batch's
-        gradient ``grad`` and the saved state; None without a learning rate."""
-        if self.lr_of(name) is None:
+        gradient ``grad`` and the saved state; None without a learning rate, or for a
+        parameter outside the optimizer."""
+        if self.lr_of(name) is None or (self.members is not None and name not in self.members):
             return None
         import torch
 
         with torch.no_grad():
             if self.kind in ("lars", "lamb"):
                 return -self.lr_of(name) * self._layerwise(name, param, grad)[0]
-            copy = param.detach().clone().requires_grad_(True)
+            # half precision would round most of one step away: a float32 copy takes it
+            wide = torch.float32 if param.dtype in (torch.bfloat16, torch.float16) else None
+            copy = param.detach().to(wide or param.dtype, copy=True).requires_grad_(True)
             copy.grad = grad.detach().to(copy.dtype).clone()
             cls = self.torch_class()
             opt = cls([copy], **self.torch_group(name))
@@ -272,7 +282,7 @@ class Optimizer:
                     }
                 )
             opt.step()
-            return copy.detach() - param.detach()
+            return copy.detach() - param.detach().to(copy.dtype)
 
     def _moments(
         self, name: str, grad: torch.Tensor
@@ -404,6 +414,8 @@ class Stepper:
             param_lr={n: v * scale for n, v in opt.param_lr.items()},
             state={n: _state_for_torch(st) for n, st in opt.state.items()},
         )
+        if opt.members is not None:  # parameters outside the optimizer are not stepped
+            named = [(n, p) for n, p in named if n in opt.members]
         self.named = named
         self.torch = None
         cls = self.opt.torch_class()
@@ -421,18 +433,21 @@ class Stepper:
                     }
                 )
 
-    def step(self, grads: list[torch.Tensor | None]) -> None:
+    def step(self, grads: dict[str, torch.Tensor | None]) -> None:
+        """One step from each parameter's gradient (by name)."""
         import torch
 
         with torch.no_grad():
             if self.torch is not None:
-                for (_, p), g in zip(self.named, grads, strict=True):
+                for n, p in self.named:
+                    g = grads.get(n)
                     p.grad = None if g is None else g.detach()
                 self.torch.step()
                 for _, p in self.named:
                     p.grad = None
                 return
-            for (name, p), g in zip(self.named, grads, strict=True):
+            for name, p in self.named:
+                g = grads.get(name)
                 if g is None:
                     continue
                 direction, state = self.opt._layerwise(name, p, g)
@@ -472,10 +487,13 @@ def _from_saved(bound: Any, where: str) -> Optimizer:
     """The optimizer a BoundOptimizer (loading.training_state) describes."""
     h = bound.hyper
     kind = bound.kind
+    # the reference rate: the largest group's (a first group at lr 0, a frozen backbone,
+    # would make every ratio meaningless)
+    lr = max([bound.lr, *bound.param_lr.values()])
     betas = tuple(h.get("betas", (0.9, 0.999)))
     return Optimizer(
         kind=kind,
-        lr=bound.lr,
+        lr=lr,
         momentum=float(h.get("momentum", 0.0) or 0.0),
         dampening=float(h.get("dampening", 0.0) or 0.0),
         betas=(float(betas[0]), float(betas[1])),
@@ -493,6 +511,7 @@ def _from_saved(bound: Any, where: str) -> Optimizer:
             n: float(g.get("weight_decay", 0.0) or 0.0) for n, g in bound.param_hyper.items()
         },
         step=bound.step,
+        members=frozenset(bound.param_lr) if bound.param_lr else None,
     )
 
 

@@ -338,9 +338,10 @@ class _Wrap:
         scale, decay, how = self.optimizer.diagonal(names, op.params, grads)
         if scale is None and decay is None:
             return op
+        # P = I with a coupled weight decay: the Hessian plus wd, not a preconditioned one
+        self.applied, self.how = scale is not None, how
         if scale is None:
             scale = torch.ones(op.n, dtype=torch.float64, device=flat.device)
-        self.applied, self.how = True, how
         return Preconditioned(op, scale, decay, how)
 
 
@@ -426,9 +427,28 @@ def scan_optimizer(loaded: LoadedModel, opts: ScanOptions) -> tuple[Optimizer, l
     saved = getattr(loaded, "optimizer", None)
     if saved is None or loaded.model is None:
         return resolve(opts)
+    from nnhealth.errors import LoadError
     from nnhealth.loading.training_state import bind
 
-    return resolve(opts, bind(saved, loaded.model), saved.where)
+    try:
+        bound = bind(saved, loaded.model)
+    except LoadError as exc:
+        if saved.explicit:
+            raise
+        # found beside the weights (a fine-tune's optimizer over part of the model, whose
+        # requires_grad the state_dict does not record): the scan goes on without it
+        optimizer, notes = resolve(opts)
+        return optimizer, [f"optimizer state not used: {exc.message}", *notes]
+    optimizer, notes = resolve(opts, bound, saved.where)
+    trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
+    outside = [n for n in trainable if optimizer.members is not None and n not in optimizer.members]
+    if outside:
+        notes.append(
+            f"{len(outside)} trainable parameter tensor(s) are not in the optimizer "
+            f"({', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}): not stepped, "
+            "so not judged by NH301 and left out of the preconditioned Hessian"
+        )
+    return optimizer, notes
 
 
 def _rendered(summary: dict[str, Any]) -> dict[str, Any]:

@@ -185,7 +185,10 @@ def _train_check(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     prepared = prepare(batch, dtype, device)
-    fixed = replace(optimizer, kind=optimizer.layerwise_kind) if layerwise else optimizer
+    fixed = optimizer
+    if layerwise:  # LAMB reads Adam's moments; LARS's buffer is in trust-scaled units
+        state = optimizer.state if optimizer.layerwise_kind == "lamb" else {}
+        fixed = replace(optimizer, kind=optimizer.layerwise_kind, state=state)
     steps = train_steps(optimizer)
 
     def run(m: nn.Module, rate: float, opt: Optimizer) -> float:
@@ -204,9 +207,8 @@ def _train_check(
             stepper = Stepper(opt, named, rate)
             start = float(loss().detach())
             for _ in range(steps):
-                stepper.step(
-                    list(torch.autograd.grad(loss(), [p for _, p in named], allow_unused=True))
-                )
+                grads = torch.autograd.grad(loss(), [p for _, p in named], allow_unused=True)
+                stepper.step({n: g for (n, _), g in zip(named, grads, strict=True)})
             end = float(loss().detach())
         return end - start if math.isfinite(end) else math.inf
 

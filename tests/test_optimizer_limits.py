@@ -19,8 +19,8 @@ and beta2/alpha is close to 1, so v hardly moves over the steps taken.
 Step counts: at 1.5x the limit the top mode grows by the spectral radius rho >= 2 per
 step (rho printed by the step-map test: 2 for SGD, 3.5 for heavy-ball 0.9, 2.4 for
 Nesterov 0.9), but momentum needs ~1/(1-beta) steps before that mode dominates the
-transient; STEPS = 3/(1-beta), at least 10 (2^10 = 1e3x growth of the top mode), is
-what nnhealth's what-if uses and holds with margin here. At 0.5x every mode contracts
+transient; STEPS = 3/(1-beta), at least 10 (2^10 = 1e3x growth of the top mode), holds
+with margin here (nnhealth's what-if takes 3/(1-beta) too, between 5 and 50). At 0.5x every mode contracts
 (rho <= 0.95 for beta 0.9), so the loss after those steps is below the start.
 """
 

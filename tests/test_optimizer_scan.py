@@ -413,3 +413,134 @@ def test_a_momentum_optimizer_over_an_adam_state_assumes_0_9(kind: str) -> None:
         model, batch(), optimizer=kind, optimizer_state=opt.state_dict(), select=["NH301"]
     )
     assert over.run["optimizer"]["momentum"] == plain.run["optimizer"]["momentum"] == 0.9
+
+
+# --- optimizers over part of the model (a fine-tune), group lrs, half precision --------
+
+
+def _head_only(names: bool) -> tuple[nn.Module, dict]:
+    """Adam over the last Linear only (a frozen-backbone fine-tune), its state_dict with
+    or without param_names (older torch, or an optimizer built from a bare list)."""
+    model = make()
+    opt = torch.optim.Adam(model[4].parameters(), lr=1e-3)
+    train(model, opt)
+    state = opt.state_dict()
+    if names:
+        for group in state["param_groups"]:
+            group["param_names"] = ["4.weight", "4.bias"]
+    return model, state
+
+
+def test_a_checkpoint_whose_optimizer_covers_part_of_the_model_is_scanned(cli, ckpt) -> None:
+    """Found beside the weights, a state that fits no full order is a note, not exit 2
+    (the state_dict does not record which parameters were frozen); given on purpose
+    with --optimizer-state it is refused with one line."""
+    tmp = ckpt[0]
+    model, state = _head_only(names=False)
+    torch.save({"model": model.state_dict(), "optimizer": state}, tmp / "head.pt")
+    report = _cli_scan(cli, "factory.py:make", "--weights", "head.pt")
+    assert any(n.startswith("optimizer state not used:") for n in report["notes"])
+    assert report["run"]["optimizer"]["kind"] == "sgd"
+    torch.save(state, tmp / "head_state.pt")
+    line = _one_line(
+        cli("scan", "factory.py:make", "--data", "batch.pt", "--optimizer-state", "head_state.pt")
+    )
+    assert "does not fit the model" in line
+
+
+def test_parameters_outside_the_optimizer_are_not_judged() -> None:
+    """The preconditioned Hessian is the head's alone (dense truth, D from the saved
+    exp_avg_sq as Adam's next step builds it); the backbone gets no relative update."""
+    model, state = _head_only(names=True)
+    data = batch()
+    report = nnhealth.scan(
+        model,
+        data,
+        loss_fn=F.mse_loss,
+        optimizer_state=state,
+        hessian=True,
+        hessian_tol=1e-8,
+        lr=1e-3,
+    )
+    assert any("not in the optimizer" in n for n in report.notes)
+    rows = {r["name"]: r for r in report.layers}
+    assert rows["0"].get("relative_update") is None and rows["2"].get("relative_update") is None
+    assert rows["4"]["relative_update"] > 0
+    head = [model[4].weight, model[4].bias]
+
+    def loss(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        h = model[3](model[2](model[1](model[0](data[0]))))
+        return F.mse_loss(h @ w.T + b, data[1])
+
+    blocks = torch.autograd.functional.hessian(loss, tuple(p.detach() for p in head))
+    sizes = [p.numel() for p in head]
+    h = torch.cat(
+        [
+            torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(2)], 1)
+            for i in range(2)
+        ]
+    )
+    grads = torch.autograd.grad(loss(*head), head)
+    scale = []
+    for i, (g, saved) in enumerate(zip(grads, state["state"].values(), strict=True)):
+        t = float(saved["step"]) + 1
+        v = 0.999 * saved["exp_avg_sq"] + 0.001 * g * g
+        scale.append((1 / ((v / (1 - 0.999**t)).sqrt() + 1e-8)).reshape(-1))
+        assert head[i].shape == saved["exp_avg_sq"].shape
+    d = torch.cat(scale).sqrt()
+    truth = float(torch.linalg.eigvalsh(d[:, None] * h * d[None, :]).max())
+    assert report.curvature["top_eigenvalues"][0] == pytest.approx(truth, rel=1e-6)
+
+
+def test_a_first_group_at_lr_0_does_not_change_the_limit() -> None:
+    """A frozen backbone as param group 0 (lr 0): the same lambda and limit whichever
+    order the groups are in (the reference rate is the largest group's)."""
+    limits = []
+    for order in ((0, 1), (1, 0)):
+        model = make()
+        groups = [
+            {
+                "params": [p for n, p in model.named_parameters() if not n.startswith("4.")],
+                "lr": 0.0,
+            },
+            {"params": list(model[4].parameters()), "lr": 1e-2},
+        ]
+        opt = torch.optim.SGD([groups[i] for i in order], lr=1e-2)
+        report = nnhealth.scan(
+            model, batch(), loss_fn=F.mse_loss, optimizer=opt, hessian=True, hessian_tol=1e-8
+        )
+        assert report.run["lr"] == pytest.approx(1e-2)
+        limits.append(report.curvature["lr_limit"])
+    assert limits[0] == pytest.approx(limits[1], rel=1e-6)
+
+
+def test_a_bfloat16_models_update_is_not_rounded_away() -> None:
+    """Adam's step on a bfloat16 model is measured on a float32 copy: its relative
+    update matches the float32 model's within bfloat16's own rounding of the weights
+    and gradients (3e-2), where a bfloat16 step loses most of it."""
+    model = make().float()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = batch()
+    for _ in range(3):
+        opt.zero_grad()
+        F.mse_loss(model(x.float()), y.float()).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    wide = nnhealth.scan(model, (x.float(), y.float()), loss_fn=F.mse_loss, optimizer=opt)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    state = opt.state_dict()
+    narrow = nnhealth.scan(
+        half, (x.float(), y.float()), loss_fn=F.mse_loss, optimizer_state=state, lr=1e-3
+    )
+    a, b = reported_updates(wide), reported_updates(narrow)
+    for name in a:
+        assert b[name] == pytest.approx(a[name], rel=3e-2), name
+
+
+def test_targets_outside_0_1_keep_mse_for_a_sigmoid_output() -> None:
+    model = nn.Sequential(nn.Linear(6, 1), nn.Sigmoid())
+    x = torch.randn(16, 6)
+    report = nnhealth.scan(model, (x, 5 * torch.rand(16, 1)))
+    assert report.run["loss"].startswith("mse")
+    report = nnhealth.scan(model, (x, torch.rand(16, 1)))
+    assert report.run["loss"].startswith("binary cross-entropy on the sigmoid")

@@ -245,7 +245,8 @@ class Curvature(Check):
                 f"lr {lr:g} is {lr / limit:.0%} of {words.who_s} stability limit "
                 f"{words.formula} = {limit:.4g} ({words.lam} = {lam:.4g}{status})",
                 {**evidence, "lr": lr, "lr_over_limit": lr / limit},
-                f"a rate of about {limit / 2:.3g} (half the limit) leaves room for sharper batches",
+                f"a rate of about {_suggested(c):.3g} {_why_suggested(c)} leaves room for "
+                "sharper batches",
             )
         return None
 
@@ -276,7 +277,7 @@ class Curvature(Check):
             Severity.INFO,
             None,
             f"{words.lam} = {lam:.4g} at {c.optimizer}'s first step (no saved optimizer state: "
-            f"v_hat = g^2 of this batch), {c.mode} mode: {bound}{over}. One batch's g^2 "
+            f"{c.preconditioner}), {c.mode} mode: {bound}{over}. One batch's g^2 "
             f"understates the v_hat {c.optimizer} builds up, so the later limit "
             f"{words.formula} cannot be judged from it",
             evidence,

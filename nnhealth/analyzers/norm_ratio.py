@@ -31,15 +31,42 @@ def trust_ratio(p: ParamStats) -> float | None:
     return p.norm / p.grad_norm
 
 
-def relative_update(p: ParamStats, lr: float) -> float | None:
+def relative_update(p: ParamStats, lr: float, own_step: bool = False) -> float | None:
     """||the optimizer's step|| / ||w||: the step the scan's optimizer would take now
-    (``update_norm``), else plain SGD's lr * ||grad w|| / ||w||."""
+    (``update_norm``; ``own_step``: None where it takes none, a parameter outside it),
+    else plain SGD's lr * ||grad w|| / ||w||."""
     if p.norm == 0:
         return None
-    if p.update_norm is not None:
-        return p.update_norm / p.norm
+    if p.update_norm is not None or own_step:
+        return None if p.update_norm is None else p.update_norm / p.norm
     r = trust_ratio(p)
     return None if r is None else lr / r
+
+
+def _grouped(
+    capture: Capture, rated: list[tuple[ParamStats, float]], lr: float, options: dict
+) -> tuple[list, list, list, list]:
+    """The weights whose relative update is too large (not behind a norm layer, or an
+    output layer beyond ``output_update_high``), too small, large behind a norm layer,
+    and large at the output: each as (param, relative update)."""
+    invariant = {w.param for w in capture.weights if w.followed_by == "norm"}
+    outputs = {w.param for w in capture.weights if w.is_output}
+    high, low, inv, head = [], [], [], []
+    own = bool((capture.optimizer or {}).get("own_step"))
+    for p, _ in rated:
+        update = relative_update(p, lr, own)
+        if update is None:
+            continue
+        if p.name in outputs and update >= options["output_update_high"]:
+            high.append((p, update))
+        elif p.name in invariant or p.name in outputs:
+            if update >= options["update_high"]:
+                (inv if p.name in invariant else head).append((p, update))
+        elif update >= options["update_high"]:
+            high.append((p, update))
+        elif update <= options["update_low"]:
+            low.append((p, update))
+    return high, low, inv, head
 
 
 def _step_name(capture: Capture) -> str:
@@ -188,22 +215,7 @@ class NormRatio(Check):
         lr = options.get("lr")
         if lr is None:
             return []
-        invariant = {w.param for w in capture.weights if w.followed_by == "norm"}
-        outputs = {w.param for w in capture.weights if w.is_output}
-        high, low, inv, head = [], [], [], []
-        for p, _ in rated:
-            update = relative_update(p, lr)
-            if update is None:
-                continue
-            if p.name in outputs and update >= options["output_update_high"]:
-                high.append((p, update))
-            elif p.name in invariant or p.name in outputs:
-                if update >= options["update_high"]:
-                    (inv if p.name in invariant else head).append((p, update))
-            elif update >= options["update_high"]:
-                high.append((p, update))
-            elif update <= options["update_low"]:
-                low.append((p, update))
+        high, low, inv, head = _grouped(capture, rated, lr, options)
         out = []
         step = _step_name(capture)
         if high:
@@ -361,7 +373,8 @@ class NormRatio(Check):
             if p.role == "weight":
                 row["grad_norm"] = p.grad_norm
                 row["lars_local_rate"] = None if r is None else LARS_ETA * r
-                update = None if lr is None else relative_update(p, lr)
+                own = bool((capture.optimizer or {}).get("own_step"))
+                update = None if lr is None else relative_update(p, lr, own)
                 if update is not None:
                     row["relative_update"] = update
         return rows

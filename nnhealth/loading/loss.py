@@ -250,7 +250,10 @@ class LossResolver:
         NLLLoss of their log compute), not a loss that would read them as logits."""
         fn = type(out.grad_fn).__name__ if out.grad_fn is not None else ""
         y = self.targets
-        if fn.startswith("SigmoidBackward") and (y is None or y.is_floating_point()):
+        probabilities = y is None or (
+            y.is_floating_point() and float(y.min()) >= 0 and float(y.max()) <= 1
+        )
+        if fn.startswith("SigmoidBackward") and probabilities:
             return "bce_prob"
         softmax = fn.startswith("SoftmaxBackward") and out.ndim == 2 and out.shape[1] >= 2
         if softmax and (y is None or not y.is_floating_point()):

@@ -49,6 +49,9 @@ class SavedOptimizer:
     state_dict: dict
     scheduler: dict | None
     where: str  # e.g. "model.ckpt (Lightning optimizer_states[0])", "ckpt-500/optimizer.pt"
+    # given on purpose (--optimizer-state, scan(optimizer=...)): a mismatch is refused;
+    # found beside the weights, a mismatch is a note and the scan goes on
+    explicit: bool = False
 
 
 @dataclass(frozen=True)
