@@ -263,3 +263,22 @@ def test_norm_collapse_needs_the_modules(cli, tmp_path: Path) -> None:
         select=["NH103"],
     )
     assert [(f.code, f.layer) for f in eight.findings] == [("NH103", "1")]
+
+
+def test_a_sparse_embedding_gradient_is_scanned() -> None:
+    """nn.Embedding(sparse=True) has a sparse COO gradient: its norm is that of the dense
+    gradient (the stored values), and the scan runs with or without an optimizer."""
+    from nnhealth.capture.precision import norm64
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 8, sparse=True), nn.Flatten(), nn.Linear(32, 3))
+    x, y = torch.randint(0, 50, (4, 4)), torch.zeros(4, dtype=torch.long)
+    loss = nn.functional.cross_entropy(model(x), y)
+    (g,) = torch.autograd.grad(loss, [model[0].weight])
+    assert g.layout == torch.sparse_coo
+    assert norm64(g) == pytest.approx(float(g.to_dense().double().norm()), rel=1e-6)
+    for kw in ({}, {"lr": 0.1}, {"lr": 1e-3, "optimizer": "adam"}):
+        report = nnhealth.scan(model, (x, y), **kw)
+        assert not report.errors
+        row = next(r for r in report.layers if r["name"] == "0")
+        assert row["weight_grad_norm"] == pytest.approx(norm64(g), rel=1e-5)

@@ -58,7 +58,10 @@ def _blocks(t: torch.Tensor):
 
 
 def norm64(t: torch.Tensor) -> float:
-    """Euclidean norm, accumulated in float64."""
+    """Euclidean norm, accumulated in float64 (of a sparse tensor's stored values: the
+    gradient of nn.Embedding(sparse=True))."""
+    if t.layout == torch.sparse_coo:
+        t = t.coalesce().values()
     if t.dtype == torch.float64:
         return float(torch.linalg.vector_norm(t.detach()))
     total = 0.0
