@@ -66,10 +66,11 @@ def scan(
     ``eps``, ``weight_decay``, or a live ``torch.optim.Optimizer`` over the model's
     parameters (its class, hyper-parameters, lr and state are read, nothing changed).
     ``optimizer_state``: a saved ``optimizer.state_dict()`` (a dict, or a file or Hugging
-    Face Trainer checkpoint folder read with weights_only=True) to judge by. ``hessian=True`` (or selecting NH401) measures
-    the Hessian's top ``hessian_top`` eigenvalues by Lanczos (and the smallest with
-    ``hessian_min``, the trace with ``hessian_trace`` Hutchinson probes) to relative
-    error ``hessian_tol`` within ``hessian_budget`` Hessian-vector products.
+    Face Trainer checkpoint folder read with weights_only=True) to judge by.
+    ``hessian=True`` (or selecting NH401) measures the Hessian's top ``hessian_top``
+    eigenvalues by Lanczos (and the smallest with ``hessian_min``, the trace with
+    ``hessian_trace`` Hutchinson probes) to relative error ``hessian_tol`` within
+    ``hessian_budget`` Hessian-vector products.
     ``what_if=True`` re-scans a copy of the model with each recommended fix applied
     (``Report.what_if``), within ``what_if_budget`` seconds. ``baseline`` (a file
     written by ``nnhealth scan --write-baseline``) marks each finding new, worse (its
@@ -118,6 +119,7 @@ def scan(
 def _optimizer_arguments(optimizer: Any, state: Any, model: Any) -> tuple[str | None, Any]:
     """scan()'s ``optimizer`` as a name, and the saved state to judge by (a
     SavedOptimizer): from a live torch.optim.Optimizer, a state_dict, or a path."""
+    from dataclasses import replace
     from pathlib import Path
 
     from nnhealth.loading.training_state import (
@@ -130,21 +132,19 @@ def _optimizer_arguments(optimizer: Any, state: Any, model: Any) -> tuple[str | 
     saved = None
     if isinstance(state, str):
         BY_NAME["optimizer_state"].refuse(state)  # "" is no path
-    if state is not None:
-        if isinstance(state, (str, Path)):
-            saved = read_optimizer_state(Path(state))
-            saved = SavedOptimizer(saved.state_dict, saved.scheduler, saved.where, True)
-        else:
-            saved = find_saved_optimizer(state, "optimizer_state")
-            if saved is not None:
-                saved = SavedOptimizer(saved.state_dict, saved.scheduler, saved.where, True)
-            if saved is None:
-                from nnhealth.errors import UsageError
+    if isinstance(state, (str, Path)):
+        saved = read_optimizer_state(Path(state))
+    elif state is not None:
+        saved = find_saved_optimizer(state, "optimizer_state")
+        if saved is None:
+            from nnhealth.errors import UsageError
 
-                raise UsageError(
-                    "optimizer_state: expected an optimizer.state_dict(), a checkpoint dict "
-                    f"holding one, or a path; got {type(state).__name__}"
-                )
+            raise UsageError(
+                "optimizer_state: expected an optimizer.state_dict(), a checkpoint dict "
+                f"holding one, or a path; got {type(state).__name__}"
+            )
+    if saved is not None:
+        saved = replace(saved, explicit=True)  # given on purpose: a mismatch is refused
     if optimizer is not None and not isinstance(optimizer, str):
         if not hasattr(optimizer, "state_dict") or not hasattr(optimizer, "param_groups"):
             from nnhealth.errors import UsageError
