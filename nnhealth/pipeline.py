@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from nnhealth.errors import UsageError, flag
 from nnhealth.findings import Report
-from nnhealth.options import DEFAULTS, check_values
+from nnhealth.options import DEFAULTS, check_values, validate
 
 if TYPE_CHECKING:
     from nnhealth._util import Progress
@@ -56,14 +56,22 @@ def run(
         if progress:
             progress("inferring a batch from the model")
         batch = inferred(loaded.model, opts.seed)
-    report = runner.run(loaded, batch, opts, progress=progress)
+    validate(opts)
+    optimizer = runner.scan_optimizer(loaded, opts)  # once: the scan's and the trials'
+    report = runner.run(loaded, batch, opts, progress=progress, optimizer=optimizer)
     if what_if:
         if loaded.model is None or batch is None:
             raise UsageError(f"{flag('what_if')} needs a model and a batch (not a bare state_dict)")
         from nnhealth.whatif import explore
 
         tried = explore(
-            loaded, batch, opts, report, budget_seconds=what_if_budget, progress=progress
+            loaded,
+            batch,
+            opts,
+            report,
+            optimizer[0],
+            budget_seconds=what_if_budget,
+            progress=progress,
         )
         report = replace(report, what_if=tried)
     if accepted is not None:

@@ -293,7 +293,7 @@ def _curvature(
         return capture, []
     hess_model, hess_inputs, widened = _for_products(model, batch, prepared, device)
     hess_inputs = resolver.with_labels(hess_inputs)  # the same call as the pass's
-    wrap = _preconditioner(hess_model, plan.optimizer)
+    wrap = _Wrap(plan.optimizer)
     stats, reason, notes = measure_planned(
         hess_model, hess_inputs, resolver, plan, progress, wrap=wrap
     )
@@ -315,8 +315,7 @@ class _Wrap:
     preconditioner (Adam's P^-1 from this batch's gradient and the saved state), or the
     operator itself when the optimizer has none (SGD with one learning rate)."""
 
-    def __init__(self, names: dict[int, str], optimizer: Any) -> None:
-        self.names = names  # id(parameter) -> name: the operator holds only those the loss uses
+    def __init__(self, optimizer: Any) -> None:
         self.optimizer = optimizer
         self.applied = False
         self.how: str | None = None
@@ -331,10 +330,7 @@ class _Wrap:
         for p in op.params:
             grads.append(flat[offset : offset + p.numel()].view(p.shape))
             offset += p.numel()
-        if hasattr(op, "named"):  # finite differences: on a float64 copy, by name
-            names = [n for n, _ in op.named]
-        else:
-            names = [self.names[id(p)] for p in op.params]
+        names = [n for n, _ in op.named]  # those the loss uses, on the model products run on
         scale, decay, how = self.optimizer.diagonal(names, op.params, grads)
         if scale is None and decay is None:
             return op
@@ -343,10 +339,6 @@ class _Wrap:
         if scale is None:
             scale = torch.ones(op.n, dtype=torch.float64, device=flat.device)
         return Preconditioned(op, scale, decay, how)
-
-
-def _preconditioner(model: nn.Module, optimizer: Any) -> _Wrap:
-    return _Wrap({id(p): n for n, p in model.named_parameters()}, optimizer)
 
 
 def _instrumented(
@@ -485,11 +477,14 @@ def run(
     opts: ScanOptions,
     *,
     progress: Progress | None = None,
+    optimizer: tuple[Optimizer, list[str]] | None = None,
 ) -> Report:
-    """Scan a loaded model on a batch. Raises NnhealthError for what the user must fix."""
+    """Scan a loaded model on a batch. Raises NnhealthError for what the user must fix.
+    ``optimizer``: scan_optimizer's answer when the caller already has it."""
     started = time.perf_counter()
     validate(opts)
-    optimizer, optimizer_notes = scan_optimizer(loaded, opts)
+    optimizer, optimizer_notes = optimizer or scan_optimizer(loaded, opts)
+    summary = _rendered(optimizer.summary())
     checks = _resolve_checks(opts, optimizer.lr)
     # what the selected checks need or can use, nothing more
     plan = _plan(checks, opts, optimizer)
@@ -504,12 +499,12 @@ def run(
         "device": None,
         "seed": opts.seed,
         "lr": optimizer.lr,
-        "optimizer": _rendered(optimizer.summary()),
+        "optimizer": summary,
         "torch": torch.__version__,
         "model_source": source_location(loaded),
     }
     capture, info, pass_notes = _captured(loaded, batch, opts, plan, progress)
-    capture = replace(capture, optimizer=_rendered(optimizer.summary()))
+    capture = replace(capture, optimizer=summary)
     run_info.update(info)
     if progress:
         progress("analyzing")

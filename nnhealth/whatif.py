@@ -54,15 +54,13 @@ def explore(
     batch: Batch,
     opts: Any,
     report: Report,
+    optimizer: Optimizer,
     *,
     budget_seconds: float = 120.0,
     progress: Progress | None = None,
 ) -> tuple[dict[str, Any], ...]:
-    """Before/after for each applicable fix of each warning or error in ``report``."""
-
-    from nnhealth.runner import scan_optimizer
-
-    optimizer, _ = scan_optimizer(loaded, opts)
+    """Before/after for each applicable fix of each warning or error in ``report``; the
+    training fixes step ``optimizer`` (the scan's, from its saved state)."""
 
     def train(
         model: nn.Module, lr: float, old_lr: float, lars: bool = False

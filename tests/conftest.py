@@ -599,3 +599,47 @@ def sensitivities(
         n: float((o.detach().double() ** 2).sum() / b * (o.grad.double() ** 2).sum() / b)
         for n, o in outs.items()
     }
+
+
+def relu_cnn_avgpool() -> nn.Sequential:
+    """Conv-ReLU-Conv-ReLU-AvgPool-Linear at PyTorch's default init (seed 0): a healthy
+    net that NH202 once called vanishing."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+
+
+class HFLogits(nn.Module):
+    """A Hugging Face model called on token ids, returning its logits (the last
+    position's when ``last``)."""
+
+    def __init__(self, model: nn.Module, last: bool) -> None:
+        super().__init__()
+        self.m, self.last = model, last
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self.m(input_ids=ids).logits
+        return logits[:, -1] if self.last else logits
+
+
+def small_bert() -> nn.Module:
+    """BertForSequenceClassification, 2 layers of width 64, 3 labels, at its own init
+    (seed 0); skipped where transformers does not import."""
+    tf = pytest.importorskip("transformers")
+    config = tf.BertConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=2,
+        intermediate_size=128,
+        vocab_size=100,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    return tf.BertForSequenceClassification(config)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import sensitivities
+from conftest import HFLogits, relu_cnn_avgpool, sensitivities, small_bert
 from torch import nn
 
 import nnhealth
@@ -219,16 +219,7 @@ def _images(n: int, size: int, classes: int = 10):
 
 
 def test_issue_cnn_with_average_pooling_is_healthy() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    )
+    model = relu_cnn_avgpool()
     assert _depth_findings(model, _images(4, 32)) == []
 
 
@@ -247,33 +238,14 @@ def test_torchvision_convnext() -> None:
     assert _depth_findings(models.convnext_tiny(num_classes=10), _images(2, 32)) == []
 
 
-class _Logits(nn.Module):
-    def __init__(self, model: nn.Module, last: bool) -> None:
-        super().__init__()
-        self.model, self.last = model, last
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=ids).logits
-        return logits[:, -1] if self.last else logits
-
-
 def test_transformers_bert_and_gpt2() -> None:
     tr = pytest.importorskip("transformers")
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 100, (4, 16), generator=gen)
-    bert = tr.BertForSequenceClassification(
-        tr.BertConfig(
-            num_hidden_layers=2,
-            hidden_size=64,
-            num_attention_heads=2,
-            intermediate_size=128,
-            vocab_size=100,
-            num_labels=3,
-        )
-    )
-    assert _depth_findings(_Logits(bert, False), (ids, torch.randint(0, 3, (4,)))) == []
+    bert = small_bert()
+    assert _depth_findings(HFLogits(bert, False), (ids, torch.randint(0, 3, (4,)))) == []
     gpt2 = tr.GPT2LMHeadModel(
         tr.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=32)
     )
-    assert _depth_findings(_Logits(gpt2, True), (ids, torch.randint(0, 100, (4,)))) == []
+    assert _depth_findings(HFLogits(gpt2, True), (ids, torch.randint(0, 100, (4,)))) == []

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import HFLogits, small_bert
 from torch import nn
 
 import nnhealth
@@ -339,16 +340,6 @@ def test_timm_models_are_clean() -> None:
         _quiet(timm.create_model(name, pretrained=False, num_classes=10, **kwargs), (x, y))
 
 
-class _Logits(nn.Module):
-    def __init__(self, model, last: bool) -> None:
-        super().__init__()
-        self.m, self.last = model, last
-
-    def forward(self, ids):
-        logits = self.m(input_ids=ids).logits
-        return logits[:, -1] if self.last else logits
-
-
 def _ids(vocab=100, classes=100):
     g = torch.Generator().manual_seed(4)
     return torch.randint(0, vocab, (4, 16), generator=g), torch.randint(
@@ -357,17 +348,7 @@ def _ids(vocab=100, classes=100):
 
 
 def test_transformers_bert_is_clean() -> None:
-    tf = pytest.importorskip("transformers")
-    config = tf.BertConfig(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=2,
-        intermediate_size=128,
-        vocab_size=100,
-        num_labels=3,
-    )
-    torch.manual_seed(0)
-    _quiet(_Logits(tf.BertForSequenceClassification(config), last=False), _ids(classes=3))
+    _quiet(HFLogits(small_bert(), last=False), _ids(classes=3))
 
 
 @pytest.mark.parametrize("norm", ["ln_2", "ln_f"])
@@ -375,7 +356,7 @@ def test_transformers_gpt2_zero_gain(norm: str) -> None:
     tf = pytest.importorskip("transformers")
     config = tf.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=32)
     torch.manual_seed(0)
-    model = _Logits(tf.GPT2LMHeadModel(config), last=True)
+    model = HFLogits(tf.GPT2LMHeadModel(config), last=True)
     _quiet(model, _ids())
     layer = model.m.transformer.h[0].ln_2 if norm == "ln_2" else model.m.transformer.ln_f
     nn.init.zeros_(layer.weight)

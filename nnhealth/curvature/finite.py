@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable
 from typing import Any, Self
 
 import torch
@@ -96,24 +95,11 @@ class FiniteDifferenceOperator(ProductOperator):
     ``functions`` stay empty: first derivatives need no audit."""
 
     backend = "finite differences"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        inputs: Any,
-        make_loss: Callable[[Any], torch.Tensor],
-        *,
-        mode: str = "train",
-        seed: int = 0,
-    ) -> None:
-        super().__init__(model, inputs, make_loss, mode=mode, seed=seed)
-        # the parameters with a gradient, on the model products run on (set on entry)
-        self.named: list[tuple[str, torch.Tensor]] = []
-        self.loss = math.nan
-        self.relative = 0.0  # the calibrated step relative to max(|w|, 1)
-        self.calibration_error = math.nan  # the estimated relative error it leaves
-        self.weight_scale = 1.0
-        self._g0: torch.Tensor | None = None
+    loss = math.nan  # at the weights, once entered
+    relative = 0.0  # the calibrated step relative to max(|w|, 1)
+    calibration_error = math.nan  # the estimated relative error it leaves
+    weight_scale = 1.0
+    _g0: torch.Tensor | None = None
 
     def __enter__(self) -> Self:
         if isinstance(self.model, torch.jit.ScriptModule):

@@ -114,7 +114,12 @@ class ProductOperator:
         self.make_loss = make_loss
         self.mode = mode
         self.seed = seed
-        self.params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
+        # the parameters products are taken over, with their names (narrowed on entry to
+        # those the loss differentiates; the optimizer's preconditioner is keyed by name)
+        self.named: list[tuple[str, torch.Tensor]] = [
+            (k, p) for k, p in model.named_parameters() if p.requires_grad
+        ]
+        self.params: list[torch.Tensor] = [p for _, p in self.named]
         self.n = sum(p.numel() for p in self.params)
         self.products = 0
         self.notes: list[str] = []
@@ -129,19 +134,9 @@ class HessianOperator(ProductOperator):
     restored on exit, where the retained graph is freed.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        inputs: Any,
-        make_loss: Callable[[Any], torch.Tensor],
-        *,
-        mode: str = "train",
-        seed: int = 0,
-    ) -> None:
-        super().__init__(model, inputs, make_loss, mode=mode, seed=seed)
-        self.backend = "default"
-        self.asymmetry_floor = 0.0  # exact products: rounding alone (trust.check_symmetry)
-        self._grads: tuple[torch.Tensor, ...] | None = None
+    backend = "default"  # "math attention" once the fused kernel had to be replaced
+    asymmetry_floor = 0.0  # exact products: rounding alone (trust.check_symmetry)
+    _grads: tuple[torch.Tensor, ...] | None = None  # the gradient graph, while entered
 
     def __enter__(self) -> Self:
         if not self.params:
@@ -217,8 +212,8 @@ class HessianOperator(ProductOperator):
             # parameters the loss does not use, or uses only linearly, have zero Hessian
             # rows: leave them out of the operator (and say how many)
             kept = [
-                (p, g)
-                for p, g in zip(self.params, grads, strict=True)
+                (named, g)
+                for named, g in zip(self.named, grads, strict=True)
                 if g is not None and g.requires_grad
             ]
             if not kept:
@@ -229,7 +224,8 @@ class HessianOperator(ProductOperator):
                     f"{dropped} parameter tensor(s) have no second derivative here (unused "
                     "by the loss, or linear in it) and are left out of the Hessian"
                 )
-            self.params = [p for p, _ in kept]
+            self.named = [named for named, _ in kept]
+            self.params = [p for _, p in self.named]
             self.n = sum(p.numel() for p in self.params)
             self._grads = tuple(g for _, g in kept)
 

@@ -98,35 +98,32 @@ def _width(r: dict) -> str:
     return str(eff) if units is None else f"{eff}/{units}"  # no pass: units unknown
 
 
+def _variance_columns(rows: tuple[dict, ...], what: str, priority: int, bars: int) -> list[Column]:
+    """``what`` var (act or grad) and its log-scale bars, on the range of every row."""
+    key, label = f"{what}_var", f"{what} var"
+    lo, hi = _range([r.get(key) for r in rows])
+    return [
+        Column(label, label, lambda r: fmt(r.get(key)), priority, key),
+        Column(
+            "log scale",
+            f"{label} bars",
+            lambda r: log_bar(r.get(key), lo, hi),
+            bars,
+            key,
+            left=True,
+            partner=label,
+            apart=f"{what} log",
+        ),
+    ]
+
+
 def layer_columns(rows: tuple[dict, ...]) -> list[Column]:
     """The columns after the layer name, in display order, that some row fills."""
-    alo, ahi = _range([r.get("act_var") for r in rows])
-    glo, ghi = _range([r.get("grad_var") for r in rows])
     columns = [
         Column("kind", "kind", lambda r: r["kind"] + ("()" if r.get("functional") else ""), 5),
         Column("units", "units", lambda r: fmt(r.get("units")), 12),
-        Column("act var", "act var", lambda r: fmt(r.get("act_var")), 1, "act_var"),
-        Column(
-            "log scale",
-            "act var bars",
-            lambda r: log_bar(r.get("act_var"), alo, ahi),
-            10,
-            "act_var",
-            left=True,
-            partner="act var",
-            apart="act log",
-        ),
-        Column("grad var", "grad var", lambda r: fmt(r.get("grad_var")), 2, "grad_var"),
-        Column(
-            "log scale",
-            "grad var bars",
-            lambda r: log_bar(r.get("grad_var"), glo, ghi),
-            11,
-            "grad_var",
-            left=True,
-            partner="grad var",
-            apart="grad log",
-        ),
+        *_variance_columns(rows, "act", 1, 10),
+        *_variance_columns(rows, "grad", 2, 11),
         Column("dead", "dead", _pct("dead_fraction"), 3, "dead_fraction"),
         Column("sat", "sat", _pct("saturated_fraction"), 4, "saturated_fraction"),
         Column("‖w‖", "‖w‖", lambda r: fmt(r.get("weight_norm")), 13, "weight_norm"),

@@ -7,7 +7,16 @@ import math
 
 import pytest
 import torch
-from conftest import Case, case_batch, he, healthy_cases, stack, xavier, zero_head
+from conftest import (
+    Case,
+    case_batch,
+    he,
+    healthy_cases,
+    relu_cnn_avgpool,
+    stack,
+    xavier,
+    zero_head,
+)
 from scipy import integrate, optimize
 from torch import nn
 
@@ -53,20 +62,6 @@ def sigmoid_cnn() -> nn.Sequential:
     for _ in range(5):
         layers += [nn.Conv2d(16, 16, 3, padding=1), nn.Sigmoid()]
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
-
-
-def relu_cnn_avgpool() -> nn.Sequential:
-    """The issue's Conv-ReLU-Conv-ReLU-AvgPool-Linear at PyTorch's default init."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    )
 
 
 class _ScaledBlock(nn.Module):
