@@ -351,8 +351,18 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
 LossFactory = Callable[[Any], torch.Tensor]
 
 
+Grads = dict[str, torch.Tensor | None]
+GradReduce = Callable[[Grads], Grads]
+
+
 def run_pass(
-    model: nn.Module, inputs: Any, make_loss: LossFactory, plan: Plan, *, examples: int
+    model: nn.Module,
+    inputs: Any,
+    make_loss: LossFactory,
+    plan: Plan,
+    *,
+    examples: int,
+    reduce_grads: GradReduce | None = None,
 ) -> Capture:
     """One forward (+ backward) of ``model`` on ``inputs`` as ``plan`` describes it;
     returns frozen statistics. ``examples``: the batch's size (a nonlinearity whose
@@ -362,6 +372,8 @@ def run_pass(
     reduced only when the plan asks for them, and not for TorchScript (no hooks reach
     inside it); the backward runs only when it asks for gradients. Raises
     ``CaptureError`` naming the innermost module that was running when the model raised.
+    ``reduce_grads``: turns this process's parameter gradients into the ones the
+    statistics are of (their weighted sum over the ranks of a distributed scan).
     """
     scripted = isinstance(model, torch.jit.ScriptModule)
     instrument = plan.activations and not scripted
@@ -381,6 +393,8 @@ def run_pass(
         del output
         if plan.gradients and trainable and loss.requires_grad:
             grads = _backward(loss, trainable)
+            if reduce_grads is not None:
+                grads = reduce_grads(grads)
         elif plan.gradients:
             notes.append("no gradients: the model has no trainable parameters on the loss path")
         loss_value = float(loss.detach())

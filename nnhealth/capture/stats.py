@@ -263,8 +263,18 @@ class CurvatureStats:
     trace: float | None = None
     trace_stderr: float | None = None
     trace_probes: int = 0
-    basis_vectors: int = 0  # the most Lanczos vectors held at once (8 bytes x params each)
+    basis_vectors: int = 0  # the most Lanczos vectors held at once
     restarts: int = 0  # thick restarts forced by the memory cap
+    # which Lanczos ran: "full" (a stored basis, fully reorthogonalized) or "three-term"
+    # (no stored basis: three vectors, spurious copies screened); the basis's dtype
+    lanczos: str = "full"
+    basis_dtype: str = "float64"
+    # the examples the Hessian was taken on (a sub-batch: --hessian-batch), and with
+    # --hessian-batches K, each sub-batch's lambda_max (``top[0]`` is then their mean)
+    examples: int | None = None
+    batches: int = 1
+    batch_lambda_max: tuple[float, ...] = ()
+    ranks: int = 1  # processes whose products were averaged (torch.distributed)
     # the optimizer's: lr < limit_factor / lambda_max is stable on the quadratic model;
     # "hessian", or "preconditioned" (the eigenvalues are of P^-1 H) and how P was had
     limit_factor: float = 2.0
@@ -308,6 +318,12 @@ class CurvatureStats:
             "params": self.params,
             "basis_vectors": self.basis_vectors,
             "restarts": self.restarts,
+            "lanczos": self.lanczos,
+            "basis_dtype": self.basis_dtype,
+            "examples": self.examples,
+            "batches": self.batches,
+            "batch_lambda_max": list(self.batch_lambda_max),
+            "ranks": self.ranks,
             "optimizer": self.optimizer,
             "operator": self.operator,
             "preconditioner": self.preconditioner,
