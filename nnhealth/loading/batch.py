@@ -53,6 +53,28 @@ class Batch:
     def shape(self) -> list[int]:
         return list(self.primary.shape)
 
+    def take(self, start: int, stop: int, what: str) -> Batch:
+        """Examples ``start:stop``: every tensor (inputs and targets) whose first axis is
+        the batch's is sliced along it; the others (a shared mask, a scalar) are kept.
+        ``what`` names the part in ``source`` (e.g. "rank 1's shard")."""
+        n = self.examples
+
+        def cut(obj: Any) -> Any:
+            if isinstance(obj, torch.Tensor):
+                return obj[start:stop] if obj.ndim and obj.shape[0] == n else obj
+            if isinstance(obj, (tuple, list)):
+                return type(obj)(cut(o) for o in obj)
+            if isinstance(obj, dict):
+                return {k: cut(v) for k, v in obj.items()}
+            return obj
+
+        return Batch(
+            inputs=cut(self.inputs),
+            targets=cut(self.targets),
+            source=f"{self.source} ({what}: examples {start}:{stop})",
+            notes=list(self.notes),
+        )
+
     def describe(self) -> dict[str, Any]:
         return {
             "source": self.source,
