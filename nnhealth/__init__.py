@@ -46,6 +46,8 @@ def scan(
     hessian_trace: int = _DEFAULTS["hessian_trace"],
     hessian_tol: float = _DEFAULTS["hessian_tol"],
     hessian_budget: int = _DEFAULTS["hessian_budget"],
+    hessian_batch: int | None = _DEFAULTS["hessian_batch"],
+    hessian_batches: int = _DEFAULTS["hessian_batches"],
     options: dict[str, dict[str, Any]] | None = None,
     what_if: bool = _DEFAULTS["what_if"],
     what_if_budget: float = _DEFAULTS["what_if_budget"],
@@ -70,7 +72,9 @@ def scan(
     ``hessian=True`` (or selecting NH401) measures the Hessian's top ``hessian_top``
     eigenvalues by Lanczos (and the smallest with ``hessian_min``, the trace with
     ``hessian_trace`` Hutchinson probes) to relative error ``hessian_tol`` within
-    ``hessian_budget`` Hessian-vector products.
+    ``hessian_budget`` Hessian-vector products, on the batch's first ``hessian_batch``
+    examples (default: all), or as the mean and spread over ``hessian_batches`` disjoint
+    sub-batches.
     ``what_if=True`` re-scans a copy of the model with each recommended fix applied
     (``Report.what_if``), within ``what_if_budget`` seconds. ``baseline`` (a file
     written by ``nnhealth scan --write-baseline``) marks each finding new, worse (its
@@ -78,11 +82,16 @@ def scan(
     (``Report.baseline``). ``options`` overrides check thresholds, e.g.
     ``{"dead-relu": {"warn_fraction": 0.2}}``. Raises ``NnhealthError`` on bad input;
     its message names options by these keywords.
+
+    Called on every rank of a torch.distributed job (after ``init_process_group``;
+    a ``DistributedDataParallel`` model is scanned through its module), each rank's
+    ``batch`` is its part of the whole: the report, the same on every rank, is that of
+    one process on all the ranks' examples (see ``nnhealth.distributed``).
     """
     given = dict(locals())  # the keywords, before any other name is bound
     from torch import nn
 
-    from nnhealth import pipeline
+    from nnhealth import distributed, pipeline
     from nnhealth.errors import UsageError
     from nnhealth.loading.batch import interpret
     from nnhealth.loading.model import LoadedModel
@@ -105,15 +114,16 @@ def scan(
     if betas is not None:
         scan_keywords["betas"] = Betas().coerce(betas)
     opts = ScanOptions(**scan_keywords, check_options=dict(options or {}))
-    return pipeline.run(
-        loaded,
-        None if batch is None else interpret(batch, "batch"),
-        opts,
-        what_if=what_if,
-        what_if_budget=what_if_budget,
-        baseline=baseline,
-        baseline_tolerance=baseline_tolerance,
-    )
+    with distributed.failures(distributed.current()):
+        return pipeline.run(
+            loaded,
+            None if batch is None else interpret(batch, "batch"),
+            opts,
+            what_if=what_if,
+            what_if_budget=what_if_budget,
+            baseline=baseline,
+            baseline_tolerance=baseline_tolerance,
+        )
 
 
 def _optimizer_arguments(optimizer: Any, state: Any, model: Any) -> tuple[str | None, Any]:

@@ -410,9 +410,10 @@ def scan(ctx: typer.Context, **params: Any) -> int:
     """Scan MODEL on one batch and report what is wrong, where, and how to fix it.
 
     Options not given here come from NNHEALTH_* environment variables, then from the
-    config file, then the defaults.
+    config file, then the defaults. Under torchrun, every rank scans its shard of the
+    batch and rank 0 writes the report.
     """
-    from nnhealth import pipeline
+    from nnhealth import distributed
 
     values, settings = _resolve(ctx)
     _check_targets(values)
@@ -422,12 +423,31 @@ def scan(ctx: typer.Context, **params: Any) -> int:
         severities=settings.severities,
         layer_ignores=settings.layer_ignores,
     )
+    with distributed.joined() as ranks, distributed.failures(ranks):
+        code = _scan(values, opts, ranks)
+        return distributed.broadcast_code(code, ranks)
+
+
+def _scan(values: dict[str, Any], opts: Any, ranks: Any) -> int:
+    """The scan on this process (one rank's part of it under torchrun); the report
+    written by rank 0 only. Returns the exit code."""
+    from nnhealth import distributed, pipeline
+
     output, write_baseline = values["output"], values["write_baseline"]
-    interactive = sys.stderr.isatty() and not values["quiet"]
+    writer = ranks is None or ranks.rank == 0
+    interactive = sys.stderr.isatty() and not values["quiet"] and writer
     with _DelayedStatus(interactive) as status, _stdout_to_stderr() as report_stream:
         # user code (factories, forward, TorchScript print) may print: while it runs,
         # stdout goes to stderr, so the report on stdout stays well-formed JSON/SARIF
         loaded, batch = _load(values, status)
+        if ranks is not None:
+            if batch is not None:
+                batch = distributed.shard(batch, ranks)
+            if loaded.model is not None and distributed.broadcast_model(loaded.model, ranks):
+                loaded.notes.append(
+                    "distributed: the ranks loaded different weights (a factory that "
+                    "initializes at random); every rank scanned rank 0's, as DDP would"
+                )
         report = pipeline.run(
             loaded,
             batch,
@@ -435,6 +455,8 @@ def scan(ctx: typer.Context, **params: Any) -> int:
             progress=status.update,
             **options.in_scope(values, options.Scope.PIPELINE),
         )
+        if not writer:
+            return _exit_code(report, values)
         # the code the scan imported (an entry point's modules) is never overwritten
         sources = _loaded_sources()
         _refuse_overwrite("-o", output, sources)

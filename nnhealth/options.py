@@ -84,6 +84,7 @@ MAX_SEED = 2**63 - 1  # torch generators take 64 bits; room for the small offset
 # Hessian-vector products one option may ask for: each costs about two passes, so this
 # is days on any model worth scanning; beyond it a typo, not a plan
 MAX_PRODUCTS = 100_000
+MAX_EXAMPLES = 2**31 - 1  # a sub-batch's size: beyond the batch it is refused anyway
 NO_CHECK = (
     "names no check (an empty list); leave it out for the default checks, or give codes, "
     "prefixes or names (NH101, NH1, dead-relu)"
@@ -457,6 +458,24 @@ OPTIONS: tuple[Option, ...] = (
         Integer(1),
         100,
         "Most Hessian-vector products Lanczos may take.",
+        Scope.SCAN,
+    ),
+    Option(
+        "hessian_batch",
+        Integer(1, MAX_EXAMPLES, "2**31 - 1"),
+        None,
+        "Measure the Hessian on the batch's first N examples (the sharpness of a sub-batch); "
+        "with --hessian-batches K, the size of each sub-batch. Default: the whole batch "
+        "(batch // K with K sub-batches).",
+        Scope.SCAN,
+        show_default=False,
+    ),
+    Option(
+        "hessian_batches",
+        Integer(1),
+        1,
+        "Lanczos on K disjoint sub-batches of the batch: lambda_max is their mean, with its "
+        "spread (std, min, max); the lr limit is judged from the mean.",
         Scope.SCAN,
     ),
     Option(

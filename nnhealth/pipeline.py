@@ -38,7 +38,7 @@ def run(
     ``baseline`` file, add which findings are new, worse, unchanged or fixed
     (``Report.baseline``). Raises NnhealthError for what the user must fix."""
     from nnhealth import baseline as baselines
-    from nnhealth import runner
+    from nnhealth import distributed, runner
 
     check_values(
         {
@@ -50,6 +50,18 @@ def run(
     )
     # a baseline that cannot be read is refused before the scan, not after it
     accepted = baselines.read(Path(baseline)) if baseline is not None else None
+    if loaded.model is not None:
+        model = distributed.unwrapped(loaded.model)  # DDP's module; sharded: refused
+        loaded = loaded if model is loaded.model else replace(loaded, model=model)
+    ranks = distributed.current()
+    if ranks is not None and loaded.model is not None:
+        distributed.same_model(loaded.model, ranks)
+    if what_if and ranks is not None:
+        raise UsageError(
+            f"{flag('what_if')} runs on one process: the trials stop on a time budget, "
+            "which ranks would not reach together; scan without it across ranks, or with "
+            "it on one process"
+        )
     if batch is None and loaded.model is not None and _needs_pass(opts):
         from nnhealth.loading.batch import inferred
 

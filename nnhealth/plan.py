@@ -58,6 +58,10 @@ class Hessian:
     trace_probes: int = 0
     tol: float = 1e-2
     budget: int = 100
+    # on the batch's first ``examples`` (None: the whole batch, or batch // batches), in
+    # ``batches`` disjoint sub-batches of that size
+    examples: int | None = None
+    batches: int = 1
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,8 @@ def make_plan(
             trace_probes=opts.hessian_trace,
             tol=opts.hessian_tol,
             budget=opts.hessian_budget,
+            examples=opts.hessian_batch,
+            batches=opts.hessian_batches,
         )
     return Plan(
         activations="activations" in needs,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnhealth import __version__
+from nnhealth import __version__, distributed
 from nnhealth._util import Progress, escaped
 from nnhealth.analyzers import REGISTRY, select_checks
 from nnhealth.analyzers.base import Check
@@ -22,10 +24,11 @@ from nnhealth.capture.params import capture_weights, module_owners
 from nnhealth.capture.stats import ACTIVATION, Capture
 from nnhealth.config import layer_ignored
 from nnhealth.curvature.measure import measure_planned
+from nnhealth.curvature.stats import FINITE
 from nnhealth.errors import UsageError, flag, report_text
 from nnhealth.findings import AnalyzerError, Finding, Report, Skipped
 from nnhealth.loading.batch import Batch, prepare
-from nnhealth.loading.loss import LossResolver, objective
+from nnhealth.loading.loss import LossResolver, objective, token_ids
 from nnhealth.loading.model import LoadedModel
 from nnhealth.optim import LAYERWISE, Optimizer, lr_note, resolve
 from nnhealth.options import ScanOptions, validate
@@ -288,16 +291,39 @@ def _curvature(
     progress: Progress | None,
 ) -> tuple[Capture, list[str]]:
     """The capture with the Hessian measured as the plan says (or the reason it was
-    not), and the notes on how; the capture as it is when the plan measures none."""
+    not), and the notes on how; the capture as it is when the plan measures none.
+    With --hessian-batch/--hessian-batches, Lanczos runs on each sub-batch in turn."""
     if plan.curvature is None:
         return capture, []
     hess_model, hess_inputs, widened = _for_products(model, batch, prepared, device)
-    hess_inputs = resolver.with_labels(hess_inputs)  # the same call as the pass's
-    wrap = _Wrap(plan.optimizer)
-    stats, reason, notes = measure_planned(
-        hess_model, hess_inputs, resolver, plan, progress, wrap=wrap
-    )
-    if stats is not None and plan.optimizer is not None:
+    # the pass's targets, so that a sub-batch's loss is the pass's on its examples
+    whole = replace(prepared, inputs=hess_inputs, targets=resolver.targets)
+    parts = _sub_batches(whole, resolver, plan.curvature)
+    notes: list[str] = []
+    measured: list[tuple[Any, _Wrap]] = []
+    for i, (part, loss) in enumerate(parts):
+        wrap = _Wrap(plan.optimizer)
+        stats, reason, more = measure_planned(
+            hess_model,
+            loss.with_labels(part.inputs),  # the same call as the pass's
+            loss,
+            plan,
+            _part_progress(progress, i, len(parts)),
+            wrap=wrap,
+        )
+        if stats is None:
+            if reason is not None and len(parts) > 1:
+                reason = f"sub-batch {i + 1} of {len(parts)} ({part.examples} examples): {reason}"
+            return replace(capture, curvature=None, curvature_reason=reason), (
+                [widened] if widened else []
+            )
+        measured.append((stats, wrap))
+        notes += more
+    stats, wrap = measured[0]
+    if len(measured) > 1:
+        stats = _combined([m for m, _ in measured])
+    stats = replace(stats, examples=parts[0][0].examples, batches=len(parts))
+    if plan.optimizer is not None:
         stats = replace(
             stats,
             limit_factor=plan.optimizer.limit_factor(),
@@ -306,8 +332,115 @@ def _curvature(
             operator="preconditioned" if wrap.applied else "hessian",
             preconditioner=wrap.how if wrap.applied else None,
         )
-    capture = replace(capture, curvature=stats, curvature_reason=reason)
+    capture = replace(capture, curvature=stats, curvature_reason=None)
+    notes = list(dict.fromkeys(notes))  # each sub-batch's Lanczos says the same things
     return capture, [widened, *notes] if widened else notes
+
+
+def _sub_batches(
+    whole: Batch, resolver: LossResolver, hessian: Any
+) -> list[tuple[Batch, LossResolver]]:
+    """The sub-batches the Hessian is measured on, each with the loss of its examples
+    (the whole batch and the pass's loss when no sub-batch was asked for). UsageError
+    when the batch is too small for them."""
+    total, k = whole.examples, hessian.batches
+    n = hessian.examples if hessian.examples is not None else total // k
+    if n > total:
+        raise UsageError(
+            f"{flag('hessian_batch')} {n}: the batch has {total} examples; give at most "
+            f"{total}, or leave it out for the whole batch"
+        )
+    if n == 0:
+        raise UsageError(
+            f"{flag('hessian_batches')} {k}: the batch has {total} examples, fewer than one "
+            f"per sub-batch; give at most {total}"
+        )
+    if k * n > total:
+        raise UsageError(
+            f"{flag('hessian_batches')} {k} x {flag('hessian_batch')} {n} = {k * n} "
+            f"examples: the batch has {total}; lower either so that the product is at most "
+            f"{total}"
+        )
+    if k == 1 and n == total:
+        return [(whole, resolver)]
+    parts = [whole.take(i * n, (i + 1) * n, f"Hessian sub-batch {i + 1} of {k}") for i in range(k)]
+    return [(part, _part_loss(resolver, part)) for part in parts]
+
+
+def _part_loss(resolver: LossResolver, part: Batch) -> LossResolver:
+    """The pass's loss on ``part``'s examples: its choice, with ``part``'s targets, token
+    ids (the next-token objective) and place in the batch (seeded random targets are the
+    pass's, sliced); its notes stay the pass's."""
+    loss = copy.copy(resolver)
+    loss.targets = part.targets
+    loss.ids = token_ids(part.inputs)
+    loss.part = part.part
+    loss.notes = []
+    ranks = distributed.current()
+    if ranks is not None:  # every rank's sub-batch has as many examples: equal shares
+        loss.weight = 1.0 / ranks.world
+    return loss
+
+
+def _part_progress(progress: Progress | None, i: int, k: int) -> Progress | None:
+    """``progress`` with each message prefixed by which sub-batch it is about."""
+    if progress is None or k == 1:
+        return progress
+
+    def report(message: str, steps: tuple[int, int] | None = None) -> None:
+        progress(f"sub-batch {i + 1}/{k}: {message}", steps=steps)
+
+    return report
+
+
+def _combined(parts: list[Any]) -> Any:
+    """One record for K sub-batches (each a MeasuredCurvature): each eigenvalue (top-k,
+    lambda_min) and the trace averaged over them, and their bounds too (the mean of K
+    values each within b_i of its true value is within mean(b_i) of the true values'
+    mean: still a certificate); products summed; each sub-batch's lambda_max kept. Other
+    fields are the first sub-batch's (the model, the mode, the Lanczos variant)."""
+    k = len(parts)
+    depth = min(len(p.top) for p in parts)
+
+    def mean(values: list[Any]) -> Any:
+        return None if any(v is None for v in values) else statistics.fmean(values)
+
+    def each(field: str) -> tuple[float, ...]:
+        return tuple(mean([getattr(p, field)[j] for p in parts]) for j in range(depth))
+
+    stderr = [p.trace_stderr for p in parts]
+    return replace(
+        parts[0],
+        top=each("top"),
+        bounds=each("bounds"),
+        estimates=each("estimates"),
+        converged=all(p.converged for p in parts),
+        hvps=sum(p.hvps for p in parts),
+        lanczos_hvps=sum(p.lanczos_hvps for p in parts),
+        lambda_min=mean([p.lambda_min for p in parts]),
+        lambda_min_bound=mean([p.lambda_min_bound for p in parts]),
+        trace=mean([p.trace for p in parts]),
+        # independent estimates: the mean's standard error
+        trace_stderr=None if None in stderr else math.sqrt(sum(s * s for s in stderr)) / k,
+        basis_vectors=max(p.basis_vectors for p in parts),
+        restarts=sum(p.restarts for p in parts),
+        batch_lambda_max=tuple(p.top[0] for p in parts),
+        lambda_max_error=mean([p.lambda_max_error for p in parts]),
+        **_how_products(parts),
+    )
+
+
+def _how_products(parts: list[Any]) -> dict[str, Any]:
+    """How K sub-batches' products were taken: by finite differences if any was (then
+    the largest estimated product error, and the step of the first such), else exact."""
+    finite = [p for p in parts if p.hvp == FINITE]
+    if not finite:
+        return {}
+    return {
+        "hvp": FINITE,
+        "hvp_step": finite[0].hvp_step,
+        "hvp_error": max(p.hvp_error for p in finite),
+    }
 
 
 class _Wrap:
@@ -321,6 +454,9 @@ class _Wrap:
         self.how: str | None = None
 
     def __call__(self, op: Any) -> Any:
+        ranks = distributed.current()
+        if ranks is not None:  # the whole batch's products, on every rank
+            op = distributed.reduce_products(op, ranks)
         if self.optimizer is None or self.optimizer.kind in LAYERWISE:
             return op  # LARS/LAMB: the Hessian itself (their step is rescaled per layer)
         from nnhealth.curvature.preconditioned import Preconditioned
@@ -359,21 +495,45 @@ def _instrumented(
     prepared = prepare(batch, _model_dtype(model), device)
     notes = list(prepared.notes)
     inputs, resolver = objective(
-        model, prepared.inputs, prepared.targets, opts.loss, opts.seed, loaded.loss_fn
+        model,
+        prepared.inputs,
+        prepared.targets,
+        opts.loss,
+        opts.seed,
+        loaded.loss_fn,
+        part=prepared.part,
     )
+    ranks = distributed.current()
+    if ranks is not None:
+        ranks = distributed.weigh(ranks, prepared.examples)
+        resolver.weight = ranks.share
     if progress:
         progress("forward and backward pass")
-    capture = run_pass(model, inputs, resolver, plan, examples=prepared.examples)
-    capture = replace(
-        capture, weights=weight_stats.from_model(model, capture.sites, plan.symmetry_rtol)
-    )
-    capture, curvature_notes = _curvature(
-        capture, model, batch, prepared, device, resolver, plan, progress
-    )
+    with distributed.synced_norms(ranks):
+        capture = run_pass(
+            model,
+            inputs,
+            resolver,
+            plan,
+            examples=prepared.examples,
+            reduce_grads=None if ranks is None else distributed.grads_reducer(ranks, model),
+        )
+        if ranks is not None:
+            capture = distributed.combined(capture, ranks)
+        capture = replace(
+            capture, weights=weight_stats.from_model(model, capture.sites, plan.symmetry_rtol)
+        )
+        capture, curvature_notes = _curvature(
+            capture, model, batch, prepared, device, resolver, plan, progress
+        )
     notes += curvature_notes
     notes += resolver.notes + list(capture.notes)
+    if ranks is not None:
+        notes.append(distributed.note(ranks))
+        if capture.curvature is not None:
+            capture = replace(capture, curvature=_over_ranks(capture.curvature, prepared, ranks))
     info = {
-        "batch": {**prepared.describe(), "examples": prepared.examples},
+        "batch": _described(prepared, ranks),
         "output_shape": resolver.output_shape,
         "loss": resolver.description,
         "loss_value": capture.loss,
@@ -383,6 +543,24 @@ def _instrumented(
         "trainable_params": sum(p.numel for p in capture.params if p.trainable),
     }
     return capture, info, notes
+
+
+def _over_ranks(curvature: Any, prepared: Batch, ranks: distributed.Ranks) -> Any:
+    """The curvature record of a distributed scan: its ranks, and its examples over all
+    of them (a sub-batch is the first N of every rank's shard: N per rank)."""
+    whole = curvature.examples is None or curvature.examples == prepared.examples
+    examples = ranks.examples if whole else curvature.examples * ranks.world
+    return replace(curvature, ranks=ranks.world, examples=examples)
+
+
+def _described(prepared: Batch, ranks: distributed.Ranks | None) -> dict[str, Any]:
+    """The batch in the report: the whole of it over the ranks of a distributed scan."""
+    described = {**prepared.describe(), "examples": prepared.examples}
+    if ranks is not None:
+        shape = described["shape"]
+        described.update(examples=ranks.examples, ranks=ranks.world)
+        described["shape"] = [ranks.examples, *shape[1:]] if shape else shape
+    return described
 
 
 def _captured(

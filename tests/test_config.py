@@ -169,3 +169,28 @@ def test_what_if_from_the_environment(cli, project: Path, monkeypatch) -> None:
     )
     monkeypatch.setenv("NNHEALTH_WHAT_IF", "1")
     assert json.loads(cli("scan").out)["what_if"]
+
+
+def test_hessian_sub_batches_from_the_file_and_the_environment(
+    cli, project: Path, monkeypatch
+) -> None:
+    """hessian-batch and hessian-batches reach the scan from a file and from NNHEALTH_*;
+    the variable beats the file, and a product beyond the batch is refused there too."""
+    pyproject(
+        project,
+        'model = "model.pt"\ndata = "batch.pt"\nhessian = true\nselect = ["NH401"]\n'
+        'format = "json"\nhessian-batch = 16\nhessian-batches = 2\n',
+    )
+    res = cli("scan")
+    assert res.code == 0, res.err
+    c = json.loads(res.out)["curvature"]
+    assert (c["examples"], c["batches"], len(c["batch_lambda_max"])) == (16, 2, 2)
+    monkeypatch.setenv("NNHEALTH_HESSIAN_BATCHES", "3")
+    c = json.loads(cli("scan").out)["curvature"]
+    assert (c["examples"], c["batches"]) == (16, 3)
+    monkeypatch.setenv("NNHEALTH_HESSIAN_BATCHES", "5")
+    line = one_line_error(cli("scan"))
+    assert line.endswith(
+        "--hessian-batches 5 x --hessian-batch 16 = 80 examples: the batch has 64; lower "
+        "either so that the product is at most 64"
+    )

@@ -55,6 +55,8 @@ CONTRACT = {
     "hessian_trace": (("--hessian-trace",), "hessian-trace", "NNHEALTH_HESSIAN_TRACE"),
     "hessian_tol": (("--hessian-tol",), "hessian-tol", "NNHEALTH_HESSIAN_TOL"),
     "hessian_budget": (("--hessian-budget",), "hessian-budget", "NNHEALTH_HESSIAN_BUDGET"),
+    "hessian_batch": (("--hessian-batch",), "hessian-batch", "NNHEALTH_HESSIAN_BATCH"),
+    "hessian_batches": (("--hessian-batches",), "hessian-batches", "NNHEALTH_HESSIAN_BATCHES"),
     "loss": (("--loss",), "loss", "NNHEALTH_LOSS"),
     "mode": (("--mode",), "mode", "NNHEALTH_MODE"),
     "select": (("--select",), "select", "NNHEALTH_SELECT"),

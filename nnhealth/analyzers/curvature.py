@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
+from dataclasses import dataclass, field
+
 from nnhealth.analyzers._fixes import Fix, FixContext, lower_lr_fix
 from nnhealth.analyzers.base import Check, Option
 from nnhealth.capture.stats import Capture, CurvatureStats
@@ -43,6 +46,43 @@ def _evidence(c: CurvatureStats, limit: float | None, factor: float) -> dict:
         "limit_factor": factor,
         "mode": c.mode,
     }
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """Which examples the Hessian was taken on, as the findings say it: ``spread`` after
+    lambda_max, ``where`` after another eigenvalue, both empty for the whole batch."""
+
+    spread: str = ""
+    where: str = ""
+    evidence: dict = field(default_factory=dict)
+
+
+def _sample(c: CurvatureStats, total: int | None) -> _Sample:
+    """A sub-batch (--hessian-batch), or the mean and spread over K of them
+    (--hessian-batches). The limit is judged from the mean: it estimates the sharpness a
+    step on a batch of that size meets, while the max of K grows with K (the largest of
+    more draws), so a verdict from it would tighten with the number of sub-batches
+    measured; the spread is reported beside it for the sharper batches."""
+    n = c.examples
+    if c.batches <= 1:
+        if n is None or total is None or n >= total:
+            return _Sample()
+        where = f" on the first {n} of {total} examples"
+        return _Sample(where, where, {"examples": n, "batches": 1})
+    each = c.batch_lambda_max
+    std, lo, hi = statistics.stdev(each), min(each), max(each)
+    return _Sample(
+        f" ± {std:.2g} over {c.batches} sub-batches of {n} examples (min {lo:.4g}, max {hi:.4g})",
+        f" (mean over {c.batches} sub-batches of {n} examples)",
+        {
+            "examples": n,
+            "batches": c.batches,
+            "lambda_max_std": std,
+            "lambda_max_min": lo,
+            "lambda_max_max": hi,
+        },
+    )
 
 
 def _suggested(c: CurvatureStats) -> float:
@@ -99,6 +139,16 @@ class Curvature(Check):
         each about two passes.
         Dropout is off while taking products; BatchNorm keeps the scan's mode, which
         the report states (the mode changes lambda_max tenfold on some networks).
+        ``--hessian-batch N`` takes the Hessian of the loss on the batch's first N
+        examples (the sharpness of a step on a batch of N; in train mode BatchNorm
+        normalizes by those N examples' statistics). ``--hessian-batches K`` runs
+        Lanczos on K disjoint sub-batches of N examples (N = batch // K unless given):
+        each eigenvalue, bound and the trace are the mean over the sub-batches (the
+        mean of the bounds still certifies the mean), the finding gives lambda_max's
+        sample std, min and max, and the limit is judged from the mean (the max of K
+        grows with K, so a verdict from it would depend on how many were measured;
+        warn_fraction leaves the room for sharper batches). Single-batch estimates vary
+        from batch to batch; the spread says by how much.
         Nothing is certified on a wrong operator: the backward of every custom autograd
         Function on the loss's graph must itself be differentiable (not
         @once_differentiable, no torch.no_grad() or .detach() inside), and u.Hv must
@@ -158,13 +208,14 @@ class Curvature(Check):
         if c is None:
             return []
         opt = capture.optimizer or {}
+        sample = _sample(c, capture.examples)
         first_step = c.operator == "preconditioned" and opt.get("adaptive") and not opt["state"]
         if opt.get("layerwise"):
-            out = [self._layerwise(c, opt, options)]
+            out = [self._layerwise(c, opt, sample, options)]
         elif first_step:
-            out = [self._first_step(c, options)]
+            out = [self._first_step(c, sample, options)]
         else:
-            out = [self._limit(c, options)]
+            out = [self._limit(c, sample, options)]
         if c.lambda_min is not None and c.lambda_max > 0 and c.lambda_min < 0:
             ratio = -c.lambda_min / c.lambda_max
             if ratio >= options["negative_ratio"]:
@@ -172,12 +223,14 @@ class Curvature(Check):
                     self.finding(
                         Severity.INFO,
                         None,
-                        f"negative curvature: lambda_min = {c.lambda_min:.4g}, {ratio:.2g} of "
-                        "lambda_max: a saddle region (common in deep networks, not a local minimum)",
+                        f"negative curvature: lambda_min = {c.lambda_min:.4g}{sample.where}, "
+                        f"{ratio:.2g} of lambda_max: a saddle region (common in deep networks, "
+                        "not a local minimum)",
                         {
                             "lambda_min": c.lambda_min,
                             "ratio_to_lambda_max": ratio,
                             "bound": c.lambda_min_bound,
+                            **sample.evidence,
                         },
                         "no action needed; momentum and noise move SGD off saddles",
                         kind="negative",
@@ -185,17 +238,17 @@ class Curvature(Check):
                 )
         return [f for f in out if f is not None]
 
-    def _limit(self, c: CurvatureStats, options: dict) -> Finding | None:
+    def _limit(self, c: CurvatureStats, sample: _Sample, options: dict) -> Finding | None:
         """lambda_max (of P^-1 H for an adaptive optimizer) and the optimizer's step-size
         limit, against ``lr`` when given."""
         lam = c.lambda_max
         limit = c.lr_limit
-        status = (
+        status = sample.spread + (
             ""
             if c.converged
             else (f" (not converged in {c.lanczos_hvps} products: bound {c.bounds[0]:.2g})")
         )
-        evidence = _evidence(c, limit, c.limit_factor)
+        evidence = _evidence(c, limit, c.limit_factor) | sample.evidence
         if getattr(c, "hvp", None) == FINITE:  # MeasuredCurvature, finite differences
             status += (
                 f" ± {c.lambda_max_error:.2g} (Hessian products by finite differences of "
@@ -250,7 +303,7 @@ class Curvature(Check):
             )
         return None
 
-    def _first_step(self, c: CurvatureStats, options: dict) -> Finding:
+    def _first_step(self, c: CurvatureStats, sample: _Sample, options: dict) -> Finding:
         """An adaptive optimizer with no saved state: P from this batch's gradient alone
         (Adam's first step, v_hat = g^2). Info, never a verdict: one batch's g^2 is far
         below the v Adam accumulates (the noise of later batches adds to it), so the
@@ -262,7 +315,7 @@ class Curvature(Check):
         # first steps are those of preconditioned gradient descent, stable below 2/lambda
         limit = 2.0 / lam if lam > 0 else None
         words = _Words(c)
-        evidence = {**_evidence(c, limit, 2.0), "first_step": True}
+        evidence = {**_evidence(c, limit, 2.0), "first_step": True, **sample.evidence}
         over = ""
         if lr is not None and limit is not None:
             evidence |= {"lr": lr, "lr_over_limit": lr / limit}
@@ -276,8 +329,8 @@ class Curvature(Check):
         return self.finding(
             Severity.INFO,
             None,
-            f"{words.lam} = {lam:.4g} at {c.optimizer}'s first step (no saved optimizer state: "
-            f"{c.preconditioner}), {c.mode} mode: {bound}{over}. One batch's g^2 "
+            f"{words.lam} = {lam:.4g}{sample.spread} at {c.optimizer}'s first step (no saved "
+            f"optimizer state: {c.preconditioner}), {c.mode} mode: {bound}{over}. One batch's g^2 "
             f"understates the v_hat {c.optimizer} builds up, so the later limit "
             f"{words.formula} cannot be judged from it",
             evidence,
@@ -288,7 +341,7 @@ class Curvature(Check):
             kind="first-step",
         )
 
-    def _layerwise(self, c: CurvatureStats, opt: dict, options: dict) -> Finding:
+    def _layerwise(self, c: CurvatureStats, opt: dict, sample: _Sample, options: dict) -> Finding:
         """LARS and LAMB rescale each layer's step at every step (to lr * eta * ||w||, or
         lr * ||w||): a fixed curvature limit predicts neither (tests/
         test_optimizer_limits.py: LAMB's loss rises at half a frozen-trust limit, LARS
@@ -296,6 +349,7 @@ class Curvature(Check):
         lam, lr = c.lambda_max, options.get("lr")
         name = opt.get("name", c.optimizer)
         evidence = {"lambda_max": lam, "bound": c.bounds[0], "hvps": c.hvps, "mode": c.mode}
+        evidence |= sample.evidence
         step = "lr * eta * ||w||" if opt.get("kind") == "lars" else "lr * ||w||"
         tail = (
             f"; each layer moves by about {step} per step whatever the curvature: NH301's "
@@ -306,7 +360,7 @@ class Curvature(Check):
         return self.finding(
             Severity.INFO,
             None,
-            f"lambda_max = {lam:.4g} in {c.mode} mode; {name} rescales each layer's step by "
+            f"lambda_max = {lam:.4g}{sample.spread} in {c.mode} mode; {name} rescales each layer's step by "
             f"its trust ratio at every step, so no fixed curvature limit applies{tail}",
             evidence,
             "no action from curvature; keep each layer's relative step (NH301) near 1e-3",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import statistics
 import textwrap
 from collections import Counter
 from collections.abc import Callable
@@ -310,6 +311,42 @@ def _limit_formula(c: dict) -> str:
     return f"{factor:.4g}/{lam}{who}"
 
 
+def _hessian(c: dict, total: int | None) -> str:
+    """The header's hessian row: the eigenvalues, how they were had, the limit; which
+    examples they are of when not the whole batch (``total`` examples)."""
+    top = ", ".join(f"{v:.6g}" for v in c["top_eigenvalues"])
+    state = "converged" if c["converged"] else "NOT converged"
+    bits = [
+        (
+            f"λmax {top} (bound {c['bounds'][0]:.1e}, {state}, "
+            f"{c['lanczos_hvps']} HVPs, {c['mode']} mode)"
+        )
+    ]
+    if c.get("operator") == "preconditioned":
+        bits[0] = bits[0].replace("λmax", "λmax(P⁻¹H)", 1)
+    bits += _sub_batches(c, total)
+    if c.get("lr_limit") is not None:
+        bits.append(f"lr limit {_limit_formula(c)} = {c['lr_limit']:.4g}")
+    if c.get("lambda_min") is not None:
+        bits.append(f"λmin {c['lambda_min']:.4g}")
+    if c.get("trace") is not None:
+        bits.append(f"trace {c['trace']:.4g} ± {c['trace_stderr']:.2g}")
+    return " · ".join(bits)
+
+
+def _sub_batches(c: dict, total: int | None) -> list[str]:
+    """The sub-batch the Hessian was taken on, or the K it was averaged over with the
+    spread of their λmax; nothing for the whole batch."""
+    n, k, each = c.get("examples"), c.get("batches", 1), c.get("batch_lambda_max") or []
+    if k > 1 and len(each) > 1:
+        std = statistics.stdev(each)
+        lo, hi = min(each), max(each)
+        return [f"mean over {k} sub-batches of {n}: λmax ± {std:.2g}, min {lo:.4g}, max {hi:.4g}"]
+    if n is not None and total is not None and n < total:
+        return [f"on the first {n} of {total} examples"]
+    return []
+
+
 class TextFormatter(Formatter):
     """Rich text for a terminal (colour only when writing to one)."""
 
@@ -392,25 +429,8 @@ class TextFormatter(Formatter):
             grid.add_row(
                 "pass", safe(f"weights only, no forward pass · {fmt(run.get('seconds'))} s")
             )
-        c = report.curvature
-        if c:
-            top = ", ".join(f"{v:.6g}" for v in c["top_eigenvalues"])
-            state = "converged" if c["converged"] else "NOT converged"
-            bits = [
-                (
-                    f"λmax {top} (bound {c['bounds'][0]:.1e}, {state}, "
-                    f"{c['lanczos_hvps']} HVPs, {c['mode']} mode)"
-                )
-            ]
-            if c.get("operator") == "preconditioned":
-                bits[0] = bits[0].replace("λmax", "λmax(P⁻¹H)", 1)
-            if c.get("lr_limit") is not None:
-                bits.append(f"lr limit {_limit_formula(c)} = {c['lr_limit']:.4g}")
-            if c.get("lambda_min") is not None:
-                bits.append(f"λmin {c['lambda_min']:.4g}")
-            if c.get("trace") is not None:
-                bits.append(f"trace {c['trace']:.4g} ± {c['trace_stderr']:.2g}")
-            grid.add_row("hessian", safe(" · ".join(bits)))
+        if report.curvature:
+            grid.add_row("hessian", safe(_hessian(report.curvature, (batch or {}).get("examples"))))
         return grid
 
     def _notes(self, console: Console, report: Report) -> None:

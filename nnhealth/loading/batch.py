@@ -39,6 +39,9 @@ class Batch:
     targets: torch.Tensor | None
     source: str
     notes: list[str] = field(default_factory=list)
+    # a part of a larger batch (take): its examples start:stop of ``of``; seeded random
+    # targets are drawn for the whole and sliced, so the parts' draws are the whole's
+    part: tuple[int, int, int] | None = None
 
     @property
     def primary(self) -> torch.Tensor:
@@ -73,6 +76,7 @@ class Batch:
             targets=cut(self.targets),
             source=f"{self.source} ({what}: examples {start}:{stop})",
             notes=list(self.notes),
+            part=_nested(self.part, start, min(stop, n), n),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -81,6 +85,15 @@ class Batch:
             "shape": self.shape,
             "targets_shape": None if self.targets is None else list(self.targets.shape),
         }
+
+
+def _nested(
+    outer: tuple[int, int, int] | None, start: int, stop: int, n: int
+) -> tuple[int, int, int]:
+    """Examples start:stop of a batch of n that is itself ``outer`` of a larger one."""
+    if outer is None:
+        return start, stop, n
+    return outer[0] + start, outer[0] + stop, outer[2]
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -456,4 +469,5 @@ def prepare(batch: Batch, dtype: torch.dtype | None, device: torch.device) -> Ba
         targets=targets,
         source=batch.source,
         notes=sorted(set(notes), key=notes.index),
+        part=batch.part,
     )

@@ -104,15 +104,18 @@ def objective(
     choice: str,
     seed: int,
     custom: Callable | None = None,
+    part: tuple[int, int, int] | None = None,
 ) -> tuple[Any, LossResolver]:
     """The inputs to call the model with and the loss of its output. With the automatic
     loss, a keyword batch's targets go to the model as ``labels`` (or ``targets``) when
-    its forward takes them, so a model that computes its own loss (Hugging Face) does."""
+    its forward takes them, so a model that computes its own loss (Hugging Face) does.
+    ``part``: the batch is examples start:stop of a larger one (Batch.part)."""
     key = None
     if choice == "auto" and custom is None and targets is not None and isinstance(inputs, dict):
         key = next((k for k in LABEL_KEYWORDS if k not in inputs and accepts(model, k)), None)
     resolver = LossResolver(choice, targets, seed, custom, inputs=inputs, labels_key=key)
     resolver.masked = masked_lm(model)
+    resolver.part = part
     return resolver.with_labels(inputs), resolver
 
 
@@ -146,6 +149,10 @@ class LossResolver:
         self.description = ""
         self.notes: list[str] = []
         self.output_shape: list[int] | None = None
+        self.part: tuple[int, int, int] | None = None  # see _draw
+        # a distributed scan's rank: its share of the examples (the ranks' weighted
+        # losses sum to the whole batch's mean loss)
+        self.weight = 1.0
 
     def with_labels(self, inputs: Any) -> Any:
         """``inputs`` with the targets added under the forward's label keyword, when the
@@ -157,7 +164,20 @@ class LossResolver:
     def _gen(self, device: torch.device) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.seed + 1)
 
+    def _draw(self, shape: tuple[int, ...], draw: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """``draw(shape)`` (seeded); for a part of a larger batch (``part``: examples
+        start:stop of n) the whole batch's draw, sliced: a rank's shard or a sub-batch
+        then gets the random targets one process would give those examples."""
+        part = self.part
+        if part is None or not shape or shape[0] != part[1] - part[0]:
+            return draw(shape)
+        return draw((part[2], *shape[1:]))[part[0] : part[1]]
+
     def __call__(self, output: Any) -> torch.Tensor:
+        loss = self._loss(output)
+        return loss if self.weight == 1.0 else loss * self.weight
+
+    def _loss(self, output: Any) -> torch.Tensor:
         if self.custom is not None:
             return self._custom(output)
         if self.choice == "auto":
@@ -357,7 +377,10 @@ class LossResolver:
     def _random_classes(self, out: torch.Tensor) -> torch.Tensor:
         classes = out.shape[1]
         shape = (out.shape[0], *out.shape[2:])
-        y = torch.randint(0, classes, shape, generator=self._gen(out.device), device=out.device)
+        gen = self._gen(out.device)
+        y = self._draw(
+            shape, lambda s: torch.randint(0, classes, s, generator=gen, device=out.device)
+        )
         self.description = f"cross-entropy against seeded random labels {NO_TARGETS}"
         self.notes.append(f"no targets: random class labels over {classes} classes (seeded)")
         return F.cross_entropy(out, y)
@@ -380,7 +403,9 @@ class LossResolver:
         gen = self._gen(out.device)
         y = self._float_targets(
             out,
-            lambda: torch.randn(out.shape, generator=gen, device=out.device).to(out.dtype),
+            lambda: self._draw(
+                out.shape, lambda s: torch.randn(s, generator=gen, device=out.device)
+            ).to(out.dtype),
             "regression to random unit-Gaussian targets",
         )
         self.description = (
@@ -394,7 +419,9 @@ class LossResolver:
         gen = self._gen(out.device)
         y = self._float_targets(
             out,
-            lambda: torch.randint(0, 2, out.shape, generator=gen, device=out.device).to(out.dtype),
+            lambda: self._draw(
+                out.shape, lambda s: torch.randint(0, 2, s, generator=gen, device=out.device)
+            ).to(out.dtype),
             "random 0/1 targets",
         )
         if float(y.min()) < 0 or float(y.max()) > 1:

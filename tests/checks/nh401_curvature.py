@@ -28,6 +28,25 @@ BAD = [
         kwargs=(("lr", 1e3),),
     ),
     Case("he-relu-no-lr", he_mlp64, Severity.INFO, None, inputs=(128, 64)),
+    # --hessian-batches: the mean lambda_max over 6 sub-batches of 128 // 6 = 21 examples
+    # (the last 2 in none), with its spread
+    Case(
+        "he-relu-huge-lr-6-sub-batches",
+        he_mlp64,
+        Severity.ERROR,
+        None,
+        inputs=(128, 64),
+        kwargs=(("lr", 1e3), ("hessian_batches", 6)),
+    ),
+    # --hessian-batch: the sharpness of the first 32 examples
+    Case(
+        "he-relu-no-lr-first-32",
+        he_mlp64,
+        Severity.INFO,
+        None,
+        inputs=(128, 64),
+        kwargs=(("hessian_batch", 32),),
+    ),
 ]
 
 # no small_cnn here: a Hessian product through its convolutions takes seconds on CPU
