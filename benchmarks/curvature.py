@@ -34,7 +34,7 @@ has at most ``DENSE_MAX`` parameters, else a long float64 Lanczos run certified 
 lambda_max (a long run on it) lies from the truth: no float32 method gets closer.
 
     python benchmarks/curvature.py [--seeds N] [--models mlp-small,mlp,cnn,transformer]
-                                   [--markdown FILE]
+                                   [--lanczos auto|full|three-term] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -144,9 +144,12 @@ def timed(fn: Callable[[], tuple[float, int, float, bool]]) -> Run:
     return Run(value, hvps, time.perf_counter() - start, bound, limit)
 
 
+VARIANT: list[str | None] = [None]  # --lanczos: None (by memory), "full", "three-term"
+
+
 def ours(model, x, y, tol: float, seed: int) -> tuple[float, int, float, bool]:
     with operator(model, x, y) as op:
-        res = scan_lanczos(op, tol=tol, budget=BUDGET, seed=seed)
+        res = scan_lanczos(op, tol=tol, budget=BUDGET, seed=seed, variant=VARIANT[0])
         return res.top[0].value, op.products, res.top[0].relative_bound, not res.converged
 
 
@@ -348,10 +351,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="start vectors per method")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--markdown", type=Path, help="also write the table here")
+    parser.add_argument(
+        "--lanczos",
+        choices=("auto", "full", "three-term"),
+        default="auto",
+        help="ours: a stored basis, three vectors, or as a scan chooses by memory",
+    )
     args = parser.parse_args()
+    VARIANT[0] = None if args.lanczos == "auto" else args.lanczos
     setting = (
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, eval mode, "
-        f"float32 models, {args.seeds} start vectors, load average {os.getloadavg()[0]:.1f} "
+        f"float32 models, {args.seeds} start vectors, ours: Lanczos {args.lanczos}, load "
+        f"average {os.getloadavg()[0]:.1f} "
         "at the start, PyHessian: "
         + (
             "the pyhessian package"
@@ -369,7 +380,10 @@ def main() -> None:
     print(text_table(rows))
     print("\n".join(notes))
     if args.markdown is not None:
-        command = f"python benchmarks/curvature.py --seeds {args.seeds} --models {args.models}"
+        command = (
+            f"python benchmarks/curvature.py --seeds {args.seeds} --models {args.models} "
+            f"--lanczos {args.lanczos}"
+        )
         args.markdown.write_text(markdown(rows, setting, notes, command))
 
 

@@ -32,7 +32,7 @@ from nnhealth._util import first_line, out_of_memory
 from nnhealth.capture.instrument import call_model
 from nnhealth.capture.state import preserved_state
 from nnhealth.curvature import trust
-from nnhealth.errors import CaptureError, NnhealthError
+from nnhealth.errors import CaptureError, NnhealthError, flag
 
 _NO_DOUBLE_BACKWARD = ("not implemented", "does not support double backward", "derivative for")
 _DIFFERENTIABLE = (
@@ -135,6 +135,7 @@ class HessianOperator(ProductOperator):
     """
 
     backend = "default"  # "math attention" once the fused kernel had to be replaced
+
     asymmetry_floor = 0.0  # exact products: rounding alone (trust.check_symmetry)
     _grads: tuple[torch.Tensor, ...] | None = None  # the gradient graph, while entered
 
@@ -161,7 +162,8 @@ class HessianOperator(ProductOperator):
             raise self._failure(
                 "the model's forward for Hessian products",
                 exc,
-                "it ran in the scan's first pass: does the model keep state between calls?",
+                "it ran in the scan's first pass: does the model keep state between calls, "
+                f"or need more examples than the Hessian's ({flag('hessian_batch')})?",
             ) from exc
         try:
             return self.make_loss(output)
@@ -274,7 +276,8 @@ class HessianOperator(ProductOperator):
         return torch.cat([g.detach().reshape(-1).to(torch.float64) for g in self._grads])
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """H v, computed in the parameters' dtype, returned as float64."""
+        """H v, computed in the parameters' dtype, returned in ``v``'s (a float32 vector
+        for a float32 model takes no float64 copy on the way)."""
         if self._grads is None:
             raise RuntimeError("HessianOperator.matvec outside its context")
         pieces, offset = [], 0
@@ -303,9 +306,16 @@ class HessianOperator(ProductOperator):
                 building=False,
             ) from exc
         self.products += 1
-        return torch.cat(
-            [
-                (h if h is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64)
-                for h, p in zip(hv, self.params, strict=True)
-            ]
-        )
+        del pieces
+        out = torch.empty(self.n, dtype=v.dtype, device=v.device)
+        parts, offset = list(hv), 0
+        del hv
+        for i, p in enumerate(self.params):
+            h, parts[i] = parts[i], None  # each piece freed once copied
+            piece = out[offset : offset + p.numel()]
+            if h is None:
+                piece.zero_()
+            else:
+                piece.copy_(h.reshape(-1))
+            offset += p.numel()
+        return out

@@ -1,8 +1,10 @@
 """Lanczos with full reorthogonalization for the extreme eigenvalues of a symmetric
 operator, stopping on a bound, not on the change between iterations. torch + scipy.
 
-Vectors live in float64 (inner products and norms too: in float32 they lose ~1e-4 at
-1e7 parameters, enough to push an estimate past the true eigenvalue). The tridiagonal
+Vectors are stored in the dtype the products take (float32 for a float32 model: they
+are cast to the parameters' dtype for each product anyway); inner products and norms
+are accumulated in float64 (vectors.py: in float32 they lose ~1e-4 at 1e7 parameters,
+enough to push an estimate past the true eigenvalue). The tridiagonal
 matrix is solved by scipy.linalg.eigh_tridiagonal. For a Ritz pair (theta, y) of the
 k-step factorization, the residual r = |beta_k * y_k| certifies an eigenvalue in
 [theta - r, theta + r]; when the other eigenvalues are at least ``gap`` away the error
@@ -19,7 +21,14 @@ norm at most 2): the seeded start is never much worse than a random one. Each ne
 vector is orthogonalized against the whole basis by classical Gram-Schmidt, with a second
 pass only when the first removed most of it (the Daniel-Gragg-Kaufman-Stewart test): one pass over the basis per step, usually.
 
-The basis costs 8 bytes per parameter per step. With ``max_basis`` it is capped (the
+This module keeps the whole basis ("full"); threeterm.py keeps three vectors and screens
+the copies that loss of orthogonality brings. Reorthogonalization is full, not
+selective (Parlett-Scott): one or two float64-accumulated passes over the basis cost
+about 4 j n flops at step j, against a product's several forward+backward passes (each
+at least 6 n flops per example), and full reorthogonalization needs no estimate of the
+orthogonality level to stay right; the basis is only kept while it is small (measure.
+choose), so the passes stay short. The basis costs one vector (n values of its dtype)
+per step. With ``max_basis`` it is capped (the
 whole of it, allocated once, so that is also the peak): when it is full, Lanczos restarts
 thickly (Wu & Simon 2000), keeping the best Ritz vectors (the wanted end of the spectrum,
 about half the basis) and the residual, so the factorization H V = V T + r e^T, and with
@@ -38,6 +47,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.linalg import eigh, eigh_tridiagonal
+
+from nnhealth.curvature import vectors
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
@@ -68,8 +79,10 @@ class LanczosResult:
     iterations: int  # = operator products
     converged: bool
     restarts: int = 0  # thick restarts forced by max_basis
-    basis: int = 0  # the most vectors in use at once (their memory: basis * n * 8 bytes)
+    basis: int = 0  # the most vectors in use at once (their memory: basis * n * itemsize)
     top_vector: torch.Tensor | None = None  # the top Ritz vector (unit), when asked for
+    variant: str = "full"  # "full" (stored basis) or "three-term" (threeterm.py)
+    dtype: torch.dtype = torch.float64  # of the stored vectors
 
 
 def _ritz(t: np.ndarray, tridiagonal: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -94,18 +107,25 @@ _DGKS = 0.5**0.5  # reorthogonalize again when a pass leaves less than this of t
 
 
 def start_vector(
-    n: int, start: torch.Tensor | None, gen: torch.Generator, device: torch.device | str
+    n: int,
+    start: torch.Tensor | None,
+    gen: torch.Generator,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    q = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
-    q /= torch.linalg.vector_norm(q)
+    """A random unit vector plus the unit ``start`` (when finite and nonzero), unit, in
+    ``dtype``."""
+    q = vectors.random_unit(n, gen, dtype, device)
     if start is not None:
-        s = start.detach().reshape(-1).to(device=device, dtype=torch.float64)
-        norm = torch.linalg.vector_norm(s)
+        s = start.detach().reshape(-1)
         if s.numel() != n:
             raise ValueError(f"start vector has {s.numel()} entries, the operator {n}")
-        if torch.isfinite(norm) and norm > 0:
-            q += s / norm
-    return q / torch.linalg.vector_norm(q)
+        norm = vectors.norm(s)
+        if np.isfinite(norm) and norm > 0:
+            for lo in range(0, n, vectors.CHUNK):  # no full-length temporary
+                piece = s[lo : lo + vectors.CHUNK].to(device=device, dtype=torch.float64)
+                q[lo : lo + vectors.CHUNK] += (piece / norm).to(dtype)
+    return q.div_(vectors.norm(q))
 
 
 def _lanczos_step(w: torch.Tensor, q_all: torch.Tensor, known: np.ndarray) -> float:
@@ -114,7 +134,7 @@ def _lanczos_step(w: torch.Tensor, q_all: torch.Tensor, known: np.ndarray) -> fl
     beta_{j-1} except just after a restart), then reorthogonalize against the whole
     basis ``q_all`` (rows, q_j last). Returns alpha_j."""
     current = q_all[-1]
-    alpha = float(torch.dot(current, w))
+    alpha = vectors.dot(current, w)
     w.sub_(current, alpha=alpha)
     nonzero = np.flatnonzero(known)
     if nonzero.size == 1 and nonzero[0] == len(known) - 1:
@@ -125,11 +145,11 @@ def _lanczos_step(w: torch.Tensor, q_all: torch.Tensor, known: np.ndarray) -> fl
     # one classical Gram-Schmidt pass removes what rounding left on the basis; a second
     # only when that pass cancelled most of w (DGKS), since then rounding in it matters
     for _ in range(2):  # "twice is enough" (Parlett)
-        before = torch.linalg.vector_norm(w)
-        coef = q_all @ w
-        w.addmv_(q_all.T, coef, alpha=-1)
+        before = vectors.norm(w)
+        coef = vectors.project(q_all, w)
+        w.addmv_(q_all.T, coef.to(w.dtype), alpha=-1)
         alpha += float(coef[-1])
-        if torch.linalg.vector_norm(w) >= _DGKS * before:
+        if vectors.norm(w) >= _DGKS * before:
             break
     return alpha
 
@@ -144,13 +164,13 @@ def _kept(theta: np.ndarray, size: int, k: int, smallest: bool) -> np.ndarray:
     return np.concatenate([order[:n_top], order[len(order) - n_bottom :]])
 
 
-def _compress(basis: torch.Tensor, size: int, s_keep: np.ndarray, chunk: int = 1 << 20) -> None:
+def _compress(basis: torch.Tensor, size: int, s_keep: np.ndarray, chunk: int = 1 << 16) -> None:
     """basis[:p] = S_keep^T basis[:size], in place, a column block at a time (so the
     restart needs no second basis-sized buffer)."""
-    s_t = torch.as_tensor(s_keep.T.copy(), dtype=basis.dtype, device=basis.device)
+    s_t = torch.as_tensor(s_keep.T.copy(), dtype=torch.float64, device=basis.device)
     p = s_t.shape[0]
     for lo in range(0, basis.shape[1], chunk):
-        block = s_t @ basis[:size, lo : lo + chunk]
+        block = s_t @ basis[:size, lo : lo + chunk].to(torch.float64)
         basis[:p, lo : lo + chunk] = block
 
 
@@ -184,11 +204,16 @@ def lanczos(
     progress: Callable[[int, float, float], None] | None = None,
     vector: bool = False,
     min_iter: int = MIN_ITER,
+    dtype: torch.dtype = torch.float64,
+    first: list[torch.Tensor] | None = None,
 ) -> LanczosResult:
     """Top-``k`` eigenvalues (and the smallest when ``smallest``) of the operator, and
     the top Ritz vector when ``vector``.
 
-    ``start`` seeds the first vector (a random part is always mixed in, see above).
+    ``start`` seeds the first vector (a random part is always mixed in, see above);
+    ``first``: [the unit first vector, its product], taken as they are (the scan's
+    symmetry test made them) and over: the list is emptied, the product changed in place.
+    Vectors are stored in ``dtype``.
     ``max_basis`` caps the vectors held at once (thick restarts; at least
     ``min_basis(k, smallest)``). Stops when every wanted Ritz value has ``bound <= tol *
     |value|`` after at least ``min_iter`` products, when the Krylov space is exhausted
@@ -203,8 +228,13 @@ def lanczos(
         cap = min(cap, max(max_basis, min_basis(k, smallest)))
         steps = max_iter  # restarted: n steps no longer exhaust anything
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    krylov = _Krylov(n, cap, min(cap, steps), max_basis is not None, device)
-    krylov.basis[0] = start_vector(n, start, gen, device)
+    krylov = _Krylov(n, cap, min(cap, steps), max_basis is not None, device, dtype)
+    if first is None:
+        krylov.basis[0] = start_vector(n, start, gen, device, dtype)
+    else:
+        krylov.basis[0] = first[0]
+        krylov.known_product = first[1]
+        first.clear()
     top: tuple[RitzValue, ...] = ()
     bottom = None
     converged = False
@@ -231,6 +261,7 @@ def lanczos(
         restarts=krylov.restarts,
         basis=cap if krylov.restarts else krylov.size,  # size only shrinks at a restart
         top_vector=y,
+        dtype=dtype,
     )
 
 
@@ -244,11 +275,19 @@ class _Krylov:
     only touched as rows fill, on a GPU the cap is reserved at once); otherwise it grows
     by doubling up to ``full`` rows, the most an unrestarted run writes."""
 
+    known_product: torch.Tensor | None = None  # the first vector's, when given
+
     def __init__(
-        self, n: int, cap: int, full: int, capped: bool, device: torch.device | str
+        self,
+        n: int,
+        cap: int,
+        full: int,
+        capped: bool,
+        device: torch.device | str,
+        dtype: torch.dtype,
     ) -> None:
         rows = full if capped else min(full, 16)
-        self.basis = torch.empty((rows, n), dtype=torch.float64, device=device)
+        self.basis = torch.empty((rows, n), dtype=dtype, device=device)
         self.full = full
         self.t = np.zeros((cap, cap))
         self.size = 1
@@ -260,10 +299,13 @@ class _Krylov:
         (unnormalized) with its norm."""
         j = self.size - 1
         t = self.t
-        w = matvec(self.basis[j]).to(torch.float64)
+        w, self.known_product = self.known_product, None
+        if w is None:
+            w = matvec(self.basis[j])
+        w = w.to(self.basis.dtype)  # a copy only when the product comes in another dtype
         t[j, j] = _lanczos_step(w, self.basis[: self.size], self.known)
         t[j, :j] = t[:j, j] = self.known
-        b = float(torch.linalg.vector_norm(w))
+        b = vectors.norm(w)
         if not (np.isfinite(t[j, j]) and np.isfinite(b)):
             raise NonFiniteProduct(f"product {it} of the operator is not finite")
         return w, b
@@ -271,7 +313,7 @@ class _Krylov:
     def vector(self, coefficients: np.ndarray) -> torch.Tensor:
         """The Ritz vector V^T s of the current basis, normalized."""
         s = torch.as_tensor(coefficients, dtype=torch.float64, device=self.basis.device)
-        y = s @ self.basis[: self.size]
+        y = s @ self.basis[: self.size].to(torch.float64)
         return y / torch.linalg.vector_norm(y)
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray]:
@@ -290,7 +332,7 @@ class _Krylov:
         if self.size == self.basis.shape[0]:
             grown = torch.empty(
                 (min(2 * self.size, self.full), self.basis.shape[1]),
-                dtype=torch.float64,
+                dtype=self.basis.dtype,
                 device=self.basis.device,
             )
             grown[: self.size] = self.basis[: self.size]

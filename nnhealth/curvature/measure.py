@@ -14,7 +14,7 @@ from torch import nn
 
 from nnhealth import memory
 from nnhealth._util import Progress, out_of_memory
-from nnhealth.curvature import trust
+from nnhealth.curvature import trust, vectors
 from nnhealth.curvature.finite import MAX_ERROR, FiniteDifferenceOperator, product_error
 from nnhealth.curvature.hvp import HessianOperator, NoCurvature, NoSecondDerivative
 from nnhealth.curvature.lanczos import (
@@ -26,6 +26,7 @@ from nnhealth.curvature.lanczos import (
 )
 from nnhealth.curvature.preconditioned import Preconditioned
 from nnhealth.curvature.stats import FINITE, MeasuredCurvature
+from nnhealth.curvature.threeterm import lanczos_three_term
 from nnhealth.curvature.trace import hutchinson
 from nnhealth.errors import flag, report_text
 
@@ -37,6 +38,17 @@ Operator = HessianOperator | FiniteDifferenceOperator | Preconditioned
 Wrap = Callable[[Any], Any]
 
 MEMORY_SHARE = 0.5  # of the memory available once the gradient graph is built
+# The most a stored Lanczos basis may take. The three-term variant (threeterm.py) gives
+# the same extreme eigenvalues, with the same certified bound, in about as many products
+# from three vectors, so a basis is held only when it is small in absolute terms: 1 GB
+# holds a whole default run (101 vectors) for up to 2.6M float32 parameters (1.3M
+# float64), and never more than one vector of a 250M-parameter model. ViT-B/16 (86M)
+# and GPT-2 small (124M) would need 35 and 50 GB: they run on three vectors.
+BASIS_LIMIT = 1 << 30
+# vectors of the three-term run at its peak: three, and the product being taken (the
+# symmetry test before it holds five: the start vector, its product, a random vector,
+# its product, and the one being taken)
+THREE_TERM_PEAK = 5
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -53,38 +65,86 @@ def _gb(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2g} GB"
 
 
-def basis_cap(n: int, device: torch.device, top: int, smallest: bool, budget: int) -> int | None:
-    """How many float64 Lanczos vectors of length ``n`` fit in MEMORY_SHARE of the free
-    memory; NoCurvature when not even the fewest a restarted run needs do (unless the
-    whole run, ``budget`` products, fits anyway)."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def basis_cap(
+    n: int,
+    device: torch.device,
+    top: int,
+    smallest: bool,
+    budget: int,
+    dtype: torch.dtype = torch.float64,
+) -> int | None:
+    """How many Lanczos vectors of length ``n`` (in ``dtype``) fit in MEMORY_SHARE of
+    the free memory; NoCurvature when not even the fewest a restarted run needs do
+    (unless the whole run, ``budget`` products, fits anyway)."""
     free = available_memory(device)
     if free is None:
         return None
-    cap = int(MEMORY_SHARE * free) // (8 * n)
+    size = dtype.itemsize * n
+    cap = int(MEMORY_SHARE * free) // size
     least = min_basis(top, smallest)
     if cap < least and cap < min(budget, n) + 1:
         raise NoCurvature(
-            f"not enough memory for Lanczos: {least} vectors of {n:,} float64 values need "
-            f"{_gb(least * 8 * n)}, {_gb(free)} is free; free memory, lower "
+            f"not enough memory for Lanczos: {least} vectors of {n:,} {_dtype_name(dtype)} "
+            f"values need {_gb(least * size)}, {_gb(free)} is free; free memory, lower "
             f"{flag('hessian_top')}, "
             "or scan on a larger machine"
         )
     return cap
 
 
-class _Reuse:
-    """``matvec``, except that a first call on ``v`` itself returns the product already
-    taken (the symmetry test's, on Lanczos's start vector)."""
+@dataclass(frozen=True)
+class Choice:
+    """Which Lanczos runs: a stored basis (``cap`` vectors at most, None: the whole run)
+    or three vectors; ``note`` says why when it is not the plain stored basis."""
 
-    def __init__(self, matvec: Callable[[torch.Tensor], torch.Tensor], v, hv) -> None:
-        self.matvec = matvec
-        self.known: tuple[torch.Tensor, torch.Tensor] | None = (v, hv)
+    three_term: bool
+    cap: int | None
+    note: str | None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        known, self.known = self.known, None
-        if known is not None and x.shape == known[0].shape and torch.equal(x, known[0]):
-            return known[1]
-        return self.matvec(x)
+
+def choose(
+    n: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    top: int,
+    smallest: bool,
+    budget: int,
+    vector: bool,
+    variant: str | None = None,
+) -> Choice:
+    """A stored basis when the whole run fits in the lesser of BASIS_LIMIT and
+    MEMORY_SHARE of the free memory, or when the top Ritz vector is wanted (restarted
+    under the memory cap: basis_cap); else three vectors; NoCurvature (before any
+    product) when not even those fit. ``variant`` ("full", "three-term") forces one
+    (benchmarks; the top Ritz vector always takes the stored basis)."""
+    free = available_memory(device)
+    allowed = BASIS_LIMIT if free is None else min(BASIS_LIMIT, int(MEMORY_SHARE * free))
+    size = dtype.itemsize * n
+    whole = (min(budget, n) + 1) * size
+    if vector or variant == "full":
+        return Choice(False, basis_cap(n, device, top, smallest, budget, dtype), None)
+    if whole <= allowed and variant is None:
+        return Choice(False, None, None)
+    if free is not None and THREE_TERM_PEAK * size > free:
+        raise NoCurvature(
+            f"not enough memory for Lanczos: even without a stored basis it holds "
+            f"{THREE_TERM_PEAK} vectors of {n:,} {_dtype_name(dtype)} values "
+            f"({_gb(THREE_TERM_PEAK * size)}) and {_gb(free)} is free; free memory, scan on a "
+            f"larger machine, or leave out {flag('hessian')}"
+        )
+    return Choice(
+        True,
+        None,
+        f"Lanczos without a stored basis (3 {_dtype_name(dtype)} vectors, {_gb(3 * size)}): "
+        f"the basis for {min(budget, n)} products would need {_gb(whole)}, over the "
+        f"{_gb(allowed)} a basis may take (the lesser of {_gb(BASIS_LIMIT)} and half the "
+        "free memory)",
+    )
 
 
 def scan_lanczos(
@@ -98,47 +158,61 @@ def scan_lanczos(
     seeded: bool = True,
     progress: Callable[[int, float, float], None] | None = None,
     vector: bool = False,
+    notes: list[str] | None = None,
+    variant: str | None = None,
 ) -> LanczosResult:
-    """Lanczos on ``op`` as a scan runs it: the basis capped by free memory, started
-    from the loss gradient (plus a random part; ``seeded=False``: random alone), after
-    the operator passed the symmetry test (trust.py: two products beyond Lanczos's,
-    three when rounding must be measured; Lanczos reuses the test's product of its start
-    vector). A non-finite product or running out of memory is reported as NoCurvature,
-    an asymmetric operator as NoSecondDerivative. ``vector``: keep the top Ritz vector."""
+    """Lanczos on ``op`` as a scan runs it: a stored basis or three vectors as memory
+    allows (choose(); ``notes`` gets why), started from the loss gradient (plus a random
+    part; ``seeded=False``: random alone), after the operator passed the symmetry test
+    (trust.py: two products beyond Lanczos's, three when rounding must be measured;
+    Lanczos reuses the test's product of its start vector). Vectors are stored in the
+    parameters' dtype (at least float32). A non-finite product or running out of memory
+    is reported as NoCurvature, an asymmetric operator as NoSecondDerivative.
+    ``vector``: keep the top Ritz vector (a stored basis then); ``variant``: force one
+    (choose())."""
     device = op.params[0].device
-    cap = basis_cap(op.n, device, top, smallest, budget)  # refuses before any product
+    dtype = vectors.storage_dtype([p.dtype for p in op.params])
+    choice = choose(
+        op.n,
+        device,
+        dtype,
+        top=top,
+        smallest=smallest,
+        budget=budget,
+        vector=vector,
+        variant=variant,
+    )  # refuses before any product
+    if notes is not None and choice.note:
+        notes.append(choice.note)
     try:
-        start = op.gradient() if seeded else None
-        q0 = start_vector(op.n, start, torch.Generator(device="cpu").manual_seed(seed), device)
-        hq0 = op.matvec(q0)
-        if not bool(torch.isfinite(hq0).all()):
-            raise NonFiniteProduct("product 1 of the operator is not finite")
-        sym = trust.check_symmetry(
+        first = _first(op, seed, seeded, dtype, device)
+        common: dict[str, Any] = {
+            "k": top,
+            "smallest": smallest,
+            "tol": tol,
+            "max_iter": budget,
+            "seed": seed,
+        }
+        if choice.three_term:
+            return lanczos_three_term(
+                op.matvec,
+                op.n,
+                **common,
+                device=device,
+                progress=progress,
+                dtype=dtype,
+                first=first,
+            )
+        return lanczos(
             op.matvec,
             op.n,
-            q0,
-            hq0,
-            dtypes=[p.dtype for p in op.params],
-            seed=seed,
-            floor=op.asymmetry_floor,
-        )
-        if not sym.symmetric:
-            raise NoSecondDerivative(trust.asymmetry_reason(sym, op.functions))
-        reuse = _Reuse(op.matvec, q0, hq0)
-        del q0, hq0  # held by reuse until Lanczos's first product only
-        return lanczos(
-            reuse,
-            op.n,
-            k=top,
-            smallest=smallest,
-            tol=tol,
-            max_iter=budget,
-            seed=seed,
-            start=start,
-            max_basis=cap,
+            **common,
+            max_basis=choice.cap,
             device=device,
             progress=progress,
             vector=vector,
+            dtype=dtype,
+            first=first,
         )
     except NonFiniteProduct as exc:
         raise NoCurvature(
@@ -150,6 +224,31 @@ def scan_lanczos(
         if not out_of_memory(exc):
             raise
         raise NoCurvature(trust.oom_reason("during Lanczos", exc)) from exc
+
+
+def _first(
+    op: Operator, seed: int, seeded: bool, dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
+    """Lanczos's first vector and its product, after the symmetry test (which reuses
+    that product): a list Lanczos takes over (empties), so nothing else holds them."""
+    start = op.gradient() if seeded else None
+    q0 = start_vector(op.n, start, torch.Generator(device="cpu").manual_seed(seed), device, dtype)
+    del start
+    hq0 = op.matvec(q0).to(dtype)
+    if not bool(torch.isfinite(hq0).all()):
+        raise NonFiniteProduct("product 1 of the operator is not finite")
+    sym = trust.check_symmetry(
+        op.matvec,
+        op.n,
+        q0,
+        hq0,
+        dtypes=[p.dtype for p in op.params],
+        seed=seed,
+        floor=op.asymmetry_floor,
+    )
+    if not sym.symmetric:
+        raise NoSecondDerivative(trust.asymmetry_reason(sym, op.functions))
+    return [q0, hq0]
 
 
 @dataclass(frozen=True)
@@ -227,6 +326,7 @@ def _measured(
 
     inner = op.inner if isinstance(op, Preconditioned) else op
     finite = isinstance(inner, FiniteDifferenceOperator)
+    chosen: list[str] = []
     result = scan_lanczos(
         op,
         top=settings.top,
@@ -236,7 +336,9 @@ def _measured(
         seed=settings.seed,
         progress=report,
         vector=finite,
+        notes=chosen,
     )
+    notes = [*op.notes, *chosen]  # op.notes after the products (math attention, ...)
     lanczos_hvps = result.iterations  # the symmetry test's products are in hvps only
     how: dict[str, Any] = {"lambda_max_error": result.top[0].residual}
     if finite and result.top_vector is not None:
@@ -279,16 +381,22 @@ def _measured(
         trace_probes=settings.trace_probes,
         basis_vectors=result.basis,
         restarts=result.restarts,
+        lanczos=result.variant,
+        basis_dtype=_dtype_name(result.dtype),
         **how,
     )
-    notes = list(op.notes)
     if result.restarts:
-        notes.append(
-            f"Lanczos held at most {result.basis} vectors ({_gb(result.basis * 8 * op.n)}, "
-            f"half the free memory) and restarted {result.restarts} time(s): more "
-            "products than an unrestarted run, the same bound"
-        )
+        notes.append(_restart_note(result, op.n))
     return stats, notes
+
+
+def _restart_note(result: LanczosResult, n: int) -> str:
+    size = result.basis * result.dtype.itemsize * n
+    return (
+        f"Lanczos held at most {result.basis} {_dtype_name(result.dtype)} vectors "
+        f"({_gb(size)}, half the free memory) and restarted {result.restarts} time(s): "
+        "more products than an unrestarted run, the same bound"
+    )
 
 
 def _trace(op: Operator, settings: Settings, progress: Progress | None) -> tuple[float, float]:

@@ -29,7 +29,7 @@ prunes, so those terms are just zero. Three checks, cheapest first:
   product error e, u.e is about |e| / sqrt(n) for a u independent of it, so S is about
   the products' relative rounding error. That error is measured rather than assumed
   (one product more, only when S is above the rounding floor of the parameters'
-  dtype): H is linear, so |H(v+w) - Hv - Hw| / (|Hv| + |Hw|) is rounding alone. The
+  dtype): H is linear, so |H(u+w) - Hu - Hw| / (|Hu| + |Hw|) is rounding alone. The
   operator is refused when S > SYMMETRY_TOL x that error. Measured (float32, CPU, torch
   2.13 and 2.14): on healthy models (MLPs, CNNs with BatchNorm, TransformerEncoders,
   ResNet-18 in train and eval mode, MLPs trained to a loss of 1e-6 whose products lose
@@ -58,6 +58,7 @@ from torch import nn
 from torch.autograd.function import BackwardCFunction, once_differentiable
 
 from nnhealth._util import escaped, first_line, tensors_in
+from nnhealth.curvature import vectors
 from nnhealth.curvature.lanczos import NonFiniteProduct
 
 SYMMETRY_TOL = 50.0  # allowed asymmetry S, in units of the products' own rounding error
@@ -540,16 +541,12 @@ class Symmetry:
         return not self.asymmetry > SYMMETRY_TOL * self.rounding
 
 
-def _unit(n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    v = torch.randn(n, generator=gen, dtype=torch.float64)
-    return (v / torch.linalg.vector_norm(v)).to(device)
-
-
-def _pair(n: int, a: torch.Tensor, ha: torch.Tensor, b: torch.Tensor, hb: torch.Tensor) -> float:
-    scale = float(torch.linalg.vector_norm(ha) + torch.linalg.vector_norm(hb))
+def _pair(n: int, a_hb: float, b_ha: float, norm_ha: float, norm_hb: float) -> float:
+    """S for one pair from a.Hb, b.Ha and the products' norms."""
+    scale = norm_ha + norm_hb
     if scale == 0 or not math.isfinite(scale):
         return 0.0
-    return math.sqrt(n) * abs(float(torch.dot(a, hb)) - float(torch.dot(b, ha))) / scale
+    return math.sqrt(n) * abs(a_hb - b_ha) / scale
 
 
 def check_symmetry(
@@ -565,24 +562,47 @@ def check_symmetry(
     """S over the pairs (u, v), (u, w), (v, w): ``u`` a unit vector whose product ``hu``
     is known, v and w random unit vectors. The rounding floor: the parameters' dtype's
     machine epsilon, n float64 epsilons for the dot products themselves, and ``floor``
-    (the S that the products' known error can explain: finite differences)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed + _PAIR_SEED)
-    v = _unit(n, gen, u.device)
-    hv = matvec(v)
-    w = _unit(n, gen, u.device)
-    hw = matvec(w)
-    for i, h in ((2, hv), (3, hw)):
-        if not bool(torch.isfinite(h).all()):
+    (the S that the products' known error can explain: finite differences).
+
+    Vectors are in ``u``'s dtype, dot products accumulated in float64. At most five
+    vectors are held at once (u, hu, one random vector, the product being taken and its
+    pieces; six when rounding is measured): a random vector is drawn again from its
+    seed rather than kept, and a product is dropped once its dot products are taken."""
+
+    def random(which: int) -> torch.Tensor:  # v: 0, w: 1, of one generator's sequence
+        gen = torch.Generator(device="cpu").manual_seed(seed + _PAIR_SEED)
+        return vectors.random_unit(n, gen, u.dtype, u.device, skip=which)
+
+    def product(x: torch.Tensor, i: int) -> torch.Tensor:
+        hx = matvec(x).to(u.dtype)
+        if not bool(torch.isfinite(hx).all()):
             raise NonFiniteProduct(f"product {i} of the operator is not finite")
-    s = max(_pair(n, u, hu, v, hv), _pair(n, u, hu, w, hw), _pair(n, v, hv, w, hw))
+        return hx
+
+    norm_hu = vectors.norm(hu)
+    v = random(0)
+    hv = product(v, 2)
+    norm_hv = vectors.norm(hv)
+    s_uv = _pair(n, vectors.dot(u, hv), vectors.dot(v, hu), norm_hu, norm_hv)
+    del v
+    w = random(1)
+    w_hv = vectors.dot(w, hv)
+    del hv
+    hw = product(w, 3)
+    norm_hw = vectors.norm(hw)
+    s_uw = _pair(n, vectors.dot(u, hw), vectors.dot(w, hu), norm_hu, norm_hw)
+    del w
+    s = max(s_uv, s_uw, _pair(n, vectors.dot(random(0), hw), w_hv, norm_hv, norm_hw))
     floor = max(
         [torch.finfo(d).eps for d in dtypes] + [n * torch.finfo(torch.float64).eps, floor],
     )
     if s <= SYMMETRY_TOL * floor:
         return Symmetry(s, floor, 2)
-    defect = matvec(v + w).sub_(hv).sub_(hw)
-    scale = float(torch.linalg.vector_norm(hv) + torch.linalg.vector_norm(hw))
-    rounding = float(torch.linalg.vector_norm(defect)) / scale if scale else 0.0
+    # H is linear: H(u + w) - Hu - Hw is rounding alone
+    total = hw.add_(hu)
+    defect = product(random(1).add_(u), 4).sub_(total)
+    scale = norm_hu + norm_hw
+    rounding = vectors.norm(defect) / scale if scale else 0.0
     return Symmetry(s, max(floor, rounding), 3)
 
 
