@@ -227,3 +227,20 @@ def test_each_layer_knows_which_site_it_read() -> None:
     cap = run_pass(Block(), torch.randn(16, 8), mse, Plan(), examples=16)
     reads = {s.name: s.reads for s in cap.sites if s.role in ("layer", "norm")}
     assert reads == {"norm": None, "inner": "norm", "after": None}
+
+
+@pytest.mark.parametrize("rows", [[], [3], [0, 5], [2, 7]])
+def test_embedding_with_untouched_rows_is_told_apart(rows: list[int]) -> None:
+    """An embedding table's gradient with a row of zeros (a token not in the batch) gives
+    the parameter the role "embedding", as a row-by-row comparison with zero says; a row
+    of zeros but for a NaN, or -0.0 values, are judged as that comparison judges them."""
+    from nnhealth.capture.params import _sparse_rows
+
+    g = torch.randn(8, 4, generator=torch.Generator().manual_seed(len(rows)))
+    for r in rows:
+        g[r] = 0.0
+    g[1] = torch.tensor([0.0, float("nan"), 0.0, 0.0])
+    g[6] = -0.0 if 2 in rows else g[6]
+    expected = bool((g == 0).all(dim=1).any())
+    assert _sparse_rows("Embedding", "weight", g) is expected is bool(rows)
+    assert not _sparse_rows("Linear", "weight", g)

@@ -25,6 +25,7 @@ from nnhealth.capture.reducers import (
     OutputReducer,
     SaturatedValues,
     _count_saturated,
+    _near,
     switched_on,
 )
 from nnhealth.capture.stats import ACTIVATION, LAYER, ActivationSpec
@@ -217,6 +218,40 @@ def test_interior_counted_for_twins_only(dtype: torch.dtype) -> None:
     assert (got["unit_interior"][[2, 3, 5]] == -1).all()
     assert got["unit_interior"].dtype == np.int64
     assert CANDIDATE_RTOL < 1e-3  # the random units' projections are far apart
+
+
+def test_interior_of_a_wide_layer_counts_its_twins_alone() -> None:
+    """3000 units over 40 values: many are close in the first projection alone (the
+    candidates once were a third of them); only the twins are close in both."""
+    x = torch.nn.functional.gelu(values((40, 3000), seed=11))
+    x[:, 7] = x[:, 2000]
+    got = reduced(Fingerprints, output(x, False))
+    assert np.flatnonzero(got["unit_interior"] >= 0).tolist() == [7, 2000]
+
+
+def brute_near(p: np.ndarray, window: float) -> np.ndarray:
+    diff = np.abs(p[:, None, :] - p[None, :, :]).max(axis=2)
+    np.fill_diagonal(diff, np.inf)
+    return (diff <= window).any(axis=1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_near_rows_against_all_pairs(seed: int) -> None:
+    """Rows with another within the window in both columns: exactly the brute force's
+    when no run of rows closer than the window in column 0 is longer than the
+    comparisons reach; a superset of it (a long run taken whole) when one is."""
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal((400, 2))
+    p[rng.integers(0, 400, 20)] = p[rng.integers(0, 400, 20)] + 1e-4
+    window = 2e-3
+    p = p[np.argsort(p[:, 0], kind="stable")]
+    got = _near(torch.from_numpy(p), window).numpy()
+    np.testing.assert_array_equal(got, brute_near(p, window))
+    run = np.concatenate([p, np.stack([np.linspace(5, 5 + 1e-3, 40), np.arange(40.0)], 1)])
+    got = _near(torch.from_numpy(run), window).numpy()
+    expected = brute_near(run, window)
+    assert (got >= expected).all()
+    assert got[-40:].all() and not expected[-40:].any()  # the run, taken whole
 
 
 def test_fingerprints_only_for_nonlinearities() -> None:

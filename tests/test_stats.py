@@ -197,3 +197,21 @@ def test_nonfinite_counted_exactly() -> None:
     assert params["0.weight"].nonfinite == 1
     assert params["2.weight"].nonfinite == 1
     assert params["0.bias"].nonfinite == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_float64_reductions_span_blocks_and_leave_the_tensor(dtype: torch.dtype) -> None:
+    """moments64 and norm64 read a tensor a block at a time through one float64 buffer
+    (changed in place): over several blocks and a short last one they agree with numpy's
+    float64 to 1e-12, and the tensor itself is unchanged."""
+    from nnhealth.capture import precision
+
+    n = 2 * precision._CHUNK + 12345
+    t = (torch.randn(n, generator=torch.Generator().manual_seed(0)) * 0.05 + 3.0).to(dtype)
+    before = t.clone()
+    a = t.double().numpy()
+    mean, var = precision.moments64(t)
+    assert mean == pytest.approx(a.mean(), rel=1e-12)
+    assert var == pytest.approx(((a - a.mean()) ** 2).mean(), rel=1e-12)
+    assert precision.norm64(t) == pytest.approx(np.sqrt(np.dot(a, a)), rel=1e-12)
+    assert torch.equal(t, before)

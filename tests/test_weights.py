@@ -54,6 +54,24 @@ def test_groups_match_pairwise_brute_force(seed: int) -> None:
     assert not any(40 in g for g in got)
 
 
+def test_groups_of_many_rows_match_all_pairs() -> None:
+    """800 rows on a coarse grid (many exact copies and many rows alone in their
+    projection window, set aside before the loop) plus near copies, against every pair
+    (numpy, vectorized: a row's group is the set of rows within rtol of it)."""
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, 30, (800, 2)).astype(np.float64) + rng.random((800, 2)) * (
+        rng.random((800, 1)) < 0.5
+    )
+    rows[700:710] = rows[0] * (1 + 1e-8)
+    norms = np.linalg.norm(rows, axis=1)
+    dist = np.linalg.norm(rows[:, None] - rows[None], axis=2)
+    close = dist <= 1e-6 * np.maximum(norms[:, None], norms[None])
+    # exact copies and copies within 1e-8: the relation is an equivalence here
+    expected = {frozenset(np.flatnonzero(c)) for c in close if c.sum() > 1}
+    got = {frozenset(g) for g in near_duplicate_groups(rows, 1e-6)}
+    assert got == expected and len(got) > 10
+
+
 def test_groups_exact_only_with_zero_tolerance() -> None:
     rows = np.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0 + 1e-12], [3.0, 4.0]])
     assert near_duplicate_groups(rows, 0.0) == [[0, 1]]

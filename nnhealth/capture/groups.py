@@ -4,7 +4,8 @@ Rows are sorted by their projection on a random unit vector. Two rows within dis
 t of each other have projections within t (Cauchy-Schwarz), so each row is compared
 only with the group leaders whose projection lies within the tolerance window behind
 it: random rows give windows of about one leader, a constant layer a single leader,
-and the cost is O(n log n) for the sort plus O(n * d) for the comparisons.
+and the cost is O(n log n) for the sort plus O(n * d) for the comparisons. Rows alone
+in their window are set aside first, without a Python step each.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def near_duplicate_groups(rows: np.ndarray, rtol: float, seed: int = 0) -> list[
     order = np.argsort(proj, kind="stable")
     order = order[finite[order]]
     window = (rtol + 1e-12) * float(norms[finite].max())
+    # a row with no other within the window (in projection) joins no group and leads
+    # none: only the others go through the loop below (random rows: usually none)
+    close = np.diff(proj[order]) <= window
+    paired = np.zeros(order.size, dtype=bool)
+    paired[1:] |= close
+    paired[:-1] |= close
+    order = order[paired]
     leaders: deque[int] = deque()
     members: dict[int, list[int]] = {}
     for idx in order:
