@@ -550,3 +550,27 @@ def test_adam_first_steps_at_half_the_no_state_limit_lower_the_loss() -> None:
     fresh = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = trajectory_torch(model, batch, fresh, {}, 0.5 * limit, 3)
     assert max(losses[1:]) < losses[0], losses
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        Optimizer("sgd", lr=0.1),
+        Optimizer("momentum", lr=0.1, momentum=0.9),
+        Optimizer("sgd", lr=0.1, weight_decay=1e-4),
+        Optimizer("sgd", lr=0.1, param_lr={"0.weight": 0.01}),
+        Optimizer("adam", lr=1e-3),
+        Optimizer("adamw", lr=1e-3, weight_decay=0.05),
+    ],
+    ids=["sgd", "momentum", "sgd-wd", "sgd-groups", "adam", "adamw-wd"],
+)
+def test_the_identity_shortcut_agrees_with_the_diagonal(optimizer):
+    """runner._identity skips building P (three float64 vectors) exactly when
+    Optimizer.diagonal would find P = I and no coupled weight decay."""
+    from nnhealth.runner import _identity
+
+    model = softplus_mlp()
+    named = list(model.named_parameters())
+    grads = [torch.randn_like(p, dtype=torch.float64) for _, p in named]
+    scale, decay, _ = optimizer.diagonal([n for n, _ in named], [p for _, p in named], grads)
+    assert _identity(optimizer, [n for n, _ in named]) == (scale is None and decay is None)
