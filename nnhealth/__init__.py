@@ -89,31 +89,10 @@ def scan(
     one process on all the ranks' examples (see ``nnhealth.distributed``).
     """
     given = dict(locals())  # the keywords, before any other name is bound
-    from torch import nn
-
     from nnhealth import distributed, pipeline
-    from nnhealth.errors import UsageError
     from nnhealth.loading.batch import interpret
-    from nnhealth.loading.model import LoadedModel
-    from nnhealth.options import OPTIONS, Betas, ScanOptions, Scope
 
-    if not isinstance(model, nn.Module):
-        raise UsageError(
-            f"scan() takes a torch.nn.Module, not {type(model).__name__}: for a file, run "
-            "`nnhealth scan PATH` (it loads safely), or load the module yourself"
-        )
-    loaded = LoadedModel(
-        model=model, format="in-memory module", source=type(model).__name__, loss_fn=loss_fn
-    )
-    scan_keywords = {
-        o.name: given[o.name] for o in OPTIONS if o.scope == Scope.SCAN and o.name in given
-    }
-    scan_keywords["optimizer"], loaded.optimizer = _optimizer_arguments(
-        optimizer, optimizer_state, model
-    )
-    if betas is not None:
-        scan_keywords["betas"] = Betas().coerce(betas)
-    opts = ScanOptions(**scan_keywords, check_options=dict(options or {}))
+    loaded, opts = _arguments(given)
     with distributed.failures(distributed.current()):
         return pipeline.run(
             loaded,
@@ -124,6 +103,38 @@ def scan(
             baseline=baseline,
             baseline_tolerance=baseline_tolerance,
         )
+
+
+def _arguments(given: dict[str, Any]) -> tuple[Any, Any]:
+    """scan()'s keywords as the pipeline takes them: (LoadedModel, ScanOptions)."""
+    from torch import nn
+
+    from nnhealth.errors import UsageError
+    from nnhealth.loading.model import LoadedModel
+    from nnhealth.options import OPTIONS, Betas, ScanOptions, Scope
+
+    model = given["model"]
+    if not isinstance(model, nn.Module):
+        raise UsageError(
+            f"scan() takes a torch.nn.Module, not {type(model).__name__}: for a file, run "
+            "`nnhealth scan PATH` (it loads safely), or load the module yourself"
+        )
+    loaded = LoadedModel(
+        model=model,
+        format="in-memory module",
+        source=type(model).__name__,
+        loss_fn=given["loss_fn"],
+    )
+    scan_keywords = {
+        o.name: given[o.name] for o in OPTIONS if o.scope == Scope.SCAN and o.name in given
+    }
+    scan_keywords["optimizer"], loaded.optimizer = _optimizer_arguments(
+        given["optimizer"], given["optimizer_state"], model
+    )
+    if given["betas"] is not None:
+        scan_keywords["betas"] = Betas().coerce(given["betas"])
+    opts = ScanOptions(**scan_keywords, check_options=dict(given["options"] or {}))
+    return loaded, opts
 
 
 def _optimizer_arguments(optimizer: Any, state: Any, model: Any) -> tuple[str | None, Any]:

@@ -194,16 +194,14 @@ def _ranks(work: Path, world: int, args: list[str], timeout: float = 240, **extr
     return out
 
 
-def _single(work: Path, args: list[str]):
-    p = subprocess.run(
-        [sys.executable, "-m", "nnhealth", "scan", *args],
-        cwd=work,
-        env=_env(work),
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=240,
+def _run(work: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        argv, cwd=work, env=_env(work), capture_output=True, check=False, text=True, timeout=240
     )
+
+
+def _single(work: Path, args: list[str]):
+    p = _run(work, [sys.executable, "-m", "nnhealth", "scan", *args])
     return p.returncode, p.stdout, p.stderr
 
 
@@ -314,7 +312,8 @@ def test_a_rank_that_stops_answering_times_out_with_one_line(work):
 
 
 def test_torchrun_runs_the_module(work):
-    out = subprocess.run(
+    out = _run(
+        work,
         [
             sys.executable,
             "-m",
@@ -331,12 +330,6 @@ def test_torchrun_runs_the_module(work):
             "--format",
             "json",
         ],
-        cwd=work,
-        env=_env(work),
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=240,
     )
     report = json.loads(out.stdout)
     assert report["run"]["batch"]["ranks"] == 2
