@@ -277,8 +277,9 @@ def measure(args: argparse.Namespace, name: str, workdir: Path) -> dict[str, Any
     if args.part != "capture":
         print(f"{name}: curvature ...", file=sys.stderr)
         row["curvature"] = _child(args, factory, "curvature")
-        print(f"{name}: nnhealth scan --hessian through the CLI ...", file=sys.stderr)
-        row["cli"] = _cli(args, factory, workdir)
+        if not args.no_cli:
+            print(f"{name}: nnhealth scan --hessian through the CLI ...", file=sys.stderr)
+            row["cli"] = _cli(args, factory, workdir)
     return row
 
 
@@ -394,6 +395,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per child")
     parser.add_argument("--max-rss", type=float, default=14.0, help="GB of RSS per child")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    parser.add_argument(
+        "--no-cli", action="store_true", help="leave out the whole CLI scan (the longest part)"
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
