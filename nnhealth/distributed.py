@@ -207,6 +207,15 @@ def weigh(ranks: Ranks, examples: int) -> Ranks:
     return replace(ranks, share=examples / total, examples=total, local=examples)
 
 
+def smallest(value: float, ranks: Ranks) -> int:
+    """The least of ``value`` over the ranks (every rank gets the same)."""
+    import torch.distributed as dist
+
+    box = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(box, op=dist.ReduceOp.MIN, group=ranks.group)
+    return int(box.item())
+
+
 # ---- the pass ---------------------------------------------------------------------
 
 
@@ -523,11 +532,12 @@ def _unit_arrays(parts: list[dict[str, Any]], counts: list[int]) -> dict[str, An
 
 
 def _global_shape(shape: tuple[int, ...], ranks: Ranks) -> tuple[int, ...]:
-    """The site's shape over the whole batch: its first axis of this rank's example
-    count becomes the whole batch's (one rank's shape when no axis is)."""
+    """The site's shape over the whole batch: a first axis of this rank's example
+    count becomes the whole batch's (one rank's shape otherwise: a sequence-first
+    site keeps it)."""
     dims = list(shape)
-    if ranks.local in dims:
-        dims[dims.index(ranks.local)] = ranks.examples
+    if dims and dims[0] == ranks.local:
+        dims[0] = ranks.examples
     return tuple(dims)
 
 

@@ -343,25 +343,31 @@ def _sub_batches(
     """The sub-batches the Hessian is measured on, each with the loss of its examples
     (the whole batch and the pass's loss when no sub-batch was asked for). UsageError
     when the batch is too small for them."""
-    total, k = whole.examples, hessian.batches
+    k, ranks = hessian.batches, distributed.current()
+    if k == 1 and hessian.examples is None:
+        return [(whole, resolver)]
+    # across ranks every rank takes sub-batches of the same size (the smallest shard's
+    # bound), so that each has an equal share and all decide (and refuse) alike
+    total = whole.examples if ranks is None else distributed.smallest(whole.examples, ranks)
+    batch = "the batch" if ranks is None else "the smallest rank's shard"
     n = hessian.examples if hessian.examples is not None else total // k
     if n > total:
         raise UsageError(
-            f"{flag('hessian_batch')} {n}: the batch has {total} examples; give at most "
+            f"{flag('hessian_batch')} {n}: {batch} has {total} examples; give at most "
             f"{total}, or leave it out for the whole batch"
         )
     if n == 0:
         raise UsageError(
-            f"{flag('hessian_batches')} {k}: the batch has {total} examples, fewer than one "
+            f"{flag('hessian_batches')} {k}: {batch} has {total} examples, fewer than one "
             f"per sub-batch; give at most {total}"
         )
     if k * n > total:
         raise UsageError(
             f"{flag('hessian_batches')} {k} x {flag('hessian_batch')} {n} = {k * n} "
-            f"examples: the batch has {total}; lower either so that the product is at most "
+            f"examples: {batch} has {total}; lower either so that the product is at most "
             f"{total}"
         )
-    if k == 1 and n == total:
+    if k == 1 and n == total and ranks is None:
         return [(whole, resolver)]
     parts = [whole.take(i * n, (i + 1) * n, f"Hessian sub-batch {i + 1} of {k}") for i in range(k)]
     return [(part, _part_loss(resolver, part)) for part in parts]
@@ -547,7 +553,10 @@ def _instrumented(
     if ranks is not None:
         notes.append(distributed.note(ranks))
         if capture.curvature is not None:
-            capture = replace(capture, curvature=_over_ranks(capture.curvature, prepared, ranks))
+            whole = plan.curvature is None or (
+                plan.curvature.examples is None and plan.curvature.batches == 1
+            )
+            capture = replace(capture, curvature=_over_ranks(capture.curvature, whole, ranks))
     info = {
         "batch": _described(prepared, ranks),
         "output_shape": resolver.output_shape,
@@ -561,10 +570,10 @@ def _instrumented(
     return capture, info, notes
 
 
-def _over_ranks(curvature: Any, prepared: Batch, ranks: distributed.Ranks) -> Any:
+def _over_ranks(curvature: Any, whole: bool, ranks: distributed.Ranks) -> Any:
     """The curvature record of a distributed scan: its ranks, and its examples over all
-    of them (a sub-batch is the first N of every rank's shard: N per rank)."""
-    whole = curvature.examples is None or curvature.examples == prepared.examples
+    of them (the whole batch, or N per rank: a sub-batch is the first N of every rank's
+    shard)."""
     examples = ranks.examples if whole else curvature.examples * ranks.world
     return replace(curvature, ranks=ranks.world, examples=examples)
 

@@ -281,6 +281,51 @@ def test_hessian_sub_batch_across_ranks_is_the_first_n_of_every_shard(work):
     assert gap <= cm["bounds"][0] + cs["bounds"][0]
 
 
+def test_sub_batches_on_unequal_shards_are_equal_parts(work):
+    """5 examples on 2 ranks (shards of 2 and 3): --hessian-batch 2 is examples 0, 1 and
+    2, 3, each rank's part weighted alike, as one process on those 4; 3 is refused by
+    both ranks (the smallest shard has 2)."""
+    whole = torch.load(work / "mlp.pt")
+    torch.save({k: v[:5] for k, v in whole.items()}, work / "five.pt")
+    torch.save({k: v[:4] for k, v in whole.items()}, work / "four.pt")
+    base = ["distmodels:mlp", "--format", "json", "--hessian", "--hessian-tol", "1e-6"]
+    runs = _ranks(work, 2, [*base, "--data", "five.pt", "--hessian-batch", "2"])
+    code, stdout, _ = _single(work, [*base, "--data", "four.pt"])
+    assert runs[0][0] == code, runs[0][2]
+    cm, cs = json.loads(runs[0][1])["curvature"], json.loads(stdout)["curvature"]
+    assert cm["examples"] == 4
+    gap = abs(cm["top_eigenvalues"][0] - cs["top_eigenvalues"][0])
+    assert gap <= cm["bounds"][0] + cs["bounds"][0]
+    refused = _ranks(work, 2, [*base, "--data", "five.pt", "--hessian-batch", "3"])
+    for rc, _, stderr in refused:
+        assert rc == 2 and len(stderr.strip().splitlines()) == 1, stderr
+        assert "the smallest rank's shard has 2 examples" in stderr
+
+
+SMALL_MEMORY = textwrap.dedent(
+    """
+    import os
+    if os.environ.get("RANK") == "1":  # this rank alone sees little free memory
+        import nnhealth.memory
+        nnhealth.memory.available = lambda: 200_000
+    """
+)
+
+
+def test_ranks_choose_the_same_lanczos_whatever_their_free_memory(work, tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(SMALL_MEMORY)
+    path = os.pathsep.join([str(tmp_path), str(work)])
+    runs = _ranks(
+        work,
+        2,
+        ["distmodels:mlp", "--data", "mlp.pt", "--format", "json", "--hessian"],
+        NNHEALTH_DIST_TIMEOUT="30",
+        PYTHONPATH=path,
+    )
+    assert runs[0][0] == runs[1][0] and runs[0][0] in (0, 1), [r[2] for r in runs]
+    assert json.loads(runs[0][1])["curvature"]["lanczos"] == "three-term"
+
+
 def test_a_failing_rank_ends_every_rank_with_one_line(work, tmp_path):
     start = time.monotonic()
     runs = _ranks(work, 2, ["distmodels:raises", "--input-shape", "4x12"])

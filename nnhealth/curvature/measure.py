@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from nnhealth import memory
+from nnhealth import distributed, memory
 from nnhealth._util import Progress, out_of_memory
 from nnhealth.curvature import trust, vectors
 from nnhealth.curvature.finite import MAX_ERROR, FiniteDifferenceOperator, product_error
@@ -53,7 +53,17 @@ THREE_TERM_PEAK = 5
 
 def available_memory(device: torch.device) -> int | None:
     """Bytes free for the Lanczos vectors on ``device`` (None: unknown, no cap): on
-    the CPU the lesser of the system's MemAvailable and what the cgroup limit leaves."""
+    the CPU the lesser of the system's MemAvailable and what the cgroup limit leaves;
+    across ranks the least of theirs, so that every rank chooses the same Lanczos (the
+    products are collectives: ranks running different ones would stop matching)."""
+    free = _free(device)
+    ranks = distributed.current()
+    if free is None or ranks is None:
+        return free
+    return distributed.smallest(free, ranks)
+
+
+def _free(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     if device.type != "cpu":
