@@ -199,21 +199,22 @@ def shard(batch: Batch, ranks: Ranks) -> Batch:
 
 def weigh(ranks: Ranks, examples: int) -> Ranks:
     """``ranks`` with this rank's share of all ranks' examples."""
-    import torch.distributed as dist
-
-    counts = torch.tensor([examples], dtype=torch.float64)
-    dist.all_reduce(counts, group=ranks.group)
-    total = int(counts.item())
+    total = int(_over(examples, ranks, "SUM"))
     return replace(ranks, share=examples / total, examples=total, local=examples)
 
 
 def smallest(value: float, ranks: Ranks) -> int:
     """The least of ``value`` over the ranks (every rank gets the same)."""
+    return int(_over(value, ranks, "MIN"))
+
+
+def _over(value: float, ranks: Ranks, op: str) -> float:
+    """A number reduced over the ranks (op: a torch.distributed.ReduceOp name)."""
     import torch.distributed as dist
 
     box = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(box, op=dist.ReduceOp.MIN, group=ranks.group)
-    return int(box.item())
+    dist.all_reduce(box, op=getattr(dist.ReduceOp, op), group=ranks.group)
+    return float(box.item())
 
 
 # ---- the pass ---------------------------------------------------------------------
@@ -253,24 +254,8 @@ def grads_reducer(ranks: Ranks, model: nn.Module) -> Callable[[dict], dict]:
 
 def reduce_products(op: Any, ranks: Ranks) -> Any:
     """A Hessian-vector product operator whose products and gradient are summed over
-    the ranks (the whole batch's), on every rank alike. Its class is kept (measure.py
-    treats finite differences by their class), so the methods are replaced on the
-    instance."""
-    matvec, gradient = op.matvec, op.gradient
-    sums = [0]  # reductions so far
-
-    def reduced_matvec(v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        before = sums[0]
-        product = matvec(v, *args, **kwargs)
-        if sums[0] > before:  # built from products already summed (a calibration's)
-            return product
-        sums[0] += 1
-        return summed(product.clone(), ranks)
-
-    def reduced_gradient() -> torch.Tensor:
-        return summed(gradient().clone(), ranks)
-
-    op.matvec, op.gradient = reduced_matvec, reduced_gradient
+    the ranks (the whole batch's), on every rank alike."""
+    op.reduce = lambda t: summed(t, ranks)
     return op
 
 
@@ -298,8 +283,7 @@ class _SyncedNorms(TorchFunctionMode):
         x = input
         dims = [0, *range(2, x.ndim)]
         shape = [1, -1] + [1] * (x.ndim - 2)
-        local = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64)
-        count = float(summed(local, self.ranks).item())
+        count = _over(x.numel() // x.shape[1], self.ranks, "SUM")
         mean = self._summed(x.sum(dims)) / count
         centred = x - mean.view(shape)
         var = self._summed(centred.square().sum(dims)) / count

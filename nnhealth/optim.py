@@ -357,9 +357,8 @@ class Optimizer:
 
         parts, decay = [], []
         for name, p, g in zip(names, params, grads, strict=True):
-            ratio = (self.lr_of(name) or 0.0) / self.lr if self.lr else 1.0
-            parts.append(ratio * self._inverse(name, p, g).reshape(-1))
-            wd = 0.0 if self.kind in DECOUPLED else self.weight_decay_of(name)
+            parts.append(self._lr_ratio(name) * self._inverse(name, p, g).reshape(-1))
+            wd = self._coupled_decay(name)
             decay.append(torch.full((p.numel(),), wd, dtype=torch.float64, device=p.device))
         scale = torch.cat(parts) if parts else None
         shift = torch.cat(decay) if decay else None
@@ -368,6 +367,21 @@ class Optimizer:
         if scale is not None and not self.preconditioned_kind and bool((scale == 1).all()):
             scale = None
         return scale, shift, self._how()
+
+    def identity(self, names: list[str]) -> bool:
+        """diagonal() would find P = I and no coupled weight decay over these
+        parameters (an SGD-family step with one learning rate), told without building
+        its vectors."""
+        return not self.preconditioned_kind and all(
+            self._lr_ratio(n) == 1.0 and not self._coupled_decay(n) for n in names
+        )
+
+    def _lr_ratio(self, name: str) -> float:
+        return (self.lr_of(name) or 0.0) / self.lr if self.lr else 1.0
+
+    def _coupled_decay(self, name: str) -> float:
+        """The weight decay added to the gradient (and so to the Hessian's diagonal)."""
+        return 0.0 if self.kind in DECOUPLED else self.weight_decay_of(name)
 
     def _inverse(self, name: str, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """P^-1 for one parameter (float64, p's shape): the per-coordinate step scale."""

@@ -30,7 +30,7 @@ from nnhealth.findings import AnalyzerError, Finding, Report, Skipped
 from nnhealth.loading.batch import Batch, prepare
 from nnhealth.loading.loss import LossResolver, objective, token_ids
 from nnhealth.loading.model import LoadedModel
-from nnhealth.optim import DECOUPLED, LAYERWISE, Optimizer, lr_note, resolve
+from nnhealth.optim import LAYERWISE, Optimizer, lr_note, resolve
 from nnhealth.options import ScanOptions, validate
 from nnhealth.plan import Plan, is_opt_in, make_plan
 
@@ -468,7 +468,7 @@ class _Wrap:
         from nnhealth.curvature.preconditioned import Preconditioned
 
         names = [n for n, _ in op.named]  # those the loss uses, on the model products run on
-        if _identity(self.optimizer, names):
+        if self.optimizer.identity(names):
             return op  # plain SGD: no float64 gradient and diagonals (3 vectors) built
         flat = op.gradient()
         grads, offset = [], 0
@@ -483,20 +483,6 @@ class _Wrap:
         if scale is None:
             scale = torch.ones(op.n, dtype=torch.float64, device=flat.device)
         return Preconditioned(op, scale, decay, how)
-
-
-def _identity(optimizer: Optimizer, names: list[str]) -> bool:
-    """The optimizer's P is the identity over these parameters, with no coupled weight
-    decay: an SGD-family step with one learning rate (what diagonal() would find, told
-    without building its vectors)."""
-    if optimizer.preconditioned_kind:
-        return False
-    for name in names:
-        ratio = (optimizer.lr_of(name) or 0.0) / optimizer.lr if optimizer.lr else 1.0
-        decay = 0.0 if optimizer.kind in DECOUPLED else optimizer.weight_decay_of(name)
-        if ratio != 1.0 or decay:
-            return False
-    return True
 
 
 def _instrumented(

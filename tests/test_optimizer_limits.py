@@ -565,12 +565,10 @@ def test_adam_first_steps_at_half_the_no_state_limit_lower_the_loss() -> None:
     ids=["sgd", "momentum", "sgd-wd", "sgd-groups", "adam", "adamw-wd"],
 )
 def test_the_identity_shortcut_agrees_with_the_diagonal(optimizer):
-    """runner._identity skips building P (three float64 vectors) exactly when
-    Optimizer.diagonal would find P = I and no coupled weight decay."""
-    from nnhealth.runner import _identity
-
+    """Optimizer.identity (the scan skips building P, three float64 vectors) holds
+    exactly when Optimizer.diagonal would find P = I and no coupled weight decay."""
     model = softplus_mlp()
     named = list(model.named_parameters())
     grads = [torch.randn_like(p, dtype=torch.float64) for _, p in named]
     scale, decay, _ = optimizer.diagonal([n for n, _ in named], [p for _, p in named], grads)
-    assert _identity(optimizer, [n for n, _ in named]) == (scale is None and decay is None)
+    assert optimizer.identity([n for n, _ in named]) == (scale is None and decay is None)

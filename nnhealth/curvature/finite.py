@@ -171,7 +171,7 @@ class FiniteDifferenceOperator(ProductOperator):
         """The loss gradient at the weights, flat float64 (Lanczos's start vector)."""
         if self._g0 is None:
             raise RuntimeError("FiniteDifferenceOperator.gradient outside its context")
-        return self._g0
+        return self._g0 if self.reduce is None else self._summed(self._g0.clone())
 
     def step(self, v: torch.Tensor) -> float:
         """e for the product on ``v``: the calibrated step times max(|w|, 1) / |v|."""
@@ -191,7 +191,8 @@ class FiniteDifferenceOperator(ProductOperator):
         plus = _flat(self._gradient(v, e), self.params)
         minus = _flat(self._gradient(v, -e), self.params)
         self.products += 1
-        return plus.sub_(minus).div_(2 * e)
+        # summed per product; a calibration (above) is built from these, already summed
+        return self._summed(plus.sub_(minus).div_(2 * e))
 
     def _calibrate(self, v: torch.Tensor) -> torch.Tensor:
         """Choose the step on ``v`` (see the module docstring); D(v) at it."""

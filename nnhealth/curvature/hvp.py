@@ -131,9 +131,16 @@ class ProductOperator:
         self.params: list[torch.Tensor] = [p for _, p in self.named]
         self.n = sum(p.numel() for p in self.params)
         self.products = 0
+        # sums a product or gradient over the ranks of a distributed scan, in place
+        # (distributed.reduce_products sets it); None: this process's are the whole's
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.notes: list[str] = []
         self.functions: list[trust.CustomFunction] = []
         self._stack: contextlib.ExitStack | None = None
+
+    def _summed(self, owned: torch.Tensor) -> torch.Tensor:
+        """``owned`` (a tensor no one else holds) summed over the ranks, if any."""
+        return owned if self.reduce is None else self.reduce(owned)
 
 
 class HessianOperator(ProductOperator):
@@ -284,7 +291,9 @@ class HessianOperator(ProductOperator):
         vector for Lanczos: no product needed, the graph already holds it)."""
         if self._grads is None:
             raise RuntimeError("HessianOperator.gradient outside its context")
-        return torch.cat([g.detach().reshape(-1).to(torch.float64) for g in self._grads])
+        return self._summed(
+            torch.cat([g.detach().reshape(-1).to(torch.float64) for g in self._grads])
+        )
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """H v, computed in the parameters' dtype, returned in ``v``'s (a float32 vector
@@ -325,4 +334,4 @@ class HessianOperator(ProductOperator):
             else:
                 piece.copy_(h.reshape(-1))
             offset += p.numel()
-        return out
+        return self._summed(out)
