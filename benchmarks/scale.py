@@ -121,6 +121,7 @@ def _setup(factory: str, hessian: bool = False) -> dict[str, Any]:
         "resolver": resolver,
         "plan": plan,
         "examples": prepared.examples,
+        "batch": prepared,
         "params": sum(p.numel() for p in model.parameters()),
     }
 
@@ -179,14 +180,23 @@ def child_memory(factory: str, path: str) -> dict[str, Any]:
 
 def child_curvature(factory: str) -> dict[str, Any]:
     """Curvature as the scan measures it with ``--hessian``, alone in this process."""
+    from dataclasses import replace
+
     from nnhealth.curvature.measure import measure_planned
+    from nnhealth.runner import hessian_examples
 
     case = _setup(factory, hessian=True)
     base = _maxrss_mb()
     resolver = case["resolver"]
+    # as the scan takes them: on blocks of the batch when its graph is over its allowance
+    examples = hessian_examples(replace(case["batch"], targets=resolver.targets), resolver)
     start = time.perf_counter()
     stats, reason, notes = measure_planned(
-        case["model"], resolver.with_labels(case["inputs"]), resolver, case["plan"]
+        case["model"],
+        resolver.with_labels(case["inputs"]),
+        resolver,
+        case["plan"],
+        examples=examples,
     )
     seconds = time.perf_counter() - start
     out = {"baseline_mb": base, "peak_mb": _maxrss_mb(), "seconds": seconds, "notes": notes}
@@ -194,7 +204,15 @@ def child_curvature(factory: str) -> dict[str, Any]:
     if stats is None:
         return {**out, "reason": reason}
     report = stats.to_dict()
-    keys = ("hvps", "lanczos_hvps", "converged", "lanczos", "basis_dtype", "lambda_max_error")
+    keys = (
+        "hvps",
+        "lanczos_hvps",
+        "converged",
+        "lanczos",
+        "basis_dtype",
+        "lambda_max_error",
+        "blocks",
+    )
     return {**out, "lambda_max": report["top_eigenvalues"][0], **{k: report.get(k) for k in keys}}
 
 

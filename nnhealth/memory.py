@@ -1,11 +1,13 @@
 """Free memory on this machine, as the tool's allocation checks and Lanczos see it: the
 lesser of the system's MemAvailable and what the tightest cgroup limit leaves (a
-container's limit is invisible to /proc/meminfo). No torch here."""
+container's limit is invisible to /proc/meminfo). No torch imported here (free_on takes
+a torch.device and imports it only for CUDA)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 
 def _read_text(path: Path) -> str | None:
@@ -84,3 +86,15 @@ def available() -> int | None:
     limited = cgroup_free()
     known = [m for m in (system, limited) if m is not None]
     return min(known) if known else None
+
+
+def free_on(device: Any) -> int | None:
+    """Bytes free on ``device`` (a torch.device; None: unknown): the GPU's free memory
+    for CUDA, available() on the CPU."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    return available()

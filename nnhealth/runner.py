@@ -23,6 +23,7 @@ from nnhealth.capture.instrument import run_pass
 from nnhealth.capture.params import capture_weights, module_owners
 from nnhealth.capture.stats import ACTIVATION, Capture
 from nnhealth.config import layer_ignored
+from nnhealth.curvature.blocks import Examples
 from nnhealth.curvature.measure import measure_planned
 from nnhealth.curvature.stats import FINITE
 from nnhealth.errors import UsageError, flag, report_text
@@ -310,6 +311,7 @@ def _curvature(
             plan,
             _part_progress(progress, i, len(parts)),
             wrap=wrap,
+            examples=hessian_examples(part, loss),
         )
         if stats is None:
             if reason is not None and len(parts) > 1:
@@ -374,18 +376,37 @@ def _sub_batches(
 
 
 def _part_loss(resolver: LossResolver, part: Batch) -> LossResolver:
+    """The pass's loss on ``part``'s examples (a sub-batch), weighted as the pass's."""
+    ranks = distributed.current()
+    # across ranks every rank's sub-batch has as many examples: equal shares
+    return _loss_on(resolver, part, resolver.weight if ranks is None else 1.0 / ranks.world)
+
+
+def _loss_on(resolver: LossResolver, part: Batch, weight: float) -> LossResolver:
     """The pass's loss on ``part``'s examples: its choice, with ``part``'s targets, token
     ids (the next-token objective) and place in the batch (seeded random targets are the
-    pass's, sliced); its notes stay the pass's."""
+    pass's, sliced), times ``weight``; its notes stay the pass's."""
     loss = copy.copy(resolver)
     loss.targets = part.targets
     loss.ids = token_ids(part.inputs)
     loss.part = part.part
     loss.notes = []
-    ranks = distributed.current()
-    if ranks is not None:  # every rank's sub-batch has as many examples: equal shares
-        loss.weight = 1.0 / ranks.world
+    loss.weight = weight
     return loss
+
+
+def hessian_examples(part: Batch, loss: LossResolver) -> Examples:
+    """``part`` as the Hessian's products may cut it into blocks (curvature/blocks.py):
+    each block's inputs, and the loss on its examples weighted by their share of
+    ``part``, so that the blocks' losses sum to ``loss``."""
+    n = part.examples
+
+    def cut(start: int, stop: int) -> tuple[Any, LossResolver]:
+        block = part.take(start, stop, "Hessian block")
+        block_loss = _loss_on(loss, block, loss.weight * (stop - start) / n)
+        return block_loss.with_labels(block.inputs), block_loss
+
+    return Examples(n, cut)
 
 
 def _part_progress(progress: Progress | None, i: int, k: int) -> Progress | None:

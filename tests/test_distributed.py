@@ -267,6 +267,32 @@ def test_two_ranks_scan_as_one_process_on_the_whole_batch(work, factory, data, e
         assert "random" in single["run"]["loss"]
 
 
+BLOCKS = textwrap.dedent(
+    """
+    import nnhealth.curvature.blocks as blocks
+    blocks.GRAPH_FLOOR = 0
+    blocks.PEAK_FACTOR = 10**12  # every graph over its allowance: blocks of one example
+    """
+)
+
+
+@pytest.mark.parametrize(("factory", "data"), [("mlp", "mlp.pt"), ("encoder", "encoder.pt")])
+def test_ranks_taking_products_in_blocks_scan_as_one_process(work, tmp_path, factory, data):
+    """Each rank rebuilds its shard's graph one example at a time for every product
+    (the sum over ranks is still one all_reduce per product): the same lambda_max as
+    one process keeping the whole batch's graph."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCKS)
+    path = os.pathsep.join([str(tmp_path), str(work)])
+    args = [f"distmodels:{factory}", "--data", data, "--format", "json", "--hessian"]
+    runs = _ranks(work, 2, args, NNHEALTH_DIST_TIMEOUT="60", PYTHONPATH=path)
+    code, stdout, _ = _single(work, args)
+    assert [r[0] for r in runs] == [code, code], [r[2] for r in runs]
+    multi, single = json.loads(runs[0][1]), json.loads(stdout)
+    shard = multi["run"]["batch"]["examples"] // 2
+    assert multi["curvature"]["blocks"] == shard and single["curvature"]["blocks"] == 1
+    _compare(multi, single)
+
+
 def test_hessian_sub_batch_across_ranks_is_the_first_n_of_every_shard(work):
     whole = torch.load(work / "mlp.pt")
     rows = [0, 1, 4, 5]  # the first 2 of each rank's shard of 4

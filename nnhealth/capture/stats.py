@@ -275,6 +275,9 @@ class CurvatureStats:
     batches: int = 1
     batch_lambda_max: tuple[float, ...] = ()
     ranks: int = 1  # processes whose products were averaged (torch.distributed)
+    # blocks of the batch each product was rebuilt in (curvature/blocks.py); 1: the
+    # whole batch's graph, built once and kept across products
+    blocks: int = 1
     # the optimizer's: lr < limit_factor / lambda_max is stable on the quadratic model;
     # "hessian", or "preconditioned" (the eigenvalues are of P^-1 H) and how P was had
     limit_factor: float = 2.0
@@ -324,6 +327,7 @@ class CurvatureStats:
             "batches": self.batches,
             "batch_lambda_max": list(self.batch_lambda_max),
             "ranks": self.ranks,
+            "blocks": self.blocks,
             "optimizer": self.optimizer,
             "operator": self.operator,
             "preconditioner": self.preconditioner,

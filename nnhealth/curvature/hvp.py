@@ -99,8 +99,21 @@ def enter_products(
     ]
     for m in dropouts:
         m.training = False  # restored by preserved_state
+    # and their rate, which attention kernels read from the module whatever its mode
+    # (Hugging Face's GPT-2 and timm's ViT pass ``attn_dropout.p`` to
+    # scaled_dot_product_attention while the attention module trains): rebuilding a
+    # graph for each product (blocks.py) would otherwise draw new masks each time
+    rates = [(m, m.p) for m in dropouts if isinstance(m, nn.modules.dropout._DropoutNd)]
+    for m, _ in rates:
+        m.p = 0.0
+    stack.callback(_restore_rates, rates)
     if dropouts and mode == "train":
         notes.append(f"dropout off while taking Hessian products ({len(dropouts)} modules)")
+
+
+def _restore_rates(rates: list[tuple[nn.Module, float]]) -> None:
+    for m, p in rates:
+        m.p = p
 
 
 class ProductOperator:
@@ -161,17 +174,29 @@ class HessianOperator(ProductOperator):
         self._stack = contextlib.ExitStack()
         try:
             enter_products(self._stack, self.model, self.mode, self.seed, self.notes)
-            self._build()
+            self._prepare()
         except BaseException:
             self._stack.close()
             raise
         return self
 
-    def _forward_loss(self, spans: trust.ModuleSpans) -> torch.Tensor:
-        """The model's forward and the loss, with graph, for the products."""
+    def _prepare(self) -> None:
+        """What entering does once the model is set up: build the graph."""
+        self._build()
+
+    def _forward_loss(
+        self,
+        spans: contextlib.AbstractContextManager[Any],
+        inputs: Any = None,
+        make_loss: Callable[[Any], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The model's forward and the loss, with graph, for the products (on the
+        operator's inputs and loss, or on ``inputs`` and ``make_loss``)."""
+        inputs = self.inputs if inputs is None else inputs
+        make_loss = self.make_loss if make_loss is None else make_loss
         try:
             with spans:
-                output = call_model(self.model, self.inputs)
+                output = call_model(self.model, inputs)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # the user's model, with sys.exit and BaseException
@@ -182,7 +207,7 @@ class HessianOperator(ProductOperator):
                 f"or need more examples than the Hessian's ({flag('hessian_batch')})?",
             ) from exc
         try:
-            return self.make_loss(output)
+            return make_loss(output)
         except KeyboardInterrupt:
             raise
         except NnhealthError as exc:  # the loss's own one-line reason
@@ -191,7 +216,15 @@ class HessianOperator(ProductOperator):
             raise self._failure("the loss for Hessian products", exc, "") from exc
 
     def _build(self) -> None:
-        """The loss and its gradient graph. Attention runs on the math backend from the
+        """The loss and its gradient graph, kept for the products."""
+        self._grads = self._keep(self._audited_grads())
+
+    def _audited_grads(
+        self, inputs: Any = None, make_loss: Callable[[Any], torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor | None, ...]:
+        """The loss's gradient with graph (create_graph), one per parameter, after the
+        audit of every custom backward on it (on the operator's inputs and loss, or on
+        ``inputs`` and ``make_loss``). Attention runs on the math backend from the
         start: the fused scaled-dot-product kernels have no second derivative, and
         building with them first, failing on the first product and rebuilding held two
         graphs at once (ViT-B/16 at 4x224x224: a 1.2 GB higher peak)."""
@@ -199,8 +232,8 @@ class HessianOperator(ProductOperator):
         seen = _SeesAttention()
         with torch.enable_grad(), _math_attention():
             with seen:
-                loss = self._forward_loss(spans)
-            if seen.called:
+                loss = self._forward_loss(spans, inputs, make_loss)
+            if seen.called and self.backend != "math attention":
                 self.backend = "math attention"
                 self.notes.append(
                     "Hessian products used the math attention backend (the fused "
@@ -239,25 +272,30 @@ class HessianOperator(ProductOperator):
             note = trust.linear_note(self.functions)
             if note and note not in self.notes:
                 self.notes.append(note)
-            # parameters the loss does not use, or uses only linearly, have zero Hessian
-            # rows: leave them out of the operator (and say how many)
-            kept = [
-                (named, g)
-                for named, g in zip(self.named, grads, strict=True)
-                if g is not None and g.requires_grad
-            ]
-            if not kept:
-                raise NoCurvature("the loss is linear in every trainable parameter: H = 0")
-            dropped = len(self.params) - len(kept)
-            if dropped:
-                self.notes.append(
-                    f"{dropped} parameter tensor(s) have no second derivative here (unused "
-                    "by the loss, or linear in it) and are left out of the Hessian"
-                )
-            self.named = [named for named, _ in kept]
-            self.params = [p for _, p in self.named]
-            self.n = sum(p.numel() for p in self.params)
-            self._grads = tuple(g for _, g in kept)
+            return grads
+
+    def _keep(
+        self, grads: tuple[torch.Tensor | None, ...], curved: list[bool] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Narrow the operator to the parameters with a second derivative: those whose
+        gradient has a graph (or, given, those ``curved`` marks). Parameters the loss does
+        not use, or uses only linearly, have zero Hessian rows: they are left out (and the
+        notes say how many). The kept gradients, in the kept parameters' order."""
+        if curved is None:
+            curved = [g is not None and g.requires_grad for g in grads]
+        kept = [i for i, c in enumerate(curved) if c]
+        if not kept:
+            raise NoCurvature("the loss is linear in every trainable parameter: H = 0")
+        dropped = len(self.params) - len(kept)
+        if dropped:
+            self.notes.append(
+                f"{dropped} parameter tensor(s) have no second derivative here (unused "
+                "by the loss, or linear in it) and are left out of the Hessian"
+            )
+        self.named = [self.named[i] for i in kept]
+        self.params = [p for _, p in self.named]
+        self.n = sum(p.numel() for p in self.params)
+        return tuple(grads[i] for i in kept)  # type: ignore[misc]
 
     def _failure(
         self, what: str, exc: BaseException, hint: str, *, building: bool = True

@@ -15,6 +15,7 @@ from torch import nn
 from nnhealth import distributed, memory
 from nnhealth._util import Progress, out_of_memory
 from nnhealth.curvature import trust, vectors
+from nnhealth.curvature.blocks import BlockedHessianOperator, Examples, graph_limit
 from nnhealth.curvature.finite import MAX_ERROR, FiniteDifferenceOperator, product_error
 from nnhealth.curvature.hvp import HessianOperator, NoCurvature, NoSecondDerivative
 from nnhealth.curvature.lanczos import (
@@ -56,19 +57,11 @@ def available_memory(device: torch.device) -> int | None:
     the CPU the lesser of the system's MemAvailable and what the cgroup limit leaves;
     across ranks the least of theirs, so that every rank chooses the same Lanczos (the
     products are collectives: ranks running different ones would stop matching)."""
-    free = _free(device)
+    free = memory.free_on(device)
     ranks = distributed.current()
     if free is None or ranks is None:
         return free
     return distributed.smallest(free, ranks)
-
-
-def _free(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type != "cpu":
-        return None
-    return memory.available()
 
 
 def _gb(nbytes: float) -> str:
@@ -287,15 +280,18 @@ def measure(
     trace_probes: int = 0,
     progress: Progress | None = None,
     wrap: Wrap | None = None,
+    examples: Examples | None = None,
 ) -> tuple[MeasuredCurvature, list[str]]:
     """Top-``top`` Hessian eigenvalues (and the smallest), within ``budget`` products:
     by exact products (double backward), or, when those cannot be had or trusted, by
     finite differences of gradients (an estimate, with its error bar). ``wrap(op)``:
-    the operator to measure instead (the optimizer's preconditioned Hessian)."""
+    the operator to measure instead (the optimizer's preconditioned Hessian).
+    ``examples``: the batch as blocks can be cut from it, for exact products in
+    bounded memory (blocks.py); None: one graph of the whole batch, kept."""
     wrap = wrap or (lambda op: op)
     settings = Settings(top, smallest, tol, budget, trace_probes, seed)
     try:
-        with HessianOperator(model, inputs, make_loss, mode=mode, seed=seed) as op:
+        with _exact(model, inputs, make_loss, examples, mode, seed) as op:
             return _measured(wrap(op), settings, progress)
     except NoSecondDerivative as exc:
         why = exc.message
@@ -316,6 +312,26 @@ def measure(
         f"± {stats.lambda_max_error:.2g}: an estimate, not certified"
     )
     return stats, [head, *notes]
+
+
+def _exact(
+    model: nn.Module,
+    inputs: Any,
+    make_loss: Callable[[Any], Any],
+    examples: Examples | None,
+    mode: str,
+    seed: int,
+) -> HessianOperator:
+    """The double-backward operator: on blocks of ``examples`` when given (the graph
+    kept whole when it fits its allowance, graph_limit), else on the whole batch."""
+    if examples is None:
+        return HessianOperator(model, inputs, make_loss, mode=mode, seed=seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    limit = graph_limit(
+        sum(p.numel() for p in trainable),
+        trainable[0].device if trainable else torch.device("cpu"),
+    )
+    return BlockedHessianOperator(model, inputs, make_loss, examples, limit, mode=mode, seed=seed)
 
 
 def _measured(
@@ -370,9 +386,7 @@ def _measured(
             "lambda_max_error": result.top[0].residual
             + (error if inner is op else error / size * abs(result.top[0].value)),
         }
-    trace = stderr = None
-    if settings.trace_probes:
-        trace, stderr = _trace(op, settings, progress)
+    trace, stderr = _trace(op, settings, progress) if settings.trace_probes else (None, None)
     stats = MeasuredCurvature(
         top=tuple(r.value for r in result.top),
         bounds=tuple(r.residual for r in result.top),
@@ -393,6 +407,7 @@ def _measured(
         restarts=result.restarts,
         lanczos=result.variant,
         basis_dtype=_dtype_name(result.dtype),
+        blocks=getattr(inner, "blocks", 1),
         **how,
     )
     if result.restarts:
@@ -429,6 +444,7 @@ def measure_planned(
     plan: Plan,
     progress: Progress | None = None,
     wrap: Wrap | None = None,
+    examples: Examples | None = None,
 ) -> tuple[MeasuredCurvature | None, str | None, list[str]]:
     """The Hessian measured as ``plan`` says: (stats, None, notes); or (None, the reason,
     []) when there is none to measure or trust here, or the plan measures none."""
@@ -449,6 +465,7 @@ def measure_planned(
             trace_probes=hessian.trace_probes,
             progress=progress,
             wrap=wrap,
+            examples=examples,
         )
     except NoCurvature as exc:
         return None, report_text(exc.message), []
