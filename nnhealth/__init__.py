@@ -16,11 +16,29 @@ from nnhealth.options import DEFAULTS as _DEFAULTS
 
 __version__ = "0.1.0"
 
-__all__ = ["Finding", "Report", "Severity", "__version__", "scan"]
+__all__ = [
+    "Finding",
+    "Monitor",
+    "NnhealthWarning",
+    "Report",
+    "Severity",
+    "TrainingHealthError",
+    "__version__",
+    "scan",
+]
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
+
+
+def __getattr__(name: str) -> Any:
+    """Monitor and its warning and error, imported on first use (they import torch)."""
+    if name in ("Monitor", "NnhealthWarning", "TrainingHealthError"):
+        from nnhealth import monitor
+
+        return getattr(monitor, name)
+    raise AttributeError(f"module 'nnhealth' has no attribute {name!r}")
 
 
 def scan(

@@ -37,6 +37,7 @@ read whole parameters and Lanczos needs products over all of them (see the READM
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 import warnings
@@ -90,12 +91,26 @@ class Ranks:
         return f"rank {self.rank}/{self.world}"
 
 
+_ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar("nnhealth_alone", default=False)
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Scan as one process even inside a job (nnhealth.Monitor: each rank watches its
+    own steps, and no rank waits on another's collective)."""
+    token = _ALONE.set(True)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
+
+
 def current() -> Ranks | None:
     """The job this process is a rank of, when torch.distributed is initialized with
-    more than one rank; None otherwise (a plain scan)."""
+    more than one rank; None otherwise (a plain scan, or inside alone())."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if _ALONE.get() or not (dist.is_available() and dist.is_initialized()):
         return None
     world = dist.get_world_size()
     return Ranks(dist.get_rank(), world) if world > 1 else None

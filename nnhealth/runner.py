@@ -19,7 +19,7 @@ from nnhealth._util import Progress, escaped
 from nnhealth.analyzers import REGISTRY, select_checks
 from nnhealth.analyzers.base import Check
 from nnhealth.capture import weights as weight_stats
-from nnhealth.capture.instrument import run_pass
+from nnhealth.capture.instrument import Observation, run_pass
 from nnhealth.capture.params import capture_weights, module_owners
 from nnhealth.capture.stats import ACTIVATION, Capture
 from nnhealth.config import layer_ignored
@@ -512,8 +512,11 @@ def _instrumented(
     opts: ScanOptions,
     plan: Plan,
     progress: Progress | None,
+    observed: Observation | None = None,
 ) -> tuple[Capture, dict[str, Any], list[str]]:
-    """The instrumented pass (and the curvature when planned): capture, run info, notes."""
+    """The instrumented pass (and the curvature when planned): capture, run info, notes.
+    ``observed``: the pass was the caller's own (nnhealth.Monitor): its records are
+    taken, and no pass is run here."""
     model = loaded.model
     if batch is None:
         raise UsageError(
@@ -546,6 +549,7 @@ def _instrumented(
             plan,
             examples=prepared.examples,
             reduce_grads=None if ranks is None else distributed.grads_reducer(ranks, model),
+            observed=observed,
         )
         if ranks is not None:
             capture = distributed.combined(capture, ranks)
@@ -569,7 +573,7 @@ def _instrumented(
         "output_shape": resolver.output_shape,
         "loss": resolver.description,
         "loss_value": capture.loss,
-        "mode": opts.mode,
+        "mode": capture.mode,
         "device": str(device),
         "params": sum(p.numel for p in capture.params),
         "trainable_params": sum(p.numel for p in capture.params if p.trainable),
@@ -601,13 +605,15 @@ def _captured(
     opts: ScanOptions,
     plan: Plan,
     progress: Progress | None,
+    observed: Observation | None = None,
 ) -> tuple[Capture, dict[str, Any], list[str]]:
-    """The plan's capture: the instrumented pass, or the weights alone when no selected
-    check needs a pass (or the model cannot run one here)."""
+    """The plan's capture: the instrumented pass (or the caller's, ``observed``), or the
+    weights alone when no selected check needs a pass (or the model cannot run one
+    here)."""
     model = loaded.model
     eight = _float8(model)
     if model is not None and plan.forward and eight is None:
-        return _instrumented(loaded, batch, opts, plan, progress)
+        return _instrumented(loaded, batch, opts, plan, progress, observed)
     reason = "only weight checks were selected"
     notes: list[str] = []
     if eight is not None and plan.forward:
@@ -688,9 +694,11 @@ def run(
     *,
     progress: Progress | None = None,
     optimizer: tuple[Optimizer, list[str]] | None = None,
+    observed: Observation | None = None,
 ) -> Report:
     """Scan a loaded model on a batch. Raises NnhealthError for what the user must fix.
-    ``optimizer``: scan_optimizer's answer when the caller already has it."""
+    ``optimizer``: scan_optimizer's answer when the caller already has it; ``observed``:
+    the pass the caller ran itself on ``batch`` (an exited capture.Observation)."""
     started = time.perf_counter()
     validate(opts)
     optimizer, optimizer_notes = optimizer or scan_optimizer(loaded, opts)
@@ -713,7 +721,7 @@ def run(
         "torch": torch.__version__,
         "model_source": source_location(loaded),
     }
-    capture, info, pass_notes = _captured(loaded, batch, opts, plan, progress)
+    capture, info, pass_notes = _captured(loaded, batch, opts, plan, progress, observed)
     capture = replace(capture, optimizer=summary)
     run_info.update(info)
     if progress:

@@ -21,7 +21,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import torch
 from torch import nn
@@ -53,6 +53,7 @@ from nnhealth.capture.structure import (
 from nnhealth.errors import CaptureError, flag
 
 if TYPE_CHECKING:
+    from nnhealth.loading.batch import Batch
     from nnhealth.plan import Plan
 
 GATES_FN = ("sigmoid", "tanh")  # the functions of recurrent gates
@@ -355,6 +356,85 @@ Grads = dict[str, torch.Tensor | None]
 GradReduce = Callable[[Grads], Grads]
 
 
+class Observation:
+    """The statistics of a pass the caller runs itself (nnhealth.Monitor: the user's own
+    forward and backward in a training loop), as run_pass would record them: entered,
+    the recorder's module hooks and activation mode are attached; the forward they see
+    ends when the model's own call returns, and the backward that follows reduces the
+    gradients at each output (tensor hooks that read, never alter). On exit every hook is
+    removed and the mode is left. ``loss``: the loss value, when the caller gives it. The
+    parameter gradients are read from ``.grad`` by run_pass(observed=...).
+    ``examples`` None (``batch_from_call``): the batch is the model's call's arguments,
+    its size their first tensor's first axis (called() gives them as a Batch)."""
+
+    def __init__(
+        self, model: nn.Module, plan: Plan, examples: int | None, *, batch_from_call: bool = False
+    ) -> None:
+        self.model = model
+        self.recorder = _Recorder(model, plan, -1 if examples is None else examples)
+        self.loss: float | None = None
+        self.mode = "train" if model.training else "eval"
+        # as run_pass: activations only when the plan asks, never inside TorchScript
+        self.instrument = plan.activations and not isinstance(model, torch.jit.ScriptModule)
+        self._from_call = batch_from_call or examples is None
+        self._call: tuple[tuple, dict] | None = None
+        self._stack: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> Self:
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(_hooked(self.model, self.recorder, self.instrument))
+            if self._from_call:
+                handle = self.model.register_forward_pre_hook(self._called, with_kwargs=True)
+                stack.callback(handle.remove)
+            handle = self.model.register_forward_hook(self._returned)
+            stack.callback(handle.remove)
+            if self.instrument:
+                stack.enter_context(_ActivationMode(self.recorder))
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def _called(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The model's first call: its arguments are the batch (kept by reference)."""
+        if self._call is None and not self.recorder.done:
+            self._call = (args, kwargs)
+            first = _first_tensor((args, kwargs))
+            if first is not None and first.ndim:
+                self.recorder.examples = int(first.shape[0])
+
+    def called(self) -> Batch:
+        """The batch the model was called on (for a batch taken from the call)."""
+        from nnhealth.errors import UsageError
+        from nnhealth.loading.batch import Batch
+
+        if self._call is None:
+            raise UsageError(
+                "the model was not called during the step: nothing was observed (pass the "
+                "batch to monitor.step, and call the model inside the with block)"
+            )
+        args, kwargs = self._call
+        if kwargs and not args:
+            inputs: Any = dict(kwargs)
+        else:
+            inputs = args[0] if len(args) == 1 else tuple(args)
+        return Batch(inputs=inputs, targets=None, source="the model's call in the step")
+
+    def _returned(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """The model's call returned: the forward is over (later calls, a second forward
+        in the same step, are not recorded)."""
+        if not self.recorder.done:
+            self.recorder.done = True
+            self.recorder.mark_output(_first_tensor(output))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+
 def run_pass(
     model: nn.Module,
     inputs: Any,
@@ -363,6 +443,7 @@ def run_pass(
     *,
     examples: int,
     reduce_grads: GradReduce | None = None,
+    observed: Observation | None = None,
 ) -> Capture:
     """One forward (+ backward) of ``model`` on ``inputs`` as ``plan`` describes it;
     returns frozen statistics. ``examples``: the batch's size (a nonlinearity whose
@@ -374,7 +455,11 @@ def run_pass(
     ``CaptureError`` naming the innermost module that was running when the model raised.
     ``reduce_grads``: turns this process's parameter gradients into the ones the
     statistics are of (their weighted sum over the ranks of a distributed scan).
+    ``observed``: a pass the caller ran (an exited Observation): its records, the
+    parameters' ``.grad`` and its loss are taken, and nothing is run here.
     """
+    if observed is not None:
+        return _observed(model, plan, examples, observed)
     scripted = isinstance(model, torch.jit.ScriptModule)
     instrument = plan.activations and not scripted
     recorder = _Recorder(model, plan, examples)
@@ -420,6 +505,30 @@ def run_pass(
         examples=examples,
         notes=tuple(notes),
         missing_reason=missing,
+    )
+
+
+def _observed(model: nn.Module, plan: Plan, examples: int, observed: Observation) -> Capture:
+    """The Capture of a pass the caller ran: its records, and ``.grad`` read as the
+    parameters' gradients (none when its backward left them all unset)."""
+    named = list(model.named_parameters())
+    grads = {n: p.grad for n, p in named if p.requires_grad}
+    seen = any(g is not None for g in grads.values())
+    recorder = observed.recorder
+    gates = recorder.gates
+    notes = list(gates.notes) if gates is not None else []
+    if not seen:
+        notes.append("no gradients: the step's backward set no parameter's .grad")
+    return Capture(
+        gates=() if gates is None else gates.freeze(),
+        sites=tuple(s.freeze(examples) for s in recorder.sites),
+        params=param_stats(named, module_owners(model), grads if seen else None, _update(plan)),
+        has_activations=observed.instrument,
+        has_gradients=seen,
+        loss=observed.loss,
+        mode=observed.mode,
+        examples=examples,
+        notes=tuple(notes),
     )
 
 
