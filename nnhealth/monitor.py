@@ -246,7 +246,7 @@ class Monitor:
             warnings.warn(
                 f"nnhealth: step {opened.index} not analysed: {exc.message}",
                 NnhealthWarning,
-                stacklevel=4,
+                stacklevel=_caller_level(),
             )
             return
         self.reports = {opened.index: report}
@@ -320,7 +320,7 @@ class Monitor:
             raise TrainingHealthError(finding, step)
         if self.on_finding == "stop":
             self.should_stop = True
-        warnings.warn(describe(finding, step), NnhealthWarning, stacklevel=5)
+        warnings.warn(describe(finding, step), NnhealthWarning, stacklevel=_caller_level())
 
     def verdicts(self) -> list[Finding]:
         """The checks over time on the history so far (every severity)."""
@@ -340,6 +340,18 @@ class _Open:
         self.hessian = hessian
         self.loss: float | None = None
         self.observation: Any = None
+
+
+def _caller_level() -> int:
+    """The stacklevel of the first frame outside nnhealth and contextlib (the user's
+    training loop, or the callback's trainer), for warnings."""
+    import sys
+
+    ours = (str(Path(__file__).parent), contextlib.__file__)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(ours):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _positive(name: str, value: Any) -> int:
