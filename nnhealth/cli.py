@@ -556,6 +556,66 @@ def list_checks() -> int:
     return EXIT_OK
 
 
+@app.command()
+def report(
+    history: Annotated[
+        Path, typer.Argument(help="A training history nnhealth.Monitor wrote (JSON lines).")
+    ],
+    fmt: Annotated[
+        options.ReportFormat,
+        typer.Option("--format", help="text: trends in the terminal; json; html: one page."),
+    ] = options.ReportFormat.text,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write the report to this file instead of stdout."),
+    ] = None,
+    fail_on: Annotated[
+        options.ReportLevel,
+        typer.Option(
+            "--fail-on",
+            help="Exit 1 when a verdict over time, or a finding of the latest capture step, "
+            "is at or above this severity (never: exit 0).",
+        ),
+    ] = options.ReportLevel.error,
+) -> int:
+    """Report a training history: trends per layer, lambda_max against its limit, and the
+    verdicts over time (dead units rising, the edge of stability, drifting updates, the
+    first non-finite value)."""
+    from nnhealth import history as histories
+    from nnhealth import trends
+    from nnhealth.findings import Severity
+
+    _refuse_overwrite("-o", output, [history])
+    if output is not None and output.is_dir():
+        raise UsageError(f"-o {output}: is a directory; give a file path")
+    lines = histories.read(history)
+    verdicts = histories.verdicts(lines)
+    source = str(history)
+    if fmt == options.ReportFormat.json:
+        text = trends.to_json(lines, verdicts)
+    elif fmt == options.ReportFormat.html:
+        from nnhealth.formatters.html import history_page
+
+        text = history_page(source, lines, verdicts)
+    else:
+        text = trends.render_text(source, lines, verdicts, _history_render(output))
+    _emit(text, output, sys.stdout)
+    if fail_on == options.ReportLevel.never:
+        return EXIT_OK
+    threshold = Severity.parse(fail_on.value)
+    counted = trends.gating(verdicts, trends.latest(lines)[1])
+    return EXIT_FINDINGS if any(f.severity >= threshold for f in counted) else EXIT_OK
+
+
+def _history_render(output: Path | None) -> Any:
+    """The text view's options: a terminal's width and colour, else 140 columns."""
+    from nnhealth.formatters import RenderOptions
+
+    to_terminal = output is None and sys.stdout.isatty()
+    width = shutil.get_terminal_size((120, 24)).columns if to_terminal else 140
+    return RenderOptions(color=to_terminal and "NO_COLOR" not in os.environ, width=max(width, 80))
+
+
 def _wants_debug(argv: list[str]) -> bool:
     """--debug or NNHEALTH_DEBUG, seen before the arguments are parsed (a parse error
     shows its traceback too)."""

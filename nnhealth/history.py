@@ -145,12 +145,47 @@ def read(path: Path) -> list[dict[str, Any]]:
             )
         if not isinstance(line.get("step"), int):
             raise DataError(f"{path}:{number}: the line has no integer 'step'")
+        wrong = _malformed(line)
+        if wrong:
+            raise DataError(
+                f"{path}:{number}: {wrong}; the line is not as nnhealth.Monitor writes it"
+            )
         lines.append(line)
     if not lines:
         raise DataError(
             f"{path}: the history is empty; nnhealth.Monitor writes a line per capture step"
         )
     return lines
+
+
+def _number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _malformed(line: dict[str, Any]) -> str | None:
+    """What in a line of the right schema is not of the documented shape, or None."""
+    for key in ("layers", "findings"):
+        rows = line.get(key, [])
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            return f"'{key}' is not a list of objects"
+    for row in line.get("layers", []):
+        if not isinstance(row.get("name"), str):
+            return "a layer has no string 'name'"
+        bad = [k for k in LAYER_KEYS[4:] if k in row and not _number(row[k])]
+        if bad:
+            return f"layer {row['name']!r}: {bad[0]!r} is not a number"
+    curvature = line.get("curvature")
+    if curvature is not None and (
+        not isinstance(curvature, dict)
+        or not all(_number(curvature.get(k)) for k in ("lambda_max", "bound", "lr_limit", "ratio"))
+    ):
+        return "'curvature' is not null or an object of numbers"
+    if not _number(line.get("loss")) or not _number(line.get("lr")):
+        return "'loss' or 'lr' is not a number"
+    nonfinite = line.get("nonfinite")
+    if nonfinite is not None and not isinstance(nonfinite, dict):
+        return "'nonfinite' is not an object"
+    return None
 
 
 # ---- verdicts over time ---------------------------------------------------------------

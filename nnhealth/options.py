@@ -44,10 +44,21 @@ class Format(enum.StrEnum):  # formatters.FORMATTERS maps each to its class
     github = "github"
     junit = "junit"
     markdown = "markdown"
+    html = "html"
+
+
+class ReportFormat(enum.StrEnum):  # nnhealth report: a training history's formats
+    text = "text"
+    json = "json"
+    html = "html"
 
 
 # the exit-code threshold: Severity's labels, most severe first
 Level = enum.StrEnum("Level", [(s.label, s.label) for s in sorted(Severity, reverse=True)])
+# nnhealth report's threshold: a severity, or never (exit 0 whatever the verdicts)
+ReportLevel = enum.StrEnum(
+    "ReportLevel", [*((v.value, v.value) for v in Level), ("never", "never")]
+)
 
 
 class OptimizerKind(enum.StrEnum):  # optim.KINDS: what each limit and step is

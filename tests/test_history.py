@@ -133,6 +133,14 @@ def _write(tmp_path: Path, text: str) -> Path:
         (json.dumps({"schema": "other/1", "step": 0}) + "\n", "schema 'other/1'"),
         (json.dumps(line(0)) + "\n" + json.dumps({**line(1), "step": "x"}), r"h.jsonl:2: .*step"),
         ("[1, 2]\n", "not a line of an nnhealth history"),
+        (json.dumps({**line(0), "layers": 5}), "'layers' is not a list of objects"),
+        (json.dumps({**line(0), "layers": [5]}), "'layers' is not a list of objects"),
+        (json.dumps({**line(0), "findings": 3}), "'findings' is not a list of objects"),
+        (json.dumps(line(0, [{"kind": "relu"}])), "no string 'name'"),
+        (json.dumps(line(0, [{**relu(0.1), "dead_fraction": "x"}])), "'dead_fraction' is not"),
+        (json.dumps(line(0, curvature={"lambda_max": "big"})), "'curvature' is not"),
+        (json.dumps({**line(0), "loss": "low"}), "'loss' or 'lr'"),
+        (json.dumps({**line(0), "nonfinite": 1}), "'nonfinite' is not"),
     ],
 )
 def test_bad_history_files_are_one_line_errors(tmp_path, text, message) -> None:

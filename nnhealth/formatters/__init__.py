@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from nnhealth.formatters.base import Formatter, RenderOptions
 from nnhealth.formatters.github import GithubFormatter
+from nnhealth.formatters.html import HtmlFormatter
 from nnhealth.formatters.json import JsonFormatter
 from nnhealth.formatters.junit import JunitFormatter
 from nnhealth.formatters.markdown import MarkdownFormatter
@@ -18,6 +19,7 @@ FORMATTERS: dict[Format, type[Formatter]] = {
     Format.github: GithubFormatter,
     Format.junit: JunitFormatter,
     Format.markdown: MarkdownFormatter,
+    Format.html: HtmlFormatter,
 }
 
 

@@ -12,7 +12,7 @@ import math
 import statistics
 import textwrap
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +23,8 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from nnhealth.findings import Report, Severity
-from nnhealth.formatters.base import Formatter, number_snippets, visible
+from nnhealth.findings import Finding, Report, Severity
+from nnhealth.formatters.base import Formatter, RenderOptions, number_snippets, visible
 
 BAR_WIDTH = 8
 GAP = 2  # cells between two table columns (padding 1 on either side)
@@ -347,6 +347,38 @@ def _sub_batches(c: dict, total: int | None) -> list[str]:
     return []
 
 
+def print_findings(console: Console, findings: Iterable[Finding], options: RenderOptions) -> None:
+    """The findings grouped by severity (most severe first), each with its message, fix
+    and snippet (a snippet shared by several printed once, then pointed at)."""
+    order = sorted(findings, key=lambda f: -f.severity)  # stable within a severity
+    shared = number_snippets(order, shared_only=True)
+    uses = Counter(f.fix_snippet for f in order)
+    printed: set[str] = set()
+    for sev in sorted(Severity, reverse=True):
+        group = [f for f in order if f.severity == sev]
+        if not group:
+            continue
+        console.print()
+        console.print(Text(f"{TITLE[sev]} ({len(group)})", style=STYLE[sev]))
+        for f in group:
+            head = Text()
+            head.append(f"{visible(f.code)} ", style=STYLE[sev])
+            head.append(f"{visible(f.check)} ", style="bold")
+            head.append(visible(f.layer or "(model)"), style="magenta")
+            parts: list[Any] = [
+                head,
+                Padding(safe(f.message), (0, 0, 0, 2)),
+                Padding(safe("fix: " + f.fix, style="green"), (0, 0, 0, 2)),
+            ]
+            if f.fix_snippet and not options.quiet:
+                number = shared.get(f.fix_snippet)
+                parts += _snippet(f.fix_snippet, number, uses, printed, options.width)
+            if options.verbose and f.evidence:
+                ev = ", ".join(f"{k}={fmt(v)}" for k, v in f.evidence.items())
+                parts.append(Padding(safe(ev, style="dim"), (0, 0, 0, 2)))
+            console.print(Group(*parts))
+
+
 class TextFormatter(Formatter):
     """Rich text for a terminal (colour only when writing to one)."""
 
@@ -445,33 +477,7 @@ class TextFormatter(Formatter):
             console.print(safe(f"analyzer error in {e.check}: {e.message}", style="red"))
 
     def _findings(self, console: Console, report: Report) -> None:
-        order = sorted(report.findings, key=lambda f: -f.severity)  # stable within a severity
-        shared = number_snippets(order, shared_only=True)
-        uses = Counter(f.fix_snippet for f in order)
-        printed: set[str] = set()
-        for sev in sorted(Severity, reverse=True):
-            group = [f for f in order if f.severity == sev]
-            if not group:
-                continue
-            console.print()
-            console.print(Text(f"{TITLE[sev]} ({len(group)})", style=STYLE[sev]))
-            for f in group:
-                head = Text()
-                head.append(f"{visible(f.code)} ", style=STYLE[sev])
-                head.append(f"{visible(f.check)} ", style="bold")
-                head.append(visible(f.layer or "(model)"), style="magenta")
-                parts: list[Any] = [
-                    head,
-                    Padding(safe(f.message), (0, 0, 0, 2)),
-                    Padding(safe("fix: " + f.fix, style="green"), (0, 0, 0, 2)),
-                ]
-                if f.fix_snippet and not self.options.quiet:
-                    number = shared.get(f.fix_snippet)
-                    parts += _snippet(f.fix_snippet, number, uses, printed, self.options.width)
-                if self.options.verbose and f.evidence:
-                    ev = ", ".join(f"{k}={fmt(v)}" for k, v in f.evidence.items())
-                    parts.append(Padding(safe(ev, style="dim"), (0, 0, 0, 2)))
-                console.print(Group(*parts))
+        print_findings(console, report.findings, self.options)
 
     def _what_if(self, console: Console, report: Report) -> None:
         console.print()
