@@ -344,7 +344,13 @@ def test_a_real_lightning_checkpoint(cli, tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "factory.py").write_text(FACTORY)
     torch.save(batch(), tmp_path / "batch.pt")
     data = torch.utils.data.TensorDataset(*batch(3))
-    trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        max_steps=5,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,  # it prints to stdout, where the report is read
+        enable_progress_bar=False,
+    )
     trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=16))
     trainer.save_checkpoint(tmp_path / "real.ckpt")
     report = _entry(cli, "real.ckpt")

@@ -416,6 +416,9 @@ class Observation:
                 "batch to monitor.step, and call the model inside the with block)"
             )
         args, kwargs = self._call
+        # the Trainer's token count of a whole accumulated step would scale the loss of
+        # this one batch (Hugging Face's num_items_in_batch): the batch's own mean instead
+        kwargs = {k: v for k, v in kwargs.items() if k != "num_items_in_batch"}
         if kwargs and not args:
             inputs: Any = dict(kwargs)
         else:
