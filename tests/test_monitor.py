@@ -296,3 +296,27 @@ def test_history_lines_are_the_documented_schema(tmp_path: Path) -> None:
     again = quiet_monitor(mlp(), every=2, log=log)
     train(again.model, 1, 0.1, again)
     assert len(read(log)) == 3
+
+
+def test_hessian_steps_judge_adam_by_its_live_state() -> None:
+    """With Adam, a Hessian step measures the preconditioned sharpness from the
+    optimizer's state at that step: what nnhealth.scan gives on the same batch, with the
+    same optimizer, at the same moment (within the two certified bounds)."""
+    model = mlp()
+    x, y = data()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    monitor = quiet_monitor(model, optimizer=opt, every=10, hessian_every=2)
+    for step in range(3):
+        with monitor.step((x, y)):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+        if step == 2:
+            reference = nnhealth.scan(model, (x, y), optimizer=opt, hessian=True).curvature
+        opt.step()
+    line = monitor.lines[-1]
+    assert line["step"] == 2 and line["curvature"]["operator"] == "preconditioned"
+    assert line["optimizer"] == "Adam" and line["lr"] == 1e-3
+    gap = abs(line["curvature"]["lambda_max"] - reference["top_eigenvalues"][0])
+    assert gap <= line["curvature"]["bound"] + reference["bounds"][0]
+    assert line["curvature"]["lr_limit"] == pytest.approx(reference["lr_limit"], rel=1e-2)
