@@ -108,7 +108,11 @@ class Monitor:
             self.fail_on = Severity.parse(fail_on)
         except ValueError as exc:
             raise UsageError(f"fail_on: {exc}") from None
-        self.model = model
+        from nnhealth import distributed
+
+        # DistributedDataParallel's module (its forward runs inside DDP's); sharded
+        # parameters are refused with one line, as by scan()
+        self.model = distributed.unwrapped(model)
         self.optimizer = optimizer
         self.on_finding = on_finding
         self.log = None if log is None else _history_file(Path(log))

@@ -320,3 +320,29 @@ def test_hessian_steps_judge_adam_by_its_live_state() -> None:
     gap = abs(line["curvature"]["lambda_max"] - reference["top_eigenvalues"][0])
     assert gap <= line["curvature"]["bound"] + reference["bounds"][0]
     assert line["curvature"]["lr_limit"] == pytest.approx(reference["lr_limit"], rel=1e-2)
+
+
+def test_a_ddp_model_is_watched_through_its_module(tmp_path) -> None:
+    """One gloo rank (world 1): the monitor watches DDP's module, whose layer names the
+    history keeps as the plain model's."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        model = mlp()
+        wrapped = DistributedDataParallel(model)
+        monitor = quiet_monitor(wrapped, every=1)
+        assert monitor.model is model
+        x, y = data()
+        with monitor.step((x, y)):
+            F.cross_entropy(wrapped(x), y).backward()
+    finally:
+        dist.destroy_process_group()
+    names = [row["name"] for row in monitor.lines[0]["layers"]]
+    assert names[:3] == ["0", "1", "2"]
+    assert monitor.lines[0]["layers"][0]["grad_norm"] == pytest.approx(
+        model[0].weight.grad.double().norm().item(), rel=1e-9
+    )
