@@ -246,9 +246,10 @@ class Monitor:
                     optimizer=runner.scan_optimizer(loaded, opts),
                     observed=observation,
                 )
-        except NnhealthError as exc:
+        except Exception as exc:  # noqa: BLE001 (the analysis must never end the training)
+            why = exc.message if isinstance(exc, NnhealthError) else f"internal error: {exc!r}"
             warnings.warn(
-                f"nnhealth: step {opened.index} not analysed: {exc.message}",
+                f"nnhealth: step {opened.index} not analysed: {why}",
                 NnhealthWarning,
                 stacklevel=_caller_level(),
             )

@@ -346,3 +346,20 @@ def test_a_ddp_model_is_watched_through_its_module(tmp_path) -> None:
     assert monitor.lines[0]["layers"][0]["grad_norm"] == pytest.approx(
         model[0].weight.grad.double().norm().item(), rel=1e-9
     )
+
+
+def test_an_analysis_that_fails_warns_and_training_goes_on(monkeypatch) -> None:
+    """A capture step whose analysis raises (here: a broken runner) is a warning naming
+    the step; the loop and its later steps are untouched."""
+    from nnhealth import runner
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("analysis broke")
+
+    model = mlp()
+    monitor = nnhealth.Monitor(model, every=2)
+    monkeypatch.setattr(runner, "run", broken)
+    with pytest.warns(nnhealth.NnhealthWarning, match="step 0 not analysed: internal error"):
+        train(model, 3, 0.1, monitor)
+    assert monitor.lines == [] and monitor.steps == 3
+    assert all(not m._forward_hooks for m in model.modules())
