@@ -304,7 +304,10 @@ def _edge_of_stability(lines: list[dict[str, Any]], options: dict[str, Any]) -> 
     measured = [
         (line["step"], line["curvature"])
         for line in lines
-        if line.get("curvature") and line["curvature"].get("ratio") is not None
+        if line.get("curvature")
+        and line["curvature"].get("ratio") is not None
+        and line["curvature"].get("lambda_max") is not None
+        and line["curvature"].get("lr_limit") is not None
     ]
     if not measured:
         return []

@@ -132,6 +132,8 @@ class Monitor:
         self._started = time.perf_counter()
         self._open: _Open | None = None
         self._nonfinite_seen = False
+        self._warned: set[str] = set()
+        self._plan(hessian=False)  # checks, options and the optimizer refused here, not mid-run
 
     # ---- the loop's side -------------------------------------------------------------
 
@@ -158,9 +160,23 @@ class Monitor:
         index = self.steps if step is None else int(step)
         hessian = self.hessian_every is not None and index % self.hessian_every == 0
         capture = index % self.every == 0 or hessian
+        if hessian and _synced_norms(self.model):
+            hessian = False
+            self._warn_once(
+                "synced",
+                "nnhealth: Hessian steps skipped: SyncBatchNorm all-reduces in every forward, "
+                "and the ranks' products would stop matching (each rank measures alone)",
+            )
         opened = _Open(index, epoch, batch, capture, hessian)
         if capture:
-            opened.observation = self._observe(batch)
+            try:
+                examples = _examples(batch)
+            except NnhealthError as exc:  # a batch nnhealth cannot read: the model's call
+                self._warn_once(
+                    "batch", f"nnhealth: {exc.message}; the batch is taken from the model's call"
+                )
+                opened.batch, examples = None, None
+            opened.observation = self._observe(examples)
         self._open = opened
 
     def observe(self, loss: Any) -> None:
@@ -193,13 +209,17 @@ class Monitor:
 
     # ---- capture steps -------------------------------------------------------------
 
-    def _observe(self, batch: Any) -> Any:
+    def _observe(self, examples: int | None) -> Any:
         from nnhealth.capture.instrument import Observation
 
         plan = self._plan(hessian=False)
-        examples = _examples(batch)
-        observation = Observation(self.model, plan, examples, batch_from_call=batch is None)
+        observation = Observation(self.model, plan, examples, batch_from_call=examples is None)
         return observation.__enter__()
+
+    def _warn_once(self, what: str, message: str) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            warnings.warn(message, NnhealthWarning, stacklevel=_caller_level())
 
     def _scan_arguments(self, hessian: bool) -> tuple[Any, Any]:
         import nnhealth
@@ -300,7 +320,14 @@ class Monitor:
     def _append(self, line: dict[str, Any]) -> None:
         self.lines.append(line)
         if self.log is not None:
-            history.write_line(self.log, line)
+            try:
+                history.write_line(self.log, line)
+            except OSError as exc:  # a full disk must not end the training
+                self._warn_once(
+                    "log",
+                    f"nnhealth: cannot write {self.log} ({exc}); the history is kept in monitor.lines only",
+                )
+                self.log = None
 
     def _handle(self, step: int, own: list[Finding]) -> None:
         """The step's findings and the history's verdicts, each handled once."""
@@ -314,9 +341,10 @@ class Monitor:
         told = {(f.code, f.layer) for f in over_time}
         own = [f for f in own if (f.code, f.layer) not in told]
         for finding in [*over_time, *own]:
-            if finding.key in self._seen:
+            told_as = f"{finding.key}:{finding.severity.label}"  # a warning, then an error
+            if told_as in self._seen:
                 continue
-            self._seen.add(finding.key)
+            self._seen.add(told_as)
             self.findings.append((step, finding))
             self._act(finding, step)
 
@@ -370,6 +398,8 @@ def _history_file(path: Path) -> Path:
     nnhealth history (the monitor never writes into another file)."""
     if path.is_dir():
         raise UsageError(f"log={str(path)!r} is a directory; give a file such as nnhealth.jsonl")
+    if not path.parent.is_dir():
+        raise UsageError(f"log={str(path)!r}: the directory {str(path.parent)!r} does not exist")
     if path.exists() and path.stat().st_size:
         with path.open("rb") as f:
             first = f.readline(4096)
@@ -379,6 +409,17 @@ def _history_file(path: Path) -> Path:
                 "(the monitor appends to its own histories only)"
             )
     return path
+
+
+def _synced_norms(model: Any) -> bool:
+    """SyncBatchNorm in train mode inside a job of several ranks (its collectives would
+    run in a Hessian step that each rank takes alone)."""
+    import torch.distributed as dist
+    from torch import nn
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return False
+    return any(isinstance(m, nn.SyncBatchNorm) and m.training for m in model.modules())
 
 
 def _examples(batch: Any) -> int | None:

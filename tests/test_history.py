@@ -141,6 +141,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         (json.dumps(line(0, curvature={"lambda_max": "big"})), "'curvature' is not"),
         (json.dumps({**line(0), "loss": "low"}), "'loss' or 'lr'"),
         (json.dumps({**line(0), "nonfinite": 1}), "'nonfinite' is not"),
+        (json.dumps({**line(0), "lr": "fast"}), "'loss' or 'lr'"),
     ],
 )
 def test_bad_history_files_are_one_line_errors(tmp_path, text, message) -> None:
@@ -154,3 +155,8 @@ def test_read_skips_blank_lines_and_keeps_order(tmp_path) -> None:
     assert [x["step"] for x in read(path)] == [0, 10]
     with pytest.raises(DataError, match="cannot read"):
         read(tmp_path / "missing.jsonl")
+
+
+def test_a_curvature_entry_without_lambda_max_is_left_out_of_the_limit_check() -> None:
+    entry = {"lambda_max": None, "bound": None, "lr_limit": 1.0, "ratio": 2.0}
+    assert verdicts([line(0, curvature=entry)]) == []

@@ -363,3 +363,69 @@ def test_an_analysis_that_fails_warns_and_training_goes_on(monkeypatch) -> None:
         train(model, 3, 0.1, monitor)
     assert monitor.lines == [] and monitor.steps == 3
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_a_backward_outside_the_step_is_not_read_as_the_steps_gradient() -> None:
+    model = mlp()
+    x, y = data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = quiet_monitor(model, every=1)
+    opt.zero_grad(set_to_none=False)  # zeros in .grad: a stale value to be read
+    with monitor.step((x, y)):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()  # after the with block
+    report = monitor.reports[0]
+    assert any("did not run inside monitor.step" in n for n in report.notes)
+    assert all("grad_norm" not in r or r["grad_norm"] is None for r in monitor.lines[0]["layers"])
+
+
+def test_a_batch_nnhealth_cannot_read_is_taken_from_the_models_call() -> None:
+    model = mlp()
+    x, y = data(40)
+    monitor = nnhealth.Monitor(model, every=1)
+    warned = pytest.warns(nnhealth.NnhealthWarning, match="taken from the model's call")
+    with warned, monitor.step([x, y, "not a tensor"]):
+        F.cross_entropy(model(x), y).backward()
+    assert monitor.lines[0]["examples"] == 40
+
+
+def test_a_log_in_a_missing_directory_is_refused_at_construction(tmp_path) -> None:
+    with pytest.raises(UsageError, match="does not exist"):
+        nnhealth.Monitor(mlp(), log=tmp_path / "no" / "such" / "h.jsonl")
+
+
+def test_bad_checks_and_options_are_refused_at_construction() -> None:
+    with pytest.raises(nnhealth.errors.NnhealthError, match="NH999"):
+        nnhealth.Monitor(mlp(), checks=["NH999"])
+
+
+def test_a_warning_that_becomes_an_error_is_told_again(monkeypatch) -> None:
+    """fail_on="warning": lambda_max within half the limit (a warning), then past it
+    (an error): both are told."""
+    from nnhealth import history
+
+    steps = iter([0.6, 1.5])
+    model = mlp()
+    monitor = quiet_monitor(model, every=1, fail_on="warning")
+    monkeypatch.setattr(history, "verdicts", lambda lines, options=None: [_eos(next(steps))])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", nnhealth.NnhealthWarning)
+        train(model, 2, 0.01, monitor)
+    told = [str(w.message) for w in caught if "stability" in str(w.message)]
+    assert len(told) == 2 and "warning" in told[0] and "error" in told[1]
+
+
+def _eos(ratio: float):
+    from nnhealth.findings import Finding, Severity
+
+    severity = Severity.ERROR if ratio >= 1 else Severity.WARNING
+    return Finding(
+        "NH401",
+        "curvature",
+        severity,
+        None,
+        f"the stability limit, {ratio}",
+        {},
+        "",
+        kind="history",
+    )

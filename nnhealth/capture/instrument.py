@@ -520,7 +520,20 @@ def _observed(model: nn.Module, plan: Plan, examples: int, observed: Observation
     recorder = observed.recorder
     gates = recorder.gates
     notes = list(gates.notes) if gates is not None else []
-    if not seen:
+    # outputs recorded with a graph but no gradient reached any: the backward ran
+    # outside the step, and .grad is another step's (or zeros)
+    stale = (
+        observed.instrument
+        and recorder.grad_events == 0
+        and any(isinstance(r, GradientMoments) for s in recorder.sites for r in s.reducers)
+    )
+    if stale:
+        seen = False
+        notes.append(
+            "no gradients: the backward did not run inside monitor.step (.grad holds "
+            "another step's); put loss.backward() inside the with block"
+        )
+    elif not seen:
         notes.append("no gradients: the step's backward set no parameter's .grad")
     return Capture(
         gates=() if gates is None else gates.freeze(),

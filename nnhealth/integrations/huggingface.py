@@ -13,7 +13,8 @@ the optimizer step is observed (its forward; the gradients read are the accumula
 ones). The step ends in ``on_pre_optimizer_step``: after the backward and the Trainer's
 gradient clipping (``max_grad_norm``), before the update. The loss is read from the
 model's output (its ``loss``, when the model computes one). ``on_finding="stop"`` sets
-``control.should_training_stop``. The Trainer has no event for a step that raises: after
+``control.should_training_stop`` (across processes: on every rank when any rank's monitor
+stops; only the main process writes ``log``). The Trainer has no event for a step that raises: after
 a failed ``train()``, call ``close()`` to remove the hooks of an unfinished capture step
 (the next ``train()`` removes them too).
 """
@@ -69,7 +70,10 @@ class NnhealthTrainerCallback(TrainerCallback):
         model = kwargs.get("model")
         if self.monitor is None or self.monitor.model is not model:
             optimizer = _unwrapped(kwargs.get("optimizer"))
-            self.monitor = Monitor(model, optimizer, **self._keywords)
+            keywords = dict(self._keywords)
+            if not state.is_world_process_zero:
+                keywords["log"] = None  # one history per job, written by the main process
+            self.monitor = Monitor(model, optimizer, **keywords)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is None:
@@ -92,7 +96,7 @@ class NnhealthTrainerCallback(TrainerCallback):
         if loss is not None:
             self.monitor.observe(loss)
         self.monitor.end()
-        if self.monitor.should_stop:
+        if _any_rank(self.monitor.should_stop):
             control.should_training_stop = True
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -126,6 +130,20 @@ class NnhealthTrainerCallback(TrainerCallback):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+def _any_rank(stop: bool) -> bool:
+    """``stop`` on any rank of the job (every rank calls this on every optimizer step):
+    one rank leaving the loop alone would leave the others waiting in DDP's all-reduce."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return stop
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([1.0 if stop else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _step_loss(losses: list[tuple[Any, bool]]) -> float | None:

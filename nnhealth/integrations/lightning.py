@@ -13,7 +13,7 @@ batch Lightning passes, or the module's own call when nnhealth cannot read that 
 the loss is read in ``on_before_backward`` and the step ends in
 ``on_before_optimizer_step``: after the backward, before gradient clipping and the
 update, so ``.grad`` is the backward's own. ``on_finding="stop"`` sets
-``trainer.should_stop`` (across processes: any rank's stop, reduced on capture steps);
+``trainer.should_stop`` (across processes: any rank's stop, reduced on every step);
 a step that raises is abandoned (its hooks removed). Under several processes each rank
 watches its own batch and only rank 0 writes ``log``.
 """
@@ -89,11 +89,11 @@ class NnhealthCallback(Callback):
             return
         self._open = False
         self.monitor.end()
-        if _captures(self.monitor, trainer.global_step):
-            # every rank decides on the same steps: any rank's stop stops them all
-            stop = trainer.strategy.reduce_boolean_decision(self.monitor.should_stop, all=False)
-            if stop:
-                trainer.should_stop = True
+        # on every optimizer step, every rank alike (a non-finite loss can stop any step):
+        # any rank's stop stops them all
+        stop = trainer.strategy.reduce_boolean_decision(self.monitor.should_stop, all=False)
+        if stop:
+            trainer.should_stop = True
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -110,12 +110,6 @@ class NnhealthCallback(Callback):
         if self._open:
             self._open = False
             self.monitor.abandon()
-
-
-def _captures(monitor: Monitor, step: int) -> bool:
-    """Whether ``step`` was a capture step (where a finding can stop training)."""
-    hessian = monitor.hessian_every
-    return step % monitor.every == 0 or (hessian is not None and step % hessian == 0)
 
 
 def _ends_step(trainer: Any, batch_idx: int) -> bool:
