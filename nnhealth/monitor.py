@@ -167,7 +167,7 @@ class Monitor:
                 "nnhealth: Hessian steps skipped: SyncBatchNorm all-reduces in every forward, "
                 "and the ranks' products would stop matching (each rank measures alone)",
             )
-        opened = _Open(index, epoch, batch, capture, hessian)
+        opened = _Open(index, epoch, batch, hessian)
         if capture:
             try:
                 examples = _examples(batch)
@@ -361,15 +361,12 @@ class Monitor:
 
 
 class _Open:
-    """The step in progress."""
+    """The step in progress (a capture step holds its entered ``observation``)."""
 
-    def __init__(
-        self, index: int, epoch: int | None, batch: Any, capture: bool, hessian: bool
-    ) -> None:
+    def __init__(self, index: int, epoch: int | None, batch: Any, hessian: bool) -> None:
         self.index = index
         self.epoch = epoch
         self.batch = batch
-        self.capture = capture
         self.hessian = hessian
         self.loss: float | None = None
         self.observation: Any = None
