@@ -97,11 +97,12 @@ def json_number(value: Any) -> Any:
     return value
 
 
-def _clean(obj: Any) -> Any:
+def json_clean(obj: Any) -> Any:
+    """``obj`` with every non-finite float in it as None (JSON has no NaN)."""
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: json_clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_clean(v) for v in obj]
     return json_number(obj)
 
 
@@ -157,7 +158,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         counts = self.counts()
-        return _clean(
+        return json_clean(
             {
                 "schema_version": SCHEMA_VERSION,
                 "tool": {"name": "nnhealth", "version": self.tool_version},

@@ -170,12 +170,13 @@ class Monitor:
         opened = _Open(index, epoch, batch, hessian)
         if capture:
             try:
-                examples = _examples(batch)
+                opened.batch = _interpreted(batch)  # once: the analysis takes it as it is
             except NnhealthError as exc:  # a batch nnhealth cannot read: the model's call
                 self._warn_once(
                     "batch", f"nnhealth: {exc.message}; the batch is taken from the model's call"
                 )
-                opened.batch, examples = None, None
+                opened.batch = None
+            examples = None if opened.batch is None else opened.batch.examples
             opened.observation = self._observe(examples)
         self._open = opened
 
@@ -248,15 +249,10 @@ class Monitor:
 
     def _captured(self, opened: _Open) -> None:
         from nnhealth import distributed, runner
-        from nnhealth.loading.batch import interpret
 
         observation = opened.observation
         try:
-            batch = (
-                interpret(opened.batch, "the step's batch")
-                if opened.batch is not None
-                else observation.called()
-            )
+            batch = opened.batch if opened.batch is not None else observation.called()
             loaded, opts = self._scan_arguments(opened.hessian)
             with distributed.alone():
                 report = runner.run(
@@ -419,10 +415,11 @@ def _synced_norms(model: Any) -> bool:
     return any(isinstance(m, nn.SyncBatchNorm) and m.training for m in model.modules())
 
 
-def _examples(batch: Any) -> int | None:
-    """The batch's size (None: learned from the model's call)."""
+def _interpreted(batch: Any) -> Any:
+    """The step's batch as a scan takes it (a loading.batch.Batch; None: it comes from
+    the model's call)."""
     if batch is None:
         return None
     from nnhealth.loading.batch import interpret
 
-    return interpret(batch, "the step's batch").examples
+    return interpret(batch, "the step's batch")

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from nnhealth.findings import Finding, Severity, json_number
+from nnhealth.findings import Finding, Severity, json_clean
 from nnhealth.formatters.base import RenderOptions, visible
 from nnhealth.formatters.text import STYLE, fmt, name_width, print_findings, shorten_names
 
@@ -203,15 +203,7 @@ def to_json(lines: Sequence[dict[str, Any]], verdicts: Sequence[Finding]) -> str
         "latest": {"step": step, "findings": [f.to_dict() for f in now]},
         "summary": summary(lines, verdicts),
     }
-    return json.dumps(_clean(doc), indent=2, allow_nan=False) + "\n"
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return json_number(obj)
+    return json.dumps(json_clean(doc), indent=2, allow_nan=False) + "\n"
 
 
 # ---- the terminal view --------------------------------------------------------------------

@@ -643,3 +643,35 @@ def small_bert() -> nn.Module:
     )
     torch.manual_seed(0)
     return tf.BertForSequenceClassification(config)
+
+
+def train_history(path: Path, lr: float, steps: int) -> Path:
+    """A history written by nnhealth.Monitor on a ReLU/Tanh MLP trained with SGD at
+    ``lr`` for ``steps`` steps, every 5th captured and measured (lambda_max); at lr 3 the
+    lambda_max goes over its limit, ReLU units die and the tanh saturates."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    x = torch.randn(256, 10)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small only loses to threads on a busy machine
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", nnhealth.NnhealthWarning)
+            monitor = nnhealth.Monitor(model, opt, every=5, hessian_every=5, log=path)
+            for _ in range(steps):
+                idx = torch.randint(0, 256, (64,))
+                with monitor.step((x[idx], y[idx])):
+                    loss = F.cross_entropy(model(x[idx]), y[idx])
+                    monitor.observe(loss)
+                    opt.zero_grad()
+                    loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return path

@@ -12,15 +12,13 @@ import re
 import shutil
 import subprocess
 import sys
-import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import one_line_error
+from conftest import one_line_error, train_history
 from torch import nn
 
 import nnhealth
@@ -42,38 +40,9 @@ BLUE = np.array([0x1F, 0x77, 0xB4])  # matplotlib's first line colour: every plo
 WIDTH = 1000
 
 
-def train(path: Path, lr: float = 3.0, steps: int = 40) -> Path:
-    """A Monitor on a ReLU/Tanh MLP at a high lr: λmax over its limit, ReLU units dying,
-    the tanh saturating; every 5th step captured and measured."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3)
-    )
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    x = torch.randn(256, 10)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a model this small only loses to threads on a busy machine
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", nnhealth.NnhealthWarning)
-            monitor = nnhealth.Monitor(model, opt, every=5, hessian_every=5, log=path)
-            for _ in range(steps):
-                idx = torch.randint(0, 256, (64,))
-                with monitor.step((x[idx], y[idx])):
-                    loss = F.cross_entropy(model(x[idx]), y[idx])
-                    monitor.observe(loss)
-                    opt.zero_grad()
-                    loss.backward()
-                opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    return path
-
-
 @pytest.fixture(scope="module")
 def hot(tmp_path_factory) -> Path:
-    return train(tmp_path_factory.mktemp("html") / "hot.jsonl")
+    return train_history(tmp_path_factory.mktemp("html") / "hot.jsonl", 3.0, 40)
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,13 @@ import json
 import math
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
-from conftest import one_line_error
+from conftest import one_line_error, train_history
 from rich.cells import cell_len
-from torch import nn
 
-import nnhealth
 from nnhealth import history, trends
 from nnhealth.formatters import RenderOptions
 from nnhealth.formatters.text import fmt
@@ -34,44 +29,15 @@ LABELS = {
 }
 
 
-def train(path: Path, lr: float, steps: int) -> Path:
-    """A Monitor on a ReLU/Tanh MLP trained with SGD at ``lr``; every 5th step captured
-    and measured (lambda_max)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3)
-    )
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    x = torch.randn(256, 10)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a model this small only loses to threads on a busy machine
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", nnhealth.NnhealthWarning)
-            monitor = nnhealth.Monitor(model, opt, every=5, hessian_every=5, log=path)
-            for _ in range(steps):
-                idx = torch.randint(0, 256, (64,))
-                with monitor.step((x[idx], y[idx])):
-                    loss = F.cross_entropy(model(x[idx]), y[idx])
-                    monitor.observe(loss)
-                    opt.zero_grad()
-                    loss.backward()
-                opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    return path
-
-
 @pytest.fixture(scope="module")
 def hot(tmp_path_factory) -> Path:
     """lr 3: above the stability limit from the start; ReLU units die, the tanh saturates."""
-    return train(tmp_path_factory.mktemp("hot") / "hot.jsonl", 3.0, 40)
+    return train_history(tmp_path_factory.mktemp("hot") / "hot.jsonl", 3.0, 40)
 
 
 @pytest.fixture(scope="module")
 def calm(tmp_path_factory) -> Path:
-    return train(tmp_path_factory.mktemp("calm") / "calm.jsonl", 0.05, 11)
+    return train_history(tmp_path_factory.mktemp("calm") / "calm.jsonl", 0.05, 11)
 
 
 def expected_blocks(values: list, log: bool, fixed: tuple[float, float] | None) -> str:
